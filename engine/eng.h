@@ -1,0 +1,191 @@
+/* eng.h — kvserve engine: a LLaMA-family transformer runtime on OpenBLAS.
+ *
+ * The engine loads a Hugging Face model directory (config.json, safetensors
+ * weights, tokenizer.json), tokenizes, runs the forward pass, samples and
+ * scores. It knows nothing of gRPC or Redis.
+ *
+ * Conventions (as in SQLite / libuv):
+ *   - every public name starts with eng_ / ENG_; handles are opaque;
+ *   - functions return ENG_OK (0) or a negative ENG_E* code; those that can
+ *     fail for a reason worth showing take (char *err, size_t errlen) and
+ *     write a one-line message naming the file / tensor / field at fault;
+ *   - an eng_model is read-only once open and may be shared by threads;
+ *     an eng_tok likewise. Generation and scoring calls on one model must
+ *     not run concurrently (they share the model's scratch buffers).
+ */
+#ifndef KVSERVE_ENG_H
+#define KVSERVE_ENG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status codes ------------------------------------------------------ */
+enum {
+    ENG_OK = 0,
+    ENG_EIO = -1,          /* a file is missing or unreadable */
+    ENG_EFORMAT = -2,      /* a file is malformed (JSON, safetensors header, shapes) */
+    ENG_EUNSUPPORTED = -3, /* valid input we do not support (dtype, tokenizer type) */
+    ENG_ENOMEM = -4,       /* allocation failed */
+    ENG_EINVAL = -5,       /* invalid argument (generic) */
+    ENG_EEMPTY = -6,       /* empty prompt */
+    ENG_EMAXTOK = -7,      /* max_tokens <= 0 */
+    ENG_ECONTEXT = -8,     /* prompt (plus generation) longer than the context */
+    ENG_ETOKEN = -9,       /* token id outside the vocabulary */
+    ENG_EUTF8 = -10,       /* text is not valid UTF-8 */
+    ENG_ESAMPLING = -11,   /* a sampling parameter is out of range */
+};
+
+/* A short static description of a status code ("empty prompt", ...). */
+const char *eng_strerror(int code);
+
+/* ---- tokenizer --------------------------------------------------------- */
+typedef struct eng_tok eng_tok;
+
+/* Load a Hugging Face tokenizer.json (byte-level BPE only). Other model
+ * types (Unigram, WordPiece, ...) and unsupported normalizers, pre-tokenizers
+ * or decoders are refused with ENG_EUNSUPPORTED and a message. */
+int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen);
+void eng_tok_close(eng_tok *tok);
+
+int eng_tok_vocab_size(const eng_tok *tok);
+/* BOS id added by the tokenizer's post-processor, or -1 if it adds none. */
+int eng_tok_bos(const eng_tok *tok);
+
+/* Encode UTF-8 text to token ids, exactly as Hugging Face tokenizers do
+ * (added/special tokens in the text are recognised). If add_special, the
+ * post-processor's BOS (if any) is prepended. *ids is malloc'd; free() it.
+ * Returns ENG_OK, ENG_EUTF8 or ENG_ENOMEM. Cost: O(len log len). */
+int eng_tok_encode(const eng_tok *tok, const char *text, size_t len, int add_special,
+                   int32_t **ids, size_t *n_ids);
+
+/* Decode ids to bytes (malloc'd, NUL-terminated, length in *len). Special
+ * tokens are skipped when skip_special. Bytes are exactly the token bytes, so
+ * a cut in the middle of a character is left as is. ENG_ETOKEN on a bad id. */
+int eng_tok_decode(const eng_tok *tok, const int32_t *ids, size_t n, int skip_special,
+                   char **text, size_t *len);
+
+/* The raw bytes of one token (not NUL-terminated), or NULL for a bad id. */
+const char *eng_tok_piece(const eng_tok *tok, int32_t id, size_t *len);
+
+/* ---- model ------------------------------------------------------------- */
+typedef struct eng_model eng_model;
+
+typedef struct eng_config {
+    int vocab_size;
+    int hidden_size;
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    int intermediate_size;
+    int max_position;       /* context length */
+    float rope_theta;
+    float rms_eps;
+    int tie_embeddings;
+    int bos_id;             /* -1 if none */
+    int eos_id;             /* -1 if none */
+    char dtype[8];          /* dtype of the weight files: "F32", "F16", "BF16" */
+} eng_config;
+
+typedef struct eng_options {
+    int n_threads;          /* compute threads; 0 = number of online CPUs */
+    int max_batch_tokens;   /* tokens per forward call (prefill chunk); 0 = 512 */
+    int max_context;        /* cap on context; 0 = config max_position */
+} eng_options;
+
+/* Load a model directory. Weights in F32, F16 or BF16 (single file or sharded
+ * with model.safetensors.index.json) are converted to F32 on load. Every
+ * problem (missing file, unknown dtype, wrong shape, truncated file, lying
+ * offsets) is reported with the file and tensor name. */
+int eng_model_open(eng_model **out, const char *dir, const eng_options *opt,
+                   char *err, size_t errlen);
+void eng_model_close(eng_model *m);
+
+const eng_config *eng_model_config(const eng_model *m);
+const eng_tok *eng_model_tok(const eng_model *m);
+/* Bytes of weights held in memory (F32 after conversion). */
+size_t eng_model_weight_bytes(const eng_model *m);
+
+/* Logits for every position of ids (n <= context): out is [n][vocab].
+ * For checking against references; generation uses eng_generate. */
+int eng_logits(eng_model *m, const int32_t *ids, size_t n, float *out,
+               char *err, size_t errlen);
+
+/* ---- sampling and generation ------------------------------------------ */
+typedef struct eng_sampling {
+    float temperature;      /* <= 0: greedy (argmax, lowest id on ties) */
+    int top_k;              /* 0 = off */
+    float top_p;            /* 1 = off; (0,1] */
+    float min_p;            /* 0 = off; [0,1) relative to the top probability */
+    float repeat_penalty;   /* 1 = off; > 0. Divides positive logits, multiplies negative */
+    int repeat_last_n;      /* window for the penalty; 0 = whole history, -1 = prompt+output */
+    uint64_t seed;          /* same seed + same request -> same tokens */
+} eng_sampling;
+
+/* Defaults: greedy, all filters off, seed 0. */
+void eng_sampling_default(eng_sampling *s);
+/* ENG_OK or ENG_ESAMPLING with a message naming the bad field. */
+int eng_sampling_check(const eng_sampling *s, char *err, size_t errlen);
+
+enum eng_finish { ENG_FINISH_NONE = 0, ENG_FINISH_STOP, ENG_FINISH_LENGTH,
+                  ENG_FINISH_CANCELLED, ENG_FINISH_ERROR };
+const char *eng_finish_name(int reason); /* "stop", "length", "cancelled", "error" */
+
+typedef struct eng_gen_params {
+    eng_sampling sampling;
+    int max_tokens;          /* > 0 */
+    const char *const *stop; /* stop strings (not included in the output) */
+    int n_stop;
+    int ignore_eos;          /* keep going past EOS (benchmarks, references) */
+} eng_gen_params;
+
+/* Called for every generated token: id and the text it completes. text is
+ * only whole UTF-8 characters and never part of a stop string; it may be
+ * empty (len 0) while bytes are held back. Return non-zero to stop
+ * (finish reason "cancelled"). */
+typedef int (*eng_token_cb)(void *ud, int32_t token, const char *text, size_t len);
+
+typedef struct eng_gen_result {
+    int finish;              /* enum eng_finish */
+    int prompt_tokens;
+    int generated_tokens;
+    char *text;              /* malloc'd, NUL-terminated: the whole output */
+    size_t text_len;
+    int32_t *tokens;         /* malloc'd generated ids */
+    double prefill_seconds;  /* wall time of the prompt's forward passes */
+    double decode_seconds;   /* wall time of the rest */
+} eng_gen_result;
+
+/* Generate from prompt ids (n >= 1). Validates first: ENG_EEMPTY,
+ * ENG_EMAXTOK, ENG_ECONTEXT (prompt + max_tokens > context), ENG_ETOKEN,
+ * ENG_ESAMPLING. res is filled on ENG_OK; free it with eng_gen_result_free. */
+int eng_generate(eng_model *m, const int32_t *prompt, size_t n, const eng_gen_params *p,
+                 eng_token_cb cb, void *ud, eng_gen_result *res, char *err, size_t errlen);
+void eng_gen_result_free(eng_gen_result *res);
+
+/* Per-token log-probabilities of ids[1..n-1] given their prefixes:
+ * logprobs[i-1] = log P(ids[i] | ids[0..i-1]). n >= 2. *ppl (if not NULL)
+ * gets exp(-mean logprob). */
+int eng_score(eng_model *m, const int32_t *ids, size_t n, double *logprobs, double *ppl,
+              char *err, size_t errlen);
+
+/* ---- incremental detokenizer (streaming) ------------------------------ */
+typedef struct eng_detok eng_detok;
+
+eng_detok *eng_detok_new(const eng_tok *tok);
+void eng_detok_free(eng_detok *d);
+/* Append a token; *out points at the newly completed UTF-8 text (valid
+ * until the next call), never half a character. Invalid byte sequences come
+ * out as U+FFFD. Special tokens are skipped. */
+int eng_detok_push(eng_detok *d, int32_t token, const char **out, size_t *len);
+/* Flush held-back bytes (as U+FFFD if incomplete). */
+int eng_detok_flush(eng_detok *d, const char **out, size_t *len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

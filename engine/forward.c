@@ -1,0 +1,197 @@
+/* forward.c — the LLaMA forward pass over a batch of tokens.
+ *
+ * Read top to bottom like the equations:
+ *   x = embed[token]
+ *   per layer:  h = x + Wo · attn(rope(Wq·n1(x)), rope(Wk·n1(x)), Wv·n1(x))
+ *               x = h + W2 · (silu(W1·n2(h)) ⊙ W3·n2(h))
+ *   logits = Wlm · norm(x)
+ * The matrix products run through OpenBLAS over all tokens of the batch at
+ * once (sgemv for a single token); attention reads K/V straight from the
+ * sequence's KV blocks. Tokens of several sequences may share a batch. */
+#include "internal.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+struct fwd_scratch {
+    int max_tokens, max_ctx, n_thr;
+    float *x;      /* [T][H] residual stream */
+    float *xb;     /* [T][H] normalised input of a sublayer */
+    float *qkv;    /* [T][QD + 2 KD] */
+    float *att;    /* [T][QD] attention output */
+    float *hb;     /* [T][2F] gate | up */
+    float *hb2;    /* [T][F] silu(gate) * up */
+    float *tmp;    /* [T][H] sublayer output */
+    float *scores; /* [threads][max_ctx] */
+};
+
+#define MAX_THREADS 64
+
+fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
+    fwd_scratch *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    size_t H = (size_t)c->hidden_size, QD = (size_t)c->n_heads * c->head_dim,
+           KD = (size_t)c->n_kv_heads * c->head_dim, F = (size_t)c->intermediate_size;
+    s->max_tokens = T;
+    s->max_ctx = max_ctx;
+    s->x = malloc((size_t)T * H * sizeof(float));
+    s->xb = malloc((size_t)T * H * sizeof(float));
+    s->qkv = malloc((size_t)T * (QD + 2 * KD) * sizeof(float));
+    s->att = malloc((size_t)T * QD * sizeof(float));
+    s->hb = malloc((size_t)T * 2 * F * sizeof(float));
+    s->hb2 = malloc((size_t)T * F * sizeof(float));
+    s->tmp = malloc((size_t)T * H * sizeof(float));
+    s->scores = malloc((size_t)MAX_THREADS * (size_t)max_ctx * sizeof(float));
+    if (!s->x || !s->xb || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->tmp || !s->scores) {
+        fwd_scratch_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void fwd_scratch_free(fwd_scratch *s) {
+    if (!s) return;
+    free(s->x); free(s->xb); free(s->qkv); free(s->att); free(s->hb); free(s->hb2); free(s->tmp); free(s->scores);
+    free(s);
+}
+
+float *fwd_rope_table(const eng_config *c, int max_ctx) {
+    int half = c->head_dim / 2;
+    float *t = malloc((size_t)max_ctx * (size_t)half * 2 * sizeof(float));
+    if (!t) return NULL;
+    for (int p = 0; p < max_ctx; p++)
+        for (int j = 0; j < half; j++) {
+            double inv = pow((double)c->rope_theta, -2.0 * j / c->head_dim), a = p * inv;
+            t[((size_t)p * half + j) * 2] = (float)cos(a);
+            t[((size_t)p * half + j) * 2 + 1] = (float)sin(a);
+        }
+    return t;
+}
+
+/* Y[n][out] = X[n][in] · W[out][in]ᵀ */
+static void matmul(float *Y, const float *X, const float *W, int n, int in, int out) {
+    if (n == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, X, 1, 0.0f, Y, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, X, in, W, in, 0.0f, Y, out);
+}
+
+static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) o[i] = x[i] * r * w[i];
+}
+
+/* rotate_half RoPE on one head: pairs (j, j + hd/2). */
+static void rope(float *v, const float *cs, int hd) {
+    int half = hd / 2;
+    for (int j = 0; j < half; j++) {
+        float a = v[j], b = v[j + half], c = cs[2 * j], s = cs[2 * j + 1];
+        v[j] = a * c - b * s;
+        v[j + half] = b * c + a * s;
+    }
+}
+
+static float dot(const float *a, const float *b, int n) {
+    float s = 0;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Attention of one query head over positions 0..pos of its sequence. The hot
+ * loop of attention: K rows then V rows are read block by block. */
+static void attend(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int pos,
+                   int kvh, int hd, float *sc) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int B = kv->block_tokens, kvd = kv->kv_dim;
+    float mx = -INFINITY;
+    for (int p0 = 0; p0 <= pos; p0 += B) {
+        const float *K = kv_k(kv, t, layer, p0) + (size_t)kvh * hd;
+        int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
+        for (int i = 0; i < end; i++) {
+            float s = dot(q, K + (size_t)i * kvd, hd) * scale;
+            sc[p0 + i] = s;
+            mx = s > mx ? s : mx;
+        }
+    }
+    float sum = 0;
+    for (int p = 0; p <= pos; p++) {
+        sc[p] = expf(sc[p] - mx);
+        sum += sc[p];
+    }
+    float inv = 1.0f / sum;
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int p0 = 0; p0 <= pos; p0 += B) {
+        const float *V = kv_v(kv, t, layer, p0) + (size_t)kvh * hd;
+        int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
+        for (int i = 0; i < end; i++) {
+            float w = sc[p0 + i] * inv;
+            const float *v = V + (size_t)i * kvd;
+            for (int d = 0; d < hd; d++) out[d] += w * v[d];
+        }
+    }
+}
+
+void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_scratch *s, const float *rope_t,
+             int n_threads, const fwd_batch *b) {
+    const int H = c->hidden_size, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    const int QD = nh * hd, KD = nkv * hd, QKV = QD + 2 * KD, F = c->intermediate_size, V = c->vocab_size;
+    const int n = b->n, half = hd / 2, group = nh / nkv;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    (void)n_threads;
+
+    for (int i = 0; i < n; i++) memcpy(s->x + (size_t)i * H, w->embed + (size_t)b->tokens[i] * H, (size_t)H * sizeof(float));
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const eng__layer *L = &w->layers[l];
+        for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * H, s->x + (size_t)i * H, L->attn_norm, H, c->rms_eps);
+        matmul(s->qkv, s->xb, L->wqkv, n, H, QKV);
+
+        /* RoPE on q and k, then store k and v in the sequence's blocks. */
+        for (int i = 0; i < n; i++) {
+            float *q = s->qkv + (size_t)i * QKV, *k = q + QD, *v = k + KD;
+            const float *cs = rope_t + (size_t)b->pos[i] * half * 2;
+            for (int h = 0; h < nh; h++) rope(q + h * hd, cs, hd);
+            for (int h = 0; h < nkv; h++) rope(k + h * hd, cs, hd);
+            const kv_table *t = &b->tables[b->seq[i]];
+            memcpy(kv_k(kv, t, l, b->pos[i]), k, (size_t)KD * sizeof(float));
+            memcpy(kv_v(kv, t, l, b->pos[i]), v, (size_t)KD * sizeof(float));
+        }
+
+        /* attention: every (token, head) pair is independent */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+        for (int ih = 0; ih < n * nh; ih++) {
+            int i = ih / nh, h = ih % nh;
+#ifdef _OPENMP
+            float *sc = s->scores + (size_t)omp_get_thread_num() * s->max_ctx;
+#else
+            float *sc = s->scores;
+#endif
+            attend(s->att + (size_t)i * QD + h * hd, s->qkv + (size_t)i * QKV + h * hd, kv, &b->tables[b->seq[i]], l,
+                   b->pos[i], h / group, hd, sc);
+        }
+        matmul(s->tmp, s->att, L->wo, n, QD, H);
+        for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
+
+        for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * H, s->x + (size_t)i * H, L->ffn_norm, H, c->rms_eps);
+        matmul(s->hb, s->xb, L->w13, n, H, 2 * F);
+        for (int i = 0; i < n; i++) {
+            const float *g = s->hb + (size_t)i * 2 * F, *u = g + F;
+            float *o = s->hb2 + (size_t)i * F;
+            for (int j = 0; j < F; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        }
+        matmul(s->tmp, s->hb2, L->w2, n, F, H);
+        for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
+    }
+
+    if (b->n_out <= 0) return;
+    for (int r = 0; r < b->n_out; r++)
+        rmsnorm(s->xb + (size_t)r * H, s->x + (size_t)b->out_rows[r] * H, w->norm, H, c->rms_eps);
+    matmul(b->logits, s->xb, w->lm_head, b->n_out, H, V);
+}

@@ -1,0 +1,194 @@
+/* internal.h — engine internals shared between the engine sources (not installed).
+ * Internal non-static names use the eng__ / st_ / kv_ / fwd_ prefixes. */
+#ifndef KVSERVE_ENG_INTERNAL_H
+#define KVSERVE_ENG_INTERNAL_H
+
+#include "eng.h"
+#include <stdarg.h>
+#include <stdbool.h>
+
+/* ---- errors ------------------------------------------------------------ */
+/* Write a formatted message to err (if err) and return code. */
+int eng__fail(char *err, size_t errlen, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Read a whole file into a malloc'd NUL-terminated buffer. */
+int eng__read_file(const char *path, char **data, size_t *size, char *err, size_t errlen);
+
+double eng__now(void); /* monotonic seconds */
+
+/* ---- UTF-8 ------------------------------------------------------------- */
+/* Length of the valid UTF-8 sequence starting at s (1..4), 0 if s[0..n) is a
+ * valid but incomplete prefix, -1 if invalid at s[0]. */
+int eng__utf8_seq(const unsigned char *s, size_t n);
+bool eng__utf8_valid(const char *s, size_t n);
+
+/* ---- string -> int32 hash map (open addressing, keys not owned) -------- */
+typedef struct {
+    const char **keys;
+    uint32_t *klen;
+    int32_t *vals;
+    size_t cap, count;
+} eng__strmap;
+int eng__strmap_init(eng__strmap *m, size_t expect);
+void eng__strmap_free(eng__strmap *m);
+int eng__strmap_put(eng__strmap *m, const char *k, size_t klen, int32_t v);
+int32_t eng__strmap_get(const eng__strmap *m, const char *k, size_t klen); /* -1 if absent */
+
+/* ---- config.json ------------------------------------------------------- */
+/* Parse config.json text; name is used in messages. */
+int eng__config_parse(const char *json, size_t len, const char *name, eng_config *cfg,
+                      char *err, size_t errlen);
+
+/* ---- safetensors ------------------------------------------------------- */
+enum st_dtype { ST_F32, ST_F16, ST_BF16 };
+
+typedef struct {
+    char *name;
+    enum st_dtype dtype;
+    int ndim;
+    int64_t shape[4];
+    const uint8_t *data;  /* points into the file's data section */
+    size_t nbytes;
+} st_tensor;
+
+typedef struct {
+    st_tensor *t;
+    int n;
+} st_file;
+
+/* Parse a whole safetensors file image (data, size). Validates the header
+ * length, the JSON, dtypes, shapes, and that every tensor's byte range lies in
+ * the data section, matches its shape and overlaps no other. Tensor data
+ * pointers point into data (keep it alive). name is for messages. */
+int st_parse(const uint8_t *data, size_t size, const char *name, st_file *out,
+             char *err, size_t errlen);
+void st_free(st_file *f);
+const st_tensor *st_find(const st_file *f, const char *name);
+/* Convert n elements of src (dtype) to float. */
+void st_to_f32(enum st_dtype dt, const uint8_t *src, float *dst, size_t n);
+
+/* ---- weights ----------------------------------------------------------- */
+typedef struct {
+    float *attn_norm;  /* [H] */
+    float *wqkv;       /* [(nh + 2*nkv) * hd][H]: q, k, v projections stacked */
+    float *wo;         /* [H][nh*hd] */
+    float *ffn_norm;   /* [H] */
+    float *w13;        /* [2F][H]: gate then up stacked */
+    float *w2;         /* [H][F] */
+} eng__layer;
+
+typedef struct {
+    float *embed;      /* [V][H] */
+    eng__layer *layers;
+    float *norm;       /* [H] */
+    float *lm_head;    /* [V][H]; == embed when tied */
+    size_t bytes;
+} eng__weights;
+
+/* ---- KV storage ---------------------------------------------------------
+ * Keys and values live in fixed-size blocks of `block_tokens` positions cut
+ * from one pool. A block holds K and V for every layer:
+ *   block b, layer l:  K at mem + b*block_floats + (2l)  *B*kvd,  [B][kvd]
+ *                      V at mem + b*block_floats + (2l+1)*B*kvd,  [B][kvd]
+ * A sequence sees its KV through a block table (block ids in position
+ * order). This is the one interface the forward pass uses; the batch engine
+ * manages blocks (free list, sharing), a single sequence just takes a run. */
+typedef struct {
+    float *mem;
+    int n_blocks;
+    int block_tokens;
+    int n_layers;
+    int kv_dim;
+    size_t block_floats;
+} kv_pool;
+
+typedef struct {
+    const int32_t *blocks;  /* block ids, position p lives in blocks[p / B] */
+    int n_blocks;
+} kv_table;
+
+int kv_pool_init(kv_pool *p, int n_blocks, int block_tokens, int n_layers, int kv_dim);
+void kv_pool_free(kv_pool *p);
+
+static inline float *kv_k(const kv_pool *p, const kv_table *t, int layer, int pos) {
+    int B = p->block_tokens;
+    return p->mem + (size_t)t->blocks[pos / B] * p->block_floats +
+           (size_t)(2 * layer) * B * p->kv_dim + (size_t)(pos % B) * p->kv_dim;
+}
+static inline float *kv_v(const kv_pool *p, const kv_table *t, int layer, int pos) {
+    return kv_k(p, t, layer, pos) + (size_t)p->block_tokens * p->kv_dim;
+}
+
+/* ---- forward pass ------------------------------------------------------ */
+/* A batch of tokens from one or more sequences. Token i is at position pos[i]
+ * of sequence seq[i], whose KV is seen through tables[seq[i]]; positions
+ * 0..pos[i]-1 of that sequence must already be in its blocks or earlier in
+ * this batch. Logits are computed for the rows listed in out_rows. */
+typedef struct {
+    int n;
+    const int32_t *tokens;
+    const int32_t *pos;
+    const int32_t *seq;
+    const kv_table *tables;
+    int n_out;
+    const int32_t *out_rows;
+    float *logits;          /* [n_out][V] */
+} fwd_batch;
+
+typedef struct fwd_scratch fwd_scratch;
+fwd_scratch *fwd_scratch_new(const eng_config *c, int max_tokens, int max_ctx);
+void fwd_scratch_free(fwd_scratch *s);
+/* Run the transformer over the batch (b->n <= max_tokens). */
+void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv,
+             fwd_scratch *s, const float *rope, int n_threads, const fwd_batch *b);
+/* cos/sin table [max_ctx][hd/2][2] for RoPE. */
+float *fwd_rope_table(const eng_config *c, int max_ctx);
+
+/* ---- sampling ---------------------------------------------------------- */
+typedef struct { uint64_t s[4]; } eng__rng;
+void eng__rng_seed(eng__rng *r, uint64_t seed);
+double eng__rng_uniform(eng__rng *r); /* [0,1) */
+
+typedef struct eng__sampler eng__sampler;
+eng__sampler *eng__sampler_new(int vocab);
+void eng__sampler_free(eng__sampler *s);
+/* Pick a token from logits (modified in place). history: tokens before
+ * (prompt then output) for the repetition penalty. */
+int32_t eng__sample(eng__sampler *s, const eng_sampling *p, eng__rng *rng, float *logits,
+                    const int32_t *history, size_t n_history);
+
+/* ---- per-sequence generation state (stop strings, streaming text) ------ */
+typedef struct eng__gen eng__gen;
+eng__gen *eng__gen_new(const eng_tok *tok, const eng_gen_params *p, int eos_id);
+void eng__gen_free(eng__gen *g);
+/* Feed a sampled token. Returns the finish reason (ENG_FINISH_NONE to go on)
+ * and the newly emittable text in *delta, *dlen (valid until next call). */
+int eng__gen_push(eng__gen *g, int32_t token, const char **delta, size_t *dlen);
+/* Final text (whole output, stop string removed) after finishing. */
+const char *eng__gen_text(eng__gen *g, size_t *len);
+/* Text still held back when finishing for a reason other than a stop string. */
+void eng__gen_flush(eng__gen *g, const char **delta, size_t *dlen);
+
+int eng__tok_is_special(const eng_tok *t, int32_t id);
+
+/* ---- model ------------------------------------------------------------- */
+struct eng_model {
+    eng_config cfg;
+    eng_options opt;
+    eng__weights w;
+    eng_tok *tok;
+    float *rope;
+    int max_ctx;
+    kv_pool kv;          /* single-sequence dense cache: blocks 0..n-1 */
+    int32_t *kv_ids;
+    fwd_scratch *scratch;
+    eng__sampler *sampler;
+    float *logits;       /* [max_batch_tokens][V] output rows of one forward call */
+    int32_t *bpos, *bseq, *brows; /* max_batch_tokens each: batch description buffers */
+};
+
+int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen);
+void eng__free_weights(eng__weights *w, const eng_config *c);
+
+#endif

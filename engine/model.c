@@ -1,0 +1,303 @@
+/* model.c — open a Hugging Face model directory: config, weights, tokenizer. */
+#include "internal.h"
+
+#include <cblas.h>
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* One mapped safetensors file. */
+typedef struct {
+    char *path;
+    uint8_t *map;
+    size_t size;
+    st_file st;
+} wfile;
+
+typedef struct {
+    wfile *f;
+    int n;
+} wset;
+
+static void wset_free(wset *s) {
+    for (int i = 0; i < s->n; i++) {
+        st_free(&s->f[i].st);
+        if (s->f[i].map && s->f[i].size) munmap(s->f[i].map, s->f[i].size);
+        free(s->f[i].path);
+    }
+    free(s->f);
+    memset(s, 0, sizeof *s);
+}
+
+static int wset_add(wset *s, const char *path, char *err, size_t errlen) {
+    for (int i = 0; i < s->n; i++)
+        if (strcmp(s->f[i].path, path) == 0) return ENG_OK;
+    wfile *nf = realloc(s->f, (size_t)(s->n + 1) * sizeof *nf);
+    if (!nf) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+    s->f = nf;
+    wfile *f = &s->f[s->n];
+    memset(f, 0, sizeof *f);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return eng__fail(err, errlen, ENG_EIO, "%s: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return eng__fail(err, errlen, ENG_EIO, "%s: not a regular file", path);
+    }
+    f->size = (size_t)sb.st_size;
+    f->path = strdup(path);
+    if (!f->path) { close(fd); return eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); }
+    if (f->size) {
+        void *p = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            close(fd);
+            free(f->path);
+            return eng__fail(err, errlen, ENG_EIO, "%s: mmap: %s", path, strerror(errno));
+        }
+        f->map = p;
+    }
+    close(fd);
+    s->n++;
+    return st_parse(f->map, f->size, path, &f->st, err, errlen);
+}
+
+/* Find a tensor by name in any file of the set, check its shape, convert it
+ * to F32 into dst. */
+static int load_tensor(const wset *s, const char *name, int64_t d0, int64_t d1, float *dst,
+                       eng_config *cfg, char *err, size_t errlen) {
+    for (int i = 0; i < s->n; i++) {
+        const st_tensor *t = st_find(&s->f[i].st, name);
+        if (!t) continue;
+        int ndim = d1 ? 2 : 1;
+        if (t->ndim != ndim || t->shape[0] != d0 || (ndim == 2 && t->shape[1] != d1)) {
+            char got[96] = "", *p = got;
+            for (int k = 0; k < t->ndim; k++)
+                p += snprintf(p, sizeof got - (size_t)(p - got), "%s%lld", k ? ", " : "", (long long)t->shape[k]);
+            if (ndim == 2)
+                return eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"%s\" has shape [%s], expected [%lld, %lld]",
+                                 s->f[i].path, name, got, (long long)d0, (long long)d1);
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"%s\" has shape [%s], expected [%lld]",
+                             s->f[i].path, name, got, (long long)d0);
+        }
+        static const char *names[] = {"F32", "F16", "BF16"};
+        snprintf(cfg->dtype, sizeof cfg->dtype, "%s", names[t->dtype]);
+        st_to_f32(t->dtype, t->data, dst, (size_t)d0 * (size_t)(d1 ? d1 : 1));
+        return ENG_OK;
+    }
+    return eng__fail(err, errlen, ENG_EFORMAT, "%s%s: tensor \"%s\" is missing", s->n ? s->f[0].path : "weights",
+                     s->n > 1 ? " (and other shards)" : "", name);
+}
+
+/* Collect weight files: model.safetensors, or the shards named by
+ * model.safetensors.index.json. */
+static int open_weight_files(wset *s, const char *dir, char *err, size_t errlen) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    if (access(path, F_OK) != 0) {
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        if (access(path, F_OK) != 0)
+            return eng__fail(err, errlen, ENG_EIO, "%s: no model.safetensors or model.safetensors.index.json", dir);
+        return wset_add(s, path, err, errlen);
+    }
+    char *text;
+    size_t len;
+    int rc = eng__read_file(path, &text, &len, err, errlen);
+    if (rc) return rc;
+    cJSON *idx = cJSON_ParseWithLength(text, len);
+    free(text);
+    const cJSON *wm = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
+    if (!cJSON_IsObject(wm)) {
+        cJSON_Delete(idx);
+        return eng__fail(err, errlen, ENG_EFORMAT, "%s: no \"weight_map\" object", path);
+    }
+    const cJSON *it;
+    cJSON_ArrayForEach(it, wm) {
+        if (!cJSON_IsString(it) || strchr(it->valuestring, '/') || it->valuestring[0] == '.') {
+            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: weight_map entry \"%s\" is not a file name in the directory",
+                           path, it->string);
+            break;
+        }
+        char shard[4096];
+        snprintf(shard, sizeof shard, "%s/%s", dir, it->valuestring);
+        if ((rc = wset_add(s, shard, err, errlen)) != ENG_OK) break;
+        int found = 0;
+        for (int i = 0; i < s->n && !found; i++)
+            if (strcmp(s->f[i].path, shard) == 0) found = st_find(&s->f[i].st, it->string) != NULL;
+        if (!found) {
+            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"%s\" is not in %s as the index says", path,
+                           it->string, it->valuestring);
+            break;
+        }
+    }
+    cJSON_Delete(idx);
+    return rc;
+}
+
+void eng__free_weights(eng__weights *w, const eng_config *c) {
+    if (w->layers)
+        for (int l = 0; l < c->n_layers; l++) {
+            eng__layer *L = &w->layers[l];
+            free(L->attn_norm); free(L->wqkv); free(L->wo); free(L->ffn_norm); free(L->w13); free(L->w2);
+        }
+    if (w->lm_head != w->embed) free(w->lm_head);
+    free(w->embed);
+    free(w->layers);
+    free(w->norm);
+    memset(w, 0, sizeof *w);
+}
+
+static float *walloc(eng__weights *w, size_t n) {
+    w->bytes += n * sizeof(float);
+    return malloc(n * sizeof(float));
+}
+
+int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
+    eng_config *c = &m->cfg;
+    eng__weights *w = &m->w;
+    wset s = {0};
+    int rc = open_weight_files(&s, dir, err, errlen);
+    if (rc) goto out;
+    const int64_t H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size;
+    const int64_t QD = (int64_t)c->n_heads * c->head_dim, KD = (int64_t)c->n_kv_heads * c->head_dim;
+    w->embed = walloc(w, (size_t)(V * H));
+    w->norm = walloc(w, (size_t)H);
+    w->layers = calloc((size_t)c->n_layers, sizeof *w->layers);
+    if (!w->embed || !w->norm || !w->layers) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights"); goto out; }
+    if ((rc = load_tensor(&s, "model.embed_tokens.weight", V, H, w->embed, c, err, errlen))) goto out;
+    if ((rc = load_tensor(&s, "model.norm.weight", H, 0, w->norm, c, err, errlen))) goto out;
+    if (c->tie_embeddings) {
+        w->lm_head = w->embed;
+    } else {
+        if (!(w->lm_head = walloc(w, (size_t)(V * H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
+        if ((rc = load_tensor(&s, "lm_head.weight", V, H, w->lm_head, c, err, errlen))) goto out;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        eng__layer *L = &w->layers[l];
+        char n[128];
+        L->attn_norm = walloc(w, (size_t)H);
+        L->ffn_norm = walloc(w, (size_t)H);
+        L->wqkv = walloc(w, (size_t)((QD + 2 * KD) * H));
+        L->wo = walloc(w, (size_t)(H * QD));
+        L->w13 = walloc(w, (size_t)(2 * F * H));
+        L->w2 = walloc(w, (size_t)(H * F));
+        if (!L->attn_norm || !L->ffn_norm || !L->wqkv || !L->wo || !L->w13 || !L->w2) {
+            rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights");
+            goto out;
+        }
+#define LOAD(suffix, d0, d1, dst) \
+        snprintf(n, sizeof n, "model.layers.%d.%s", l, suffix); \
+        if ((rc = load_tensor(&s, n, d0, d1, dst, c, err, errlen))) goto out;
+        LOAD("input_layernorm.weight", H, 0, L->attn_norm);
+        LOAD("post_attention_layernorm.weight", H, 0, L->ffn_norm);
+        LOAD("self_attn.q_proj.weight", QD, H, L->wqkv);
+        LOAD("self_attn.k_proj.weight", KD, H, L->wqkv + QD * H);
+        LOAD("self_attn.v_proj.weight", KD, H, L->wqkv + (QD + KD) * H);
+        LOAD("self_attn.o_proj.weight", H, QD, L->wo);
+        LOAD("mlp.gate_proj.weight", F, H, L->w13);
+        LOAD("mlp.up_proj.weight", F, H, L->w13 + F * H);
+        LOAD("mlp.down_proj.weight", H, F, L->w2);
+#undef LOAD
+    }
+out:
+    wset_free(&s);
+    if (rc) eng__free_weights(w, c);
+    return rc;
+}
+
+int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, char *err, size_t errlen) {
+    *out = NULL;
+    eng_model *m = calloc(1, sizeof *m);
+    if (!m) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+    if (opt) m->opt = *opt;
+    if (m->opt.n_threads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        m->opt.n_threads = n > 0 ? (int)n : 1;
+    }
+    if (m->opt.max_batch_tokens <= 0) m->opt.max_batch_tokens = 512;
+
+    char path[4096], *text = NULL;
+    size_t len;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    int rc = eng__read_file(path, &text, &len, err, errlen);
+    if (rc) goto fail;
+    rc = eng__config_parse(text, len, path, &m->cfg, err, errlen);
+    free(text);
+    if (rc) goto fail;
+
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    if ((rc = eng_tok_open(&m->tok, path, err, errlen))) goto fail;
+    if (eng_tok_vocab_size(m->tok) > m->cfg.vocab_size) {
+        rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: tokenizer has %d ids but config.json vocab_size is %d", path,
+                       eng_tok_vocab_size(m->tok), m->cfg.vocab_size);
+        goto fail;
+    }
+    if ((rc = eng__load_weights(m, dir, err, errlen))) goto fail;
+
+    m->max_ctx = m->cfg.max_position;
+    if (m->opt.max_context > 0 && m->opt.max_context < m->max_ctx) m->max_ctx = m->opt.max_context;
+    const int B = 16;
+    int nb = (m->max_ctx + B - 1) / B;
+    m->kv_ids = malloc((size_t)nb * sizeof *m->kv_ids);
+    m->rope = fwd_rope_table(&m->cfg, m->max_ctx);
+    m->scratch = fwd_scratch_new(&m->cfg, m->opt.max_batch_tokens, m->max_ctx);
+    m->sampler = eng__sampler_new(m->cfg.vocab_size);
+    size_t T = (size_t)m->opt.max_batch_tokens;
+    m->logits = malloc(T * (size_t)m->cfg.vocab_size * sizeof(float));
+    m->bpos = malloc(T * sizeof(int32_t));
+    m->bseq = calloc(T, sizeof(int32_t));
+    m->brows = malloc(T * sizeof(int32_t));
+    if (!m->logits || !m->bpos || !m->bseq || !m->brows || !m->kv_ids || !m->rope || !m->scratch || !m->sampler ||
+        kv_pool_init(&m->kv, nb, B, m->cfg.n_layers, m->cfg.n_kv_heads * m->cfg.head_dim) != ENG_OK) {
+        rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for the KV cache and buffers");
+        goto fail;
+    }
+    for (int i = 0; i < nb; i++) m->kv_ids[i] = i;
+    openblas_set_num_threads(m->opt.n_threads);
+    *out = m;
+    return ENG_OK;
+fail:
+    eng_model_close(m);
+    return rc;
+}
+
+void eng_model_close(eng_model *m) {
+    if (!m) return;
+    eng__free_weights(&m->w, &m->cfg);
+    eng_tok_close(m->tok);
+    free(m->rope);
+    free(m->kv_ids);
+    kv_pool_free(&m->kv);
+    fwd_scratch_free(m->scratch);
+    eng__sampler_free(m->sampler);
+    free(m->logits);
+    free(m->bpos);
+    free(m->bseq);
+    free(m->brows);
+    free(m);
+}
+
+const eng_config *eng_model_config(const eng_model *m) { return &m->cfg; }
+const eng_tok *eng_model_tok(const eng_model *m) { return m->tok; }
+size_t eng_model_weight_bytes(const eng_model *m) { return m->w.bytes; }
+
+int kv_pool_init(kv_pool *p, int n_blocks, int block_tokens, int n_layers, int kv_dim) {
+    memset(p, 0, sizeof *p);
+    p->n_blocks = n_blocks;
+    p->block_tokens = block_tokens;
+    p->n_layers = n_layers;
+    p->kv_dim = kv_dim;
+    p->block_floats = (size_t)2 * n_layers * block_tokens * kv_dim;
+    p->mem = calloc((size_t)n_blocks * p->block_floats, sizeof(float));
+    return p->mem ? ENG_OK : ENG_ENOMEM;
+}
+
+void kv_pool_free(kv_pool *p) {
+    free(p->mem);
+    memset(p, 0, sizeof *p);
+}

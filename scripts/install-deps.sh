@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install everything kvserve needs to build, run and test on Debian 12 (as root).
+# Idempotent: installs only what is missing. Debian packages through apt-get,
+# JavaScript test tools through npm (tests/js/package-lock.json).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+pkgs=(
+  build-essential cmake pkg-config git ca-certificates
+  clang libclang-rt-14-dev            # libFuzzer + sanitizer runtimes
+  libopenblas-dev libcjson-dev libpcre2-dev libssl-dev
+  python3 python3-numpy python3-regex # reference implementation, model generator
+  nodejs npm                          # @huggingface/tokenizers, @grpc/grpc-js tests
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+# Node may come from another Debian-format repository (same binary path); accept it.
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  m2=(); for p in "${missing[@]}"; do [[ $p == nodejs || $p == npm ]] || m2+=("$p"); done
+  missing=("${m2[@]+"${m2[@]}"}")
+fi
+if ((${#missing[@]})); then
+  echo "install-deps: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [[ -f $here/tests/js/package.json && ! -d $here/tests/js/node_modules ]]; then
+  echo "install-deps: npm ci (tests/js)"
+  (cd "$here/tests/js" && npm ci --no-audit --no-fund --loglevel=error)
+fi

@@ -1,0 +1,352 @@
+/* main.c — the kvserve command line: generate, score, tokenize, logits. */
+#include "eng.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char USAGE[] =
+    "usage: kvserve COMMAND [options]\n"
+    "\n"
+    "commands:\n"
+    "  generate --model DIR [sampling options] PROMPT   stream a generation to stdout\n"
+    "  score    --model DIR TEXT                        per-token log-probabilities and perplexity\n"
+    "  tokenize (--tokenizer FILE | --model DIR)        token ids of stdin (or --decode ids)\n"
+    "  logits   --model DIR --ids \"1 2 3\" --out FILE    raw float32 logits for every position\n"
+    "\n"
+    "model options:\n"
+    "  --model DIR          Hugging Face model directory (config.json, *.safetensors, tokenizer.json)\n"
+    "  --threads N          compute threads (default: all CPUs)\n"
+    "  --ctx N              context length cap (default: the model's)\n"
+    "  --batch N            tokens per forward pass during prefill (default 512)\n"
+    "\n"
+    "generation options:\n"
+    "  -n, --max-tokens N   tokens to generate (default 64)\n"
+    "  --temperature T      0 = greedy (default 0)\n"
+    "  --top-k K            keep the K most likely tokens (0 = off)\n"
+    "  --top-p P            nucleus sampling (1 = off)\n"
+    "  --min-p P            drop tokens below P x the top probability (0 = off)\n"
+    "  --repeat-penalty R   penalise tokens already seen (1 = off)\n"
+    "  --repeat-last-n N    window of the penalty (0 = whole history)\n"
+    "  --seed S             sampling seed (default 0)\n"
+    "  --stop STR           stop string, repeatable (not included in the output)\n"
+    "  --ignore-eos         keep generating past the end-of-sequence token\n"
+    "  --ids \"1 2 3\"        prompt as token ids instead of text\n"
+    "  --no-special         do not add the tokenizer's BOS to a text prompt\n"
+    "  --print-ids          print generated token ids instead of text\n"
+    "\n"
+    "tokenize options:\n"
+    "  --decode             read ids from stdin, write the decoded bytes\n"
+    "  --special            add the post-processor's BOS when encoding\n";
+
+enum {
+    O_MODEL = 256, O_THREADS, O_CTX, O_BATCH, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_RLAST, O_SEED, O_STOP,
+    O_IGNORE_EOS, O_IDS, O_PRINT_IDS, O_NO_SPECIAL, O_TOKENIZER, O_DECODE, O_SPECIAL, O_OUT, O_HELP
+};
+
+static const struct option LONGOPTS[] = {
+    {"model", required_argument, 0, O_MODEL},       {"threads", required_argument, 0, O_THREADS},
+    {"ctx", required_argument, 0, O_CTX},           {"batch", required_argument, 0, O_BATCH},
+    {"max-tokens", required_argument, 0, 'n'},      {"temperature", required_argument, 0, O_TEMP},
+    {"top-k", required_argument, 0, O_TOPK},        {"top-p", required_argument, 0, O_TOPP},
+    {"min-p", required_argument, 0, O_MINP},        {"repeat-penalty", required_argument, 0, O_RPEN},
+    {"repeat-last-n", required_argument, 0, O_RLAST}, {"seed", required_argument, 0, O_SEED},
+    {"stop", required_argument, 0, O_STOP},         {"ignore-eos", no_argument, 0, O_IGNORE_EOS},
+    {"ids", required_argument, 0, O_IDS},           {"print-ids", no_argument, 0, O_PRINT_IDS},
+    {"no-special", no_argument, 0, O_NO_SPECIAL},   {"tokenizer", required_argument, 0, O_TOKENIZER},
+    {"decode", no_argument, 0, O_DECODE},           {"special", no_argument, 0, O_SPECIAL},
+    {"out", required_argument, 0, O_OUT},           {"help", no_argument, 0, O_HELP},
+    {0, 0, 0, 0}};
+
+typedef struct {
+    const char *model, *tokenizer, *ids, *out;
+    eng_options eo;
+    eng_gen_params gp;
+    const char *stop[64];
+    int print_ids, no_special, decode, special;
+} cli;
+
+static int parse_num(const char *s, double lo, double hi, double *v, const char *flag) {
+    char *end;
+    errno = 0;
+    *v = strtod(s, &end);
+    if (errno || end == s || *end || *v < lo || *v > hi) {
+        fprintf(stderr, "kvserve: %s: invalid value '%s' (expected a number in [%g, %g])\n", flag, s, lo, hi);
+        return -1;
+    }
+    return 0;
+}
+
+/* Parse "1 2 3" or "1,2,3" into a malloc'd array. */
+static int parse_ids(const char *s, int32_t **ids, size_t *n) {
+    size_t cap = 16, k = 0;
+    int32_t *v = malloc(cap * sizeof *v);
+    if (!v) return -1;
+    while (*s) {
+        while (*s == ' ' || *s == ',' || *s == '\n' || *s == '\t') s++;
+        if (!*s) break;
+        char *end;
+        errno = 0;
+        long x = strtol(s, &end, 10);
+        if (errno || end == s || x < 0 || x > INT32_MAX) {
+            fprintf(stderr, "kvserve: bad token id near '%.20s'\n", s);
+            free(v);
+            return -1;
+        }
+        if (k == cap) {
+            int32_t *nv = realloc(v, (cap *= 2) * sizeof *v);
+            if (!nv) { free(v); return -1; }
+            v = nv;
+        }
+        v[k++] = (int32_t)x;
+        s = end;
+    }
+    *ids = v;
+    *n = k;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, cli *c) {
+    memset(c, 0, sizeof *c);
+    eng_sampling_default(&c->gp.sampling);
+    c->gp.max_tokens = 64;
+    c->gp.stop = c->stop;
+    int o;
+    double v;
+    optind = 2;
+    while ((o = getopt_long(argc, argv, "n:h", LONGOPTS, NULL)) != -1) {
+        switch (o) {
+        case O_MODEL: c->model = optarg; break;
+        case O_TOKENIZER: c->tokenizer = optarg; break;
+        case O_IDS: c->ids = optarg; break;
+        case O_OUT: c->out = optarg; break;
+        case O_THREADS: if (parse_num(optarg, 1, 256, &v, "--threads")) return -1; c->eo.n_threads = (int)v; break;
+        case O_CTX: if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return -1; c->eo.max_context = (int)v; break;
+        case O_BATCH: if (parse_num(optarg, 1, 65536, &v, "--batch")) return -1; c->eo.max_batch_tokens = (int)v; break;
+        case 'n': if (parse_num(optarg, -1e9, 1e9, &v, "--max-tokens")) return -1; c->gp.max_tokens = (int)v; break;
+        case O_TEMP: if (parse_num(optarg, -1e9, 1e9, &v, "--temperature")) return -1; c->gp.sampling.temperature = (float)v; break;
+        case O_TOPK: if (parse_num(optarg, -1e9, 1e9, &v, "--top-k")) return -1; c->gp.sampling.top_k = (int)v; break;
+        case O_TOPP: if (parse_num(optarg, -1e9, 1e9, &v, "--top-p")) return -1; c->gp.sampling.top_p = (float)v; break;
+        case O_MINP: if (parse_num(optarg, -1e9, 1e9, &v, "--min-p")) return -1; c->gp.sampling.min_p = (float)v; break;
+        case O_RPEN: if (parse_num(optarg, -1e9, 1e9, &v, "--repeat-penalty")) return -1; c->gp.sampling.repeat_penalty = (float)v; break;
+        case O_RLAST: if (parse_num(optarg, -1e9, 1e9, &v, "--repeat-last-n")) return -1; c->gp.sampling.repeat_last_n = (int)v; break;
+        case O_SEED: if (parse_num(optarg, 0, 1.8e19, &v, "--seed")) return -1; c->gp.sampling.seed = (uint64_t)v; break;
+        case O_STOP:
+            if (c->gp.n_stop == 64) { fprintf(stderr, "kvserve: at most 64 --stop strings\n"); return -1; }
+            c->stop[c->gp.n_stop++] = optarg;
+            break;
+        case O_IGNORE_EOS: c->gp.ignore_eos = 1; break;
+        case O_PRINT_IDS: c->print_ids = 1; break;
+        case O_NO_SPECIAL: c->no_special = 1; break;
+        case O_DECODE: c->decode = 1; break;
+        case O_SPECIAL: c->special = 1; break;
+        case 'h': case O_HELP: fputs(USAGE, stdout); exit(0);
+        default: fputs("kvserve: see kvserve --help\n", stderr); return -1;
+        }
+    }
+    return 0;
+}
+
+static eng_model *open_model(const cli *c) {
+    if (!c->model) { fprintf(stderr, "kvserve: --model DIR is required\n"); return NULL; }
+    eng_model *m;
+    char err[512];
+    if (eng_model_open(&m, c->model, &c->eo, err, sizeof err) != ENG_OK) {
+        fprintf(stderr, "kvserve: %s\n", err);
+        return NULL;
+    }
+    return m;
+}
+
+/* Prompt ids from --ids or the positional text. */
+static int prompt_ids(const cli *c, eng_model *m, int argc, char **argv, int32_t **ids, size_t *n) {
+    if (c->ids) return parse_ids(c->ids, ids, n);
+    if (optind >= argc) { fprintf(stderr, "kvserve: give a prompt (text argument or --ids)\n"); return -1; }
+    const char *text = argv[optind];
+    int rc = eng_tok_encode(eng_model_tok(m), text, strlen(text), !c->no_special, ids, n);
+    if (rc) { fprintf(stderr, "kvserve: prompt: %s\n", eng_strerror(rc)); return -1; }
+    return 0;
+}
+
+static int print_token(void *ud, int32_t token, const char *text, size_t len) {
+    const cli *c = ud;
+    if (c->print_ids) return 0;
+    (void)token;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    return 0;
+}
+
+static int cmd_generate(int argc, char **argv) {
+    cli c;
+    if (parse_args(argc, argv, &c)) return 2;
+    eng_model *m = open_model(&c);
+    if (!m) return 1;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int ret = 1;
+    if (prompt_ids(&c, m, argc, argv, &ids, &n)) goto out;
+    eng_gen_result r;
+    char err[512];
+    if (eng_generate(m, ids, n, &c.gp, print_token, &c, &r, err, sizeof err) != ENG_OK) {
+        fprintf(stderr, "kvserve: %s\n", err);
+        goto out;
+    }
+    if (c.print_ids)
+        for (int i = 0; i < r.generated_tokens; i++) printf("%s%d", i ? " " : "", r.tokens[i]);
+    printf("\n");
+    fflush(stdout);
+    double dec_tps = r.generated_tokens > 1 ? (r.generated_tokens - 1) / r.decode_seconds : 0;
+    fprintf(stderr, "\n[prompt %d tokens, %.1f t/s | generated %d tokens, %.1f t/s | finish: %s]\n", r.prompt_tokens,
+            r.prompt_tokens / r.prefill_seconds, r.generated_tokens, dec_tps, eng_finish_name(r.finish));
+    eng_gen_result_free(&r);
+    ret = 0;
+out:
+    free(ids);
+    eng_model_close(m);
+    return ret;
+}
+
+static int cmd_score(int argc, char **argv) {
+    cli c;
+    if (parse_args(argc, argv, &c)) return 2;
+    eng_model *m = open_model(&c);
+    if (!m) return 1;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    double *lp = NULL, ppl;
+    int ret = 1;
+    char err[512];
+    if (prompt_ids(&c, m, argc, argv, &ids, &n)) goto out;
+    lp = malloc((n ? n : 1) * sizeof *lp);
+    if (!lp || eng_score(m, ids, n, lp, &ppl, err, sizeof err) != ENG_OK) {
+        fprintf(stderr, "kvserve: %s\n", lp ? err : "out of memory");
+        goto out;
+    }
+    double sum = 0;
+    printf("%5s %8s %12s  %s\n", "pos", "id", "logprob", "token");
+    for (size_t i = 1; i < n; i++) {
+        size_t pl;
+        const char *p = eng_tok_piece(eng_model_tok(m), ids[i], &pl);
+        printf("%5zu %8d %12.6f  ", i, ids[i], lp[i - 1]);
+        for (size_t k = 0; k < pl; k++) {
+            unsigned char ch = (unsigned char)p[k];
+            if (ch < 0x20) printf("\\x%02x", ch); else putchar(ch);
+        }
+        putchar('\n');
+        sum += lp[i - 1];
+    }
+    printf("tokens %zu  mean logprob %.6f  perplexity %.4f\n", n - 1, sum / (double)(n - 1), ppl);
+    ret = 0;
+out:
+    free(lp);
+    free(ids);
+    eng_model_close(m);
+    return ret;
+}
+
+static char *read_stdin(size_t *len) {
+    size_t cap = 4096, n = 0;
+    char *b = malloc(cap + 1);
+    size_t r;
+    while (b && (r = fread(b + n, 1, cap - n, stdin)) > 0) {
+        n += r;
+        if (n == cap) {
+            char *nb = realloc(b, (cap *= 2) + 1);
+            if (!nb) { free(b); return NULL; }
+            b = nb;
+        }
+    }
+    if (b) b[n] = 0;
+    *len = n;
+    return b;
+}
+
+static int cmd_tokenize(int argc, char **argv) {
+    cli c;
+    if (parse_args(argc, argv, &c)) return 2;
+    char err[512], path[4096];
+    if (!c.tokenizer && !c.model) { fprintf(stderr, "kvserve: --tokenizer FILE or --model DIR is required\n"); return 2; }
+    if (!c.tokenizer) snprintf(path, sizeof path, "%s/tokenizer.json", c.model);
+    eng_tok *t;
+    if (eng_tok_open(&t, c.tokenizer ? c.tokenizer : path, err, sizeof err) != ENG_OK) {
+        fprintf(stderr, "kvserve: %s\n", err);
+        return 1;
+    }
+    size_t len;
+    char *in = read_stdin(&len);
+    int ret = 1;
+    if (!in) { fprintf(stderr, "kvserve: cannot read stdin\n"); goto out; }
+    if (c.decode) {
+        int32_t *ids;
+        size_t n;
+        char *text;
+        size_t tl;
+        if (parse_ids(in, &ids, &n)) goto out;
+        int rc = eng_tok_decode(t, ids, n, 0, &text, &tl);
+        free(ids);
+        if (rc) { fprintf(stderr, "kvserve: %s\n", eng_strerror(rc)); goto out; }
+        fwrite(text, 1, tl, stdout);
+        free(text);
+    } else {
+        int32_t *ids;
+        size_t n;
+        int rc = eng_tok_encode(t, in, len, c.special, &ids, &n);
+        if (rc) { fprintf(stderr, "kvserve: %s\n", eng_strerror(rc)); goto out; }
+        for (size_t i = 0; i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
+        printf("\n");
+        free(ids);
+    }
+    ret = 0;
+out:
+    free(in);
+    eng_tok_close(t);
+    return ret;
+}
+
+static int cmd_logits(int argc, char **argv) {
+    cli c;
+    if (parse_args(argc, argv, &c)) return 2;
+    if (!c.ids || !c.out) { fprintf(stderr, "kvserve: logits needs --ids and --out\n"); return 2; }
+    eng_model *m = open_model(&c);
+    if (!m) return 1;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    float *lg = NULL;
+    int ret = 1;
+    char err[512];
+    if (parse_ids(c.ids, &ids, &n)) goto out;
+    size_t V = (size_t)eng_model_config(m)->vocab_size;
+    lg = malloc((n ? n : 1) * V * sizeof *lg);
+    if (!lg || eng_logits(m, ids, n, lg, err, sizeof err) != ENG_OK) {
+        fprintf(stderr, "kvserve: %s\n", lg ? err : "out of memory");
+        goto out;
+    }
+    FILE *f = fopen(c.out, "wb");
+    if (!f || fwrite(lg, sizeof *lg, n * V, f) != n * V || fclose(f) != 0) {
+        fprintf(stderr, "kvserve: %s: %s\n", c.out, strerror(errno));
+        goto out;
+    }
+    ret = 0;
+out:
+    free(lg);
+    free(ids);
+    eng_model_close(m);
+    return ret;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        fputs(USAGE, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
+    if (!strcmp(cmd, "score")) return cmd_score(argc, argv);
+    if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
+    if (!strcmp(cmd, "logits")) return cmd_logits(argc, argv);
+    fprintf(stderr, "kvserve: unknown command '%s' (see kvserve --help)\n", cmd);
+    return 2;
+}
