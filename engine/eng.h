@@ -173,6 +173,13 @@ void eng_gen_result_free(eng_gen_result *res);
 int eng_score(eng_model *m, const int32_t *ids, size_t n, double *logprobs, double *ppl,
               char *err, size_t errlen);
 
+/* ---- machine limits (for benchmarks) ---------------------------------- */
+/* Best-of-several sgemm throughput, GFLOP/s, on n x n x n with n_threads. */
+double eng_measure_sgemm_gflops(int n, int n_threads);
+/* Best-of-several read bandwidth, GB/s, summing a buffer of `mbytes` MiB with
+ * n_threads threads (the pattern of streaming weights once per token). */
+double eng_measure_read_gbps(size_t mbytes, int n_threads);
+
 /* ---- incremental detokenizer (streaming) ------------------------------ */
 typedef struct eng_detok eng_detok;
 

@@ -146,6 +146,8 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     (void)n_threads;
 
+    long att_work = 0; /* multiply-adds of attention per layer */
+    for (int i = 0; i < n; i++) att_work += (long)(b->pos[i] + 1) * nh * hd;
     for (int i = 0; i < n; i++) memcpy(s->x + (size_t)i * H, w->embed + (size_t)b->tokens[i] * H, (size_t)H * sizeof(float));
 
     for (int l = 0; l < c->n_layers; l++) {
@@ -164,8 +166,9 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
             memcpy(kv_v(kv, t, l, b->pos[i]), v, (size_t)KD * sizeof(float));
         }
 
-        /* attention: every (token, head) pair is independent */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+        /* attention: every (token, head) pair is independent; threads only
+         * when there is enough work to pay for waking them */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (att_work > 262144)
         for (int ih = 0; ih < n * nh; ih++) {
             int i = ih / nh, h = ih % nh;
 #ifdef _OPENMP

@@ -1,7 +1,9 @@
 /* main.c — the kvserve command line: generate, score, tokenize, logits. */
 #include "eng.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
+#include <sys/stat.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,11 +41,13 @@ static const char USAGE[] =
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
-    "  --special            add the post-processor's BOS when encoding\n";
+    "  --special            add the post-processor's BOS when encoding\n"
+    "  --json               batch mode: stdin is a JSON array of strings (or, with --decode,\n"
+    "                       of id arrays); stdout the JSON array of results\n";
 
 enum {
     O_MODEL = 256, O_THREADS, O_CTX, O_BATCH, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_RLAST, O_SEED, O_STOP,
-    O_IGNORE_EOS, O_IDS, O_PRINT_IDS, O_NO_SPECIAL, O_TOKENIZER, O_DECODE, O_SPECIAL, O_OUT, O_HELP
+    O_IGNORE_EOS, O_IDS, O_PRINT_IDS, O_NO_SPECIAL, O_TOKENIZER, O_DECODE, O_SPECIAL, O_OUT, O_HELP, O_JSON
 };
 
 static const struct option LONGOPTS[] = {
@@ -58,6 +62,7 @@ static const struct option LONGOPTS[] = {
     {"no-special", no_argument, 0, O_NO_SPECIAL},   {"tokenizer", required_argument, 0, O_TOKENIZER},
     {"decode", no_argument, 0, O_DECODE},           {"special", no_argument, 0, O_SPECIAL},
     {"out", required_argument, 0, O_OUT},           {"help", no_argument, 0, O_HELP},
+    {"json", no_argument, 0, O_JSON},
     {0, 0, 0, 0}};
 
 typedef struct {
@@ -65,7 +70,7 @@ typedef struct {
     eng_options eo;
     eng_gen_params gp;
     const char *stop[64];
-    int print_ids, no_special, decode, special;
+    int print_ids, no_special, decode, special, json;
 } cli;
 
 static int parse_num(const char *s, double lo, double hi, double *v, const char *flag) {
@@ -142,6 +147,7 @@ static int parse_args(int argc, char **argv, cli *c) {
         case O_NO_SPECIAL: c->no_special = 1; break;
         case O_DECODE: c->decode = 1; break;
         case O_SPECIAL: c->special = 1; break;
+        case O_JSON: c->json = 1; break;
         case 'h': case O_HELP: fputs(USAGE, stdout); exit(0);
         default: fputs("kvserve: see kvserve --help\n", stderr); return -1;
         }
@@ -264,14 +270,55 @@ static char *read_stdin(size_t *len) {
     return b;
 }
 
+/* Batch mode for tests and tools: one process, many texts. */
+static int tokenize_json(const eng_tok *t, const cli *c, const char *in, size_t len) {
+    cJSON *arr = cJSON_ParseWithLength(in, len), *res = cJSON_CreateArray(), *it;
+    int ret = 1;
+    if (!cJSON_IsArray(arr)) { fprintf(stderr, "kvserve: --json: stdin is not a JSON array\n"); goto out; }
+    cJSON_ArrayForEach(it, arr) {
+        cJSON *r = NULL;
+        if (c->decode) {
+            int n = cJSON_GetArraySize(it), k = 0;
+            int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+            const cJSON *x;
+            cJSON_ArrayForEach(x, it) ids[k++] = cJSON_IsNumber(x) ? (int32_t)x->valuedouble : -1;
+            char *text;
+            size_t tl;
+            int rc = eng_tok_decode(t, ids, (size_t)n, 0, &text, &tl);
+            free(ids);
+            if (rc) { fprintf(stderr, "kvserve: %s\n", eng_strerror(rc)); goto out; }
+            r = cJSON_CreateString(text);
+            free(text);
+        } else {
+            if (!cJSON_IsString(it)) { fprintf(stderr, "kvserve: --json: expected strings\n"); goto out; }
+            int32_t *ids;
+            size_t n;
+            int rc = eng_tok_encode(t, it->valuestring, strlen(it->valuestring), c->special, &ids, &n);
+            if (rc) { fprintf(stderr, "kvserve: %s\n", eng_strerror(rc)); goto out; }
+            r = cJSON_CreateArray();
+            for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(r, cJSON_CreateNumber(ids[i]));
+            free(ids);
+        }
+        cJSON_AddItemToArray(res, r);
+    }
+    char *o = cJSON_PrintUnformatted(res);
+    if (o) { fputs(o, stdout); putchar('\n'); free(o); ret = 0; }
+out:
+    cJSON_Delete(arr);
+    cJSON_Delete(res);
+    return ret;
+}
+
 static int cmd_tokenize(int argc, char **argv) {
     cli c;
     if (parse_args(argc, argv, &c)) return 2;
     char err[512], path[4096];
     if (!c.tokenizer && !c.model) { fprintf(stderr, "kvserve: --tokenizer FILE or --model DIR is required\n"); return 2; }
-    if (!c.tokenizer) snprintf(path, sizeof path, "%s/tokenizer.json", c.model);
+    struct stat sb;
+    const char *dir = c.tokenizer && stat(c.tokenizer, &sb) == 0 && S_ISDIR(sb.st_mode) ? c.tokenizer : c.model;
+    if (dir) snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     eng_tok *t;
-    if (eng_tok_open(&t, c.tokenizer ? c.tokenizer : path, err, sizeof err) != ENG_OK) {
+    if (eng_tok_open(&t, dir ? path : c.tokenizer, err, sizeof err) != ENG_OK) {
         fprintf(stderr, "kvserve: %s\n", err);
         return 1;
     }
@@ -279,6 +326,10 @@ static int cmd_tokenize(int argc, char **argv) {
     char *in = read_stdin(&len);
     int ret = 1;
     if (!in) { fprintf(stderr, "kvserve: cannot read stdin\n"); goto out; }
+    if (c.json) {
+        ret = tokenize_json(t, &c, in, len);
+        goto out;
+    }
     if (c.decode) {
         int32_t *ids;
         size_t n;

@@ -1,0 +1,314 @@
+#!/usr/bin/python3
+"""Independent float64 numpy reference for LLaMA-family models in a Hugging Face directory.
+
+Written from the equations (HF transformers LlamaForCausalLM convention), sharing no code
+with the C engine:
+
+  x_0      = embed_tokens[ids]
+  per layer:
+    h      = RMSNorm(x) * input_layernorm         RMSNorm(x) = x / sqrt(mean(x^2) + eps)
+    q,k,v  = h Wq^T, h Wk^T, h Wv^T               (nh, nkv, nkv heads of head_dim)
+    q,k    = RoPE(q, pos), RoPE(k, pos)           rotate_half pairs (j, j + hd/2),
+                                                  angle pos * theta^(-2j/hd)
+    a_h    = softmax(q_h k_g^T / sqrt(hd) + causal mask) v_g,   g = h // (nh/nkv)
+    x      = x + concat(a) Wo^T
+    h      = RMSNorm(x) * post_attention_layernorm
+    x      = x + (silu(h Wg^T) * (h Wu^T)) Wd^T
+  logits   = (RMSNorm(x) * norm) W_lm^T           W_lm = lm_head or embed_tokens (tied)
+
+`forward(ids)` recomputes the whole sequence (no cache). `IncrementalDecoder` is a separate
+KV-cached implementation used only to self-test the reference.
+
+Self-test / CLI:
+  ref_llama.py --model DIR --ids "1 2 3" [--gen N]     print argmax continuation
+  ref_llama.py --model DIR --selftest                  full vs incremental, etc.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+def read_safetensors(path):
+    """Return {name: float64 ndarray} for one .safetensors file."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    if len(buf) < 8:
+        raise ValueError("%s: too short" % path)
+    hlen = int.from_bytes(buf[:8], "little")
+    if 8 + hlen > len(buf):
+        raise ValueError("%s: header length %d exceeds file" % (path, hlen))
+    header = json.loads(buf[8:8 + hlen].decode("utf-8"))
+    base = 8 + hlen
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dt = info["dtype"]
+        if dt not in ST_DTYPES:
+            raise ValueError("%s: unsupported dtype %s for %s" % (path, dt, name))
+        npdt, esize = ST_DTYPES[dt]
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
+        n = int(np.prod(shape)) if shape else 1
+        if end - start != n * esize or base + end > len(buf):
+            raise ValueError("%s: bad data_offsets for %s" % (path, name))
+        raw = np.frombuffer(buf, dtype=npdt, count=n, offset=base + start)
+        if dt == "BF16":
+            a = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        else:
+            a = raw
+        out[name] = a.astype(np.float64).reshape(shape)
+    return out
+
+
+def load_weights(model_dir):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            wm = json.load(f)["weight_map"]
+        tensors = {}
+        for fn in sorted(set(wm.values())):
+            part = read_safetensors(os.path.join(model_dir, fn))
+            for k, v in part.items():
+                if wm.get(k) != fn:
+                    raise ValueError("tensor %s found in %s but index says %s" % (k, fn, wm.get(k)))
+                tensors[k] = v
+        missing = set(wm) - set(tensors)
+        if missing:
+            raise ValueError("tensors listed in index but missing: %s" % sorted(missing)[:5])
+        return tensors
+    return read_safetensors(os.path.join(model_dir, "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- model
+
+class LlamaRef:
+    def __init__(self, model_dir):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            c = json.load(f)
+        self.cfg = c
+        self.V = c["vocab_size"]
+        self.H = c["hidden_size"]
+        self.L = c["num_hidden_layers"]
+        self.nh = c["num_attention_heads"]
+        self.nkv = c.get("num_key_value_heads", self.nh)
+        self.hd = c.get("head_dim") or self.H // self.nh
+        self.F = c["intermediate_size"]
+        self.eps = float(c["rms_norm_eps"])
+        self.theta = float(c.get("rope_theta", 10000.0))
+        self.tied = bool(c.get("tie_word_embeddings", False))
+        w = load_weights(model_dir)
+        self.w = w
+        self.embed = w["model.embed_tokens.weight"]
+        if self.tied:
+            self.lm_head = self.embed  # HF ties lm_head to embed_tokens (any lm_head.weight is ignored)
+        else:
+            self.lm_head = w["lm_head.weight"]
+        self._check_shapes()
+
+    def _check_shapes(self):
+        V, H, nh, nkv, hd, F = self.V, self.H, self.nh, self.nkv, self.hd, self.F
+        exp = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+        for i in range(self.L):
+            p = "model.layers.%d." % i
+            exp.update({
+                p + "input_layernorm.weight": (H,),
+                p + "self_attn.q_proj.weight": (nh * hd, H),
+                p + "self_attn.k_proj.weight": (nkv * hd, H),
+                p + "self_attn.v_proj.weight": (nkv * hd, H),
+                p + "self_attn.o_proj.weight": (H, nh * hd),
+                p + "post_attention_layernorm.weight": (H,),
+                p + "mlp.gate_proj.weight": (F, H),
+                p + "mlp.up_proj.weight": (F, H),
+                p + "mlp.down_proj.weight": (H, F),
+            })
+        if not self.tied:
+            exp["lm_head.weight"] = (V, H)
+        for k, s in exp.items():
+            if k not in self.w:
+                raise ValueError("missing tensor %s" % k)
+            if self.w[k].shape != s:
+                raise ValueError("tensor %s has shape %s, expected %s" % (k, self.w[k].shape, s))
+
+    def layer(self, i):
+        p = "model.layers.%d." % i
+        g = lambda n: self.w[p + n]
+        return (g("input_layernorm.weight"), g("self_attn.q_proj.weight"),
+                g("self_attn.k_proj.weight"), g("self_attn.v_proj.weight"),
+                g("self_attn.o_proj.weight"), g("post_attention_layernorm.weight"),
+                g("mlp.gate_proj.weight"), g("mlp.up_proj.weight"), g("mlp.down_proj.weight"))
+
+    # --- building blocks
+    def rmsnorm(self, x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * w
+
+    def rope(self, x, positions):
+        """x: [n, heads, hd]; positions: [n] ints."""
+        hd = self.hd
+        half = hd // 2
+        inv_freq = self.theta ** (-np.arange(half, dtype=np.float64) * 2.0 / hd)
+        ang = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # [n, half]
+        cos = np.cos(ang)[:, None, :]
+        sin = np.sin(ang)[:, None, :]
+        x1, x2 = x[..., :half], x[..., half:]
+        # x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1)
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    @staticmethod
+    def silu(x):
+        return x / (1.0 + np.exp(-x))
+
+    # --- full recompute
+    def forward(self, ids, last_only=False):
+        """Logits [n, V] (or [V] for the last position if last_only) for token ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("need a non-empty 1-D id list")
+        if ids.min() < 0 or ids.max() >= self.V:
+            raise ValueError("token id out of range")
+        n = len(ids)
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        group = nh // nkv
+        pos = np.arange(n)
+        causal = np.triu(np.ones((n, n), dtype=bool), k=1)  # True above the diagonal = masked
+        scale = 1.0 / np.sqrt(hd)
+        x = self.embed[ids].copy()
+        for i in range(self.L):
+            w_in, wq, wk, wv, wo, w_post, wg, wu, wd = self.layer(i)
+            h = self.rmsnorm(x, w_in)
+            q = self.rope((h @ wq.T).reshape(n, nh, hd), pos)
+            k = self.rope((h @ wk.T).reshape(n, nkv, hd), pos)
+            v = (h @ wv.T).reshape(n, nkv, hd)
+            att = np.empty((n, nh, hd))
+            for hh in range(nh):
+                g = hh // group
+                s = (q[:, hh, :] @ k[:, g, :].T) * scale            # [n, n]
+                s[causal] = -np.inf
+                s = s - s.max(axis=1, keepdims=True)
+                p = np.exp(s)
+                p /= p.sum(axis=1, keepdims=True)
+                att[:, hh, :] = p @ v[:, g, :]
+            x = x + att.reshape(n, nh * hd) @ wo.T
+            h = self.rmsnorm(x, w_post)
+            x = x + (self.silu(h @ wg.T) * (h @ wu.T)) @ wd.T
+        if last_only:
+            x = x[-1:]
+        x = self.rmsnorm(x, self.w["model.norm.weight"])
+        logits = x @ self.lm_head.T
+        return logits[0] if last_only else logits
+
+    def greedy(self, ids, n_new):
+        """Greedy continuation with a full recompute per step; ties -> lowest id.
+        Returns (new_ids, list of (top1 - top2) logit gaps per step)."""
+        seq = list(ids)
+        out, gaps = [], []
+        for _ in range(n_new):
+            lg = self.forward(seq, last_only=True)
+            t = int(np.argmax(lg))  # first maximum = lowest id among ties
+            top2 = np.partition(lg, -2)[-2:]
+            gaps.append(float(top2[1] - top2[0]))
+            out.append(t)
+            seq.append(t)
+        return out, gaps
+
+
+class IncrementalDecoder:
+    """KV-cached decoding, written separately from LlamaRef.forward (self-test only)."""
+
+    def __init__(self, m):
+        self.m = m
+        self.k = [np.zeros((0, m.nkv, m.hd)) for _ in range(m.L)]
+        self.v = [np.zeros((0, m.nkv, m.hd)) for _ in range(m.L)]
+
+    def step(self, tok):
+        m = self.m
+        pos = self.k[0].shape[0]
+        group = m.nh // m.nkv
+        x = m.embed[tok].copy()
+        for i in range(m.L):
+            w_in, wq, wk, wv, wo, w_post, wg, wu, wd = m.layer(i)
+            h = m.rmsnorm(x, w_in)
+            q = m.rope((wq @ h).reshape(1, m.nh, m.hd), [pos])[0]
+            k = m.rope((wk @ h).reshape(1, m.nkv, m.hd), [pos])
+            v = (wv @ h).reshape(1, m.nkv, m.hd)
+            self.k[i] = np.concatenate([self.k[i], k])
+            self.v[i] = np.concatenate([self.v[i], v])
+            out = np.empty(m.nh * m.hd)
+            for hh in range(m.nh):
+                g = hh // group
+                s = self.k[i][:, g, :] @ q[hh] / np.sqrt(m.hd)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[hh * m.hd:(hh + 1) * m.hd] = p @ self.v[i][:, g, :]
+            x = x + wo @ out
+            h = m.rmsnorm(x, w_post)
+            x = x + wd @ (m.silu(wg @ h) * (wu @ h))
+        return m.lm_head @ m.rmsnorm(x, m.w["model.norm.weight"])
+
+
+def selftest(model_dir, n_prompt=12, n_gen=8, seed=7):
+    m = LlamaRef(model_dir)
+    rng = np.random.default_rng(seed)
+    ids = [int(t) for t in rng.integers(3, m.V, size=n_prompt)]
+    full = m.forward(ids)
+    dec = IncrementalDecoder(m)
+    inc = np.stack([dec.step(t) for t in ids])
+    d1 = np.abs(full - inc).max() / np.abs(full).max()
+    # last_only agrees with the full matrix
+    d2 = np.abs(m.forward(ids, last_only=True) - full[-1]).max()
+    # greedy: full recompute vs incremental
+    g_full, gaps = m.greedy(ids, n_gen)
+    g_inc = []
+    lg = inc[-1]
+    for _ in range(n_gen):
+        t = int(np.argmax(lg))
+        g_inc.append(t)
+        lg = dec.step(t)
+    # prefix property: logits of a prefix do not depend on later tokens (causality)
+    d3 = np.abs(m.forward(ids[:5]) - full[:5]).max() / np.abs(full).max()
+    # RoPE: a rotation (norm preserving) whose q.k products depend only on the offset;
+    # position 0 is the identity
+    q = rng.standard_normal((1, 1, m.hd))
+    k = rng.standard_normal((1, 1, m.hd))
+    dots = [float(np.sum(m.rope(q, [p + 17]) * m.rope(k, [p]))) for p in (0, 5, 300)]
+    d4 = max(abs(d - dots[0]) for d in dots) + abs(np.linalg.norm(m.rope(q, [123])) - np.linalg.norm(q)) \
+        + np.abs(m.rope(q, [0]) - q).max()
+    ok = d1 < 1e-12 and d2 < 1e-12 and g_full == g_inc and d3 < 1e-12 and d4 < 1e-9
+    print("selftest %s: full-vs-incremental rel %.2e, last_only %.2e, causal-prefix rel %.2e, "
+          "rope %.1e, greedy %s (min gap %.3f), logit std %.2f: %s"
+          % (model_dir, d1, d2, d3, d4, "agree" if g_full == g_inc else "DIFFER", min(gaps),
+             full.std(), "OK" if ok else "FAIL"))
+    print("  greedy:", " ".join(map(str, g_full)))
+    return ok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ids")
+    ap.add_argument("--gen", type=int, default=0)
+    ap.add_argument("--selftest", action="store_true")
+    a = ap.parse_args(argv)
+    if a.selftest:
+        return 0 if selftest(a.model) else 1
+    m = LlamaRef(a.model)
+    ids = [int(t) for t in a.ids.split()]
+    if a.gen:
+        out, gaps = m.greedy(ids, a.gen)
+        print(" ".join(map(str, out)))
+    else:
+        lg = m.forward(ids, last_only=True)
+        print("argmax %d, max %.6f" % (int(np.argmax(lg)), lg.max()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
