@@ -244,6 +244,9 @@ def main(argv=None):
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     cfg = PRESETS[args.preset]
     tied = not args.untied
+    n_tensors = len(tensor_specs(cfg, tied))
+    if not 1 <= args.shards <= n_tensors:
+        ap.error("--shards must be in 1..%d for this preset" % n_tensors)
     os.makedirs(args.out, exist_ok=True)
     # remove stale weight files from an earlier run with a different layout
     for fn in os.listdir(args.out):
