@@ -27,7 +27,7 @@ struct fwd_scratch {
     float *hb;     /* [T][2F] gate | up */
     float *hb2;    /* [T][F] silu(gate) * up */
     float *tmp;    /* [T][H] sublayer output */
-    float *scores; /* [threads][max_ctx] */
+    float *scores; /* [threads][group][max_ctx] attention weights */
 };
 
 #define MAX_THREADS 64
@@ -46,7 +46,7 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
     s->hb = malloc((size_t)T * 2 * F * sizeof(float));
     s->hb2 = malloc((size_t)T * F * sizeof(float));
     s->tmp = malloc((size_t)T * H * sizeof(float));
-    s->scores = malloc((size_t)MAX_THREADS * (size_t)max_ctx * sizeof(float));
+    s->scores = malloc((size_t)MAX_THREADS * (size_t)(c->n_heads / c->n_kv_heads) * (size_t)max_ctx * sizeof(float));
     if (!s->x || !s->xb || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->tmp || !s->scores) {
         fwd_scratch_free(s);
         return NULL;
@@ -98,42 +98,57 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
-static float dot(const float *a, const float *b, int n) {
-    float s = 0;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+/* Hot loops are compiled for several instruction sets; the loader picks the
+ * best one the CPU has (GCC function multi-versioning). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define HOT
+#endif
 
-/* Attention of one query head over positions 0..pos of its sequence. The hot
- * loop of attention: K rows then V rows are read block by block. */
-static void attend(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int pos,
-                   int kvh, int hd, float *sc) {
+/* Attention of the `group` query heads that share KV head kvh, for one token
+ * at position pos, over positions 0..pos of its sequence. The hot loop of
+ * attention: each K row and each V row is read once for the whole group,
+ * block by block, straight from the KV pool. */
+HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int pos,
+                       int kvh, int hd, int group, int ctx, float *sc) {
     const float scale = 1.0f / sqrtf((float)hd);
     const int B = kv->block_tokens, kvd = kv->kv_dim;
-    float mx = -INFINITY;
     for (int p0 = 0; p0 <= pos; p0 += B) {
         const float *K = kv_k(kv, t, layer, p0) + (size_t)kvh * hd;
         int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
         for (int i = 0; i < end; i++) {
-            float s = dot(q, K + (size_t)i * kvd, hd) * scale;
-            sc[p0 + i] = s;
-            mx = s > mx ? s : mx;
+            const float *k = K + (size_t)i * kvd;
+            for (int g = 0; g < group; g++) {
+                const float *qg = q + (size_t)g * hd;
+                float s = 0;
+#pragma omp simd reduction(+ : s)
+                for (int d = 0; d < hd; d++) s += qg[d] * k[d];
+                sc[(size_t)g * ctx + p0 + i] = s * scale;
+            }
         }
     }
-    float sum = 0;
-    for (int p = 0; p <= pos; p++) {
-        sc[p] = expf(sc[p] - mx);
-        sum += sc[p];
+    for (int g = 0; g < group; g++) {
+        float *row = sc + (size_t)g * ctx, mx = -INFINITY, sum = 0;
+        for (int p = 0; p <= pos; p++) mx = row[p] > mx ? row[p] : mx;
+        for (int p = 0; p <= pos; p++) {
+            row[p] = expf(row[p] - mx);
+            sum += row[p];
+        }
+        float inv = 1.0f / sum;
+        for (int p = 0; p <= pos; p++) row[p] *= inv;
     }
-    float inv = 1.0f / sum;
-    memset(out, 0, (size_t)hd * sizeof(float));
+    memset(out, 0, (size_t)group * hd * sizeof(float));
     for (int p0 = 0; p0 <= pos; p0 += B) {
         const float *V = kv_v(kv, t, layer, p0) + (size_t)kvh * hd;
         int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
         for (int i = 0; i < end; i++) {
-            float w = sc[p0 + i] * inv;
             const float *v = V + (size_t)i * kvd;
-            for (int d = 0; d < hd; d++) out[d] += w * v[d];
+            for (int g = 0; g < group; g++) {
+                float w = sc[(size_t)g * ctx + p0 + i], *o = out + (size_t)g * hd;
+#pragma omp simd
+                for (int d = 0; d < hd; d++) o[d] += w * v[d];
+            }
         }
     }
 }
@@ -169,15 +184,15 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
         /* attention: every (token, head) pair is independent; threads only
          * when there is enough work to pay for waking them */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (att_work > 262144)
-        for (int ih = 0; ih < n * nh; ih++) {
-            int i = ih / nh, h = ih % nh;
+        for (int ig = 0; ig < n * nkv; ig++) {
+            int i = ig / nkv, g = ig % nkv;
 #ifdef _OPENMP
-            float *sc = s->scores + (size_t)omp_get_thread_num() * s->max_ctx;
+            float *sc = s->scores + (size_t)omp_get_thread_num() * group * s->max_ctx;
 #else
             float *sc = s->scores;
 #endif
-            attend(s->att + (size_t)i * QD + h * hd, s->qkv + (size_t)i * QKV + h * hd, kv, &b->tables[b->seq[i]], l,
-                   b->pos[i], h / group, hd, sc);
+            attend(s->att + (size_t)i * QD + (size_t)g * group * hd, s->qkv + (size_t)i * QKV + (size_t)g * group * hd,
+                   kv, &b->tables[b->seq[i]], l, b->pos[i], g, hd, group, s->max_ctx, sc);
         }
         matmul(s->tmp, s->att, L->wo, n, QD, H);
         for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
