@@ -37,6 +37,13 @@ enum {
     ENG_ETOKEN = -9,       /* token id outside the vocabulary */
     ENG_EUTF8 = -10,       /* text is not valid UTF-8 */
     ENG_ESAMPLING = -11,   /* a sampling parameter is out of range */
+    ENG_EQUEUE = -12,      /* the waiting queue is full (try later) */
+    ENG_EPOOL = -13,       /* the request can never fit in the KV pool */
+    ENG_ENOTFOUND = -14,   /* unknown request id or agent */
+    ENG_EBUSY = -15,       /* the agent is running a request */
+    ENG_EEXIST = -16,      /* an agent of that name exists already */
+    ENG_ECORRUPT = -17,    /* exported agent data is truncated or corrupt */
+    ENG_EMODEL = -18,      /* exported agent data belongs to another model */
 };
 
 /* A short static description of a status code ("empty prompt", ...). */
@@ -172,6 +179,134 @@ void eng_gen_result_free(eng_gen_result *res);
  * gets exp(-mean logprob). */
 int eng_score(eng_model *m, const int32_t *ids, size_t n, double *logprobs, double *ppl,
               char *err, size_t errlen);
+
+/* ---- block-pool batch engine -------------------------------------------
+ * Many sequences at once over one model. KV lives in one pool of fixed-size
+ * blocks allocated at open; a sequence owns a block table; full blocks are
+ * shared between sequences with the same prefix (reference counted, found
+ * by a hash chain of their tokens, kept for reuse after their last owner
+ * leaves until the space is needed). Requests are queued by eng_submit() and
+ * advanced by eng_step(), one iteration of continuous batching.
+ *
+ * Thread-safety: eng_submit, eng_cancel, the agent calls and eng_stats may
+ * be called from any thread while one thread (and only one) drives
+ * eng_step. The engine's lock is not held while the forward pass runs, so
+ * those calls wait at most for the bookkeeping of a step, not its compute.
+ * Event callbacks run on the stepping thread with the lock released, so they
+ * may call any engine function.
+ */
+typedef struct eng_engine eng_engine;
+
+typedef struct eng_engine_options {
+    int n_blocks;          /* KV pool size in blocks (0 = 512) */
+    int block_tokens;      /* tokens per block (0 = 16) */
+    int max_step_tokens;   /* token budget of one step (0 = 512) */
+    int max_running;       /* sequences running at once (0 = 64) */
+    int max_queue;         /* waiting requests before ENG_EQUEUE (0 = 1024) */
+} eng_engine_options;
+
+/* Open an engine over a loaded model (the model must outlive it). */
+int eng_engine_open(eng_engine **out, eng_model *m, const eng_engine_options *o, char *err, size_t errlen);
+/* Close: pending requests are dropped without events. */
+void eng_engine_close(eng_engine *e);
+
+typedef struct eng_request {
+    const char *text;        /* prompt text (UTF-8), or NULL to use ids */
+    size_t text_len;
+    int add_special;         /* add the tokenizer's BOS to text (not on agent follow-ups) */
+    const int32_t *ids;      /* prompt as token ids when text is NULL */
+    size_t n_ids;
+    const char *tenant;      /* scope of agent ids; NULL = "" */
+    const char *agent_id;    /* NULL or "" = no agent */
+    int reset;               /* agent: forget its history first */
+    eng_gen_params params;   /* stop strings are copied */
+} eng_request;
+
+/* Validate and queue a request; *id is its handle. Fails at once with
+ * ENG_EEMPTY, ENG_EMAXTOK, ENG_ECONTEXT, ENG_ETOKEN, ENG_EUTF8,
+ * ENG_ESAMPLING, ENG_EINVAL (bad agent option), ENG_EPOOL (can never fit)
+ * or ENG_EQUEUE (queue full), each with a message. */
+int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, size_t errlen);
+
+/* Cancel a queued or running request. Its blocks are freed at once (or, if
+ * the forward pass running right now uses them, as soon as it returns) and
+ * its completion (finish "cancelled") comes from the next eng_step. An
+ * agent keeps what was generated before the cancel. ENG_ENOTFOUND if the id
+ * is unknown or already finished. */
+int eng_cancel(eng_engine *e, uint64_t id);
+
+enum { ENG_EV_TOKEN = 1, ENG_EV_DONE = 2 };
+
+typedef struct eng_usage {
+    int prompt_tokens;     /* context processed as prompt: agent history + new prompt */
+    int cached_tokens;     /* of those, reused from KV (agent blocks, shared prefixes) */
+    int generated_tokens;
+} eng_usage;
+
+/* One event; pointers are valid only during the callback. */
+typedef struct eng_event {
+    int kind;              /* ENG_EV_TOKEN or ENG_EV_DONE */
+    uint64_t id;
+    int32_t token;         /* TOKEN: the token */
+    const char *text;      /* TOKEN: new text (may be empty); DONE: whole output */
+    size_t text_len;
+    int finish;            /* DONE: enum eng_finish */
+    eng_usage usage;       /* DONE */
+    const int32_t *tokens; /* DONE: generated ids */
+    size_t n_tokens;
+    int error;             /* DONE with finish "error": the ENG_E* code */
+    const char *message;   /* DONE with finish "error": why */
+} eng_event;
+
+typedef void (*eng_event_cb)(void *ud, const eng_event *ev);
+
+/* One iteration of continuous batching: finish cancelled requests, admit
+ * waiting ones, then run every decoding sequence's next token plus prefill
+ * chunks of the others under the token budget, sample, and report events
+ * through cb. Returns the number of tokens computed (0 when idle). */
+int eng_step(eng_engine *e, eng_event_cb cb, void *ud);
+
+typedef struct eng_stats {
+    int blocks_total, blocks_free, blocks_used, blocks_shared; /* shared: used by 2+ owners */
+    int blocks_cached;     /* free but holding a reusable prefix */
+    int block_tokens;
+    int running, waiting, agents;
+    uint64_t prefix_hit_tokens; /* tokens reused through prefix sharing, all time */
+    uint64_t preemptions;
+} eng_stats;
+void eng_stats_get(eng_engine *e, eng_stats *s);
+
+/* ---- agents ------------------------------------------------------------ */
+typedef struct eng_agent_info {
+    char agent_id[256];
+    int n_tokens;          /* history length */
+    int n_cached;          /* of which KV is held in blocks */
+    int n_blocks;
+    int busy;              /* a request is running on it */
+    double idle_seconds;
+} eng_agent_info;
+
+/* ENG_OK or ENG_ENOTFOUND. */
+int eng_agent_get(eng_engine *e, const char *tenant, const char *agent_id, eng_agent_info *info);
+/* Agents of a tenant: fills up to max, returns how many exist. */
+int eng_agent_list(eng_engine *e, const char *tenant, eng_agent_info *out, int max);
+/* Forget an agent and free its blocks: ENG_OK, ENG_ENOTFOUND, ENG_EBUSY. */
+int eng_agent_drop(eng_engine *e, const char *tenant, const char *agent_id);
+/* Branch an idle agent: dst starts with src's history and shares all of its
+ * blocks; the first write into a shared block copies it (copy-on-write).
+ * ENG_ENOTFOUND, ENG_EBUSY, ENG_EEXIST. */
+int eng_agent_fork(eng_engine *e, const char *tenant, const char *src, const char *dst);
+/* Serialise an idle agent (tokens and KV) into a malloc'd buffer with a
+ * versioned header, the model fingerprint and a checksum. */
+int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, uint8_t **buf, size_t *len,
+                     char *err, size_t errlen);
+/* Restore an exported agent under tenant/agent_id. ENG_ECORRUPT, ENG_EMODEL,
+ * ENG_EEXIST, ENG_EPOOL (no room) with a message. */
+int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, const uint8_t *buf, size_t len,
+                     char *err, size_t errlen);
+
+/* 64-bit fingerprint of the model (config and weights). */
+uint64_t eng_model_fingerprint(const eng_model *m);
 
 /* ---- machine limits (for benchmarks) ---------------------------------- */
 /* Best-of-several sgemm throughput, GFLOP/s, on n x n x n with n_threads. */

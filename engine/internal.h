@@ -17,6 +17,9 @@ int eng__read_file(const char *path, char **data, size_t *size, char *err, size_
 
 double eng__now(void); /* monotonic seconds */
 
+/* 64-bit hash of n bytes (word at a time; not cryptographic). */
+uint64_t eng__hash64(const void *p, size_t n, uint64_t seed);
+
 /* ---- UTF-8 ------------------------------------------------------------- */
 /* Length of the valid UTF-8 sequence starting at s (1..4), 0 if s[0..n) is a
  * valid but incomplete prefix, -1 if invalid at s[0]. */
@@ -186,6 +189,7 @@ struct eng_model {
     eng__sampler *sampler;
     float *logits;       /* [max_batch_tokens][V] output rows of one forward call */
     int32_t *bpos, *bseq, *brows; /* max_batch_tokens each: batch description buffers */
+    uint64_t fingerprint;  /* config + sampled weights, see eng_model_fingerprint */
 };
 
 int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen);

@@ -210,6 +210,39 @@ out:
     return rc;
 }
 
+/* Config fields plus every 64th value of every weight matrix: cheap, and
+ * any other model (shape or weights) gives another value. */
+static uint64_t fp_add(uint64_t h, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i += 64) h = eng__hash64(&x[i], sizeof(float), h);
+    return eng__hash64(&n, sizeof n, h);
+}
+
+static uint64_t fingerprint(const eng_model *m) {
+    const eng_config *c = &m->cfg;
+    int dims[] = {c->vocab_size, c->hidden_size, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+                  c->intermediate_size, c->tie_embeddings};
+    float fl[] = {c->rope_theta, c->rms_eps};
+    uint64_t h = eng__hash64(dims, sizeof dims, 0x6b76736572766531ull);
+    h = eng__hash64(fl, sizeof fl, h);
+    size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    h = fp_add(h, m->w.embed, V * H);
+    h = fp_add(h, m->w.norm, H);
+    if (m->w.lm_head != m->w.embed) h = fp_add(h, m->w.lm_head, V * H);
+    for (int l = 0; l < c->n_layers; l++) {
+        const eng__layer *L = &m->w.layers[l];
+        h = fp_add(h, L->attn_norm, H);
+        h = fp_add(h, L->wqkv, (QD + 2 * KD) * H);
+        h = fp_add(h, L->wo, H * QD);
+        h = fp_add(h, L->ffn_norm, H);
+        h = fp_add(h, L->w13, 2 * F * H);
+        h = fp_add(h, L->w2, H * F);
+    }
+    return h;
+}
+
+uint64_t eng_model_fingerprint(const eng_model *m) { return m->fingerprint; }
+
 int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, char *err, size_t errlen) {
     *out = NULL;
     eng_model *m = calloc(1, sizeof *m);
@@ -258,6 +291,7 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
         goto fail;
     }
     for (int i = 0; i < nb; i++) m->kv_ids[i] = i;
+    m->fingerprint = fingerprint(m);
     openblas_set_num_threads(m->opt.n_threads);
     *out = m;
     return ENG_OK;

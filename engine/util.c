@@ -32,6 +32,13 @@ const char *eng_strerror(int code) {
     case ENG_ETOKEN: return "token id out of range";
     case ENG_EUTF8: return "text is not valid UTF-8";
     case ENG_ESAMPLING: return "sampling parameter out of range";
+    case ENG_EQUEUE: return "queue full";
+    case ENG_EPOOL: return "request cannot fit in the KV pool";
+    case ENG_ENOTFOUND: return "not found";
+    case ENG_EBUSY: return "agent busy";
+    case ENG_EEXIST: return "agent exists";
+    case ENG_ECORRUPT: return "corrupt agent data";
+    case ENG_EMODEL: return "agent data from another model";
     default: return "unknown error";
     }
 }
@@ -150,4 +157,20 @@ int32_t eng__strmap_get(const eng__strmap *m, const char *k, size_t klen) {
         i = (i + 1) & mask;
     }
     return -1;
+}
+
+uint64_t eng__hash64(const void *p, size_t n, uint64_t seed) {
+    const unsigned char *b = p;
+    uint64_t h = seed ^ (n * 0x9e3779b97f4a7c15ull);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, b + i, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+    }
+    for (; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ull;
+    return h ^ (h >> 33);
 }

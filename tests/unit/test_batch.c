@@ -1,0 +1,625 @@
+/* test_batch.c — the block-pool batch engine on the tiny model (argv[1] =
+ * models root): agents, continuous batching, prefix sharing, copy-on-write,
+ * exhaustion and preemption, cancellation, export/import, threads. The
+ * reference for "alone" is the single-sequence runtime (eng_generate). */
+#include "internal.h"
+#include "test.h"
+
+#include <pthread.h>
+
+#define MAXR 400
+
+typedef struct {
+    uint64_t id;
+    int done, finish, error, n_tok, token_events;
+    int32_t tok[64];
+    char text[1024];
+    size_t text_n, streamed_n;
+    char streamed[1024];
+    eng_usage usage;
+} result;
+
+typedef struct {
+    result r[MAXR];
+    int n;
+    int max_concurrent_tokens;
+} results;
+
+static result *find_r(results *rs, uint64_t id) {
+    for (int i = 0; i < rs->n; i++)
+        if (rs->r[i].id == id) return &rs->r[i];
+    return NULL;
+}
+
+static void on_event(void *ud, const eng_event *ev) {
+    results *rs = ud;
+    result *r = find_r(rs, ev->id);
+    if (!r) return;
+    if (ev->kind == ENG_EV_TOKEN) {
+        r->token_events++;
+        if (r->streamed_n + ev->text_len < sizeof r->streamed) {
+            memcpy(r->streamed + r->streamed_n, ev->text, ev->text_len);
+            r->streamed_n += ev->text_len;
+        }
+    } else {
+        r->done++;
+        r->finish = ev->finish;
+        r->error = ev->error;
+        r->usage = ev->usage;
+        r->n_tok = (int)ev->n_tokens;
+        memcpy(r->tok, ev->tokens, (ev->n_tokens < 64 ? ev->n_tokens : 64) * sizeof(int32_t));
+        r->text_n = ev->text_len < sizeof r->text ? ev->text_len : sizeof r->text - 1;
+        memcpy(r->text, ev->text, r->text_n);
+    }
+}
+
+static eng_model *model(const char *name) {
+    char dir[1024], err[512];
+    snprintf(dir, sizeof dir, "%s/%s", t_arg, name);
+    eng_options o = {.n_threads = 2};
+    eng_model *m = NULL;
+    CHECK_MSG(eng_model_open(&m, dir, &o, err, sizeof err) == ENG_OK, "%s", err);
+    return m;
+}
+
+static eng_engine *engine(eng_model *m, int blocks, int step_tokens, int max_queue) {
+    eng_engine_options o = {.n_blocks = blocks, .block_tokens = 16, .max_step_tokens = step_tokens,
+                            .max_running = 16, .max_queue = max_queue};
+    eng_engine *e = NULL;
+    char err[256];
+    CHECK_MSG(eng_engine_open(&e, m, &o, err, sizeof err) == ENG_OK, "%s", err);
+    return e;
+}
+
+static eng_request req_ids(const int32_t *ids, size_t n, int max_tokens) {
+    eng_request r;
+    memset(&r, 0, sizeof r);
+    r.ids = ids;
+    r.n_ids = n;
+    eng_sampling_default(&r.params.sampling);
+    r.params.max_tokens = max_tokens;
+    r.params.ignore_eos = 1;
+    return r;
+}
+
+static uint64_t submit(eng_engine *e, results *rs, const eng_request *r) {
+    uint64_t id = 0;
+    char err[256];
+    int rc = eng_submit(e, r, &id, err, sizeof err);
+    CHECK_MSG(rc == ENG_OK, "submit: %s", err);
+    if (rc == ENG_OK && rs->n < MAXR) {
+        memset(&rs->r[rs->n], 0, sizeof rs->r[0]);
+        rs->r[rs->n++].id = id;
+    }
+    return id;
+}
+
+static int run_all(eng_engine *e, results *rs) {
+    int steps = 0, t;
+    while ((t = eng_step(e, on_event, rs)) > 0 && steps < 100000) {
+        steps++;
+        if (t > rs->max_concurrent_tokens) rs->max_concurrent_tokens = t;
+    }
+    eng_step(e, on_event, rs); /* completions of cancels */
+    return steps;
+}
+
+/* The single-sequence runtime's tokens for the same request. */
+static void alone(eng_model *m, const int32_t *ids, size_t n, const eng_sampling *sp, int max_tokens, int32_t *out) {
+    eng_gen_params p = {0};
+    p.sampling = *sp;
+    p.max_tokens = max_tokens;
+    p.ignore_eos = 1;
+    eng_gen_result r;
+    char err[256];
+    CHECK_MSG(eng_generate(m, ids, n, &p, NULL, NULL, &r, err, sizeof err) == ENG_OK, "%s", err);
+    memcpy(out, r.tokens, (size_t)max_tokens * sizeof *out);
+    eng_gen_result_free(&r);
+}
+
+static void rand_ids(int32_t *ids, int n, uint64_t seed, int vocab) {
+    eng__rng r;
+    eng__rng_seed(&r, seed);
+    for (int i = 0; i < n; i++) ids[i] = 3 + (int32_t)(eng__rng_uniform(&r) * (vocab - 3));
+}
+
+static int free_blocks(eng_engine *e) {
+    eng_stats s;
+    eng_stats_get(e, &s);
+    return s.blocks_free;
+}
+
+/* ---- tests -------------------------------------------------------------- */
+
+static void test_single_agent_fresh_and_resume(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    int32_t p1[20], p2[7], hist[20 + 16 + 7];
+    rand_ids(p1, 20, 1, 1024);
+    rand_ids(p2, 7, 2, 1024);
+    results rs = {0};
+    eng_request r = req_ids(p1, 20, 16);
+    r.tenant = "t1";
+    r.agent_id = "a1";
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    result *a = &rs.r[0];
+    CHECK(a->done == 1 && a->finish == ENG_FINISH_LENGTH && a->n_tok == 16);
+    CHECK(a->usage.prompt_tokens == 20 && a->usage.cached_tokens == 0 && a->usage.generated_tokens == 16);
+    CHECK(a->streamed_n == a->text_n && memcmp(a->streamed, a->text, a->text_n) == 0 && a->token_events == 16);
+    eng_agent_info info;
+    CHECK(eng_agent_get(e, "t1", "a1", &info) == ENG_OK && info.n_tokens == 36 && info.n_cached == 35 && !info.busy);
+    CHECK(eng_agent_get(e, "t2", "a1", &info) == ENG_ENOTFOUND); /* tenants do not see each other */
+
+    /* second turn: only the new tokens (plus the last generated one) are prefilled */
+    r = req_ids(p2, 7, 12);
+    r.tenant = "t1";
+    r.agent_id = "a1";
+    submit(e, &rs, &r);
+    int computed = 0, t;
+    while ((t = eng_step(e, on_event, &rs)) > 0) computed += t;
+    result *b = &rs.r[1];
+    CHECK(b->done == 1 && b->usage.prompt_tokens == 43 && b->usage.cached_tokens == 35);
+    CHECK_MSG(computed == (7 + 1) + (12 - 1), "computed %d tokens", computed);
+    /* identical to running the whole history fresh */
+    memcpy(hist, p1, sizeof p1);
+    memcpy(hist + 20, a->tok, 16 * sizeof(int32_t));
+    memcpy(hist + 36, p2, sizeof p2);
+    int32_t want[12];
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    alone(m, hist, 43, &sp, 12, want);
+    CHECK(memcmp(want, b->tok, sizeof want) == 0);
+    /* reset starts fresh */
+    r = req_ids(p2, 7, 4);
+    r.tenant = "t1";
+    r.agent_id = "a1";
+    r.reset = 1;
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    CHECK(rs.r[2].usage.prompt_tokens == 7 && rs.r[2].usage.cached_tokens == 0);
+    CHECK(eng_agent_drop(e, "t1", "a1") == ENG_OK && eng_agent_drop(e, "t1", "a1") == ENG_ENOTFOUND);
+    CHECK(free_blocks(e) == 64);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+/* Three agents of different prompt lengths in one batch, and a mix of greedy
+ * and seeded requests: each output equals the request run alone. */
+static void test_batch_equals_alone(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 256, 64, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    enum { N = 8 };
+    int lens[N] = {5, 40, 100, 1, 17, 64, 33, 130};
+    int32_t prompts[N][130];
+    eng_sampling sps[N];
+    results rs = {0};
+    for (int i = 0; i < N; i++) {
+        rand_ids(prompts[i], lens[i], 100 + (uint64_t)i, 1024);
+        eng_sampling_default(&sps[i]);
+        if (i % 2) { sps[i].temperature = 1.3f; sps[i].top_k = 50; sps[i].top_p = 0.9f; sps[i].seed = 7 * (uint64_t)i; }
+        eng_request r = req_ids(prompts[i], (size_t)lens[i], 24);
+        r.params.sampling = sps[i];
+        char name[16];
+        snprintf(name, sizeof name, "agent%d", i);
+        if (i < 3) { r.agent_id = name; r.tenant = "t"; }
+        submit(e, &rs, &r);
+    }
+    run_all(e, &rs);
+    CHECK(rs.max_concurrent_tokens > 8); /* several sequences really shared steps */
+    for (int i = 0; i < N; i++) {
+        int32_t want[24];
+        alone(m, prompts[i], (size_t)lens[i], &sps[i], 24, want);
+        CHECK_MSG(rs.r[i].done == 1 && rs.r[i].n_tok == 24 && memcmp(want, rs.r[i].tok, sizeof want) == 0,
+                  "request %d (prompt %d, %s) differs from alone", i, lens[i], i % 2 ? "seeded" : "greedy");
+    }
+    eng_agent_info list[8];
+    CHECK(eng_agent_list(e, "t", list, 8) == 3 && eng_agent_list(e, "other", list, 8) == 0);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+static void test_ten_then_drop_frees_all(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 128, 512, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    int initial = free_blocks(e);
+    results rs = {0};
+    int32_t p[30];
+    for (int i = 0; i < 10; i++) {
+        rand_ids(p, 30, 500 + (uint64_t)i, 1024);
+        eng_request r = req_ids(p, 30, 10);
+        char name[16];
+        snprintf(name, sizeof name, "g%d", i);
+        r.agent_id = name;
+        submit(e, &rs, &r);
+    }
+    run_all(e, &rs);
+    CHECK(free_blocks(e) < initial);
+    for (int i = 0; i < 10; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "g%d", i);
+        CHECK(eng_agent_drop(e, NULL, name) == ENG_OK);
+    }
+    eng_stats st;
+    eng_stats_get(e, &st);
+    CHECK(st.blocks_free == initial && st.blocks_used == 0 && st.running == 0 && st.agents == 0);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+static void test_request_errors(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 8, 64, 4) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    int32_t p[300];
+    rand_ids(p, 300, 3, 1024);
+    uint64_t id;
+    char err[256];
+    eng_request r = req_ids(p, 0, 4);
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_EEMPTY && strstr(err, "empty"));
+    r = req_ids(p, 4, 0);
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_EMAXTOK && strstr(err, "max_tokens"));
+    r = req_ids(p, 300, 300);
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_ECONTEXT && strstr(err, "context"));
+    r = req_ids(p, 100, 100); /* 200 tokens > 8 blocks of 16 */
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_EPOOL && strstr(err, "blocks"));
+    r = req_ids(p, 4, 4);
+    r.reset = 1;
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_EINVAL && strstr(err, "agent_id"));
+    int32_t bad[] = {1, 5000};
+    r = req_ids(bad, 2, 4);
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_ETOKEN);
+    r = req_ids(p, 4, 4);
+    r.params.sampling.top_k = -1;
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_ESAMPLING && strstr(err, "top_k"));
+    r = req_ids(NULL, 0, 4);
+    r.text = "\xff\xfe";
+    r.text_len = 2;
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_EUTF8);
+    /* the queue bound */
+    r = req_ids(p, 4, 4);
+    for (int i = 0; i < 4; i++) CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_OK);
+    CHECK(eng_submit(e, &r, &id, err, sizeof err) == ENG_EQUEUE && strstr(err, "queue"));
+    CHECK(eng_cancel(e, 987654) == ENG_ENOTFOUND);
+    results rs = {0};
+    run_all(e, &rs);
+    CHECK(free_blocks(e) == 8);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+/* A pool too small for everything at once: sequences are preempted and
+ * recomputed, every output is still exact, nothing deadlocks or leaks. */
+static void test_exhaustion_preempts(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 10, 64, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    enum { N = 6 };
+    int32_t p[N][60];
+    results rs = {0};
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    for (int i = 0; i < N; i++) {
+        rand_ids(p[i], 60, 900 + (uint64_t)i, 1024);
+        eng_request r = req_ids(p[i], 60, 40); /* 100 tokens = 7 blocks each, pool 10 */
+        submit(e, &rs, &r);
+    }
+    run_all(e, &rs);
+    eng_stats st;
+    eng_stats_get(e, &st);
+    CHECK(st.preemptions > 0);
+    CHECK(st.blocks_free == 10 && st.running == 0 && st.waiting == 0);
+    for (int i = 0; i < N; i++) {
+        int32_t want[40];
+        alone(m, p[i], 60, &sp, 40, want);
+        CHECK_MSG(rs.r[i].done == 1 && rs.r[i].finish == ENG_FINISH_LENGTH && memcmp(want, rs.r[i].tok, sizeof want) == 0,
+                  "request %d", i);
+    }
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+/* Shared prefixes: identical outputs, fewer blocks. */
+static void test_prefix_sharing(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 128, 512, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    enum { N = 4 };
+    int32_t p[N][80];
+    rand_ids(p[0], 80, 77, 1024);
+    for (int i = 1; i < N; i++) {
+        memcpy(p[i], p[0], 64 * sizeof(int32_t)); /* 4 full blocks in common */
+        rand_ids(p[i] + 64, 16, 78 + (uint64_t)i, 1024);
+    }
+    results rs = {0};
+    eng_request r = req_ids(p[0], 80, 8);
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    CHECK(rs.r[0].usage.cached_tokens == 0);
+    for (int i = 1; i < N; i++) {
+        r = req_ids(p[i], 80, 8);
+        submit(e, &rs, &r);
+    }
+    eng_step(e, on_event, &rs); /* all three prefill in one step */
+    eng_stats st;
+    eng_stats_get(e, &st);
+    /* 80 tokens = 5 blocks each: 15 without sharing, 4 shared + 3 with it */
+    CHECK_MSG(st.blocks_shared == 4 && st.blocks_used == 4 + 3 * 1, "shared %d used %d", st.blocks_shared,
+              st.blocks_used);
+    run_all(e, &rs);
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    for (int i = 0; i < N; i++) {
+        int32_t want[8];
+        alone(m, p[i], 80, &sp, 8, want);
+        CHECK_MSG(memcmp(want, rs.r[i].tok, sizeof want) == 0, "request %d", i);
+        if (i) CHECK(rs.r[i].usage.cached_tokens == 64 && rs.r[i].usage.prompt_tokens == 80);
+    }
+    eng_stats_get(e, &st);
+    CHECK(st.prefix_hit_tokens == 3 * 64);
+    CHECK(st.blocks_used == 0);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+/* A forked agent shares every block, the partial last one too; each branch
+ * copies it before writing and both continue exactly. */
+static void test_fork_copy_on_write(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    int32_t p[21], qa[5], qb[9];
+    rand_ids(p, 21, 31, 1024);
+    rand_ids(qa, 5, 32, 1024);
+    rand_ids(qb, 9, 33, 1024);
+    results rs = {0};
+    eng_request r = req_ids(p, 21, 6); /* 27 tokens: block 1 partly filled */
+    r.agent_id = "root";
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    CHECK(eng_agent_fork(e, NULL, "root", "branch") == ENG_OK);
+    CHECK(eng_agent_fork(e, NULL, "root", "branch") == ENG_EEXIST);
+    CHECK(eng_agent_fork(e, NULL, "nope", "x") == ENG_ENOTFOUND);
+    eng_stats st;
+    eng_stats_get(e, &st);
+    CHECK(st.blocks_shared == 2);
+    r = req_ids(qa, 5, 6);
+    r.agent_id = "root";
+    submit(e, &rs, &r);
+    r = req_ids(qb, 9, 6);
+    r.agent_id = "branch";
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    int32_t ha[27 + 5], hb[27 + 9], want[6];
+    memcpy(ha, p, sizeof p);
+    memcpy(ha + 21, rs.r[0].tok, 6 * sizeof(int32_t));
+    memcpy(hb, ha, 27 * sizeof(int32_t));
+    memcpy(ha + 27, qa, sizeof qa);
+    memcpy(hb + 27, qb, sizeof qb);
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    alone(m, ha, 32, &sp, 6, want);
+    CHECK(memcmp(want, rs.r[1].tok, sizeof want) == 0);
+    alone(m, hb, 36, &sp, 6, want);
+    CHECK(memcmp(want, rs.r[2].tok, sizeof want) == 0);
+    CHECK(rs.r[1].usage.cached_tokens == 26 && rs.r[2].usage.cached_tokens == 26);
+    eng_stats_get(e, &st);
+    CHECK(st.blocks_shared == 1); /* block 0 still shared; block 1 was copied */
+    CHECK(eng_agent_drop(e, NULL, "root") == ENG_OK && eng_agent_drop(e, NULL, "branch") == ENG_OK);
+    CHECK(free_blocks(e) == 64);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+/* Hundreds of cancels at random moments: queued, prefilling, decoding. */
+static void test_random_cancels_leak_nothing(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 96, 48, 512) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    static results rs;
+    memset(&rs, 0, sizeof rs);
+    eng__rng rng;
+    eng__rng_seed(&rng, 4242);
+    int32_t p[120];
+    uint64_t ids[400];
+    int n = 0, cancelled = 0;
+    for (int round = 0; round < 400; round++) {
+        int len = 1 + (int)(eng__rng_uniform(&rng) * 119);
+        rand_ids(p, len, (uint64_t)round, 1024);
+        eng_request r = req_ids(p, (size_t)len, 1 + (int)(eng__rng_uniform(&rng) * 30));
+        char name[16];
+        snprintf(name, sizeof name, "ag%d", round % 7);
+        if (round % 3 == 0) r.agent_id = name;
+        if (round % 3 == 0) r.reset = 1; /* keep agent histories short */
+        ids[n++] = submit(e, &rs, &r);
+        int steps = (int)(eng__rng_uniform(&rng) * 3);
+        for (int k = 0; k < steps; k++) eng_step(e, on_event, &rs);
+        if (eng__rng_uniform(&rng) < 0.6) {
+            uint64_t victim = ids[(int)(eng__rng_uniform(&rng) * n)];
+            if (eng_cancel(e, victim) == ENG_OK) cancelled++;
+        }
+    }
+    run_all(e, &rs);
+    int n_cancelled = 0, all_done = 1;
+    for (int i = 0; i < rs.n; i++) {
+        all_done &= rs.r[i].done == 1;
+        n_cancelled += rs.r[i].finish == ENG_FINISH_CANCELLED;
+    }
+    CHECK(all_done);
+    CHECK_MSG(n_cancelled == cancelled && cancelled > 50, "cancelled %d, reported %d", cancelled, n_cancelled);
+    for (int i = 0; i < 7; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "ag%d", i);
+        eng_agent_drop(e, NULL, name);
+    }
+    eng_stats st;
+    eng_stats_get(e, &st);
+    CHECK_MSG(st.blocks_free == 96 && st.blocks_used == 0 && st.running == 0 && st.waiting == 0, "free %d used %d",
+              st.blocks_free, st.blocks_used);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+static void test_export_import(void) {
+    eng_model *m = model("tiny"), *other = model("tiny-untied");
+    eng_engine *e1 = m ? engine(m, 64, 512, 64) : NULL, *e2 = m ? engine(m, 64, 512, 64) : NULL;
+    eng_engine *eo = other ? engine(other, 64, 512, 64) : NULL;
+    if (!e1 || !e2 || !eo) goto out;
+    int32_t p1[25], p2[6];
+    rand_ids(p1, 25, 61, 1024);
+    rand_ids(p2, 6, 62, 1024);
+    results r1 = {0}, r2 = {0};
+    eng_request r = req_ids(p1, 25, 10);
+    r.agent_id = "x";
+    submit(e1, &r1, &r);
+    run_all(e1, &r1);
+    submit(e2, &r2, &r);
+    run_all(e2, &r2);
+    uint8_t *buf;
+    size_t len;
+    char err[256];
+    CHECK(eng_agent_export(e2, NULL, "x", &buf, &len, err, sizeof err) == ENG_OK);
+    CHECK(eng_agent_drop(e2, NULL, "x") == ENG_OK);
+    CHECK(eng_agent_import(e2, NULL, "x", buf, len, err, sizeof err) == ENG_OK);
+    CHECK(eng_agent_import(e2, NULL, "x", buf, len, err, sizeof err) == ENG_EEXIST);
+    /* continue both: identical to never exporting */
+    r = req_ids(p2, 6, 10);
+    r.agent_id = "x";
+    submit(e1, &r1, &r);
+    run_all(e1, &r1);
+    submit(e2, &r2, &r);
+    run_all(e2, &r2);
+    CHECK(r2.r[1].usage.cached_tokens == r1.r[1].usage.cached_tokens && r1.r[1].usage.cached_tokens == 34);
+    CHECK(memcmp(r1.r[1].tok, r2.r[1].tok, 10 * sizeof(int32_t)) == 0);
+    /* bad data */
+    uint8_t *bad = malloc(len);
+    memcpy(bad, buf, len);
+    bad[len / 2] ^= 1;
+    CHECK(eng_agent_import(e2, NULL, "y", bad, len, err, sizeof err) == ENG_ECORRUPT && strstr(err, "checksum"));
+    CHECK(eng_agent_import(e2, NULL, "y", buf, len - 9, err, sizeof err) == ENG_ECORRUPT);
+    CHECK(eng_agent_import(e2, NULL, "y", buf, 10, err, sizeof err) == ENG_ECORRUPT);
+    memcpy(bad, buf, len);
+    bad[8] = 99; /* version */
+    CHECK(eng_agent_import(e2, NULL, "y", bad, len, err, sizeof err) == ENG_ECORRUPT && strstr(err, "version"));
+    CHECK(eng_agent_import(eo, NULL, "y", buf, len, err, sizeof err) == ENG_EMODEL && strstr(err, "another model"));
+    CHECK(eng_agent_export(e2, NULL, "nope", &bad, &len, err, sizeof err) == ENG_ENOTFOUND);
+    free(bad);
+    free(buf);
+out:
+    eng_engine_close(e1);
+    eng_engine_close(e2);
+    eng_engine_close(eo);
+    eng_model_close(m);
+    eng_model_close(other);
+}
+
+/* Text prompts, stop strings and streaming through the engine. */
+static void test_text_and_stop(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    results rs = {0};
+    eng_request r = req_ids(NULL, 0, 30);
+    r.text = "Hello there, how are you?";
+    r.text_len = strlen(r.text);
+    r.params.sampling.temperature = 0.9f;
+    r.params.sampling.seed = 5;
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    result *a = &rs.r[0];
+    CHECK(a->done && a->text_n >= 8 && eng__utf8_valid(a->text, a->text_n));
+    CHECK(a->streamed_n == a->text_n && memcmp(a->streamed, a->text, a->text_n) == 0);
+    if (a->text_n >= 8) {
+        char stop[4] = {a->text[a->text_n / 2], a->text[a->text_n / 2 + 1], a->text[a->text_n / 2 + 2], 0};
+        size_t at = (size_t)(strstr(a->text, stop) - a->text);
+        const char *stops[] = {stop};
+        r.params.stop = stops;
+        r.params.n_stop = 1;
+        submit(e, &rs, &r);
+        run_all(e, &rs);
+        result *b = &rs.r[1];
+        CHECK_MSG(b->finish == ENG_FINISH_STOP && b->text_n == at && memcmp(b->text, a->text, at) == 0,
+                  "stop '%s': %zu bytes, want %zu", stop, b->text_n, at);
+        CHECK(b->streamed_n == b->text_n);
+    }
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+/* submit and cancel from another thread while this one steps */
+typedef struct {
+    eng_engine *e;
+    int submitted, cancelled;
+} thr_arg;
+
+static void *submitter(void *p) {
+    thr_arg *a = p;
+    int32_t ids[40];
+    for (int i = 0; i < 200; i++) {
+        rand_ids(ids, 40, 7000 + (uint64_t)i, 1024);
+        eng_request r = req_ids(ids, 40, 8);
+        uint64_t id;
+        char err[128];
+        if (eng_submit(a->e, &r, &id, err, sizeof err) == ENG_OK) {
+            a->submitted++;
+            if (i % 2 && eng_cancel(a->e, id) == ENG_OK) a->cancelled++;
+        }
+    }
+    return NULL;
+}
+
+typedef struct {
+    int done, cancelled;
+} counter;
+
+static void count_cb(void *ud, const eng_event *ev) {
+    counter *c = ud;
+    if (ev->kind != ENG_EV_DONE) return;
+    c->done++;
+    c->cancelled += ev->finish == ENG_FINISH_CANCELLED;
+}
+
+static void test_threads(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 128, 128, 512) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    thr_arg a = {e, 0, 0};
+    counter c = {0, 0};
+    pthread_t th;
+    pthread_create(&th, NULL, submitter, &a);
+    int idle = 0;
+    while (idle < 3) {
+        if (eng_step(e, count_cb, &c) == 0) idle++;
+        else idle = 0;
+        if (c.done < a.submitted) idle = 0;
+    }
+    pthread_join(th, NULL);
+    while (eng_step(e, count_cb, &c) > 0) {}
+    eng_step(e, count_cb, &c);
+    CHECK_MSG(c.done == a.submitted && c.cancelled == a.cancelled && a.submitted == 200, "done %d of %d, cancelled %d of %d",
+              c.done, a.submitted, c.cancelled, a.cancelled);
+    CHECK(free_blocks(e) == 128);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: test_batch MODELS_DIR\n"); return 2; }
+    static const test_case tests[] = {
+        {"single_agent_fresh_and_resume", test_single_agent_fresh_and_resume},
+        {"batch_equals_alone_three_agents_greedy_seeded", test_batch_equals_alone},
+        {"ten_generations_then_drop_frees_all", test_ten_then_drop_frees_all},
+        {"request_errors_distinct", test_request_errors},
+        {"exhaustion_preempts_and_stays_exact", test_exhaustion_preempts},
+        {"prefix_sharing_fewer_blocks_same_output", test_prefix_sharing},
+        {"fork_copy_on_write", test_fork_copy_on_write},
+        {"random_cancels_leak_nothing", test_random_cancels_leak_nothing},
+        {"export_import_continues_identically", test_export_import},
+        {"text_prompts_stop_strings_streaming", test_text_and_stop},
+        {"submit_cancel_from_another_thread", test_threads},
+        {0, 0}};
+    return run_tests(tests, argc, argv);
+}
