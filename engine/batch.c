@@ -410,7 +410,8 @@ static void deliver(eng_engine *e, eng_event_cb cb, void *ud) {
     pthread_mutex_unlock(&e->mu);
     for (size_t i = 0; i < b.n; i++) {
         b.ev[i].text = b.text + b.text_off[i];
-        b.ev[i].tokens = b.toks + b.tok_off[i];
+        static const int32_t none[1] = {0};
+        b.ev[i].tokens = b.toks ? b.toks + b.tok_off[i] : none;
         if (b.ev[i].kind == ENG_EV_DONE && b.ev[i].finish == ENG_FINISH_ERROR) {
             for (seq *s = done.head; s; s = s->next)
                 if (s->id == b.ev[i].id) b.ev[i].message = s->msg;
@@ -511,9 +512,10 @@ int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, siz
     if (n == 0) { free(ids); return eng__fail(err, errlen, ENG_EEMPTY, "prompt is empty"); }
     for (size_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size) {
+            int32_t bad = ids[i];
             free(ids);
             return eng__fail(err, errlen, ENG_ETOKEN, "prompt token %zu: id %d is outside the vocabulary [0, %d)", i,
-                             ids[i], m->cfg.vocab_size);
+                             bad, m->cfg.vocab_size);
         }
     if (n + (size_t)p->max_tokens > (size_t)e->max_ctx) {
         free(ids);

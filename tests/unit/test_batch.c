@@ -505,8 +505,8 @@ static void test_export_import(void) {
     bad[8] = 99; /* version */
     CHECK(eng_agent_import(e2, NULL, "y", bad, len, err, sizeof err) == ENG_ECORRUPT && strstr(err, "version"));
     CHECK(eng_agent_import(eo, NULL, "y", buf, len, err, sizeof err) == ENG_EMODEL && strstr(err, "another model"));
-    CHECK(eng_agent_export(e2, NULL, "nope", &bad, &len, err, sizeof err) == ENG_ENOTFOUND);
     free(bad);
+    CHECK(eng_agent_export(e2, NULL, "nope", &bad, &len, err, sizeof err) == ENG_ENOTFOUND && bad == NULL);
     free(buf);
 out:
     eng_engine_close(e1);
