@@ -9,6 +9,9 @@ pkgs=(
   build-essential cmake pkg-config git ca-certificates
   clang libclang-rt-14-dev            # libFuzzer + sanitizer runtimes
   libopenblas-dev libcjson-dev libpcre2-dev libssl-dev
+  libgrpc-dev protobuf-compiler libprotobuf-c-dev protobuf-c-compiler   # RPC layer
+  python3-grpcio python3-protobuf     # an independent gRPC client in tests
+  openssl                             # test certificates
   python3 python3-numpy python3-regex # reference implementation, model generator
   nodejs npm                          # @huggingface/tokenizers, @grpc/grpc-js tests
 )

@@ -1,5 +1,6 @@
 /* main.c — the kvserve command line: generate, score, tokenize, logits. */
 #include "eng.h"
+#include "srv.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -13,6 +14,7 @@ static const char USAGE[] =
     "usage: kvserve COMMAND [options]\n"
     "\n"
     "commands:\n"
+    "  serve    --model DIR [server options]            run the gRPC service (see docs/operations.md)\n"
     "  generate --model DIR [sampling options] PROMPT   stream a generation to stdout\n"
     "  score    --model DIR TEXT                        per-token log-probabilities and perplexity\n"
     "  tokenize (--tokenizer FILE | --model DIR)        token ids of stdin (or --decode ids)\n"
@@ -38,6 +40,14 @@ static const char USAGE[] =
     "  --ids \"1 2 3\"        prompt as token ids instead of text\n"
     "  --no-special         do not add the tokenizer's BOS to a text prompt\n"
     "  --print-ids          print generated token ids instead of text\n"
+    "\n"
+    "server options (or KVSERVE_* environment variables, see docs/operations.md):\n"
+    "  --listen HOST:PORT   address (default 127.0.0.1:50051)    --pool-blocks N   KV pool blocks (512)\n"
+    "  --block-tokens N     tokens per block (16)                --step-tokens N   token budget per step (512)\n"
+    "  --max-running N      sequences at once (64)               --max-queue N     waiting requests (1024)\n"
+    "  --tls-cert PEM --tls-key PEM [--tls-client-ca PEM]        TLS, and mTLS with a client CA\n"
+    "  --token-file FILE    lines \"TOKEN TENANT\": require bearer tokens\n"
+    "  --grace S            seconds in-flight calls get on SIGTERM (10)\n"
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
@@ -388,12 +398,51 @@ out:
     return ret;
 }
 
+static int cmd_serve(int argc, char **argv) {
+    srv_config c;
+    srv_config_default(&c);
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},        {"listen", required_argument, 0, 'l'},
+        {"threads", required_argument, 0, 't'},      {"pool-blocks", required_argument, 0, 'b'},
+        {"block-tokens", required_argument, 0, 'B'}, {"step-tokens", required_argument, 0, 's'},
+        {"max-running", required_argument, 0, 'r'},  {"max-queue", required_argument, 0, 'q'},
+        {"ctx", required_argument, 0, 'c'},          {"tls-cert", required_argument, 0, 'C'},
+        {"tls-key", required_argument, 0, 'K'},      {"tls-client-ca", required_argument, 0, 'A'},
+        {"token-file", required_argument, 0, 'T'},   {"grace", required_argument, 0, 'g'},
+        {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+    int o;
+    double v;
+    optind = 2;
+    while ((o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (o) {
+        case 'm': c.model_dir = optarg; break;
+        case 'l': c.listen = optarg; break;
+        case 'C': c.tls_cert = optarg; break;
+        case 'K': c.tls_key = optarg; break;
+        case 'A': c.tls_client_ca = optarg; break;
+        case 'T': c.token_file = optarg; break;
+        case 'g': if (parse_num(optarg, 0, 3600, &v, "--grace")) return 2; c.grace_seconds = v; break;
+        case 't': if (parse_num(optarg, 1, 256, &v, "--threads")) return 2; c.threads = (int)v; break;
+        case 'b': if (parse_num(optarg, 1, 1 << 24, &v, "--pool-blocks")) return 2; c.engine.n_blocks = (int)v; break;
+        case 'B': if (parse_num(optarg, 1, 4096, &v, "--block-tokens")) return 2; c.engine.block_tokens = (int)v; break;
+        case 's': if (parse_num(optarg, 1, 65536, &v, "--step-tokens")) return 2; c.engine.max_step_tokens = (int)v; break;
+        case 'r': if (parse_num(optarg, 1, 4096, &v, "--max-running")) return 2; c.engine.max_running = (int)v; break;
+        case 'q': if (parse_num(optarg, 1, 1 << 20, &v, "--max-queue")) return 2; c.engine.max_queue = (int)v; break;
+        case 'c': if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return 2; c.max_context = (int)v; break;
+        case 'h': fputs(USAGE, stdout); return 0;
+        default: fputs("kvserve: see kvserve --help\n", stderr); return 2;
+        }
+    }
+    return srv_run(&c);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         fputs(USAGE, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
+    if (!strcmp(cmd, "serve")) return cmd_serve(argc, argv);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "score")) return cmd_score(argc, argv);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);

@@ -1,0 +1,1595 @@
+/* server.c — the gRPC service on the C core.
+ *
+ * Threads: `cq_threads` threads run the completion queue and dispatch each
+ * finished operation to its tag's callback; one engine thread drives
+ * eng_step() and routes token events to the calls that wait for them.
+ * Every call is a small state machine with a reference count: one reference
+ * per operation in flight plus one for whoever may still push to it.
+ *
+ * Lock order: srv.mu before call.mu; the engine's own lock is never held
+ * while either is taken by the engine (its callbacks run unlocked). */
+#include "srv.h"
+
+#include "grpc/health/v1/health.pb-c.h"
+#include "grpc/reflection/v1/reflection.pb-c.h"
+#include "kvserve/v1/kvserve.pb-c.h"
+
+#include <errno.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+#include <openssl/crypto.h>
+#include <openssl/pem.h>
+#include <openssl/sha.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+extern const unsigned char kvserve_descriptor_set[];
+extern const size_t kvserve_descriptor_set_len;
+
+typedef struct srv srv;
+typedef struct call call;
+
+/* ---- small helpers -------------------------------------------------------- */
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static void logf_(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void logf_(const char *level, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s %s\n", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+            tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000, level, msg);
+}
+#define LOG_INFO(...) logf_("info", __VA_ARGS__)
+#define LOG_WARN(...) logf_("warn", __VA_ARGS__)
+
+static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m) {
+    size_t n = protobuf_c_message_get_packed_size(m);
+    grpc_slice s = grpc_slice_malloc(n);
+    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+static ProtobufCMessage *unpack_msg(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb) {
+    if (!bb) return NULL;
+    grpc_byte_buffer_reader rd;
+    if (!grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
+    grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    grpc_slice_unref(s);
+    return m;
+}
+
+/* Engine status -> gRPC status: the one place where the mapping lives. */
+static grpc_status_code status_of(int rc) {
+    switch (rc) {
+    case ENG_OK: return GRPC_STATUS_OK;
+    case ENG_EEMPTY: case ENG_EMAXTOK: case ENG_ECONTEXT: case ENG_ETOKEN: case ENG_EUTF8: case ENG_ESAMPLING:
+    case ENG_EINVAL: case ENG_ECORRUPT: case ENG_EMODEL: return GRPC_STATUS_INVALID_ARGUMENT;
+    case ENG_EQUEUE: case ENG_EPOOL: case ENG_ENOMEM: return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    case ENG_ENOTFOUND: return GRPC_STATUS_NOT_FOUND;
+    case ENG_EBUSY: return GRPC_STATUS_FAILED_PRECONDITION;
+    case ENG_EEXIST: return GRPC_STATUS_ALREADY_EXISTS;
+    default: return GRPC_STATUS_INTERNAL;
+    }
+}
+
+/* ---- calls ----------------------------------------------------------------- */
+typedef struct tag {
+    void (*fn)(call *c, int ok);
+    call *c;
+} tag;
+
+typedef enum { K_UNARY, K_SSTREAM, K_BIDI } kind;
+typedef void (*handler_fn)(call *c);
+
+typedef struct {
+    const char *path;
+    kind k;
+    handler_fn fn;
+    int auth;       /* needs a valid token when tokens are configured */
+    int needs_model;
+} method;
+
+typedef struct outmsg {
+    grpc_byte_buffer *bb;
+    struct outmsg *next;
+} outmsg;
+
+struct call {
+    srv *s;
+    int mi;                     /* method index, -1 for an unknown method */
+    grpc_call *gc;
+    gpr_timespec deadline;
+    grpc_metadata_array md;
+    grpc_call_details details;  /* unknown methods only */
+    grpc_byte_buffer *payload;
+    grpc_byte_buffer *recv_bb;
+    tag t_new, t_send, t_close, t_recv, t_final;
+    pthread_mutex_t mu;
+    int refs;
+    char tenant[256];
+    outmsg *qh, *qt;
+    int sending, finishing, status_started, broken;
+    grpc_status_code fin_code;
+    grpc_slice fin_details;
+    int close_cancelled;
+    int fin_set;                /* fin_details holds a slice */
+    uint64_t eng_id;            /* Stream: the engine request */
+    int has_eng;
+    int watcher;                /* Health.Watch */
+    int reflection_v1alpha;
+    uint32_t index;             /* tokens streamed so far */
+    struct call *next_watch;
+};
+
+/* A request submitted by Submit or Stream, known to Step/Cancel by id. */
+typedef struct rec {
+    uint64_t id;
+    char tenant[256];
+    call *stream;               /* Stream owns it; else Step collects */
+    Kvserve__V1__TokenEvent **tok;
+    size_t n_tok, cap_tok;
+    Kvserve__V1__Completion *comp;
+    uint32_t index;
+    double done_at;
+    struct rec *next;
+} rec;
+
+typedef struct parked {         /* a Step waiting for events */
+    call *c;
+    uint64_t *ids;
+    size_t n;
+    double until;
+    struct parked *next;
+} parked;
+
+typedef struct {
+    unsigned char hash[SHA256_DIGEST_LENGTH];
+    char tenant[256];
+} token_ent;
+
+typedef struct {                /* one file of the embedded descriptor set */
+    const uint8_t *data;
+    size_t len;
+    char name[256];
+    char **symbols;
+    int n_symbols;
+    int *deps;                  /* indices of dependencies */
+    int n_deps;
+} fdesc;
+
+struct srv {
+    srv_config cfg;
+    grpc_server *server;
+    grpc_completion_queue *cq;
+    void **rm;
+    pthread_t *cq_thr;
+    int n_cq;
+    eng_model *model;
+    eng_engine *eng;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int work, stop_engine, shutting_down, ready, serving;
+    pthread_t eng_thr;
+    rec *recs;
+    parked *parked;
+    call *watchers;
+    token_ent *tokens;
+    int n_tokens;
+    fdesc *files;
+    int n_files;
+    int active_calls;           /* generation calls in flight */
+    tag t_shutdown;
+    int shutdown_done;
+};
+
+static void call_unref(call *c);
+
+static void cq_dispatch(call *c, void (*fn)(call *, int), tag *t) {
+    t->fn = fn;
+    t->c = c;
+}
+
+static call *call_new(srv *s, int mi) {
+    call *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->s = s;
+    c->mi = mi;
+    c->refs = 1;
+    pthread_mutex_init(&c->mu, NULL);
+    grpc_metadata_array_init(&c->md);
+    grpc_call_details_init(&c->details);
+    return c;
+}
+
+static void call_ref(call *c) {
+    pthread_mutex_lock(&c->mu);
+    c->refs++;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void call_unref(call *c) {
+    pthread_mutex_lock(&c->mu);
+    int left = --c->refs;
+    pthread_mutex_unlock(&c->mu);
+    if (left) return;
+    for (outmsg *m = c->qh, *n; m; m = n) {
+        n = m->next;
+        grpc_byte_buffer_destroy(m->bb);
+        free(m);
+    }
+    if (c->payload) grpc_byte_buffer_destroy(c->payload);
+    if (c->recv_bb) grpc_byte_buffer_destroy(c->recv_bb);
+    if (c->fin_set) grpc_slice_unref(c->fin_details);
+    grpc_metadata_array_destroy(&c->md);
+    grpc_call_details_destroy(&c->details);
+    if (c->gc) grpc_call_unref(c->gc);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* Unary (or early) answer: initial metadata, optional message, status. */
+static void on_final(call *c, int ok) {
+    (void)ok;
+    call_unref(c);
+}
+
+static void finish_call(call *c, grpc_status_code code, const char *msg, const ProtobufCMessage *reply) {
+    grpc_op ops[4];
+    memset(ops, 0, sizeof ops);
+    int n = 0;
+    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    grpc_byte_buffer *bb = NULL;
+    if (code == GRPC_STATUS_OK && reply) {
+        bb = pack_msg(reply);
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n++].data.send_message.send_message = bb;
+    }
+    pthread_mutex_lock(&c->mu);
+    c->status_started = 1;
+    c->fin_code = code;
+    c->fin_details = grpc_slice_from_copied_string(msg ? msg : "");
+    c->fin_set = 1;
+    pthread_mutex_unlock(&c->mu);
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = code;
+    ops[n++].data.send_status_from_server.status_details = &c->fin_details;
+    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[n++].data.recv_close_on_server.cancelled = &c->close_cancelled;
+    cq_dispatch(c, on_final, &c->t_final);
+    if (grpc_call_start_batch(c->gc, ops, (size_t)n, &c->t_final, NULL) != GRPC_CALL_OK) call_unref(c);
+    if (bb) grpc_byte_buffer_destroy(bb);
+}
+
+static void finish_errorf(call *c, grpc_status_code code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void finish_errorf(call *c, grpc_status_code code, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    finish_call(c, code, msg, NULL);
+}
+
+/* ---- streaming: one send in flight, status after the last message ---------- */
+static void stream_kick(call *c); /* with c->mu held */
+
+static void on_send(call *c, int ok) {
+    pthread_mutex_lock(&c->mu);
+    c->sending = 0;
+    if (!ok) c->broken = 1;
+    stream_kick(c);
+    pthread_mutex_unlock(&c->mu);
+    call_unref(c);
+}
+
+static void on_status_sent(call *c, int ok) {
+    (void)ok;
+    call_unref(c);
+}
+
+static void stream_kick(call *c) {
+    if (c->sending || c->status_started) return;
+    if (c->qh && !c->broken) {
+        outmsg *m = c->qh;
+        c->qh = m->next;
+        if (!c->qh) c->qt = NULL;
+        grpc_op op;
+        memset(&op, 0, sizeof op);
+        op.op = GRPC_OP_SEND_MESSAGE;
+        op.data.send_message.send_message = m->bb;
+        c->sending = 1;
+        c->refs++;
+        cq_dispatch(c, on_send, &c->t_send);
+        if (grpc_call_start_batch(c->gc, &op, 1, &c->t_send, NULL) != GRPC_CALL_OK) {
+            c->sending = 0;
+            c->broken = 1;
+            c->refs--;
+        }
+        grpc_byte_buffer_destroy(m->bb);
+        free(m);
+        return;
+    }
+    if (c->finishing && (!c->qh || c->broken)) {
+        grpc_op op;
+        memset(&op, 0, sizeof op);
+        c->status_started = 1;
+        op.op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+        op.data.send_status_from_server.status = c->fin_code;
+        op.data.send_status_from_server.status_details = &c->fin_details;
+        c->refs++;
+        cq_dispatch(c, on_status_sent, &c->t_final);
+        if (grpc_call_start_batch(c->gc, &op, 1, &c->t_final, NULL) != GRPC_CALL_OK) c->refs--;
+    }
+}
+
+static void on_close(call *c, int ok);
+
+/* Send initial metadata and watch for the end of the call. */
+static void stream_begin(call *c) {
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[1].data.recv_close_on_server.cancelled = &c->close_cancelled;
+    call_ref(c);
+    cq_dispatch(c, on_close, &c->t_close);
+    if (grpc_call_start_batch(c->gc, ops, 2, &c->t_close, NULL) != GRPC_CALL_OK) call_unref(c);
+}
+
+static void stream_push(call *c, const ProtobufCMessage *m) {
+    outmsg *o = malloc(sizeof *o);
+    if (!o) return;
+    o->bb = pack_msg(m);
+    o->next = NULL;
+    pthread_mutex_lock(&c->mu);
+    if (c->broken || c->finishing) {
+        grpc_byte_buffer_destroy(o->bb);
+        free(o);
+    } else {
+        if (c->qt) c->qt->next = o; else c->qh = o;
+        c->qt = o;
+        stream_kick(c);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void stream_end(call *c, grpc_status_code code, const char *msg) {
+    pthread_mutex_lock(&c->mu);
+    if (!c->finishing) {
+        c->finishing = 1;
+        c->fin_code = code;
+        c->fin_details = grpc_slice_from_copied_string(msg ? msg : "");
+        c->fin_set = 1;
+        stream_kick(c);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- authentication ----------------------------------------------------------- */
+static int load_tokens(srv *s, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "kvserve: token file %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    char line[1024];
+    int lineno = 0;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        char tok[512], ten[256];
+        if (line[0] == '#' || sscanf(line, "%511s %255s", tok, ten) < 1) continue;
+        if (sscanf(line, "%511s %255s", tok, ten) != 2) {
+            fprintf(stderr, "kvserve: token file %s:%d: expected \"TOKEN TENANT\"\n", path, lineno);
+            fclose(f);
+            return -1;
+        }
+        token_ent *nt = realloc(s->tokens, (size_t)(s->n_tokens + 1) * sizeof *nt);
+        if (!nt) { fclose(f); return -1; }
+        s->tokens = nt;
+        SHA256((const unsigned char *)tok, strlen(tok), s->tokens[s->n_tokens].hash);
+        snprintf(s->tokens[s->n_tokens].tenant, sizeof s->tokens[0].tenant, "%s", ten);
+        s->n_tokens++;
+    }
+    fclose(f);
+    if (!s->n_tokens) {
+        fprintf(stderr, "kvserve: token file %s holds no tokens\n", path);
+        return -1;
+    }
+    return 0;
+}
+
+/* Tenant of the call's bearer token (constant-time comparison of digests);
+ * 0 when allowed. Without a token file every caller is tenant "". */
+static int authenticate(call *c) {
+    srv *s = c->s;
+    c->tenant[0] = 0;
+    if (!s->n_tokens) return 0;
+    for (size_t i = 0; i < c->md.count; i++) {
+        if (grpc_slice_str_cmp(c->md.metadata[i].key, "authorization")) continue;
+        const grpc_slice v = c->md.metadata[i].value;
+        size_t n = GRPC_SLICE_LENGTH(v);
+        const char *p = (const char *)GRPC_SLICE_START_PTR(v);
+        if (n < 7 || strncasecmp(p, "Bearer ", 7)) return -1;
+        unsigned char h[SHA256_DIGEST_LENGTH];
+        SHA256((const unsigned char *)p + 7, n - 7, h);
+        int found = -1;
+        for (int k = 0; k < s->n_tokens; k++)
+            if (CRYPTO_memcmp(h, s->tokens[k].hash, sizeof h) == 0) found = k;
+        if (found < 0) return -1;
+        snprintf(c->tenant, sizeof c->tenant, "%s", s->tokens[found].tenant);
+        return 0;
+    }
+    return -1;
+}
+
+/* ---- request registry ------------------------------------------------------------- */
+static rec *rec_find(srv *s, uint64_t id, const char *tenant) {
+    for (rec *r = s->recs; r; r = r->next)
+        if (r->id == id) return strcmp(r->tenant, tenant) ? NULL : r;
+    return NULL;
+}
+
+static void rec_free(rec *r) {
+    for (size_t i = 0; i < r->n_tok; i++) {
+        free(r->tok[i]->text);
+        free(r->tok[i]);
+    }
+    free(r->tok);
+    if (r->comp) {
+        free(r->comp->text);
+        free(r->comp->token_ids);
+        free(r->comp->usage);
+        free(r->comp->error);
+        free(r->comp);
+    }
+    free(r);
+}
+
+static void rec_unlink(srv *s, rec *r) {
+    for (rec **pp = &s->recs; *pp; pp = &(*pp)->next)
+        if (*pp == r) {
+            *pp = r->next;
+            return;
+        }
+}
+
+static char *dup_n(const char *p, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, p, n);
+        d[n] = 0;
+    }
+    return d;
+}
+
+static Kvserve__V1__FinishReason finish_of(int f) {
+    switch (f) {
+    case ENG_FINISH_STOP: return KVSERVE__V1__FINISH_REASON__STOP;
+    case ENG_FINISH_LENGTH: return KVSERVE__V1__FINISH_REASON__LENGTH;
+    case ENG_FINISH_CANCELLED: return KVSERVE__V1__FINISH_REASON__CANCELLED;
+    case ENG_FINISH_ERROR: return KVSERVE__V1__FINISH_REASON__ERROR;
+    default: return KVSERVE__V1__FINISH_REASON__FINISH_UNSPECIFIED;
+    }
+}
+
+static Kvserve__V1__Completion *completion_of(const eng_event *ev) {
+    Kvserve__V1__Completion *c = malloc(sizeof *c);
+    Kvserve__V1__Usage *u = malloc(sizeof *u);
+    if (!c || !u) { free(c); free(u); return NULL; }
+    kvserve__v1__completion__init(c);
+    kvserve__v1__usage__init(u);
+    c->id = ev->id;
+    c->text = dup_n(ev->text, ev->text_len);
+    c->n_token_ids = ev->n_tokens;
+    c->token_ids = malloc((ev->n_tokens ? ev->n_tokens : 1) * sizeof(int32_t));
+    if (c->token_ids) memcpy(c->token_ids, ev->tokens, ev->n_tokens * sizeof(int32_t));
+    c->finish_reason = finish_of(ev->finish);
+    u->prompt_tokens = ev->usage.prompt_tokens;
+    u->cached_tokens = ev->usage.cached_tokens;
+    u->generated_tokens = ev->usage.generated_tokens;
+    c->usage = u;
+    c->error = dup_n(ev->message ? ev->message : "", ev->message ? strlen(ev->message) : 0);
+    return c;
+}
+
+static void free_completion(Kvserve__V1__Completion *c) {
+    if (!c) return;
+    free(c->text);
+    free(c->token_ids);
+    free(c->usage);
+    free(c->error);
+    free(c);
+}
+
+/* Engine thread: route an event to its Stream call or its Step buffer. */
+static void on_event(void *ud, const eng_event *ev) {
+    srv *s = ud;
+    pthread_mutex_lock(&s->mu);
+    rec *r = NULL;
+    for (rec *x = s->recs; x; x = x->next)
+        if (x->id == ev->id) { r = x; break; }
+    if (!r) { pthread_mutex_unlock(&s->mu); return; }
+    if (ev->kind == ENG_EV_TOKEN) {
+        Kvserve__V1__TokenEvent *t = malloc(sizeof *t);
+        if (t) {
+            kvserve__v1__token_event__init(t);
+            t->id = ev->id;
+            t->token = ev->token;
+            t->text = dup_n(ev->text, ev->text_len);
+            t->index = r->index++;
+        }
+        if (r->stream && t) {
+            Kvserve__V1__StreamEvent se = KVSERVE__V1__STREAM_EVENT__INIT;
+            se.event_case = KVSERVE__V1__STREAM_EVENT__EVENT_TOKEN;
+            se.token = t;
+            stream_push(r->stream, &se.base);
+            free(t->text);
+            free(t);
+        } else if (t) {
+            if (r->n_tok == r->cap_tok) {
+                size_t nc = r->cap_tok ? r->cap_tok * 2 : 16;
+                Kvserve__V1__TokenEvent **nt = realloc(r->tok, nc * sizeof *nt);
+                if (nt) { r->tok = nt; r->cap_tok = nc; }
+            }
+            if (r->n_tok < r->cap_tok) r->tok[r->n_tok++] = t;
+            else { free(t->text); free(t); }
+        }
+    } else {
+        Kvserve__V1__Completion *c = completion_of(ev);
+        if (r->stream) {
+            call *sc = r->stream;
+            if (c) {
+                Kvserve__V1__StreamEvent se = KVSERVE__V1__STREAM_EVENT__INIT;
+                se.event_case = KVSERVE__V1__STREAM_EVENT__EVENT_COMPLETION;
+                se.completion = c;
+                stream_push(sc, &se.base);
+            }
+            free_completion(c);
+            stream_end(sc, GRPC_STATUS_OK, "");
+            rec_unlink(s, r);
+            rec_free(r);
+            s->active_calls--;
+            pthread_mutex_unlock(&s->mu);
+            call_unref(sc);
+            return;
+        }
+        r->comp = c;
+        r->done_at = now_s();
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- handlers ------------------------------------------------------------------------ */
+#define UNPACK(type, desc, c, var)                                                        \
+    type *var = (type *)unpack_msg(&desc, (c)->payload);                                  \
+    if (!var) {                                                                           \
+        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "request is not a valid %s", desc.name); \
+        return;                                                                           \
+    }
+
+/* GenerateRequest -> eng_request (pointers into g). */
+static int to_engine_request(const Kvserve__V1__GenerateRequest *g, const char *tenant, eng_request *r, char *err,
+                             size_t errlen) {
+    memset(r, 0, sizeof *r);
+    if (g->prompt && g->prompt[0]) {
+        r->text = g->prompt;
+        r->text_len = strlen(g->prompt);
+    } else {
+        r->ids = g->prompt_ids;
+        r->n_ids = g->n_prompt_ids;
+    }
+    r->add_special = g->add_special_tokens;
+    r->tenant = tenant;
+    r->agent_id = g->agent_id;
+    r->reset = g->reset;
+    eng_sampling_default(&r->params.sampling);
+    if (g->sampling) {
+        const Kvserve__V1__Sampling *sp = g->sampling;
+        r->params.sampling.temperature = sp->temperature;
+        r->params.sampling.top_k = sp->top_k;
+        r->params.sampling.top_p = sp->top_p == 0 ? 1.0f : sp->top_p;
+        r->params.sampling.min_p = sp->min_p;
+        r->params.sampling.repeat_penalty = sp->repeat_penalty == 0 ? 1.0f : sp->repeat_penalty;
+        r->params.sampling.repeat_last_n = sp->repeat_last_n;
+        r->params.sampling.seed = sp->seed;
+    }
+    r->params.max_tokens = g->max_tokens;
+    r->params.stop = (const char *const *)g->stop;
+    r->params.n_stop = (int)g->n_stop;
+    r->params.ignore_eos = g->ignore_eos;
+    if (g->n_stop > 16) {
+        snprintf(err, errlen, "stop: at most 16 stop strings");
+        return ENG_EINVAL;
+    }
+    return ENG_OK;
+}
+
+static void wake_engine(srv *s) {
+    s->work = 1;
+    pthread_cond_signal(&s->cv);
+}
+
+static void h_submit(call *c) {
+    srv *s = c->s;
+    UNPACK(Kvserve__V1__GenerateRequest, kvserve__v1__generate_request__descriptor, c, g);
+    eng_request r;
+    char err[512] = "";
+    uint64_t id = 0;
+    int rc = to_engine_request(g, c->tenant, &r, err, sizeof err);
+    pthread_mutex_lock(&s->mu);
+    rec *x = rc ? NULL : calloc(1, sizeof *x);
+    if (!rc && !x) rc = ENG_ENOMEM;
+    if (!rc) rc = eng_submit(s->eng, &r, &id, err, sizeof err);
+    if (!rc) {
+        x->id = id;
+        snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
+        x->next = s->recs;
+        s->recs = x;
+        wake_engine(s);
+    } else {
+        free(x);
+    }
+    pthread_mutex_unlock(&s->mu);
+    kvserve__v1__generate_request__free_unpacked(g, NULL);
+    if (rc) { finish_call(c, status_of(rc), err, NULL); return; }
+    Kvserve__V1__SubmitReply rep = KVSERVE__V1__SUBMIT_REPLY__INIT;
+    rep.id = id;
+    finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+}
+
+static void h_stream(call *c) {
+    srv *s = c->s;
+    UNPACK(Kvserve__V1__GenerateRequest, kvserve__v1__generate_request__descriptor, c, g);
+    eng_request r;
+    char err[512] = "";
+    uint64_t id = 0;
+    int rc = to_engine_request(g, c->tenant, &r, err, sizeof err);
+    pthread_mutex_lock(&s->mu);
+    rec *x = rc ? NULL : calloc(1, sizeof *x);
+    if (!rc && !x) rc = ENG_ENOMEM;
+    if (!rc) rc = eng_submit(s->eng, &r, &id, err, sizeof err);
+    if (!rc) {
+        x->id = id;
+        snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
+        x->stream = c;
+        call_ref(c); /* the registry's reference, dropped on DONE */
+        c->eng_id = id;
+        c->has_eng = 1;
+        x->next = s->recs;
+        s->recs = x;
+        s->active_calls++;
+        stream_begin(c);
+        wake_engine(s);
+    } else {
+        free(x);
+    }
+    pthread_mutex_unlock(&s->mu);
+    kvserve__v1__generate_request__free_unpacked(g, NULL);
+    if (rc) finish_call(c, status_of(rc), err, NULL);
+    else call_unref(c); /* the handler's reference */
+}
+
+/* The end of a streaming call: a client cancel or expired deadline cancels
+ * the engine request, which frees its blocks. */
+static void on_close(call *c, int ok) {
+    (void)ok;
+    if (c->close_cancelled && c->has_eng) eng_cancel(c->s->eng, c->eng_id);
+    if (c->watcher) {
+        srv *s = c->s;
+        int found = 0;
+        pthread_mutex_lock(&s->mu);
+        for (call **pp = &s->watchers; *pp; pp = &(*pp)->next_watch)
+            if (*pp == c) {
+                *pp = c->next_watch;
+                found = 1;
+                break;
+            }
+        pthread_mutex_unlock(&s->mu);
+        if (found) call_unref(c); /* the watcher list's reference */
+    }
+    call_unref(c);
+}
+
+/* Build a StepReply from the buffers of ids (srv.mu held). */
+static void step_reply(srv *s, call *c, const uint64_t *ids, size_t n) {
+    Kvserve__V1__StepReply rep = KVSERVE__V1__STEP_REPLY__INIT;
+    size_t nt = 0, nc = 0;
+    rec *rs[256];
+    for (size_t i = 0; i < n; i++) {
+        rs[i] = rec_find(s, ids[i], c->tenant);
+        if (rs[i]) {
+            nt += rs[i]->n_tok;
+            nc += rs[i]->comp != NULL;
+        }
+    }
+    rep.tokens = malloc((nt ? nt : 1) * sizeof *rep.tokens);
+    rep.completions = malloc((nc ? nc : 1) * sizeof *rep.completions);
+    for (size_t i = 0; i < n; i++) {
+        rec *r = rs[i];
+        if (!r) continue;
+        for (size_t k = 0; k < r->n_tok; k++) rep.tokens[rep.n_tokens++] = r->tok[k];
+        if (r->comp) rep.completions[rep.n_completions++] = r->comp;
+    }
+    finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+    for (size_t i = 0; i < n; i++) {
+        rec *r = rs[i];
+        if (!r) continue;
+        for (size_t k = 0; k < r->n_tok; k++) { free(r->tok[k]->text); free(r->tok[k]); }
+        r->n_tok = 0;
+        if (r->comp) { /* delivered: forget the request */
+            free_completion(r->comp);
+            r->comp = NULL;
+            rec_unlink(s, r);
+            rec_free(r);
+        }
+    }
+    free(rep.tokens);
+    free(rep.completions);
+}
+
+static int has_news(srv *s, const char *tenant, const uint64_t *ids, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        rec *r = rec_find(s, ids[i], tenant);
+        if (r && (r->n_tok || r->comp)) return 1;
+    }
+    return 0;
+}
+
+static void h_step(call *c) {
+    srv *s = c->s;
+    UNPACK(Kvserve__V1__StepRequest, kvserve__v1__step_request__descriptor, c, q);
+    if (q->n_ids == 0 || q->n_ids > 256) {
+        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "ids: give 1 to 256 request ids (got %zu)", q->n_ids);
+        kvserve__v1__step_request__free_unpacked(q, NULL);
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    for (size_t i = 0; i < q->n_ids; i++) {
+        rec *r = rec_find(s, q->ids[i], c->tenant);
+        if (!r || r->stream) {
+            pthread_mutex_unlock(&s->mu);
+            finish_errorf(c, GRPC_STATUS_NOT_FOUND, "ids: request %llu is unknown, finished and collected, or streamed",
+                          (unsigned long long)q->ids[i]);
+            kvserve__v1__step_request__free_unpacked(q, NULL);
+            return;
+        }
+    }
+    uint32_t wait = q->wait_ms < (uint32_t)s->cfg.max_wait_ms ? q->wait_ms : (uint32_t)s->cfg.max_wait_ms;
+    if (wait == 0 || has_news(s, c->tenant, q->ids, q->n_ids) || s->shutting_down) {
+        step_reply(s, c, q->ids, q->n_ids);
+    } else {
+        parked *p = calloc(1, sizeof *p);
+        uint64_t *ids = malloc(q->n_ids * sizeof *ids);
+        if (!p || !ids) {
+            free(p);
+            free(ids);
+            finish_errorf(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        } else {
+            memcpy(ids, q->ids, q->n_ids * sizeof *ids);
+            p->c = c;
+            p->ids = ids;
+            p->n = q->n_ids;
+            p->until = now_s() + wait / 1000.0;
+            p->next = s->parked;
+            s->parked = p;
+            wake_engine(s);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    kvserve__v1__step_request__free_unpacked(q, NULL);
+}
+
+/* Engine thread: answer parked Steps that have news or have waited enough. */
+static void check_parked(srv *s, int all) {
+    pthread_mutex_lock(&s->mu);
+    double t = now_s();
+    for (parked **pp = &s->parked; *pp;) {
+        parked *p = *pp;
+        if (all || t >= p->until || has_news(s, p->c->tenant, p->ids, p->n)) {
+            *pp = p->next;
+            step_reply(s, p->c, p->ids, p->n);
+            free(p->ids);
+            free(p);
+        } else {
+            pp = &p->next;
+        }
+    }
+    /* forget completed requests nobody collected for ten minutes */
+    for (rec **rp = &s->recs; *rp;) {
+        rec *r = *rp;
+        if (r->comp && t - r->done_at > 600) {
+            *rp = r->next;
+            rec_free(r);
+        } else {
+            rp = &r->next;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void h_cancel(call *c) {
+    srv *s = c->s;
+    UNPACK(Kvserve__V1__CancelRequest, kvserve__v1__cancel_request__descriptor, c, q);
+    pthread_mutex_lock(&s->mu);
+    rec *r = rec_find(s, q->id, c->tenant);
+    int known = r && !r->comp;
+    pthread_mutex_unlock(&s->mu);
+    int rc = known ? eng_cancel(s->eng, q->id) : ENG_ENOTFOUND;
+    if (rc) finish_errorf(c, GRPC_STATUS_NOT_FOUND, "id: request %llu is unknown or already finished",
+                          (unsigned long long)q->id);
+    else {
+        Kvserve__V1__CancelReply rep = KVSERVE__V1__CANCEL_REPLY__INIT;
+        finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+    }
+    kvserve__v1__cancel_request__free_unpacked(q, NULL);
+}
+
+static void agent_msg(const eng_agent_info *i, Kvserve__V1__AgentInfo *a) {
+    kvserve__v1__agent_info__init(a);
+    a->agent_id = (char *)i->agent_id;
+    a->tokens = i->n_tokens;
+    a->cached_tokens = i->n_cached;
+    a->blocks = i->n_blocks;
+    a->busy = i->busy;
+    a->idle_seconds = i->idle_seconds;
+}
+
+static int check_agent_id(call *c, const char *id) {
+    if (!id || !id[0]) {
+        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "agent_id: required");
+        return -1;
+    }
+    return 0;
+}
+
+static void h_get_agent(call *c) {
+    UNPACK(Kvserve__V1__AgentRequest, kvserve__v1__agent_request__descriptor, c, q);
+    eng_agent_info info;
+    if (!check_agent_id(c, q->agent_id)) {
+        if (eng_agent_get(c->s->eng, c->tenant, q->agent_id, &info) != ENG_OK)
+            finish_errorf(c, GRPC_STATUS_NOT_FOUND, "agent_id: no agent \"%s\"", q->agent_id);
+        else {
+            Kvserve__V1__AgentInfo a;
+            agent_msg(&info, &a);
+            finish_call(c, GRPC_STATUS_OK, NULL, &a.base);
+        }
+    }
+    kvserve__v1__agent_request__free_unpacked(q, NULL);
+}
+
+static void h_list_agents(call *c) {
+    eng_agent_info *infos = NULL;
+    int n = eng_agent_list(c->s->eng, c->tenant, NULL, 0), got = 0;
+    if (n > 0 && (infos = calloc((size_t)n, sizeof *infos))) got = eng_agent_list(c->s->eng, c->tenant, infos, n);
+    if (got > n) got = n;
+    Kvserve__V1__ListAgentsReply rep = KVSERVE__V1__LIST_AGENTS_REPLY__INIT;
+    Kvserve__V1__AgentInfo *msgs = calloc((size_t)(got ? got : 1), sizeof *msgs);
+    Kvserve__V1__AgentInfo **ptrs = calloc((size_t)(got ? got : 1), sizeof *ptrs);
+    if (msgs && ptrs)
+        for (int i = 0; i < got; i++) {
+            agent_msg(&infos[i], &msgs[i]);
+            ptrs[i] = &msgs[i];
+        }
+    rep.n_agents = msgs && ptrs ? (size_t)got : 0;
+    rep.agents = ptrs;
+    finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+    free(msgs);
+    free(ptrs);
+    free(infos);
+}
+
+static void h_drop_agent(call *c) {
+    UNPACK(Kvserve__V1__AgentRequest, kvserve__v1__agent_request__descriptor, c, q);
+    if (!check_agent_id(c, q->agent_id)) {
+        int rc = eng_agent_drop(c->s->eng, c->tenant, q->agent_id);
+        if (rc == ENG_ENOTFOUND) finish_errorf(c, GRPC_STATUS_NOT_FOUND, "agent_id: no agent \"%s\"", q->agent_id);
+        else if (rc) finish_errorf(c, status_of(rc), "agent \"%s\": %s", q->agent_id, eng_strerror(rc));
+        else {
+            Kvserve__V1__DropAgentReply rep = KVSERVE__V1__DROP_AGENT_REPLY__INIT;
+            finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+        }
+    }
+    kvserve__v1__agent_request__free_unpacked(q, NULL);
+}
+
+static void h_export_agent(call *c) {
+    UNPACK(Kvserve__V1__AgentRequest, kvserve__v1__agent_request__descriptor, c, q);
+    if (!check_agent_id(c, q->agent_id)) {
+        uint8_t *buf;
+        size_t len;
+        char err[256];
+        int rc = eng_agent_export(c->s->eng, c->tenant, q->agent_id, &buf, &len, err, sizeof err);
+        if (rc) finish_call(c, status_of(rc), err, NULL);
+        else {
+            Kvserve__V1__ExportAgentReply rep = KVSERVE__V1__EXPORT_AGENT_REPLY__INIT;
+            rep.data.data = buf;
+            rep.data.len = len;
+            finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+            free(buf);
+        }
+    }
+    kvserve__v1__agent_request__free_unpacked(q, NULL);
+}
+
+static void h_import_agent(call *c) {
+    UNPACK(Kvserve__V1__ImportAgentRequest, kvserve__v1__import_agent_request__descriptor, c, q);
+    if (!check_agent_id(c, q->agent_id)) {
+        char err[256];
+        int rc = eng_agent_import(c->s->eng, c->tenant, q->agent_id, q->data.data, q->data.len, err, sizeof err);
+        eng_agent_info info;
+        if (rc) finish_errorf(c, status_of(rc), "data: %s", err);
+        else if (eng_agent_get(c->s->eng, c->tenant, q->agent_id, &info) == ENG_OK) {
+            Kvserve__V1__AgentInfo a;
+            agent_msg(&info, &a);
+            finish_call(c, GRPC_STATUS_OK, NULL, &a.base);
+        } else finish_errorf(c, GRPC_STATUS_INTERNAL, "agent vanished after import");
+    }
+    kvserve__v1__import_agent_request__free_unpacked(q, NULL);
+}
+
+/* ---- health ------------------------------------------------------------------------- */
+static const char *KNOWN_SERVICES[] = {"", "kvserve.v1.Generation", "kvserve.v1.Agents", "grpc.health.v1.Health",
+                                       "grpc.reflection.v1.ServerReflection",
+                                       "grpc.reflection.v1alpha.ServerReflection"};
+
+static int health_status(srv *s, const char *svc) {
+    int known = 0;
+    for (size_t i = 0; i < sizeof KNOWN_SERVICES / sizeof *KNOWN_SERVICES; i++) known |= !strcmp(svc, KNOWN_SERVICES[i]);
+    if (!known) return GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
+    return s->serving ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+}
+
+static void h_health_check(call *c) {
+    UNPACK(Grpc__Health__V1__HealthCheckRequest, grpc__health__v1__health_check_request__descriptor, c, q);
+    pthread_mutex_lock(&c->s->mu);
+    int st = health_status(c->s, q->service);
+    pthread_mutex_unlock(&c->s->mu);
+    if (st == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN)
+        finish_errorf(c, GRPC_STATUS_NOT_FOUND, "service: unknown service \"%s\"", q->service);
+    else {
+        Grpc__Health__V1__HealthCheckResponse rep = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+        rep.status = st;
+        finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+    }
+    grpc__health__v1__health_check_request__free_unpacked(q, NULL);
+}
+
+static void push_health(call *c, int st) {
+    Grpc__Health__V1__HealthCheckResponse rep = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    rep.status = st;
+    stream_push(c, &rep.base);
+}
+
+static void h_health_watch(call *c) {
+    srv *s = c->s;
+    UNPACK(Grpc__Health__V1__HealthCheckRequest, grpc__health__v1__health_check_request__descriptor, c, q);
+    /* remember the service name in the tenant slot's neighbour: reuse details */
+    pthread_mutex_lock(&s->mu);
+    c->watcher = 1;
+    snprintf(c->tenant, sizeof c->tenant, "%s", q->service);
+    stream_begin(c);
+    push_health(c, health_status(s, q->service));
+    call_ref(c); /* the watcher list's reference */
+    c->next_watch = s->watchers;
+    s->watchers = c;
+    pthread_mutex_unlock(&s->mu);
+    grpc__health__v1__health_check_request__free_unpacked(q, NULL);
+    call_unref(c);
+}
+
+/* srv.mu held */
+static void notify_watchers(srv *s) {
+    for (call *w = s->watchers; w; w = w->next_watch) push_health(w, health_status(s, w->tenant));
+}
+
+/* ---- reflection ---------------------------------------------------------------------- */
+/* Protobuf wire reading, enough to walk a FileDescriptorSet. */
+typedef struct {
+    const uint8_t *p, *end;
+} wire;
+
+static int wire_varint(wire *w, uint64_t *v) {
+    *v = 0;
+    for (int sh = 0; sh < 64 && w->p < w->end; sh += 7) {
+        uint8_t b = *w->p++;
+        *v |= (uint64_t)(b & 0x7f) << sh;
+        if (!(b & 0x80)) return 0;
+    }
+    return -1;
+}
+
+/* Next field: number, and for length-delimited fields the bytes. Skips others. */
+static int wire_next(wire *w, int *field, const uint8_t **data, size_t *len) {
+    uint64_t key, v;
+    if (w->p >= w->end || wire_varint(w, &key)) return -1;
+    *field = (int)(key >> 3);
+    *data = NULL;
+    *len = 0;
+    switch (key & 7) {
+    case 0: return wire_varint(w, &v);
+    case 1: if (w->end - w->p < 8) return -1; w->p += 8; return 0;
+    case 5: if (w->end - w->p < 4) return -1; w->p += 4; return 0;
+    case 2:
+        if (wire_varint(w, &v) || v > (uint64_t)(w->end - w->p)) return -1;
+        *data = w->p;
+        *len = (size_t)v;
+        w->p += v;
+        return 0;
+    default: return -1;
+    }
+}
+
+static void add_symbol(fdesc *f, const char *prefix, const uint8_t *name, size_t nlen) {
+    char **ns = realloc(f->symbols, (size_t)(f->n_symbols + 1) * sizeof *ns);
+    if (!ns) return;
+    f->symbols = ns;
+    size_t pl = strlen(prefix);
+    char *s = malloc(pl + nlen + 2);
+    if (!s) return;
+    snprintf(s, pl + nlen + 2, "%s%s%.*s", prefix, pl ? "." : "", (int)nlen, (const char *)name);
+    f->symbols[f->n_symbols++] = s;
+}
+
+/* Messages (with nested ones), enums, services and their methods. */
+static void walk_named(fdesc *f, const char *prefix, const uint8_t *d, size_t len, int kind) {
+    wire w = {d, d + len};
+    int fld;
+    const uint8_t *v;
+    size_t vl;
+    const uint8_t *name = NULL;
+    size_t nlen = 0;
+    while (!wire_next(&w, &fld, &v, &vl))
+        if (fld == 1 && v) { name = v; nlen = vl; break; }
+    if (!name) return;
+    add_symbol(f, prefix, name, nlen);
+    char full[512];
+    snprintf(full, sizeof full, "%s%s%.*s", prefix, prefix[0] ? "." : "", (int)nlen, (const char *)name);
+    w.p = d;
+    while (!wire_next(&w, &fld, &v, &vl)) {
+        if (!v) continue;
+        if (kind == 'm' && fld == 3) walk_named(f, full, v, vl, 'm');      /* nested_type */
+        else if (kind == 'm' && fld == 4) walk_named(f, full, v, vl, 'e'); /* enum_type */
+        else if (kind == 's' && fld == 2) walk_named(f, full, v, vl, 'x'); /* method */
+    }
+}
+
+static int load_descriptors(srv *s) {
+    wire w = {kvserve_descriptor_set, kvserve_descriptor_set + kvserve_descriptor_set_len};
+    int fld;
+    const uint8_t *v;
+    size_t vl;
+    while (!wire_next(&w, &fld, &v, &vl)) {
+        if (fld != 1 || !v) continue;
+        fdesc *nf = realloc(s->files, (size_t)(s->n_files + 1) * sizeof *nf);
+        if (!nf) return -1;
+        s->files = nf;
+        fdesc *f = &s->files[s->n_files++];
+        memset(f, 0, sizeof *f);
+        f->data = v;
+        f->len = vl;
+        char pkg[256] = "";
+        wire fw = {v, v + vl};
+        const uint8_t *x;
+        size_t xl;
+        int ff;
+        while (!wire_next(&fw, &ff, &x, &xl)) {
+            if (ff == 1 && x) snprintf(f->name, sizeof f->name, "%.*s", (int)xl, (const char *)x);
+            if (ff == 2 && x) snprintf(pkg, sizeof pkg, "%.*s", (int)xl, (const char *)x);
+        }
+        fw.p = v;
+        while (!wire_next(&fw, &ff, &x, &xl)) {
+            if (!x) continue;
+            if (ff == 4) walk_named(f, pkg, x, xl, 'm');
+            else if (ff == 5) walk_named(f, pkg, x, xl, 'e');
+            else if (ff == 6) walk_named(f, pkg, x, xl, 's');
+        }
+    }
+    /* dependencies by name */
+    for (int i = 0; i < s->n_files; i++) {
+        wire fw = {s->files[i].data, s->files[i].data + s->files[i].len};
+        const uint8_t *x;
+        size_t xl;
+        int ff;
+        while (!wire_next(&fw, &ff, &x, &xl)) {
+            if (ff != 3 || !x) continue;
+            for (int k = 0; k < s->n_files; k++)
+                if (strlen(s->files[k].name) == xl && !memcmp(s->files[k].name, x, xl)) {
+                    int *nd = realloc(s->files[i].deps, (size_t)(s->files[i].n_deps + 1) * sizeof *nd);
+                    if (nd) {
+                        s->files[i].deps = nd;
+                        s->files[i].deps[s->files[i].n_deps++] = k;
+                    }
+                }
+        }
+    }
+    return 0;
+}
+
+static void add_file_closure(srv *s, int i, int *seen, ProtobufCBinaryData *out, size_t *n) {
+    if (seen[i]) return;
+    seen[i] = 1;
+    out[(*n)++] = (ProtobufCBinaryData){s->files[i].len, (uint8_t *)s->files[i].data};
+    for (int k = 0; k < s->files[i].n_deps; k++) add_file_closure(s, s->files[i].deps[k], seen, out, n);
+}
+
+static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionRequest *q) {
+    srv *s = c->s;
+    Grpc__Reflection__V1__ServerReflectionResponse rep = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__INIT;
+    Grpc__Reflection__V1__ListServiceResponse ls = GRPC__REFLECTION__V1__LIST_SERVICE_RESPONSE__INIT;
+    Grpc__Reflection__V1__ServiceResponse svc[6], *svcp[6];
+    Grpc__Reflection__V1__FileDescriptorResponse fd = GRPC__REFLECTION__V1__FILE_DESCRIPTOR_RESPONSE__INIT;
+    Grpc__Reflection__V1__ErrorResponse er = GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT;
+    ProtobufCBinaryData files[16];
+    int seen[16] = {0};
+    size_t nf = 0;
+    rep.valid_host = q->host;
+    rep.original_request = q;
+    int found = -1;
+    switch (q->message_request_case) {
+    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_LIST_SERVICES:
+        for (int i = 0; i < 5; i++) {
+            grpc__reflection__v1__service_response__init(&svc[i]);
+            svc[i].name = (char *)KNOWN_SERVICES[i + 1];
+            svcp[i] = &svc[i];
+        }
+        ls.n_service = 5;
+        ls.service = svcp;
+        rep.message_response_case = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_LIST_SERVICES_RESPONSE;
+        rep.list_services_response = &ls;
+        break;
+    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_BY_FILENAME:
+        for (int i = 0; i < s->n_files && found < 0; i++)
+            if (!strcmp(s->files[i].name, q->file_by_filename)) found = i;
+        break;
+    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_SYMBOL:
+        for (int i = 0; i < s->n_files && found < 0; i++)
+            for (int k = 0; k < s->files[i].n_symbols; k++)
+                if (!strcmp(s->files[i].symbols[k], q->file_containing_symbol)) { found = i; break; }
+        break;
+    default:
+        break;
+    }
+    if (rep.message_response_case == GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE__NOT_SET) {
+        if (found >= 0 && s->n_files <= 16) {
+            add_file_closure(s, found, seen, files, &nf);
+            fd.n_file_descriptor_proto = nf;
+            fd.file_descriptor_proto = files;
+            rep.message_response_case =
+                GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_FILE_DESCRIPTOR_RESPONSE;
+            rep.file_descriptor_response = &fd;
+        } else {
+            int unimpl = q->message_request_case ==
+                             GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_EXTENSION ||
+                         q->message_request_case ==
+                             GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_ALL_EXTENSION_NUMBERS_OF_TYPE;
+            er.error_code = unimpl ? GRPC_STATUS_UNIMPLEMENTED : GRPC_STATUS_NOT_FOUND;
+            er.error_message = unimpl ? "extensions are not used by kvserve" : "not found";
+            rep.message_response_case = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ERROR_RESPONSE;
+            rep.error_response = &er;
+        }
+    }
+    stream_push(c, &rep.base);
+}
+
+static void on_reflection_recv(call *c, int ok);
+
+static void reflection_recv(call *c) {
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_bb;
+    call_ref(c);
+    cq_dispatch(c, on_reflection_recv, &c->t_recv);
+    if (grpc_call_start_batch(c->gc, &op, 1, &c->t_recv, NULL) != GRPC_CALL_OK) {
+        call_unref(c);
+        stream_end(c, GRPC_STATUS_INTERNAL, "recv failed");
+    }
+}
+
+static void on_reflection_recv(call *c, int ok) {
+    grpc_byte_buffer *bb = c->recv_bb;
+    c->recv_bb = NULL;
+    if (!ok || !bb) { /* the client closed its side */
+        stream_end(c, GRPC_STATUS_OK, "");
+    } else {
+        Grpc__Reflection__V1__ServerReflectionRequest *q = (Grpc__Reflection__V1__ServerReflectionRequest *)unpack_msg(
+            &grpc__reflection__v1__server_reflection_request__descriptor, bb);
+        grpc_byte_buffer_destroy(bb);
+        if (!q) stream_end(c, GRPC_STATUS_INVALID_ARGUMENT, "not a ServerReflectionRequest");
+        else {
+            reflection_answer(c, q);
+            grpc__reflection__v1__server_reflection_request__free_unpacked(q, NULL);
+            reflection_recv(c);
+        }
+    }
+    call_unref(c);
+}
+
+static void h_reflection(call *c) {
+    stream_begin(c);
+    reflection_recv(c);
+    call_unref(c);
+}
+
+/* ---- method table and call dispatch ---------------------------------------------------- */
+static const method METHODS[] = {
+    {"/kvserve.v1.Generation/Submit", K_UNARY, h_submit, 1, 1},
+    {"/kvserve.v1.Generation/Step", K_UNARY, h_step, 1, 1},
+    {"/kvserve.v1.Generation/Stream", K_SSTREAM, h_stream, 1, 1},
+    {"/kvserve.v1.Generation/Cancel", K_UNARY, h_cancel, 1, 1},
+    {"/kvserve.v1.Agents/GetAgent", K_UNARY, h_get_agent, 1, 1},
+    {"/kvserve.v1.Agents/ListAgents", K_UNARY, h_list_agents, 1, 1},
+    {"/kvserve.v1.Agents/DropAgent", K_UNARY, h_drop_agent, 1, 1},
+    {"/kvserve.v1.Agents/ExportAgent", K_UNARY, h_export_agent, 1, 1},
+    {"/kvserve.v1.Agents/ImportAgent", K_UNARY, h_import_agent, 1, 1},
+    {"/grpc.health.v1.Health/Check", K_UNARY, h_health_check, 0, 0},
+    {"/grpc.health.v1.Health/Watch", K_SSTREAM, h_health_watch, 0, 0},
+    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0},
+    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0},
+};
+#define N_METHODS ((int)(sizeof METHODS / sizeof *METHODS))
+
+static void request_call(srv *s, int mi);
+
+static void on_new_call(call *c, int ok) {
+    srv *s = c->s;
+    if (!ok) { /* shutting down */
+        call_unref(c);
+        return;
+    }
+    request_call(s, c->mi); /* keep one waiting for the next caller */
+    if (c->mi < 0) {
+        char path[256];
+        snprintf(path, sizeof path, "%.*s", (int)GRPC_SLICE_LENGTH(c->details.method),
+                 (const char *)GRPC_SLICE_START_PTR(c->details.method));
+        finish_errorf(c, GRPC_STATUS_UNIMPLEMENTED, "unknown method %s", path);
+        return;
+    }
+    const method *m = &METHODS[c->mi];
+    if (m->auth && authenticate(c) != 0) {
+        finish_errorf(c, GRPC_STATUS_UNAUTHENTICATED, "missing or invalid bearer token");
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    int ready = s->ready, down = s->shutting_down;
+    pthread_mutex_unlock(&s->mu);
+    if (m->needs_model && !ready) {
+        finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "the model is still loading");
+        return;
+    }
+    if (m->needs_model && down) {
+        finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        return;
+    }
+    m->fn(c);
+}
+
+static void request_call(srv *s, int mi) {
+    call *c = call_new(s, mi);
+    if (!c) return;
+    cq_dispatch(c, on_new_call, &c->t_new);
+    grpc_call_error e;
+    if (mi < 0)
+        e = grpc_server_request_call(s->server, &c->gc, &c->details, &c->md, s->cq, s->cq, &c->t_new);
+    else
+        e = grpc_server_request_registered_call(s->server, s->rm[mi], &c->gc, &c->deadline, &c->md,
+                                                METHODS[mi].k == K_BIDI ? NULL : &c->payload, s->cq, s->cq, &c->t_new);
+    if (e != GRPC_CALL_OK) call_unref(c);
+}
+
+static void on_shutdown(call *c, int ok) {
+    (void)c;
+    (void)ok;
+}
+
+static void *cq_loop(void *p) {
+    srv *s = p;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+        if (ev.type != GRPC_OP_COMPLETE) continue;
+        tag *t = ev.tag;
+        if (t == &s->t_shutdown) {
+            pthread_mutex_lock(&s->mu);
+            s->shutdown_done = 1;
+            pthread_mutex_unlock(&s->mu);
+            continue;
+        }
+        t->fn(t->c, ev.success);
+    }
+    return NULL;
+}
+
+static void *engine_loop(void *p) {
+    srv *s = p;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        int stop = s->stop_engine;
+        pthread_mutex_unlock(&s->mu);
+        if (stop) break;
+        int n = eng_step(s->eng, on_event, s);
+        check_parked(s, 0);
+        if (n == 0) {
+            pthread_mutex_lock(&s->mu);
+            if (!s->work && !s->stop_engine) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                long wait_ns = s->parked ? 5000000L : 200000000L;
+                ts.tv_nsec += wait_ns;
+                if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+                pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+            }
+            s->work = 0;
+            pthread_mutex_unlock(&s->mu);
+        }
+    }
+    return NULL;
+}
+
+/* ---- start-up and shutdown -------------------------------------------------------------- */
+static char *read_pem(const char *path, const char *what, int key) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "kvserve: %s %s: %s\n", what, path, strerror(errno));
+        return NULL;
+    }
+    /* check that it parses as PEM before handing it to gRPC */
+    void *obj = key ? (void *)PEM_read_PrivateKey(f, NULL, NULL, NULL) : (void *)PEM_read_X509(f, NULL, NULL, NULL);
+    if (!obj) {
+        fprintf(stderr, "kvserve: %s %s: not a valid PEM %s\n", what, path, key ? "private key" : "certificate");
+        fclose(f);
+        return NULL;
+    }
+    if (key) EVP_PKEY_free(obj); else X509_free(obj);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 1);
+    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) { free(b); b = NULL; }
+    if (b) b[n] = 0;
+    fclose(f);
+    return b;
+}
+
+static grpc_server_credentials *make_creds(const srv_config *c) {
+    if (!c->tls_cert && !c->tls_key) return grpc_insecure_server_credentials_create();
+    if (!c->tls_cert || !c->tls_key) {
+        fprintf(stderr, "kvserve: TLS needs both --tls-cert and --tls-key\n");
+        return NULL;
+    }
+    char *cert = read_pem(c->tls_cert, "--tls-cert", 0), *key = cert ? read_pem(c->tls_key, "--tls-key", 1) : NULL;
+    char *ca = key && c->tls_client_ca ? read_pem(c->tls_client_ca, "--tls-client-ca", 0) : NULL;
+    grpc_server_credentials *cr = NULL;
+    if (cert && key && (!c->tls_client_ca || ca)) {
+        grpc_ssl_pem_key_cert_pair pair = {key, cert};
+        cr = grpc_ssl_server_credentials_create_ex(
+            ca, &pair, 1, ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    }
+    free(cert);
+    free(key);
+    free(ca);
+    return cr;
+}
+
+static int getenv_int(const char *name, int def) {
+    const char *v = getenv(name);
+    return v && *v ? atoi(v) : def;
+}
+
+void srv_config_default(srv_config *c) {
+    memset(c, 0, sizeof *c);
+    c->model_dir = getenv("KVSERVE_MODEL");
+    c->listen = getenv("KVSERVE_LISTEN") ? getenv("KVSERVE_LISTEN") : "127.0.0.1:50051";
+    c->threads = getenv_int("KVSERVE_THREADS", 0);
+    c->cq_threads = getenv_int("KVSERVE_CQ_THREADS", 2);
+    c->engine.n_blocks = getenv_int("KVSERVE_POOL_BLOCKS", 0);
+    c->engine.block_tokens = getenv_int("KVSERVE_BLOCK_TOKENS", 0);
+    c->engine.max_step_tokens = getenv_int("KVSERVE_STEP_TOKENS", 0);
+    c->engine.max_running = getenv_int("KVSERVE_MAX_RUNNING", 0);
+    c->engine.max_queue = getenv_int("KVSERVE_MAX_QUEUE", 0);
+    c->max_context = getenv_int("KVSERVE_MAX_CONTEXT", 0);
+    c->tls_cert = getenv("KVSERVE_TLS_CERT");
+    c->tls_key = getenv("KVSERVE_TLS_KEY");
+    c->tls_client_ca = getenv("KVSERVE_TLS_CLIENT_CA");
+    c->token_file = getenv("KVSERVE_TOKEN_FILE");
+    c->grace_seconds = getenv("KVSERVE_GRACE_SECONDS") ? atof(getenv("KVSERVE_GRACE_SECONDS")) : 10;
+    c->max_message_bytes = getenv_int("KVSERVE_MAX_MESSAGE_BYTES", 64 << 20);
+    c->max_wait_ms = getenv_int("KVSERVE_MAX_WAIT_MS", 10000);
+}
+
+int srv_run(const srv_config *cfg) {
+    srv *s = calloc(1, sizeof *s);
+    if (!s) return 1;
+    s->cfg = *cfg;
+    if (s->cfg.cq_threads <= 0) s->cfg.cq_threads = 2;
+    if (s->cfg.grace_seconds <= 0) s->cfg.grace_seconds = 10;
+    if (s->cfg.max_wait_ms <= 0) s->cfg.max_wait_ms = 10000;
+    if (s->cfg.max_message_bytes <= 0) s->cfg.max_message_bytes = 64 << 20;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    int rc = 1;
+    if (!s->cfg.model_dir) {
+        fprintf(stderr, "kvserve: give the model directory (--model DIR or KVSERVE_MODEL)\n");
+        free(s);
+        return 2;
+    }
+    if (s->cfg.token_file && load_tokens(s, s->cfg.token_file)) { free(s->tokens); free(s); return 2; }
+    if (load_descriptors(s)) { free(s); return 1; }
+
+    /* signals are taken by sigwait in this thread only */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    grpc_init();
+    grpc_server_credentials *creds = make_creds(&s->cfg);
+    if (!creds) { grpc_shutdown(); free(s->tokens); free(s); return 2; }
+    grpc_arg args[2];
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = s->cfg.max_message_bytes;
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[1].value.integer = s->cfg.max_message_bytes;
+    grpc_channel_args cargs = {2, args};
+    s->server = grpc_server_create(&cargs, NULL);
+    s->cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(s->server, s->cq, NULL);
+    s->rm = calloc(N_METHODS, sizeof *s->rm);
+    for (int i = 0; i < N_METHODS; i++)
+        s->rm[i] = grpc_server_register_method(s->server, METHODS[i].path, NULL,
+                                               METHODS[i].k == K_BIDI ? GRPC_SRM_PAYLOAD_NONE
+                                                                      : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+                                               0);
+    int port = grpc_server_add_http2_port(s->server, s->cfg.listen, creds);
+    grpc_server_credentials_release(creds);
+    if (!port) {
+        fprintf(stderr, "kvserve: cannot listen on %s (address in use or invalid)\n", s->cfg.listen);
+        grpc_server_destroy(s->server);
+        grpc_completion_queue_shutdown(s->cq);
+        while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type != GRPC_QUEUE_SHUTDOWN) {}
+        grpc_completion_queue_destroy(s->cq);
+        grpc_shutdown();
+        free(s->rm);
+        free(s->tokens);
+        free(s);
+        return 2;
+    }
+    grpc_server_start(s->server);
+    s->n_cq = s->cfg.cq_threads;
+    s->cq_thr = calloc((size_t)s->n_cq, sizeof *s->cq_thr);
+    for (int i = 0; i < s->n_cq; i++) pthread_create(&s->cq_thr[i], NULL, cq_loop, s);
+    for (int i = -1; i < N_METHODS; i++) request_call(s, i);
+    LOG_INFO("listening on %s (port %d)%s%s; loading %s", s->cfg.listen, port, s->cfg.tls_cert ? ", TLS" : "",
+             s->cfg.tls_client_ca ? " + client certificates" : "", s->cfg.model_dir);
+
+    /* load the model while health says NOT_SERVING */
+    char err[512];
+    eng_options eo = {.n_threads = s->cfg.threads, .max_context = s->cfg.max_context};
+    double t0 = now_s();
+    int lrc = eng_model_open(&s->model, s->cfg.model_dir, &eo, err, sizeof err);
+    if (!lrc) lrc = eng_engine_open(&s->eng, s->model, &s->cfg.engine, err, sizeof err);
+    if (lrc) {
+        fprintf(stderr, "kvserve: %s\n", err);
+        rc = 2;
+    } else {
+        eng_stats st;
+        eng_stats_get(s->eng, &st);
+        LOG_INFO("model loaded in %.2fs: %s weights, %d KV blocks of %d tokens; serving", now_s() - t0,
+                 eng_model_config(s->model)->dtype, st.blocks_total, st.block_tokens);
+        pthread_create(&s->eng_thr, NULL, engine_loop, s);
+        pthread_mutex_lock(&s->mu);
+        s->ready = 1;
+        s->serving = 1;
+        notify_watchers(s);
+        pthread_mutex_unlock(&s->mu);
+        int sig;
+        sigwait(&sigs, &sig);
+        LOG_INFO("signal %d: shutting down (grace %.1fs)", sig, s->cfg.grace_seconds);
+        rc = 0;
+    }
+
+    /* graceful shutdown: NOT_SERVING, stop accepting, let streams finish, cancel the rest */
+    pthread_mutex_lock(&s->mu);
+    s->serving = 0;
+    s->shutting_down = 1;
+    notify_watchers(s);
+    pthread_mutex_unlock(&s->mu);
+    cq_dispatch(NULL, on_shutdown, &s->t_shutdown);
+    grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
+    double until = now_s() + s->cfg.grace_seconds;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        int busy = s->active_calls > 0 || s->parked;
+        pthread_mutex_unlock(&s->mu);
+        if (!busy || now_s() >= until) break;
+        sleep_ms(20);
+    }
+    grpc_server_cancel_all_calls(s->server);
+    if (s->eng_thr) check_parked(s, 1);
+    for (int i = 0; i < 500; i++) { /* the cancelled streams' completions come through the engine */
+        pthread_mutex_lock(&s->mu);
+        int left = s->active_calls, done = s->shutdown_done;
+        pthread_mutex_unlock(&s->mu);
+        if ((!left || !s->eng_thr) && done) break;
+        sleep_ms(10);
+    }
+    if (s->eng_thr) {
+        pthread_mutex_lock(&s->mu);
+        s->stop_engine = 1;
+        pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->eng_thr, NULL);
+    }
+    /* drop what is left of the watchers and records */
+    pthread_mutex_lock(&s->mu);
+    call *w = s->watchers;
+    s->watchers = NULL;
+    pthread_mutex_unlock(&s->mu);
+    for (call *n; w; w = n) {
+        n = w->next_watch;
+        call_unref(w);
+    }
+    grpc_server_destroy(s->server);
+    grpc_completion_queue_shutdown(s->cq);
+    for (int i = 0; i < s->n_cq; i++) pthread_join(s->cq_thr[i], NULL);
+    grpc_completion_queue_destroy(s->cq);
+    for (rec *r = s->recs, *n; r; r = n) {
+        n = r->next;
+        if (r->stream) call_unref(r->stream);
+        rec_free(r);
+    }
+    eng_engine_close(s->eng);
+    eng_model_close(s->model);
+    grpc_shutdown();
+    for (int i = 0; i < s->n_files; i++) {
+        for (int k = 0; k < s->files[i].n_symbols; k++) free(s->files[i].symbols[k]);
+        free(s->files[i].symbols);
+        free(s->files[i].deps);
+    }
+    free(s->files);
+    free(s->cq_thr);
+    free(s->rm);
+    free(s->tokens);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+    LOG_INFO("stopped");
+    return rc;
+}

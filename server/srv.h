@@ -1,0 +1,34 @@
+/* srv.h — kvserve's RPC layer on the gRPC C core (every grpc_* call of the
+ * project lives in server/). One public entry: run a server until SIGTERM. */
+#ifndef KVSERVE_SRV_H
+#define KVSERVE_SRV_H
+
+#include "eng.h"
+
+#include <stddef.h>
+
+typedef struct srv_config {
+    const char *model_dir;       /* Hugging Face model directory */
+    const char *listen;          /* host:port, e.g. 127.0.0.1:50051 */
+    int threads;                 /* compute threads (0 = all CPUs) */
+    int cq_threads;              /* completion-queue threads (0 = 2) */
+    eng_engine_options engine;   /* pool size, block size, budgets */
+    int max_context;             /* cap on the context (0 = model's) */
+    const char *tls_cert;        /* PEM certificate chain: enables TLS */
+    const char *tls_key;         /* PEM private key */
+    const char *tls_client_ca;   /* PEM CA: require and verify client certificates (mTLS) */
+    const char *token_file;      /* lines "TOKEN TENANT": enables bearer-token auth */
+    double grace_seconds;        /* on SIGTERM: time in-flight calls get to finish (0 = 10) */
+    int max_message_bytes;       /* largest request accepted (0 = 64 MiB) */
+    int max_wait_ms;             /* cap on Step's wait_ms (0 = 10000) */
+} srv_config;
+
+/* Fill defaults, then override from KVSERVE_* environment variables. */
+void srv_config_default(srv_config *c);
+
+/* Start listening (health NOT_SERVING), load the model, serve until SIGTERM
+ * or SIGINT, then shut down gracefully. Returns a process exit code; a
+ * start-up problem (bad model dir, port in use, bad PEM) prints one line. */
+int srv_run(const srv_config *c);
+
+#endif
