@@ -855,6 +855,24 @@ static void h_cancel(call *c) {
     kvserve__v1__cancel_request__free_unpacked(q, NULL);
 }
 
+static void h_stats(call *c) {
+    eng_stats st;
+    eng_stats_get(c->s->eng, &st);
+    Kvserve__V1__StatsReply rep = KVSERVE__V1__STATS_REPLY__INIT;
+    rep.blocks_total = st.blocks_total;
+    rep.blocks_free = st.blocks_free;
+    rep.blocks_used = st.blocks_used;
+    rep.blocks_shared = st.blocks_shared;
+    rep.blocks_cached = st.blocks_cached;
+    rep.block_tokens = st.block_tokens;
+    rep.running = st.running;
+    rep.waiting = st.waiting;
+    rep.agents = st.agents;
+    rep.prefix_hit_tokens = st.prefix_hit_tokens;
+    rep.preemptions = st.preemptions;
+    finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+}
+
 static void agent_msg(const eng_agent_info *i, Kvserve__V1__AgentInfo *a) {
     kvserve__v1__agent_info__init(a);
     a->agent_id = (char *)i->agent_id;
@@ -1249,6 +1267,7 @@ static const method METHODS[] = {
     {"/kvserve.v1.Generation/Step", K_UNARY, h_step, 1, 1},
     {"/kvserve.v1.Generation/Stream", K_SSTREAM, h_stream, 1, 1},
     {"/kvserve.v1.Generation/Cancel", K_UNARY, h_cancel, 1, 1},
+    {"/kvserve.v1.Generation/Stats", K_UNARY, h_stats, 1, 1},
     {"/kvserve.v1.Agents/GetAgent", K_UNARY, h_get_agent, 1, 1},
     {"/kvserve.v1.Agents/ListAgents", K_UNARY, h_list_agents, 1, 1},
     {"/kvserve.v1.Agents/DropAgent", K_UNARY, h_drop_agent, 1, 1},
