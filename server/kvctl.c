@@ -32,7 +32,8 @@ static const char USAGE[] =
     "  stats                             engine figures (KV blocks, running, queued)\n"
     "  agents list | get ID | drop ID | export ID FILE | import ID FILE\n"
     "  health [SERVICE]                  grpc.health.v1 Check (exit 0 when SERVING)\n"
-    "  load --concurrency N --requests M [gen options] PROMPT   drive load, report throughput\n"
+    "  load --concurrency N --requests M [--prompt-tokens N] [gen options] PROMPT\n"
+    "                                    drive load (random prompts of N token ids if given), report throughput\n"
     "\n"
     "connection options:\n"
     "  --addr HOST:PORT    server (default $KVSERVE_ADDR or 127.0.0.1:50051)\n"
@@ -58,7 +59,7 @@ typedef struct {
     Kvserve__V1__GenerateRequest req;
     Kvserve__V1__Sampling sp;
     char *stops[16];
-    int quiet, concurrency, requests, wait_ms;
+    int quiet, concurrency, requests, wait_ms, prompt_tokens;
 } genopts;
 
 static char *read_file(const char *path) {
@@ -407,6 +408,18 @@ static void *load_worker(void *p) {
         Kvserve__V1__Sampling sp = L->g->sp;
         sp.seed += (uint64_t)i;
         req.sampling = &sp;
+        int32_t ids[8192];
+        if (L->g->prompt_tokens > 0) { /* random ids in [3, 1000): valid for any vocab we ship */
+            uint64_t x = 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1);
+            int n = L->g->prompt_tokens < 8192 ? L->g->prompt_tokens : 8192;
+            for (int k = 0; k < n; k++) {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                ids[k] = 3 + (int32_t)(x % 997);
+            }
+            req.prompt = (char *)"";
+            req.prompt_ids = ids;
+            req.n_prompt_ids = (size_t)n;
+        }
         rpc r;
         double t0 = now_s(), tf = 0;
         rpc_start(L->c, &r, "/kvserve.v1.Generation/Stream", &req.base);
@@ -462,7 +475,7 @@ int main(int argc, char **argv) {
     g.req.sampling = &g.sp;
     g.req.stop = g.stops;
     enum { O_ADDR = 256, O_TLS, O_CA, O_CERT, O_KEY, O_TOKEN, O_TIMEOUT, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_SEED,
-           O_STOP, O_IGNORE_EOS, O_AGENT, O_RESET, O_BOS, O_QUIET, O_CONC, O_REQS, O_WAIT, O_HELP };
+           O_STOP, O_IGNORE_EOS, O_AGENT, O_RESET, O_BOS, O_QUIET, O_CONC, O_REQS, O_WAIT, O_PTOK, O_HELP };
     static const struct option opts[] = {
         {"addr", required_argument, 0, O_ADDR}, {"tls", no_argument, 0, O_TLS}, {"ca", required_argument, 0, O_CA},
         {"cert", required_argument, 0, O_CERT}, {"key", required_argument, 0, O_KEY},
@@ -474,7 +487,8 @@ int main(int argc, char **argv) {
         {"ignore-eos", no_argument, 0, O_IGNORE_EOS}, {"agent", required_argument, 0, O_AGENT},
         {"reset", no_argument, 0, O_RESET}, {"bos", no_argument, 0, O_BOS}, {"quiet", no_argument, 0, O_QUIET},
         {"concurrency", required_argument, 0, O_CONC}, {"requests", required_argument, 0, O_REQS},
-        {"wait", required_argument, 0, O_WAIT}, {"help", no_argument, 0, O_HELP}, {0, 0, 0, 0}};
+        {"wait", required_argument, 0, O_WAIT}, {"prompt-tokens", required_argument, 0, O_PTOK},
+        {"help", no_argument, 0, O_HELP}, {0, 0, 0, 0}};
     int o;
     /* options may come before or after the command */
     while ((o = getopt_long(argc, argv, "+n:h", opts, NULL)) != -1 || optind < argc) {
@@ -522,6 +536,7 @@ int main(int argc, char **argv) {
         case O_CONC: g.concurrency = atoi(optarg); break;
         case O_REQS: g.requests = atoi(optarg); break;
         case O_WAIT: g.wait_ms = atoi(optarg); break;
+        case O_PTOK: g.prompt_tokens = atoi(optarg); break;
         case 'h': case O_HELP: fputs(USAGE, stdout); return 0;
         default: fputs("kvctl: see kvctl --help\n", stderr); return 2;
         }
