@@ -144,6 +144,8 @@ struct call {
     grpc_slice fin_details;
     int close_cancelled;
     int fin_set;                /* fin_details holds a slice */
+    int close_started;          /* RECV_CLOSE_ON_SERVER is in flight */
+    int closed;                 /* ... and has completed */
     uint64_t eng_id;            /* Stream: the engine request */
     int has_eng;
     int watcher;                /* Health.Watch */
@@ -284,8 +286,10 @@ static void finish_call(call *c, grpc_status_code code, const char *msg, const P
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[n].data.send_status_from_server.status = code;
     ops[n++].data.send_status_from_server.status_details = &c->fin_details;
-    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    ops[n++].data.recv_close_on_server.cancelled = &c->close_cancelled;
+    if (!c->close_started) {
+        ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        ops[n++].data.recv_close_on_server.cancelled = &c->close_cancelled;
+    }
     cq_dispatch(c, on_final, &c->t_final);
     if (grpc_call_start_batch(c->gc, ops, (size_t)n, &c->t_final, NULL) != GRPC_CALL_OK) call_unref(c);
     if (bb) grpc_byte_buffer_destroy(bb);
@@ -362,6 +366,7 @@ static void stream_begin(call *c) {
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
     ops[1].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[1].data.recv_close_on_server.cancelled = &c->close_cancelled;
+    c->close_started = 1;
     call_ref(c);
     cq_dispatch(c, on_close, &c->t_close);
     if (grpc_call_start_batch(c->gc, ops, 2, &c->t_close, NULL) != GRPC_CALL_OK) call_unref(c);
@@ -704,6 +709,9 @@ static void h_stream(call *c) {
  * the engine request, which frees its blocks. */
 static void on_close(call *c, int ok) {
     (void)ok;
+    pthread_mutex_lock(&c->mu);
+    c->closed = 1;
+    pthread_mutex_unlock(&c->mu);
     if (c->close_cancelled && c->has_eng) eng_cancel(c->s->eng, c->eng_id);
     if (c->watcher) {
         srv *s = c->s;
@@ -774,6 +782,14 @@ static void h_step(call *c) {
         kvserve__v1__step_request__free_unpacked(q, NULL);
         return;
     }
+    for (size_t i = 0; i < q->n_ids; i++)
+        for (size_t k = 0; k < i; k++)
+            if (q->ids[i] == q->ids[k]) {
+                finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "ids: request %llu is listed twice",
+                              (unsigned long long)q->ids[i]);
+                kvserve__v1__step_request__free_unpacked(q, NULL);
+                return;
+            }
     pthread_mutex_lock(&s->mu);
     for (size_t i = 0; i < q->n_ids; i++) {
         rec *r = rec_find(s, q->ids[i], c->tenant);
@@ -800,7 +816,25 @@ static void h_step(call *c) {
             p->c = c;
             p->ids = ids;
             p->n = q->n_ids;
-            p->until = now_s() + wait / 1000.0;
+            /* never past the client's deadline: events must not be taken
+             * for a reply nobody will read */
+            gpr_timespec left = gpr_time_sub(gpr_convert_clock_type(c->deadline, GPR_CLOCK_MONOTONIC),
+                                             gpr_now(GPR_CLOCK_MONOTONIC));
+            double left_s = (double)left.tv_sec + left.tv_nsec * 1e-9 - 0.05;
+            double w = wait / 1000.0;
+            p->until = now_s() + (left_s < w ? (left_s > 0 ? left_s : 0) : w);
+            /* and notice a client that goes away while we wait */
+            grpc_op op;
+            memset(&op, 0, sizeof op);
+            op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+            op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+            c->close_started = 1;
+            call_ref(c);
+            cq_dispatch(c, on_close, &c->t_close);
+            if (grpc_call_start_batch(c->gc, &op, 1, &c->t_close, NULL) != GRPC_CALL_OK) {
+                c->close_started = 0;
+                call_unref(c);
+            }
             p->next = s->parked;
             s->parked = p;
             wake_engine(s);
@@ -816,7 +850,15 @@ static void check_parked(srv *s, int all) {
     double t = now_s();
     for (parked **pp = &s->parked; *pp;) {
         parked *p = *pp;
-        if (all || t >= p->until || has_news(s, p->c->tenant, p->ids, p->n)) {
+        pthread_mutex_lock(&p->c->mu);
+        int gone = p->c->closed;
+        pthread_mutex_unlock(&p->c->mu);
+        if (gone) { /* the client left: keep its events for its next Step */
+            *pp = p->next;
+            call_unref(p->c);
+            free(p->ids);
+            free(p);
+        } else if (all || t >= p->until || has_news(s, p->c->tenant, p->ids, p->n)) {
             *pp = p->next;
             step_reply(s, p->c, p->ids, p->n);
             free(p->ids);
@@ -1402,6 +1444,17 @@ static char *read_pem(const char *path, const char *what, int key) {
     return b;
 }
 
+/* The signal pipe: process-wide by nature, written by the handler only. */
+static int sig_pipe[2] = {-1, -1};
+
+static void on_signal(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t r = write(sig_pipe[1], &b, 1);
+    (void)r;
+    errno = saved;
+}
+
 static grpc_server_credentials *make_creds(const srv_config *c) {
     if (!c->tls_cert && !c->tls_key) return grpc_insecure_server_credentials_create();
     if (!c->tls_cert || !c->tls_key) {
@@ -1468,12 +1521,16 @@ int srv_run(const srv_config *cfg) {
     if (s->cfg.token_file && load_tokens(s, s->cfg.token_file)) { free(s->tokens); free(s); return 2; }
     if (load_descriptors(s)) { free(s); return 1; }
 
-    /* signals are taken by sigwait in this thread only */
-    sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    /* SIGTERM / SIGINT write to a pipe from whatever thread takes them (the
+     * BLAS library starts threads before main, so masks cannot route them) */
+    if (pipe(sig_pipe) != 0) { free(s->tokens); free(s); return 1; }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     grpc_init();
@@ -1538,8 +1595,8 @@ int srv_run(const srv_config *cfg) {
         s->serving = 1;
         notify_watchers(s);
         pthread_mutex_unlock(&s->mu);
-        int sig;
-        sigwait(&sigs, &sig);
+        unsigned char sig = 0;
+        while (read(sig_pipe[0], &sig, 1) < 0 && errno == EINTR) {}
         LOG_INFO("signal %d: shutting down (grace %.1fs)", sig, s->cfg.grace_seconds);
         rc = 0;
     }
@@ -1609,6 +1666,10 @@ int srv_run(const srv_config *cfg) {
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    close(sig_pipe[0]);
+    close(sig_pipe[1]);
     LOG_INFO("stopped");
     return rc;
 }
