@@ -645,6 +645,12 @@ static void wake_engine(srv *s) {
     pthread_cond_signal(&s->cv);
 }
 
+static void wake_engine_locked(srv *s) {
+    pthread_mutex_lock(&s->mu);
+    wake_engine(s);
+    pthread_mutex_unlock(&s->mu);
+}
+
 static void h_submit(call *c) {
     srv *s = c->s;
     UNPACK(Kvserve__V1__GenerateRequest, kvserve__v1__generate_request__descriptor, c, g);
@@ -1464,6 +1470,23 @@ static grpc_server_credentials *make_creds(const srv_config *c) {
     char *cert = read_pem(c->tls_cert, "--tls-cert", 0), *key = cert ? read_pem(c->tls_key, "--tls-key", 1) : NULL;
     char *ca = key && c->tls_client_ca ? read_pem(c->tls_client_ca, "--tls-client-ca", 0) : NULL;
     grpc_server_credentials *cr = NULL;
+    if (cert && key) { /* the key must belong to the certificate */
+        BIO *bc = BIO_new_mem_buf(cert, -1), *bk = BIO_new_mem_buf(key, -1);
+        X509 *x = PEM_read_bio_X509(bc, NULL, NULL, NULL);
+        EVP_PKEY *k = PEM_read_bio_PrivateKey(bk, NULL, NULL, NULL);
+        int match = x && k && X509_check_private_key(x, k) == 1;
+        X509_free(x);
+        EVP_PKEY_free(k);
+        BIO_free(bc);
+        BIO_free(bk);
+        if (!match) {
+            fprintf(stderr, "kvserve: --tls-key %s does not match --tls-cert %s\n", c->tls_key, c->tls_cert);
+            free(cert);
+            free(key);
+            free(ca);
+            return NULL;
+        }
+    }
     if (cert && key && (!c->tls_client_ca || ca)) {
         grpc_ssl_pem_key_cert_pair pair = {key, cert};
         cr = grpc_ssl_server_credentials_create_ex(
@@ -1474,6 +1497,17 @@ static grpc_server_credentials *make_creds(const srv_config *c) {
     free(key);
     free(ca);
     return cr;
+}
+
+static void free_files(srv *s) {
+    for (int i = 0; i < s->n_files; i++) {
+        for (int k = 0; k < s->files[i].n_symbols; k++) free(s->files[i].symbols[k]);
+        free(s->files[i].symbols);
+        free(s->files[i].deps);
+    }
+    free(s->files);
+    s->files = NULL;
+    s->n_files = 0;
 }
 
 static int getenv_int(const char *name, int def) {
@@ -1507,7 +1541,7 @@ int srv_run(const srv_config *cfg) {
     if (!s) return 1;
     s->cfg = *cfg;
     if (s->cfg.cq_threads <= 0) s->cfg.cq_threads = 2;
-    if (s->cfg.grace_seconds <= 0) s->cfg.grace_seconds = 10;
+    if (s->cfg.grace_seconds < 0) s->cfg.grace_seconds = 10;
     if (s->cfg.max_wait_ms <= 0) s->cfg.max_wait_ms = 10000;
     if (s->cfg.max_message_bytes <= 0) s->cfg.max_message_bytes = 64 << 20;
     pthread_mutex_init(&s->mu, NULL);
@@ -1535,15 +1569,18 @@ int srv_run(const srv_config *cfg) {
 
     grpc_init();
     grpc_server_credentials *creds = make_creds(&s->cfg);
-    if (!creds) { grpc_shutdown(); free(s->tokens); free(s); return 2; }
-    grpc_arg args[2];
+    if (!creds) { grpc_shutdown(); free_files(s); free(s->tokens); free(s); return 2; }
+    grpc_arg args[3];
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
     args[0].value.integer = s->cfg.max_message_bytes;
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = s->cfg.max_message_bytes;
-    grpc_channel_args cargs = {2, args};
+    args[2].type = GRPC_ARG_INTEGER; /* a second server on the same port must fail, not share it */
+    args[2].key = GRPC_ARG_ALLOW_REUSEPORT;
+    args[2].value.integer = 0;
+    grpc_channel_args cargs = {3, args};
     s->server = grpc_server_create(&cargs, NULL);
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
@@ -1563,6 +1600,7 @@ int srv_run(const srv_config *cfg) {
         grpc_completion_queue_destroy(s->cq);
         grpc_shutdown();
         free(s->rm);
+        free_files(s);
         free(s->tokens);
         free(s);
         return 2;
@@ -1617,8 +1655,35 @@ int srv_run(const srv_config *cfg) {
         if (!busy || now_s() >= until) break;
         sleep_ms(20);
     }
+    /* past the grace: cancel the engine requests first, so that each stream
+     * still gets its completion (finish CANCELLED) and status OK */
+    if (s->eng_thr) {
+        pthread_mutex_lock(&s->mu);
+        size_t n = 0, cap = 0;
+        uint64_t *ids = NULL;
+        for (rec *r = s->recs; r; r = r->next) {
+            if (!r->stream) continue;
+            if (n == cap) {
+                uint64_t *ni = realloc(ids, (cap = cap ? cap * 2 : 64) * sizeof *ni);
+                if (!ni) break;
+                ids = ni;
+            }
+            ids[n++] = r->id;
+        }
+        pthread_mutex_unlock(&s->mu);
+        for (size_t i = 0; i < n; i++) eng_cancel(s->eng, ids[i]);
+        free(ids);
+        wake_engine_locked(s);
+        check_parked(s, 1);
+        for (int i = 0; i < 100; i++) { /* up to a second for those completions to go out */
+            pthread_mutex_lock(&s->mu);
+            int left = s->active_calls;
+            pthread_mutex_unlock(&s->mu);
+            if (!left) break;
+            sleep_ms(10);
+        }
+    }
     grpc_server_cancel_all_calls(s->server);
-    if (s->eng_thr) check_parked(s, 1);
     for (int i = 0; i < 500; i++) { /* the cancelled streams' completions come through the engine */
         pthread_mutex_lock(&s->mu);
         int left = s->active_calls, done = s->shutdown_done;
@@ -1654,12 +1719,7 @@ int srv_run(const srv_config *cfg) {
     eng_engine_close(s->eng);
     eng_model_close(s->model);
     grpc_shutdown();
-    for (int i = 0; i < s->n_files; i++) {
-        for (int k = 0; k < s->files[i].n_symbols; k++) free(s->files[i].symbols[k]);
-        free(s->files[i].symbols);
-        free(s->files[i].deps);
-    }
-    free(s->files);
+    free_files(s);
     free(s->cq_thr);
     free(s->rm);
     free(s->tokens);

@@ -1,0 +1,1170 @@
+#!/usr/bin/python3
+"""kvserve over gRPC, from Python (Debian's python3-grpcio), against real servers.
+
+    /usr/bin/python3 tests/rpc/test_rpc.py --kvserve BUILD/kvserve --model MODELS/tiny --proto proto
+        [--slow-model MODELS/smollm2-135m] [-k PATTERN] [-v]
+
+Message modules are generated with protoc into a temporary directory at start;
+calls go through generic stubs (channel.unary_unary / unary_stream). Every
+server runs on a free loopback port and is stopped with SIGTERM, and every
+test asserts it exited 0. Every RPC has a deadline.
+
+The tiny model generates 400 tokens in ~50 ms, too fast for a client to
+cancel, time out or SIGTERM "mid-stream". Tests that need a generation still
+running when the client acts use --slow-model (default: smollm2-135m next to
+--model, when present) and are skipped without it.
+"""
+import argparse
+import importlib.util
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import grpc
+
+ARGS = None
+TMP = None
+pb = None   # kvserve.v1 messages
+hpb = None  # grpc.health.v1 messages
+
+SERVING, NOT_SERVING = 1, 2
+STARTED = []  # every Server started, killed at exit if still running
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),  # (min_reconnect_backoff_ms is also the connect timeout: keep it)
+]
+
+
+# ---- set-up: messages, ports, servers -------------------------------------------------
+def load_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def generate_messages(proto_dir, out):
+    global pb, hpb
+    gen = os.path.join(out, "gen")
+    hp = os.path.join(out, "healthproto")
+    os.makedirs(gen)
+    os.makedirs(hp)
+    subprocess.run(["protoc", "-I", proto_dir, "--python_out=" + gen, "kvserve/v1/kvserve.proto"], check=True,
+                   timeout=60)
+    # health.proto at a temporary root: a grpc/health/v1 package would shadow the grpc module
+    shutil.copy(os.path.join(proto_dir, "grpc", "health", "v1", "health.proto"), hp)
+    subprocess.run(["protoc", "-I", hp, "--python_out=" + gen, "health.proto"], check=True, timeout=60)
+    pb = load_module("kvserve_pb2", os.path.join(gen, "kvserve", "v1", "kvserve_pb2.py"))
+    hpb = load_module("health_pb2", os.path.join(gen, "health_pb2.py"))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def crash_marks(log):
+    marks = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "Segmentation fault", "double free",
+             "corrupted", "Assertion", "FATAL", "abort")
+    return [m for m in marks if m in log]
+
+
+class Server:
+    """A `kvserve serve` process on a free loopback port."""
+    n = 0
+
+    def __init__(self, *args, model=None, creds=None, target_host="127.0.0.1"):
+        Server.n += 1
+        self.model = model or ARGS.model
+        self.args = list(args)
+        self.creds = creds  # channel credentials for TLS servers
+        self.port = free_port()
+        self.addr = f"{target_host}:{self.port}"
+        self.log_path = os.path.join(TMP, f"server{Server.n}.log")
+        self.proc = None
+        self.channels = []
+
+    def start(self, ready_timeout=30):
+        STARTED.append(self)
+        cmd = [ARGS.kvserve, "serve", "--model", self.model, "--listen", f"127.0.0.1:{self.port}"] + self.args
+        self.logf = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.logf)
+        ch = self.channel()
+        check = unary(ch, "/grpc.health.v1.Health/Check", hpb.HealthCheckRequest, hpb.HealthCheckResponse)
+        until = time.monotonic() + ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kvserve exited with {self.proc.returncode} before serving:\n{self.log()}")
+            if time.monotonic() > until:
+                self.kill()
+                raise AssertionError(f"kvserve not SERVING within {ready_timeout}s:\n{self.log()}")
+            try:
+                # wait_for_ready: a fail-fast call would not drive the (TLS) connection attempt
+                if check(hpb.HealthCheckRequest(), timeout=2, wait_for_ready=True).status == SERVING:
+                    return self
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+
+    def channel(self, creds="default", options=()):
+        creds = self.creds if creds == "default" else creds
+        opts = FAST_RECONNECT + list(options)
+        ch = grpc.secure_channel(self.addr, creds, opts) if creds else grpc.insecure_channel(self.addr, opts)
+        self.channels.append(ch)
+        return ch
+
+    def client(self, token=None, creds="default"):
+        return Client(self.channel(creds), token)
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def terminate(self):
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"kvserve did not exit within {timeout}s of SIGTERM:\n{self.log()[-4000:]}")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close_channels(self):
+        for ch in self.channels:
+            ch.close()
+        self.channels = []
+
+    def stop(self, timeout=30):
+        """SIGTERM, wait, and check: exit code 0, no crash report."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.terminate()
+        rc = self.wait(timeout)
+        self.close_channels()
+        self.logf.close()
+        self.assert_clean(rc)
+
+    def assert_clean(self, rc):
+        log = self.log()
+        if rc != 0 or crash_marks(log):
+            raise AssertionError(f"kvserve exit code {rc} (0 expected), crash marks {crash_marks(log)}:\n"
+                                 f"{log[-4000:]}")
+
+
+def unary(ch, path, req, rep):
+    return ch.unary_unary(path, request_serializer=req.SerializeToString, response_deserializer=rep.FromString)
+
+
+def ustream(ch, path, req, rep):
+    return ch.unary_stream(path, request_serializer=req.SerializeToString, response_deserializer=rep.FromString)
+
+
+class Client:
+    """Generic stubs for every method, with the caller's bearer token."""
+
+    def __init__(self, ch, token=None):
+        self.ch = ch
+        self.md = [("authorization", "Bearer " + token)] if token else None
+        G, A, H = "/kvserve.v1.Generation/", "/kvserve.v1.Agents/", "/grpc.health.v1.Health/"
+        self._submit = unary(ch, G + "Submit", pb.GenerateRequest, pb.SubmitReply)
+        self._step = unary(ch, G + "Step", pb.StepRequest, pb.StepReply)
+        self._stream = ustream(ch, G + "Stream", pb.GenerateRequest, pb.StreamEvent)
+        self._cancel = unary(ch, G + "Cancel", pb.CancelRequest, pb.CancelReply)
+        self._stats = unary(ch, G + "Stats", pb.StatsRequest, pb.StatsReply)
+        self._get = unary(ch, A + "GetAgent", pb.AgentRequest, pb.AgentInfo)
+        self._list = unary(ch, A + "ListAgents", pb.ListAgentsRequest, pb.ListAgentsReply)
+        self._drop = unary(ch, A + "DropAgent", pb.AgentRequest, pb.DropAgentReply)
+        self._export = unary(ch, A + "ExportAgent", pb.AgentRequest, pb.ExportAgentReply)
+        self._import = unary(ch, A + "ImportAgent", pb.ImportAgentRequest, pb.AgentInfo)
+        self._check = unary(ch, H + "Check", hpb.HealthCheckRequest, hpb.HealthCheckResponse)
+        self._watch = ustream(ch, H + "Watch", hpb.HealthCheckRequest, hpb.HealthCheckResponse)
+
+    def submit(self, req, timeout=10):
+        return self._submit(req, timeout=timeout, metadata=self.md).id
+
+    def step(self, ids, wait_ms=0, timeout=15):
+        return self._step(pb.StepRequest(ids=ids, wait_ms=wait_ms), timeout=timeout, metadata=self.md)
+
+    def stream(self, req, timeout=60):
+        return self._stream(req, timeout=timeout, metadata=self.md)
+
+    def cancel(self, id_, timeout=10):
+        return self._cancel(pb.CancelRequest(id=id_), timeout=timeout, metadata=self.md)
+
+    def stats(self, timeout=10):
+        return self._stats(pb.StatsRequest(), timeout=timeout, metadata=self.md)
+
+    def get_agent(self, agent_id, timeout=10):
+        return self._get(pb.AgentRequest(agent_id=agent_id), timeout=timeout, metadata=self.md)
+
+    def list_agents(self, timeout=10):
+        return self._list(pb.ListAgentsRequest(), timeout=timeout, metadata=self.md).agents
+
+    def drop_agent(self, agent_id, timeout=10):
+        return self._drop(pb.AgentRequest(agent_id=agent_id), timeout=timeout, metadata=self.md)
+
+    def export_agent(self, agent_id, timeout=10):
+        return self._export(pb.AgentRequest(agent_id=agent_id), timeout=timeout, metadata=self.md).data
+
+    def import_agent(self, agent_id, data, timeout=10):
+        return self._import(pb.ImportAgentRequest(agent_id=agent_id, data=data), timeout=timeout, metadata=self.md)
+
+    def health(self, service="", timeout=5):
+        return self._check(hpb.HealthCheckRequest(service=service), timeout=timeout).status
+
+    def watch(self, service="", timeout=30):
+        return self._watch(hpb.HealthCheckRequest(service=service), timeout=timeout)
+
+    # -- whole generations
+    def run_submit(self, req, limit=60):
+        """Submit, then Step (long-polling) until the completion: (tokens, completion)."""
+        id_ = self.submit(req)
+        tokens, until = [], time.monotonic() + limit
+        while time.monotonic() < until:
+            rep = self.step([id_], wait_ms=1000, timeout=10)
+            tokens += list(rep.tokens)
+            if rep.completions:
+                assert len(rep.completions) == 1, rep
+                return id_, tokens, rep.completions[0]
+        raise AssertionError(f"no completion for request {id_} within {limit}s")
+
+    def run_stream(self, req, timeout=60):
+        """Stream: (token events, completions)."""
+        tokens, comps = [], []
+        for ev in self.stream(req, timeout=timeout):
+            if ev.WhichOneof("event") == "token":
+                assert not comps, "token event after the completion"
+                tokens.append(ev.token)
+            else:
+                comps.append(ev.completion)
+        return tokens, comps
+
+    def wait_idle(self, limit=15, agents_blocks=0):
+        """Poll Stats until nothing runs or waits and every block not held by agents is free."""
+        until = time.monotonic() + limit
+        st = None
+        while time.monotonic() < until:
+            st = self.stats()
+            if st.running == 0 and st.waiting == 0 and st.blocks_free + agents_blocks == st.blocks_total:
+                return st
+            time.sleep(0.05)
+        raise AssertionError(f"the server did not become idle within {limit}s; last Stats:\n{st}")
+
+
+def greq(prompt="", ids=None, max_tokens=16, **kw):
+    sampling = kw.pop("sampling", None)
+    r = pb.GenerateRequest(prompt=prompt, prompt_ids=ids or [], max_tokens=max_tokens, **kw)
+    if sampling is not None:
+        r.sampling.CopyFrom(pb.Sampling(**sampling))
+    return r
+
+
+def rand_ids(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1024) for _ in range(n)]  # 0..2 are special tokens
+
+
+def code_of(fn):
+    """Status code and details of the RpcError fn() raises (fails if it does not)."""
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    raise AssertionError("the call succeeded; an error status was expected")
+
+
+def slow_model_or_skip(tc):
+    if not ARGS.slow_model:
+        tc.skipTest("needs a slower model (--slow-model, e.g. smollm2-135m): the tiny one finishes in milliseconds")
+    return ARGS.slow_model
+
+
+def slow_server(*extra):
+    # one thread: gentle on a shared machine, and slow enough to act mid-generation
+    return Server("--threads", "1", "--ctx", "1024", "--pool-blocks", "128", *extra, model=ARGS.slow_model)
+
+
+# ---- the shared tiny-model server -------------------------------------------------------
+class TinyServerCase(unittest.TestCase):
+    srv = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = Server("--ctx", "512", "--threads", "1").start()
+        cls.c = cls.srv.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.stop()
+
+
+class T1_Generation(TinyServerCase):
+    def test_submit_step_delivers_indexed_tokens_then_completion(self):
+        ids = rand_ids(10, 1)
+        req = greq(ids=ids, max_tokens=20, ignore_eos=True)
+        id_, toks, comp = self.c.run_submit(req)
+        self.assertEqual([t.index for t in toks], list(range(20)))
+        self.assertTrue(all(t.id == id_ for t in toks))
+        self.assertEqual(comp.id, id_)
+        self.assertEqual(list(comp.token_ids), [t.token for t in toks])
+        self.assertEqual(comp.text, "".join(t.text for t in toks))
+        self.assertEqual(comp.finish_reason, pb.LENGTH)
+        self.assertEqual(comp.usage.prompt_tokens, 10)
+        self.assertEqual(comp.usage.cached_tokens, 0)
+        self.assertEqual(comp.usage.generated_tokens, 20)
+        self.assertEqual(comp.error, "")
+        # a delivered completion is forgotten
+        code, _ = code_of(lambda: self.c.step([id_]))
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+
+    def test_step_with_wait_zero_returns_at_once(self):
+        id_ = self.c.submit(greq(ids=rand_ids(5, 2), max_tokens=8, ignore_eos=True))
+        t0 = time.monotonic()
+        rep = self.c.step([id_], wait_ms=0)
+        self.assertLess(time.monotonic() - t0, 2)
+        toks, comps = list(rep.tokens), list(rep.completions)
+        if not comps:
+            _, more, comp = self._collect(id_)
+            toks += more
+            comps.append(comp)
+        self.assertEqual([t.index for t in toks], list(range(8)))
+        self.assertEqual(comps[0].usage.generated_tokens, 8)
+
+    def _collect(self, id_, limit=30):
+        toks, until = [], time.monotonic() + limit
+        while time.monotonic() < until:
+            rep = self.c.step([id_], wait_ms=1000)
+            toks += list(rep.tokens)
+            if rep.completions:
+                return id_, toks, rep.completions[0]
+        self.fail("no completion")
+
+    def test_stream_matches_submit_step_for_the_same_greedy_request(self):
+        req = greq(prompt="The quick brown fox", max_tokens=24, ignore_eos=True, add_special_tokens=True)
+        toks, comps = self.c.run_stream(req)
+        self.assertEqual(len(comps), 1, "exactly one completion, last")
+        comp = comps[0]
+        self.assertEqual([t.index for t in toks], list(range(24)))
+        self.assertTrue(all(t.id == comp.id for t in toks))
+        self.assertEqual(list(comp.token_ids), [t.token for t in toks])
+        self.assertEqual(comp.text, "".join(t.text for t in toks))
+        self.assertEqual(comp.finish_reason, pb.LENGTH)
+        self.assertEqual(comp.usage.generated_tokens, 24)
+        _, toks2, comp2 = self.c.run_submit(req)
+        self.assertEqual(list(comp2.token_ids), list(comp.token_ids))
+        self.assertEqual(comp2.text, comp.text)
+        self.assertEqual([t.text for t in toks2], [t.text for t in toks])
+        self.assertEqual(comp2.usage.prompt_tokens, comp.usage.prompt_tokens)
+        self.assertEqual(comp2.usage.generated_tokens, comp.usage.generated_tokens)
+
+    def test_stream_stops_at_a_stop_string_and_omits_it(self):
+        base = greq(ids=rand_ids(8, 4), max_tokens=40, ignore_eos=True)
+        _, comps = self.c.run_stream(base)
+        text = comps[0].text
+        # a stop string from the middle of the greedy output
+        cut = next((i for i in range(len(text) // 3, len(text) - 2) if all(32 < ord(ch) < 127 for ch in text[i:i + 2])), None)
+        if cut is None:
+            self.skipTest("no usable stop string in the output")
+        stop = text[cut:cut + 2]
+        req = greq(ids=rand_ids(8, 4), max_tokens=40, ignore_eos=True, stop=[stop])
+        toks, comps = self.c.run_stream(req)
+        c = comps[0]
+        self.assertEqual(c.finish_reason, pb.STOP)
+        self.assertEqual(c.text, text[:text.index(stop)])
+        self.assertEqual("".join(t.text for t in toks), c.text)
+
+    def test_stream_id_is_not_steppable(self):
+        it = self.c.stream(greq(ids=rand_ids(5, 5), max_tokens=30, ignore_eos=True), timeout=30)
+        first = next(iter(it))
+        sid = first.token.id
+        code, _ = code_of(lambda: self.c.step([sid]))
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        for _ in it:
+            pass
+
+    def test_cancel_of_an_unknown_id_is_not_found(self):
+        code, details = code_of(lambda: self.c.cancel(987654321))
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        self.assertIn("987654321", details)
+
+    def test_concurrent_streams_each_match_their_solo_run(self):
+        reqs = [greq(prompt=f"Request {i}: tell me about item {i * 7}", max_tokens=24, ignore_eos=True,
+                     sampling=dict(temperature=0.9, top_k=40, top_p=0.95, seed=1000 + i)) for i in range(32)]
+        solo = []
+        for r in reqs:
+            toks, comps = self.c.run_stream(r)
+            solo.append((list(comps[0].token_ids), comps[0].text))
+        self.assertGreater(len(set(tuple(s[0]) for s in solo)), 16, "prompts/seeds should give different outputs")
+        got = [None] * 32
+        barrier = threading.Barrier(32)
+
+        def run(i):
+            try:
+                barrier.wait(10)
+                toks, comps = self.c.run_stream(reqs[i], timeout=60)
+                got[i] = (list(comps[0].token_ids), comps[0].text, [t.index for t in toks],
+                          list(c.finish_reason for c in comps))
+            except Exception as e:  # noqa: BLE001 - reported below
+                got[i] = e
+
+        ths = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(90)
+        for i in range(32):
+            self.assertNotIsInstance(got[i], Exception, f"stream {i}: {got[i]!r}")
+            self.assertIsNotNone(got[i], f"stream {i} did not finish")
+            ids, text, idx, fins = got[i]
+            self.assertEqual(fins, [pb.LENGTH])
+            self.assertEqual(idx, list(range(24)))
+            self.assertEqual(ids, solo[i][0], f"stream {i}: concurrent tokens differ from the solo run")
+            self.assertEqual(text, solo[i][1])
+        self.c.wait_idle(agents_blocks=self._agent_blocks())
+
+    def _agent_blocks(self):
+        return sum(a.blocks for a in self.c.list_agents())
+
+
+class T1b_StepRepeatedIds(TinyServerCase):
+    """On a server of its own: a repeated id has made step_reply() use freed memory."""
+
+    def test_step_with_a_repeated_id_reports_each_event_once(self):
+        id_ = self.c.submit(greq(ids=rand_ids(6, 3), max_tokens=12, ignore_eos=True))
+        toks, comps, until = [], [], time.monotonic() + 30
+        while not comps and time.monotonic() < until:
+            try:
+                rep = self.c.step([id_, id_], wait_ms=1000)
+            except grpc.RpcError as e:  # refusing duplicates is fine too
+                self.assertEqual(e.code(), grpc.StatusCode.INVALID_ARGUMENT, e.details())
+                return
+            toks += list(rep.tokens)
+            comps += list(rep.completions)
+        self.assertEqual([t.index for t in toks], list(range(12)),
+                         "Step(ids=[x, x]) must report each token event once")
+        self.assertEqual(len(comps), 1, "Step(ids=[x, x]) must report the completion once")
+
+
+class T2_BadRequests(TinyServerCase):
+    def assert_invalid(self, req, field, code=grpc.StatusCode.INVALID_ARGUMENT):
+        for name, call in (("Submit", lambda: self.c.submit(req)),
+                           ("Stream", lambda: list(self.c.stream(req, timeout=10)))):
+            got, details = code_of(call)
+            self.assertEqual(got, code, f"{name}: {details}")
+            self.assertIn(field, details, f"{name}: the message should name {field!r}")
+
+    def test_empty_prompt_is_invalid(self):
+        self.assert_invalid(greq(max_tokens=4), "prompt")
+
+    def test_max_tokens_zero_is_invalid(self):
+        self.assert_invalid(greq(prompt="hi", max_tokens=0), "max_tokens")
+        self.assert_invalid(greq(prompt="hi", max_tokens=-3), "max_tokens")
+
+    def test_prompt_longer_than_ctx_is_invalid(self):
+        self.assert_invalid(greq(ids=rand_ids(600, 6), max_tokens=1), "prompt")
+        self.assert_invalid(greq(ids=rand_ids(500, 6), max_tokens=100), "max_tokens")
+
+    def test_prompt_id_outside_the_vocabulary_is_invalid(self):
+        self.assert_invalid(greq(ids=[5, 6, 5000], max_tokens=2), "prompt")
+        self.assert_invalid(greq(ids=[5, -1], max_tokens=2), "prompt")
+
+    def test_top_p_2_is_invalid(self):
+        self.assert_invalid(greq(prompt="hi", max_tokens=2, sampling=dict(top_p=2)), "top_p")
+
+    def test_temperature_negative_is_invalid(self):
+        self.assert_invalid(greq(prompt="hi", max_tokens=2, sampling=dict(temperature=-1)), "temperature")
+
+    def test_other_sampling_out_of_range_is_invalid(self):
+        self.assert_invalid(greq(prompt="hi", max_tokens=2, sampling=dict(top_k=-1)), "top_k")
+        self.assert_invalid(greq(prompt="hi", max_tokens=2, sampling=dict(min_p=1.5)), "min_p")
+        self.assert_invalid(greq(prompt="hi", max_tokens=2, sampling=dict(repeat_penalty=-2)), "repeat_penalty")
+
+    def test_too_many_stop_strings_are_invalid(self):
+        self.assert_invalid(greq(prompt="hi", max_tokens=2, stop=[f"s{i}" for i in range(17)]), "stop")
+
+    def test_reset_without_agent_id_is_invalid(self):
+        self.assert_invalid(greq(prompt="hi", max_tokens=2, reset=True), "agent_id")
+
+    def test_step_without_ids_is_invalid(self):
+        code, details = code_of(lambda: self.c.step([]))
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("ids", details)
+
+    def test_step_of_an_unknown_id_is_not_found(self):
+        code, details = code_of(lambda: self.c.step([424242], wait_ms=100))
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        self.assertIn("424242", details)
+
+    def test_unknown_method_is_unimplemented(self):
+        for path in ("/kvserve.v1.Generation/Nope", "/no.such.Service/Call"):
+            call = unary(self.srv.channel(), path, pb.StatsRequest, pb.StatsReply)
+            code, details = code_of(lambda: call(pb.StatsRequest(), timeout=5))
+            self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED, details)
+
+    def test_agent_calls_without_agent_id_are_invalid(self):
+        for name, call in (("GetAgent", lambda: self.c.get_agent("")),
+                           ("DropAgent", lambda: self.c.drop_agent("")),
+                           ("ExportAgent", lambda: self.c.export_agent("")),
+                           ("ImportAgent", lambda: self.c.import_agent("", b"x"))):
+            code, details = code_of(call)
+            self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {details}")
+            self.assertIn("agent_id", details, name)
+
+    def test_unknown_agent_is_not_found(self):
+        for name, call in (("GetAgent", lambda: self.c.get_agent("nobody")),
+                           ("DropAgent", lambda: self.c.drop_agent("nobody")),
+                           ("ExportAgent", lambda: self.c.export_agent("nobody"))):
+            code, details = code_of(call)
+            self.assertEqual(code, grpc.StatusCode.NOT_FOUND, f"{name}: {details}")
+
+    def test_malformed_request_bytes_are_invalid(self):
+        raw = self.srv.channel().unary_unary("/kvserve.v1.Generation/Submit")  # bytes in, bytes out
+        code, details = code_of(lambda: raw(b"\x0a\xff\xff\xff", timeout=5))
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+class T3_Agents(TinyServerCase):
+    P, Q = rand_ids(10, 7), rand_ids(5, 8)
+
+    def turn(self, agent, ids, n, **kw):
+        toks, comps = self.c.run_stream(greq(ids=ids, max_tokens=n, ignore_eos=True, agent_id=agent, **kw))
+        self.assertEqual(len(comps), 1)
+        self.assertEqual(comps[0].finish_reason, pb.LENGTH, comps[0].error)
+        return comps[0]
+
+    def test_second_turn_reuses_the_first_turns_kv(self):
+        c1 = self.turn("two-turns", self.P, 8)
+        self.assertEqual((c1.usage.prompt_tokens, c1.usage.cached_tokens, c1.usage.generated_tokens), (10, 0, 8))
+        info = self.c.get_agent("two-turns")
+        self.assertEqual(info.agent_id, "two-turns")
+        self.assertEqual(info.tokens, 18)
+        self.assertEqual(info.cached_tokens, 17)
+        self.assertFalse(info.busy)
+        c2 = self.turn("two-turns", self.Q, 6)
+        self.assertEqual(c2.usage.prompt_tokens, 18 + 5, "agent history + new prompt")
+        self.assertEqual(c2.usage.cached_tokens, 10 + 8 - 1, "first turn's prompt + generated - 1")
+        self.assertEqual(c2.usage.generated_tokens, 6)
+        self.assertEqual(self.c.get_agent("two-turns").tokens, 18 + 5 + 6)
+        # reset forgets the history
+        c3 = self.turn("two-turns", self.P, 8, reset=True)
+        self.assertEqual(c3.usage.prompt_tokens, 10)
+        self.assertEqual(list(c3.token_ids), list(c1.token_ids))
+
+    def test_export_drop_import_continues_like_an_unexported_twin(self):
+        ca, cb = self.turn("twin-a", self.P, 8), self.turn("twin-b", self.P, 8)
+        self.assertEqual(list(ca.token_ids), list(cb.token_ids))
+        data = self.c.export_agent("twin-a")
+        self.assertTrue(data.startswith(b"KVSAGENT"), data[:16])
+        self.c.drop_agent("twin-a")
+        code, _ = code_of(lambda: self.c.get_agent("twin-a"))
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        info = self.c.import_agent("twin-a", data)
+        self.assertEqual((info.agent_id, info.tokens), ("twin-a", 18))
+        code, _ = code_of(lambda: self.c.import_agent("twin-a", data))
+        self.assertEqual(code, grpc.StatusCode.ALREADY_EXISTS)
+        names = [a.agent_id for a in self.c.list_agents()]
+        self.assertIn("twin-a", names)
+        self.assertIn("twin-b", names)
+        sampling = dict(temperature=0.8, seed=77)
+        a2 = self.turn("twin-a", self.Q, 12, sampling=sampling)
+        b2 = self.turn("twin-b", self.Q, 12, sampling=sampling)
+        self.assertEqual(list(a2.token_ids), list(b2.token_ids))
+        self.assertEqual(a2.text, b2.text)
+        self.assertEqual(a2.usage.prompt_tokens, b2.usage.prompt_tokens)
+        self.assertEqual(a2.usage.cached_tokens, 17, "the imported KV is reused")
+        # a copy under another name works too
+        self.c.import_agent("twin-c", data)
+        c2 = self.turn("twin-c", self.Q, 12, sampling=sampling)
+        self.assertEqual(list(c2.token_ids), list(b2.token_ids))
+
+    def test_import_of_corrupt_data_is_invalid(self):
+        self.turn("to-corrupt", self.P, 4)
+        data = bytearray(self.c.export_agent("to-corrupt"))
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0x5A
+        for name, bad in (("flipped byte", bytes(flipped)), ("truncated", bytes(data[:len(data) - 7])),
+                          ("garbage", b"not an agent at all"), ("empty", b"")):
+            code, details = code_of(lambda: self.c.import_agent("corrupt-" + name.replace(" ", "-"), bad))
+            self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {details}")
+            self.assertIn("data", details, name)
+        names = [a.agent_id for a in self.c.list_agents()]
+        self.assertFalse([n for n in names if n.startswith("corrupt-")], "a refused import leaves no agent")
+
+
+# ---- limits -----------------------------------------------------------------------------------
+class T4_PoolLimit(unittest.TestCase):
+    def test_request_beyond_the_pool_is_resource_exhausted(self):
+        srv = Server("--pool-blocks", "4", "--block-tokens", "16", "--threads", "1").start()
+        try:
+            c = srv.client()
+            req = greq(ids=rand_ids(5, 9), max_tokens=100, ignore_eos=True)  # 7 blocks > 4
+            for name, call in (("Submit", lambda: c.submit(req)), ("Stream", lambda: list(c.stream(req)))):
+                code, details = code_of(call)
+                self.assertEqual(code, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{name}: {details}")
+                self.assertIn("pool", details)
+            toks, comps = c.run_stream(greq(ids=rand_ids(5, 9), max_tokens=40, ignore_eos=True))
+            self.assertEqual(comps[0].finish_reason, pb.LENGTH)
+            # an agent whose history outgrows the pool: the turn ends with finish ERROR and a reason
+            c.run_stream(greq(ids=rand_ids(5, 10), max_tokens=30, ignore_eos=True, agent_id="big"))
+            toks, comps = c.run_stream(greq(ids=rand_ids(5, 11), max_tokens=30, ignore_eos=True, agent_id="big"))
+            self.assertEqual(comps[0].finish_reason, pb.ERROR)
+            self.assertIn("pool", comps[0].error)
+        finally:
+            srv.stop()
+
+
+# ---- cancellation and deadlines (need a generation that lasts) ---------------------------------
+class T5_CancelAndDeadline(unittest.TestCase):
+    srv = None
+
+    @classmethod
+    def setUpClass(cls):
+        if ARGS.slow_model:
+            cls.srv = slow_server("--max-running", "1").start()
+            cls.c = cls.srv.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.srv:
+            cls.srv.stop()
+
+    def setUp(self):
+        slow_model_or_skip(self)
+
+    LONG = dict(max_tokens=400, ignore_eos=True)
+
+    def test_client_cancel_mid_stream_frees_the_blocks(self):
+        call = self.c.stream(greq(prompt="Once upon a time", **self.LONG), timeout=120)
+        n = 0
+        for ev in call:
+            self.assertEqual(ev.WhichOneof("event"), "token")
+            n += 1
+            if n == 3:
+                break
+        st = self.c.stats()
+        self.assertEqual(st.running, 1, "the generation should still be running")
+        self.assertLess(st.blocks_free, st.blocks_total)
+        call.cancel()
+        t0 = time.monotonic()
+        self.c.wait_idle(limit=10)
+        self.assertLess(time.monotonic() - t0, 10)
+
+    def test_cancel_rpc_ends_a_submitted_request_as_cancelled(self):
+        id_ = self.c.submit(greq(prompt="Once upon a time", **self.LONG))
+        rep = self.c.step([id_], wait_ms=5000)
+        self.assertTrue(rep.tokens, "a first token within 5 s")
+        self.assertFalse(rep.completions)
+        self.c.cancel(id_)
+        _, toks, comp = self._tail(id_)
+        self.assertEqual(comp.finish_reason, pb.CANCELLED)
+        self.assertLess(comp.usage.generated_tokens, 400)
+        code, _ = code_of(lambda: self.c.cancel(id_))
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND, "cancel of a finished, collected request")
+        self.c.wait_idle()
+
+    def _tail(self, id_, limit=30):
+        toks, until = [], time.monotonic() + limit
+        while time.monotonic() < until:
+            rep = self.c.step([id_], wait_ms=1000)
+            toks += list(rep.tokens)
+            if rep.completions:
+                return id_, toks, rep.completions[0]
+        self.fail(f"no completion for {id_} within {limit}s")
+
+    def test_stream_deadline_exceeded_frees_the_blocks(self):
+        call = self.c.stream(greq(prompt="A long story", **self.LONG), timeout=1.0)
+        n = 0
+        with self.assertRaises(grpc.RpcError) as cm:
+            for _ in call:
+                n += 1
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertLess(n, 401)
+        self.c.wait_idle(limit=10)
+
+    def test_client_cancel_of_a_queued_stream(self):
+        running = self.c.stream(greq(prompt="Running", **self.LONG), timeout=120)
+        next(iter(running))
+        queued = self.c.stream(greq(prompt="Queued", **self.LONG), timeout=120)
+        until = time.monotonic() + 10
+        while self.c.stats().waiting != 1:
+            self.assertLess(time.monotonic(), until, "the second stream never showed as waiting")
+            time.sleep(0.05)
+        queued.cancel()
+        until = time.monotonic() + 10
+        while (st := self.c.stats()).waiting != 0:
+            self.assertLess(time.monotonic(), until, f"the cancelled stream still waits: {st}")
+            time.sleep(0.05)
+        self.assertEqual(st.running, 1)
+        running.cancel()
+        self.c.wait_idle()
+
+    def test_busy_agent_cannot_be_dropped_or_exported(self):
+        call = self.c.stream(greq(prompt="Agent at work", agent_id="busy-agent", **self.LONG), timeout=120)
+        it = iter(call)
+        for _ in range(3):
+            next(it)
+        self.assertTrue(self.c.get_agent("busy-agent").busy)
+        for name, fn in (("DropAgent", lambda: self.c.drop_agent("busy-agent")),
+                         ("ExportAgent", lambda: self.c.export_agent("busy-agent"))):
+            code, details = code_of(fn)
+            self.assertEqual(code, grpc.StatusCode.FAILED_PRECONDITION, f"{name}: {details}")
+        call.cancel()
+        until = time.monotonic() + 10
+        while (info := self.c.get_agent("busy-agent")).busy:
+            self.assertLess(time.monotonic(), until, "the agent stays busy after its stream was cancelled")
+            time.sleep(0.05)
+        self.assertGreaterEqual(info.tokens, 3 + 3, "the agent keeps its prompt and what was generated")
+        self.c.drop_agent("busy-agent")
+        self.c.wait_idle()
+
+    def test_step_events_survive_a_step_whose_deadline_expired(self):
+        # the only running slot is taken by a long stream, so B waits in the queue
+        blocker = self.c.stream(greq(prompt="Blocking", **self.LONG), timeout=120)
+        next(iter(blocker))
+        b = self.c.submit(greq(prompt="Short one", max_tokens=3, ignore_eos=True))
+        # the server answers a parked Step just before the client's deadline
+        # (an empty reply) or the client times out; either way nothing is lost
+        t0 = time.monotonic()
+        try:
+            rep = self.c.step([b], wait_ms=8000, timeout=0.5)
+            self.assertEqual((len(rep.tokens), len(rep.completions)), (0, 0))
+            self.assertLess(time.monotonic() - t0, 0.6, "the reply came after the deadline")
+        except grpc.RpcError as e:
+            self.assertEqual(e.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        blocker.cancel()  # B runs now, while the abandoned Step may still be parked server-side
+        time.sleep(1.5)
+        toks, comp, until = [], None, time.monotonic() + 30
+        while comp is None and time.monotonic() < until:
+            try:
+                rep = self.c.step([b], wait_ms=1000)
+            except grpc.RpcError as e:
+                self.fail(f"Step after an abandoned Step: {e.code()} {e.details()} "
+                          f"(the request's events were handed to the Step whose client had gone)")
+            toks += list(rep.tokens)
+            comp = rep.completions[0] if rep.completions else None
+        self.assertEqual([t.index for t in toks], [0, 1, 2], "token events lost to the abandoned Step")
+        self.assertIsNotNone(comp)
+        self.c.wait_idle()
+
+
+# ---- authentication ---------------------------------------------------------------------------
+class T6_Auth(unittest.TestCase):
+    def test_bearer_tokens_and_tenant_isolation(self):
+        tokfile = os.path.join(TMP, "tokens")
+        with open(tokfile, "w") as f:
+            f.write("# tenants\ntok-alice-123 alice\ntok-bob-456 bob\n")
+        srv = Server("--token-file", tokfile, "--threads", "1").start()
+        try:
+            anon, wrong = srv.client(), srv.client("tok-mallory")
+            alice, bob = srv.client("tok-alice-123"), srv.client("tok-bob-456")
+            basic = Client(srv.channel(), None)
+            basic.md = [("authorization", "Basic dG9rLWFsaWNlLTEyMw==")]
+            for who, cl in (("no token", anon), ("wrong token", wrong), ("Basic scheme", basic)):
+                for name, call in (("Stats", cl.stats), ("Submit", lambda: cl.submit(greq(prompt="hi"))),
+                                   ("Stream", lambda: list(cl.stream(greq(prompt="hi")))),
+                                   ("ListAgents", cl.list_agents)):
+                    code, details = code_of(call)
+                    self.assertEqual(code, grpc.StatusCode.UNAUTHENTICATED, f"{who} {name}: {details}")
+            self.assertEqual(anon.health(), SERVING, "health needs no token")
+            # alice's agent and requests are hers alone
+            P = rand_ids(8, 12)
+            _, ca = alice.run_stream(greq(ids=P, max_tokens=6, ignore_eos=True, agent_id="secret"))
+            self.assertEqual(alice.get_agent("secret").tokens, 14)
+            for name, call in (("GetAgent", lambda: bob.get_agent("secret")),
+                               ("DropAgent", lambda: bob.drop_agent("secret")),
+                               ("ExportAgent", lambda: bob.export_agent("secret"))):
+                code, details = code_of(call)
+                self.assertEqual(code, grpc.StatusCode.NOT_FOUND, f"bob {name}: {details}")
+            self.assertEqual([a.agent_id for a in bob.list_agents()], [])
+            # bob may have his own agent of the same name, independent of alice's
+            _, cb = bob.run_stream(greq(ids=rand_ids(3, 13), max_tokens=2, ignore_eos=True, agent_id="secret"))
+            self.assertEqual(bob.get_agent("secret").tokens, 5)
+            self.assertEqual(alice.get_agent("secret").tokens, 14)
+            bob.run_stream(greq(ids=rand_ids(3, 14), max_tokens=2, ignore_eos=True, agent_id="bobs-own"))
+            self.assertEqual(sorted(a.agent_id for a in alice.list_agents()), ["secret"])
+            self.assertEqual(sorted(a.agent_id for a in bob.list_agents()), ["bobs-own", "secret"])
+            # an export is importable by another tenant only as its own copy
+            data = alice.export_agent("secret")
+            bob.import_agent("from-alice", data)
+            self.assertEqual(bob.get_agent("from-alice").tokens, 14)
+            code, _ = code_of(lambda: alice.get_agent("from-alice"))
+            self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+            # request ids: bob can neither step nor cancel alice's
+            rid = alice.submit(greq(ids=P, max_tokens=5, ignore_eos=True))
+            for name, call in (("Step", lambda: bob.step([rid], wait_ms=100)), ("Cancel", lambda: bob.cancel(rid))):
+                code, details = code_of(call)
+                self.assertEqual(code, grpc.StatusCode.NOT_FOUND, f"bob {name} of alice's request: {details}")
+            toks, comp = self._collect(alice, rid)
+            self.assertEqual(comp.finish_reason, pb.LENGTH, "bob's Cancel must not have touched it")
+            self.assertEqual(len(toks), 5)
+            alice.drop_agent("secret")
+            self.assertEqual(bob.get_agent("secret").tokens, 5, "alice's drop leaves bob's agent")
+        finally:
+            srv.stop()
+
+    @staticmethod
+    def _collect(cl, rid, limit=30):
+        toks, until = [], time.monotonic() + limit
+        while time.monotonic() < until:
+            rep = cl.step([rid], wait_ms=1000)
+            toks += list(rep.tokens)
+            if rep.completions:
+                return toks, rep.completions[0]
+        raise AssertionError("no completion")
+
+    def test_bad_token_file_is_refused_at_start(self):
+        bad = os.path.join(TMP, "tokens-bad")
+        with open(bad, "w") as f:
+            f.write("only-a-token\n")
+        for name, path in (("missing file", os.path.join(TMP, "no-such-tokens")), ("malformed line", bad)):
+            rc, err, dt = run_failing(["--token-file", path])
+            self.assertNotEqual(rc, 0, name)
+            self.assertIn("token file", err, name)
+
+
+# ---- TLS, mTLS and start-up errors -------------------------------------------------------------
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, timeout=60, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+
+
+def make_pki(d):
+    os.makedirs(d)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=kvserve-test-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    for name, cn, ext in (("srv", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                               "extendedKeyUsage=serverAuth\n"),
+                          ("cli", "kvserve-test-client", "extendedKeyUsage=clientAuth\n")):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+        with open(os.path.join(d, f"{name}.ext"), "w") as f:
+            f.write("basicConstraints=CA:FALSE\n" + ext)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    # a second, unrelated CA and a client certificate from it
+    openssl("req", "-x509", *ec, "-keyout", "ca2.key", "-out", "ca2.pem", "-days", "2", "-subj", "/CN=other-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE", cwd=d)
+    openssl("req", *ec, "-keyout", "rogue.key", "-out", "rogue.csr", "-subj", "/CN=rogue", cwd=d)
+    openssl("x509", "-req", "-in", "rogue.csr", "-CA", "ca2.pem", "-CAkey", "ca2.key", "-CAcreateserial",
+            "-out", "rogue.pem", "-days", "2", "-extfile", "cli.ext", cwd=d)
+    with open(os.path.join(d, "garbage.pem"), "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    return {n: os.path.join(d, n) for n in os.listdir(d)}
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def run_failing(args, model=None, timeout=20):
+    """Run a kvserve serve that should fail at start: (exit code, stderr, seconds)."""
+    cmd = [ARGS.kvserve, "serve", "--model", model or ARGS.model] + list(args)
+    if "--listen" not in args:
+        cmd += ["--listen", f"127.0.0.1:{free_port()}"]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"kvserve {' '.join(args)} still running after {timeout}s (a start-up failure "
+                             "was expected)")
+    return p.returncode, p.stderr.decode(errors="replace"), time.monotonic() - t0
+
+
+def error_lines(err):
+    """stderr lines that are not the server's timestamped log lines."""
+    return [l for l in err.splitlines() if l.strip() and not (l[:4].isdigit() and "Z " in l[:30])]
+
+
+class T7_TlsAndStartup(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = make_pki(os.path.join(TMP, "pki"))
+
+    def creds(self, client_cert=False, ca="ca.pem", cert="cli"):
+        k = self.pki
+        if client_cert:
+            return grpc.ssl_channel_credentials(read(k[ca]), read(k[f"{cert}.key"]), read(k[f"{cert}.pem"]))
+        return grpc.ssl_channel_credentials(read(k[ca]))
+
+    def test_tls_server_accepts_verified_channels_and_refuses_plaintext(self):
+        k = self.pki
+        srv = Server("--tls-cert", k["srv.pem"], "--tls-key", k["srv.key"], "--threads", "1",
+                     creds=self.creds()).start()
+        try:
+            c = srv.client()
+            self.assertGreater(c.stats().blocks_total, 0)
+            toks, comps = c.run_stream(greq(prompt="over TLS", max_tokens=5, ignore_eos=True))
+            self.assertEqual(len(toks), 5)
+            code, _ = code_of(lambda: srv.client(creds=None).stats(timeout=3))
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, "plaintext client against TLS")
+            code, _ = code_of(lambda: srv.client(creds=self.creds(ca="ca2.pem")).stats(timeout=3))
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, "client that does not trust the server's CA")
+            # 'localhost' is in the certificate too
+            Client(grpc.secure_channel(f"localhost:{srv.port}", self.creds(), FAST_RECONNECT)).stats(timeout=5)
+        finally:
+            srv.stop()
+
+    def test_mtls_server_requires_a_client_certificate_from_its_ca(self):
+        k = self.pki
+        srv = Server("--tls-cert", k["srv.pem"], "--tls-key", k["srv.key"], "--tls-client-ca", k["ca.pem"],
+                     "--threads", "1", creds=self.creds(client_cert=True)).start()
+        try:
+            self.assertGreater(srv.client().stats().blocks_total, 0)
+            code, _ = code_of(lambda: srv.client(creds=self.creds()).stats(timeout=3))
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, "no client certificate")
+            code, _ = code_of(lambda: srv.client(creds=self.creds(client_cert=True, cert="rogue")).stats(timeout=3))
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, "client certificate from another CA")
+            code, _ = code_of(lambda: srv.client(creds=None).stats(timeout=3))
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, "plaintext")
+        finally:
+            srv.stop()
+
+    def assert_start_fails(self, args, expect, model=None, one_line=True):
+        """Non-zero exit within seconds; one "kvserve: ..." line naming `expect` (and, with one_line,
+        nothing else but the server's own timestamped log lines)."""
+        rc, err, dt = run_failing(args, model=model)
+        self.assertNotEqual(rc, 0, f"{args}: exit code 0")
+        self.assertGreater(rc, 0, f"{args}: killed by signal {-rc}:\n{err}")
+        self.assertLess(dt, 10, f"{args}: took {dt:.1f}s to fail")
+        lines = error_lines(err)
+        ours = [l for l in lines if l.startswith("kvserve: ")]
+        self.assertEqual(len(ours), 1, f"{args}: one 'kvserve: ' error line expected, got:\n{err}")
+        if one_line:
+            self.assertEqual(lines, ours, f"{args}: nothing but the one error line expected, got:\n{err}")
+        self.assertIn(expect, ours[0], f"{args}: the message should name {expect!r}")
+        return ours[0]
+
+    def test_bad_pem_files_fail_at_start_with_one_line(self):
+        k, nope = self.pki, os.path.join(TMP, "no-such.pem")
+        self.assert_start_fails(["--tls-cert", nope, "--tls-key", k["srv.key"]], nope)
+        self.assert_start_fails(["--tls-cert", k["srv.pem"], "--tls-key", nope], nope)
+        self.assert_start_fails(["--tls-cert", k["garbage.pem"], "--tls-key", k["srv.key"]], "--tls-cert")
+        self.assert_start_fails(["--tls-cert", k["srv.pem"], "--tls-key", k["garbage.pem"]], "--tls-key")
+        self.assert_start_fails(["--tls-cert", k["srv.pem"], "--tls-key", k["srv.pem"]], "--tls-key")
+        self.assert_start_fails(["--tls-cert", k["srv.pem"], "--tls-key", k["srv.key"],
+                                 "--tls-client-ca", k["garbage.pem"]], "--tls-client-ca")
+        self.assert_start_fails(["--tls-cert", k["srv.pem"]], "--tls-key")
+
+    def test_key_that_does_not_match_the_certificate_fails_at_start(self):
+        k = self.pki
+        line = self.assert_start_fails(["--tls-cert", k["srv.pem"], "--tls-key", k["cli.key"]], "--tls-key",
+                                       one_line=False)
+        self.assertNotIn("address in use", line, "a key/certificate mismatch is not a listening problem")
+
+    def test_port_in_use_fails_with_a_clear_message(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        try:
+            line = self.assert_start_fails(["--listen", f"127.0.0.1:{port}"], f"127.0.0.1:{port}", one_line=False)
+            self.assertIn("in use", line)
+        finally:
+            s.close()
+
+    def test_port_held_by_another_kvserve_fails(self):
+        srv = Server("--threads", "1").start()
+        try:
+            rc, err, dt = run_failing(["--listen", f"127.0.0.1:{srv.port}", "--threads", "1"], timeout=4)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: a second kvserve started on port {srv.port}, which the first one holds "
+                                 "(SO_REUSEPORT: the two now share the port's connections)") from None
+        finally:
+            srv.stop()  # (subprocess.run killed the second one at its timeout)
+        self.assertNotEqual(rc, 0)
+        self.assertIn(str(srv.port), err)
+
+    def test_bad_model_dir_fails_with_a_message(self):
+        nope = os.path.join(TMP, "no-model-here")
+        self.assert_start_fails([], nope, model=nope)
+        empty = os.path.join(TMP, "empty-model")
+        os.makedirs(empty, exist_ok=True)
+        self.assert_start_fails([], "config.json", model=empty)
+
+
+# ---- health and shutdown ---------------------------------------------------------------------
+class T8_Shutdown(unittest.TestCase):
+    def test_health_watch_reports_not_serving_on_sigterm(self):
+        srv = Server("--threads", "1").start()
+        try:
+            self._watch_across_shutdown(srv)
+        finally:
+            srv.kill()
+
+    def _watch_across_shutdown(self, srv):
+        c = srv.client()
+        self.assertEqual(c.health("kvserve.v1.Generation"), SERVING)
+        code, _ = code_of(lambda: c.health("no.such.Service"))
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        w = c.watch(timeout=30)
+        it = iter(w)
+        self.assertEqual(next(it).status, SERVING)
+        srv.terminate()
+        seen, end = [], None
+        try:
+            for m in it:
+                seen.append(m.status)
+        except grpc.RpcError as e:
+            end = e.code()
+        self.assertIn(NOT_SERVING, seen, f"watch saw {seen} then ended with {end}")
+        self.assertNotEqual(end, grpc.StatusCode.DEADLINE_EXCEEDED, "the watch should end at shutdown")
+        rc = srv.wait(15)
+        srv.close_channels()
+        srv.assert_clean(rc)
+
+    def _streams(self, c, reqs, results, started):
+        def run(i):
+            toks, comps, err = [], [], None
+            try:
+                for ev in c.stream(reqs[i], timeout=90):
+                    if ev.WhichOneof("event") == "token":
+                        toks.append(ev.token)
+                        if len(toks) == 2:
+                            started[i].set()
+                    else:
+                        comps.append(ev.completion)
+            except grpc.RpcError as e:
+                err = (e.code(), e.details())
+            started[i].set()
+            results[i] = (toks, comps, err)
+        ths = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(reqs))]
+        for t in ths:
+            t.start()
+        return ths
+
+    def test_sigterm_lets_running_streams_finish_within_grace(self):
+        slow_model_or_skip(self)
+        srv = slow_server("--grace", "10").start()
+        try:
+            c = srv.client()
+            n = 4
+            reqs = [greq(prompt=f"Story number {i}", max_tokens=24, ignore_eos=True) for i in range(n)]
+            results, started = [None] * n, [threading.Event() for _ in range(n)]
+            ths = self._streams(c, reqs, results, started)
+            for e in started:
+                self.assertTrue(e.wait(30), "streams did not start")
+            srv.terminate()
+            time.sleep(0.3)
+            code, details = code_of(lambda: c.submit(greq(prompt="late"), timeout=3))
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, f"a call after SIGTERM: {details}")
+            code, _ = code_of(lambda: srv.client().stats(timeout=3))
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, "a new channel after SIGTERM")
+            for t in ths:
+                t.join(60)
+            for i, r in enumerate(results):
+                self.assertIsNotNone(r, f"stream {i} did not end")
+                toks, comps, err = r
+                self.assertIsNone(err, f"stream {i} ended with {err} after {len(toks)} tokens")
+                self.assertEqual(len(toks), 24)
+                self.assertEqual([x.finish_reason for x in comps], [pb.LENGTH])
+            rc = srv.wait(30)
+            srv.close_channels()
+            srv.assert_clean(rc)
+        finally:
+            srv.kill()
+
+    def test_sigterm_cancels_streams_left_after_the_grace(self):
+        slow_model_or_skip(self)
+        srv = slow_server("--grace", "0.5").start()
+        try:
+            c = srv.client()
+            n = 3
+            reqs = [greq(prompt=f"Endless {i}", max_tokens=800, ignore_eos=True) for i in range(n)]
+            results, started = [None] * n, [threading.Event() for _ in range(n)]
+            ths = self._streams(c, reqs, results, started)
+            for e in started:
+                self.assertTrue(e.wait(30), "streams did not start")
+            t0 = time.monotonic()
+            srv.terminate()
+            for t in ths:
+                t.join(20)
+            for i, r in enumerate(results):
+                self.assertIsNotNone(r, f"stream {i} still running 20 s after SIGTERM with --grace 0.5")
+                toks, comps, err = r
+                self.assertLess(len(toks), 800)
+                ok = (err and err[0] == grpc.StatusCode.CANCELLED) or (
+                    err is None and [x.finish_reason for x in comps] == [pb.CANCELLED])
+                self.assertTrue(ok, f"stream {i}: status {err}, completions {[x.finish_reason for x in comps]}")
+            rc = srv.wait(20)
+            self.assertLess(time.monotonic() - t0, 10, "exit within a few seconds of the grace")
+            srv.close_channels()
+            srv.assert_clean(rc)
+        finally:
+            srv.kill()
+
+
+# ---- main -------------------------------------------------------------------------------------
+class TimedResult(unittest.TextTestResult):
+    """Prints each test's duration."""
+
+    def startTest(self, test):
+        self._t0 = time.monotonic()
+        super().startTest(test)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        if self.showAll:
+            self.stream.writeln(f"    ({time.monotonic() - self._t0:.1f}s)")
+            self.stream.flush()
+
+def main():
+    global ARGS, TMP
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kvserve", required=True)
+    ap.add_argument("--model", required=True, help="the tiny test model")
+    ap.add_argument("--proto", required=True, help="the repository's proto/ directory")
+    ap.add_argument("--slow-model", default=None,
+                    help="a slower model for mid-generation tests (default: smollm2-135m next to --model)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, certificates)")
+    ARGS, rest = ap.parse_known_args()
+    ARGS.kvserve, ARGS.model = os.path.abspath(ARGS.kvserve), os.path.abspath(ARGS.model)
+    if ARGS.slow_model is None:
+        cand = os.path.join(os.path.dirname(ARGS.model), "smollm2-135m")
+        ARGS.slow_model = cand if os.path.isfile(os.path.join(cand, "config.json")) else ""
+    TMP = tempfile.mkdtemp(prefix="kvserve-rpc-")
+    try:
+        generate_messages(os.path.abspath(ARGS.proto), TMP)
+        prog = unittest.main(module=sys.modules[__name__], argv=[sys.argv[0]] + rest, exit=False,
+                             testRunner=unittest.TextTestRunner(verbosity=2, stream=sys.stdout,
+                                                                resultclass=TimedResult))
+        r = prog.result
+        failed = len(r.failures) + len(r.errors) + len(r.unexpectedSuccesses)
+        passed = r.testsRun - failed - len(r.skipped) - len(r.expectedFailures)
+        if r.skipped:
+            print(f"rpc-python: {len(r.skipped)} skipped")
+        print(f"rpc-python: {passed} passed, {failed} failed", flush=True)
+        return 1 if failed or r.testsRun == 0 else 0
+    finally:
+        for srv in STARTED:
+            srv.kill()
+        if ARGS.keep:
+            print(f"rpc-python: kept {TMP}")
+        else:
+            shutil.rmtree(TMP, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
