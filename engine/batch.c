@@ -700,11 +700,17 @@ static int ensure_blocks(eng_engine *e, seq *s, int upto) {
     return ENG_OK;
 }
 
-/* Register the full blocks that tok[0..n_cached) completed. */
+/* Register the full blocks that tok[0..n_cached) completed. A chain is only
+ * extended from a registered parent: a block that duplicates one registered
+ * by a twin sequence stays unregistered, its hash is stale, and children
+ * hashed from it could later match KV computed after another prefix. */
 static void register_full(eng_engine *e, seq *s, int before) {
     int B = e->bp.B;
-    for (int k = before / B; k < s->n_cached / B; k++)
-        bp_register(&e->bp, s->blk[k], k ? s->blk[k - 1] : -1, s->tok + (size_t)k * B);
+    for (int k = before / B; k < s->n_cached / B; k++) {
+        int parent = k ? s->blk[k - 1] : -1;
+        if (parent >= 0 && !e->bp.registered[parent]) return;
+        bp_register(&e->bp, s->blk[k], parent, s->tok + (size_t)k * B);
+    }
 }
 
 /* Choose this step's work. Returns the number of sequences in the batch. */

@@ -365,6 +365,54 @@ static void test_prefix_sharing(void) {
     eng_model_close(m);
 }
 
+/* Two sequences prefill the same first block at once (the second block is
+ * a duplicate, left unregistered); that block is later reused for another
+ * prefix. A chain registered behind the duplicate must never be matched:
+ * the output equals the single-sequence runtime. (A regression: the stale
+ * hash of the duplicate once served KV computed after another prefix.) */
+static void test_prefix_duplicates_never_serve_stale_kv(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 5, 512, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    int32_t Y0[16], T[16], X0[16], Z[32], A[17], X[32], S5[33];
+    int32_t *all[] = {Y0, T, X0, Z};
+    int lens[] = {16, 16, 16, 32};
+    for (int a = 0; a < 4; a++) rand_ids(all[a], lens[a], 200 + (uint64_t)a, 1000);
+    memcpy(A, Y0, sizeof Y0);
+    A[16] = 7;
+    memcpy(X, X0, sizeof X0);
+    memcpy(X + 16, T, sizeof T);
+    memcpy(S5, Y0, sizeof Y0);
+    memcpy(S5 + 16, T, sizeof T);
+    S5[32] = 9;
+    results rs = {0};
+    eng_request r = req_ids(A, 17, 1);
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    r = req_ids(Z, 32, 1);
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    r = req_ids(X, 32, 1);
+    submit(e, &rs, &r);
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    r = req_ids(A, 17, 1);
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    r = req_ids(S5, 33, 8);
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    int32_t want[8];
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    alone(m, S5, 33, &sp, 8, want);
+    result *last = &rs.r[rs.n - 1];
+    CHECK_MSG(last->done && memcmp(want, last->tok, sizeof want) == 0, "cached %d: output differs from alone",
+              last->usage.cached_tokens);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
 /* A forked agent shares every block, the partial last one too; each branch
  * copies it before writing and both continue exactly. */
 static void test_fork_copy_on_write(void) {
@@ -615,6 +663,7 @@ int main(int argc, char **argv) {
         {"request_errors_distinct", test_request_errors},
         {"exhaustion_preempts_and_stays_exact", test_exhaustion_preempts},
         {"prefix_sharing_fewer_blocks_same_output", test_prefix_sharing},
+        {"prefix_duplicates_never_serve_stale_kv", test_prefix_duplicates_never_serve_stale_kv},
         {"fork_copy_on_write", test_fork_copy_on_write},
         {"random_cancels_leak_nothing", test_random_cancels_leak_nothing},
         {"export_import_continues_identically", test_export_import},
