@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
 # The main job, from a fresh Debian 12 machine: install what is missing,
 # build, generate the default model (SmolLM2-135M's exact shape, random
-# weights, our trained BPE tokenizer) and stream a generation to the terminal.
+# weights, our trained BPE tokenizer), start the kvserve gRPC service on a
+# loopback port and stream a generation from it to the terminal with kvctl.
 #   KVSERVE_MODEL=DIR   use another Hugging Face model directory
-#   extra arguments are passed to `kvserve generate` (e.g. a prompt, -n 100)
+#   extra arguments are passed to `kvctl generate` (e.g. -n 100 "a prompt")
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j2 --target kvserve
+cmake --build build -j2 --target kvserve kvctl
 model=${KVSERVE_MODEL:-$PWD/models/smollm2-135m}
 if [[ ! -f $model/config.json ]]; then
   echo "generating the default model in $model (once)"
   /usr/bin/python3 tools/mkmodel.py --preset smollm2-135m --out "$model" --cache models/.cache
 fi
+port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+build/kvserve serve --model "$model" --listen "127.0.0.1:$port" --threads 2 2>build/kvserve.log &
+pid=$!
+trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+for _ in $(seq 300); do
+  build/kvctl --addr "127.0.0.1:$port" --timeout 1 health >/dev/null 2>&1 && break
+  kill -0 $pid 2>/dev/null || { cat build/kvserve.log; exit 1; }
+  sleep 0.1
+done
+echo "kvserve is serving $model on 127.0.0.1:$port (log: build/kvserve.log)"
 if (($# == 0)); then set -- -n 64 --temperature 0.8 --top-p 0.95 --seed 1 "The quick brown fox"; fi
-exec build/kvserve generate --model "$model" --threads 2 "$@"
+build/kvctl --addr "127.0.0.1:$port" generate "$@"
