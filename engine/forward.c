@@ -14,9 +14,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 struct fwd_scratch {
     int max_tokens, max_ctx, n_thr;
@@ -153,13 +150,28 @@ HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_t
     }
 }
 
+/* One attention task: token i, KV head g (all the query heads of its group). */
+typedef struct {
+    const fwd_batch *b;
+    const kv_pool *kv;
+    fwd_scratch *s;
+    int layer, nkv, group, hd, QD, QKV;
+} att_job;
+
+static void att_task(void *ctx, int task, int thread) {
+    const att_job *j = ctx;
+    int i = task / j->nkv, g = task % j->nkv;
+    float *sc = j->s->scores + (size_t)thread * j->group * j->s->max_ctx;
+    attend(j->s->att + (size_t)i * j->QD + (size_t)g * j->group * j->hd,
+           j->s->qkv + (size_t)i * j->QKV + (size_t)g * j->group * j->hd, j->kv, &j->b->tables[j->b->seq[i]], j->layer,
+           j->b->pos[i], g, j->hd, j->group, j->s->max_ctx, sc);
+}
+
 void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_scratch *s, const float *rope_t,
-             int n_threads, const fwd_batch *b) {
+             eng__pool *pool, const fwd_batch *b) {
     const int H = c->hidden_size, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     const int QD = nh * hd, KD = nkv * hd, QKV = QD + 2 * KD, F = c->intermediate_size, V = c->vocab_size;
     const int n = b->n, half = hd / 2, group = nh / nkv;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
-    (void)n_threads;
 
     long att_work = 0; /* multiply-adds of attention per layer */
     for (int i = 0; i < n; i++) att_work += (long)(b->pos[i] + 1) * nh * hd;
@@ -181,19 +193,10 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
             memcpy(kv_v(kv, t, l, b->pos[i]), v, (size_t)KD * sizeof(float));
         }
 
-        /* attention: every (token, head) pair is independent; threads only
-         * when there is enough work to pay for waking them */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (att_work > 262144)
-        for (int ig = 0; ig < n * nkv; ig++) {
-            int i = ig / nkv, g = ig % nkv;
-#ifdef _OPENMP
-            float *sc = s->scores + (size_t)omp_get_thread_num() * group * s->max_ctx;
-#else
-            float *sc = s->scores;
-#endif
-            attend(s->att + (size_t)i * QD + (size_t)g * group * hd, s->qkv + (size_t)i * QKV + (size_t)g * group * hd,
-                   kv, &b->tables[b->seq[i]], l, b->pos[i], g, hd, group, s->max_ctx, sc);
-        }
+        /* attention: every (token, KV head) pair is independent; threads
+         * only when there is enough work to pay for waking them */
+        att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV};
+        eng__pool_run(att_work > 262144 ? pool : NULL, n * nkv, att_task, &job);
         matmul(s->tmp, s->att, L->wo, n, QD, H);
         for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
 

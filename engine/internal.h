@@ -123,6 +123,15 @@ static inline float *kv_v(const kv_pool *p, const kv_table *t, int layer, int po
     return kv_k(p, t, layer, pos) + (size_t)p->block_tokens * p->kv_dim;
 }
 
+/* ---- thread pool (the engine's own parallel loops) --------------------- */
+typedef struct eng__pool eng__pool;
+eng__pool *eng__pool_new(int n_threads);   /* n_threads - 1 workers; the caller is the last */
+void eng__pool_free(eng__pool *p);
+int eng__pool_threads(const eng__pool *p);
+/* Run fn(ctx, task, thread) for task in [0, n_tasks) on all threads; thread
+ * is in [0, eng__pool_threads). Returns when all are done. One job at a time. */
+void eng__pool_run(eng__pool *p, int n_tasks, void (*fn)(void *ctx, int task, int thread), void *ctx);
+
 /* ---- forward pass ------------------------------------------------------ */
 /* A batch of tokens from one or more sequences. Token i is at position pos[i]
  * of sequence seq[i], whose KV is seen through tables[seq[i]]; positions
@@ -144,7 +153,7 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int max_tokens, int max_ctx);
 void fwd_scratch_free(fwd_scratch *s);
 /* Run the transformer over the batch (b->n <= max_tokens). */
 void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv,
-             fwd_scratch *s, const float *rope, int n_threads, const fwd_batch *b);
+             fwd_scratch *s, const float *rope, eng__pool *pool, const fwd_batch *b);
 /* cos/sin table [max_ctx][hd/2][2] for RoPE. */
 float *fwd_rope_table(const eng_config *c, int max_ctx);
 
@@ -187,6 +196,7 @@ struct eng_model {
     int32_t *kv_ids;
     fwd_scratch *scratch;
     eng__sampler *sampler;
+    eng__pool *pool;     /* threads for attention (OpenBLAS has its own) */
     float *logits;       /* [max_batch_tokens][V] output rows of one forward call */
     int32_t *bpos, *bseq, *brows; /* max_batch_tokens each: batch description buffers */
     uint64_t fingerprint;  /* config + sampled weights, see eng_model_fingerprint */

@@ -25,30 +25,44 @@ double eng_measure_sgemm_gflops(int n, int n_threads) {
     return best;
 }
 
+typedef struct {
+    const float *buf;
+    size_t blocks;   /* of 4096 floats */
+    float part[64];  /* one partial sum per thread */
+} read_job;
+
+/* Sum one block with 16 independent accumulators so it vectorises and is
+ * bound by loads. */
+#define READ_TASKS 64
+static void read_task(void *ctx, int task, int thread) {
+    read_job *j = ctx;
+    float acc[16] = {0};
+    size_t per = j->blocks / READ_TASKS;
+    const float *p = j->buf + (size_t)task * per * 4096;
+    for (size_t i = 0; i < per * 4096; i += 16)
+        for (int k = 0; k < 16; k++) acc[k] += p[i + k];
+    for (int k = 0; k < 16; k++) j->part[thread] += acc[k];
+}
+
 double eng_measure_read_gbps(size_t mbytes, int n_threads) {
     size_t n = mbytes * 1024 * 1024 / sizeof(float);
     float *buf = malloc(n * sizeof(float));
-    if (!buf) return 0;
-    for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 1023);
+    eng__pool *pool = eng__pool_new(n_threads > 64 ? 64 : n_threads);
     double best = 0;
-    volatile float sink = 0;
-    for (int r = 0; r < 5; r++) {
-        double t0 = eng__now();
-        float total = 0;
-        /* 16 independent accumulators so the sum vectorises and is bound by loads */
-#pragma omp parallel for reduction(+ : total) num_threads(n_threads) schedule(static)
-        for (size_t blk = 0; blk < n / 4096; blk++) {
-            float acc[16] = {0};
-            const float *p = buf + blk * 4096;
-            for (size_t i = 0; i < 4096; i += 16)
-                for (int k = 0; k < 16; k++) acc[k] += p[i + k];
-            for (int k = 0; k < 16; k++) total += acc[k];
+    if (buf && pool) {
+        for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 1023);
+        volatile float sink = 0;
+        for (int r = 0; r < 5; r++) {
+            read_job j = {buf, n / 4096, {0}};
+            double t0 = eng__now();
+            eng__pool_run(pool, READ_TASKS, read_task, &j);
+            double dt = eng__now() - t0, g = (double)(j.blocks / READ_TASKS * READ_TASKS * 4096) * sizeof(float) / dt / 1e9;
+            for (int k = 0; k < 64; k++) sink += j.part[k];
+            if (g > best) best = g;
         }
-        double dt = eng__now() - t0, g = (double)(n / 4096 * 4096) * sizeof(float) / dt / 1e9;
-        sink += total;
-        if (g > best) best = g;
+        (void)sink;
     }
-    (void)sink;
+    eng__pool_free(pool);
     free(buf);
     return best;
 }

@@ -280,12 +280,13 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     m->rope = fwd_rope_table(&m->cfg, m->max_ctx);
     m->scratch = fwd_scratch_new(&m->cfg, m->opt.max_batch_tokens, m->max_ctx);
     m->sampler = eng__sampler_new(m->cfg.vocab_size);
+    m->pool = eng__pool_new(m->opt.n_threads > 64 ? 64 : m->opt.n_threads);
     size_t T = (size_t)m->opt.max_batch_tokens;
     m->logits = malloc(T * (size_t)m->cfg.vocab_size * sizeof(float));
     m->bpos = malloc(T * sizeof(int32_t));
     m->bseq = calloc(T, sizeof(int32_t));
     m->brows = malloc(T * sizeof(int32_t));
-    if (!m->logits || !m->bpos || !m->bseq || !m->brows || !m->kv_ids || !m->rope || !m->scratch || !m->sampler ||
+    if (!m->pool || !m->logits || !m->bpos || !m->bseq || !m->brows || !m->kv_ids || !m->rope || !m->scratch || !m->sampler ||
         kv_pool_init(&m->kv, nb, B, m->cfg.n_layers, m->cfg.n_kv_heads * m->cfg.head_dim) != ENG_OK) {
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for the KV cache and buffers");
         goto fail;
@@ -309,6 +310,7 @@ void eng_model_close(eng_model *m) {
     kv_pool_free(&m->kv);
     fwd_scratch_free(m->scratch);
     eng__sampler_free(m->sampler);
+    eng__pool_free(m->pool);
     free(m->logits);
     free(m->bpos);
     free(m->bseq);
