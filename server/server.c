@@ -245,6 +245,11 @@ static void call_unref(call *c) {
     int left = --c->refs;
     pthread_mutex_unlock(&c->mu);
     if (left) return;
+    if (c->has_eng) { /* a Stream counts as in flight until its status is out */
+        pthread_mutex_lock(&c->s->mu);
+        c->s->active_calls--;
+        pthread_mutex_unlock(&c->s->mu);
+    }
     for (outmsg *m = c->qh, *n; m; m = n) {
         n = m->next;
         grpc_byte_buffer_destroy(m->bb);
@@ -584,7 +589,6 @@ static void on_event(void *ud, const eng_event *ev) {
             stream_end(sc, GRPC_STATUS_OK, "");
             rec_unlink(s, r);
             rec_free(r);
-            s->active_calls--;
             pthread_mutex_unlock(&s->mu);
             call_unref(sc);
             return;
