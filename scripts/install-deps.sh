@@ -12,6 +12,7 @@ pkgs=(
   libgrpc-dev protobuf-compiler libprotobuf-c-dev protobuf-c-compiler   # RPC layer
   python3-grpcio python3-protobuf     # an independent gRPC client in tests
   openssl                             # test certificates
+  libhiredis-dev redis-server         # caches (the tests start their own redis-server)
   python3 python3-numpy python3-regex # reference implementation, model generator
   nodejs npm                          # @huggingface/tokenizers, @grpc/grpc-js tests
 )

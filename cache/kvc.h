@@ -1,0 +1,106 @@
+/* kvc.h — kvserve's caches on Redis (hiredis). Every redis* call of the
+ * project lives in cache/. The caches know nothing of gRPC or the model's
+ * internals; keys are built from what the caller gives them.
+ *
+ * Fail-open: when Redis is down or slow, lookups are misses, writes are
+ * dropped and counted as errors, and callers carry on. After
+ * `breaker_failures` consecutive failures the circuit opens and Redis is not
+ * tried for `breaker_open_ms` (a dead Redis costs no latency); then one
+ * request probes it and, if it answers, the circuit closes again.
+ *
+ * Thread-safety: every function may be called from any thread.
+ */
+#ifndef KVSERVE_KVC_H
+#define KVSERVE_KVC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    KVC_OK = 0,
+    KVC_MISS = 1,       /* not an error: nothing cached */
+    KVC_EINVAL = -1,    /* bad argument (e.g. URL) */
+    KVC_EREDIS = -2,    /* Redis failed or the circuit is open: treated as a miss */
+    KVC_ENOMEM = -3,
+    KVC_ECORRUPT = -4,  /* a cached value that does not decode (treated as a miss) */
+};
+const char *kvc_strerror(int code);
+
+/* ---- Redis connection --------------------------------------------------- */
+typedef struct kvc_redis kvc_redis;
+
+typedef struct kvc_redis_options {
+    const char *url;            /* redis://[user:password@]host:port[/db] or unix:///path[?db=N] */
+    int connect_timeout_ms;     /* 0 = 200 */
+    int command_timeout_ms;     /* 0 = 200 */
+    int pool_size;              /* connections (0 = 4) */
+    int breaker_failures;       /* consecutive failures that open the circuit (0 = 3) */
+    int breaker_open_ms;        /* how long it stays open (0 = 1000) */
+} kvc_redis_options;
+
+/* Parse the URL and prepare the pool. Connections are made lazily, so a
+ * Redis that is down at start is not an error (fail-open). */
+int kvc_redis_open(kvc_redis **out, const kvc_redis_options *o, char *err, size_t errlen);
+void kvc_redis_close(kvc_redis *r);
+
+typedef struct kvc_redis_stats {
+    uint64_t commands, errors, reconnects, breaker_opens, skipped; /* skipped: refused while open */
+    int breaker_open;
+} kvc_redis_stats;
+void kvc_redis_stats_get(kvc_redis *r, kvc_redis_stats *s);
+
+/* ---- prompt cache --------------------------------------------------------- */
+typedef struct kvc_prompt kvc_prompt;
+
+/* Everything that decides a completion. The key is SHA-256 of a canonical,
+ * length-prefixed encoding of all of it plus the namespace's generation. */
+typedef struct kvc_prompt_key {
+    uint64_t model_fingerprint;
+    const char *tenant;
+    const char *ns;
+    const int32_t *ids;         /* the whole context (agent history + prompt) */
+    size_t n_ids;
+    int max_tokens;
+    float temperature, top_p, min_p, repeat_penalty;
+    int top_k, repeat_last_n, ignore_eos;
+    uint64_t seed;
+    const char *const *stop;
+    int n_stop;
+} kvc_prompt_key;
+
+typedef struct kvc_completion {
+    char *text;                 /* malloc'd by kvc_prompt_get */
+    size_t text_len;
+    int32_t *tokens;            /* malloc'd by kvc_prompt_get */
+    size_t n_tokens;
+    int finish;                 /* the engine's finish reason */
+    int prompt_tokens, cached_tokens, generated_tokens;
+} kvc_completion;
+void kvc_completion_free(kvc_completion *c);
+
+typedef struct kvc_prompt_options {
+    const char *prefix;         /* Redis key prefix (0 = "kvs") */
+    int default_ttl_s;          /* 0 = 86400 */
+} kvc_prompt_options;
+
+int kvc_prompt_open(kvc_prompt **out, kvc_redis *r, const kvc_prompt_options *o);
+void kvc_prompt_close(kvc_prompt *p);
+
+/* KVC_OK (hit, *c filled), KVC_MISS, or an error (count it; treat as a miss). */
+int kvc_prompt_get(kvc_prompt *p, const kvc_prompt_key *k, kvc_completion *c);
+/* Store with a TTL (seconds; 0 = default), value and expiry set atomically. */
+int kvc_prompt_put(kvc_prompt *p, const kvc_prompt_key *k, const kvc_completion *c, int ttl_s);
+/* Drop a whole namespace of a tenant: O(1), bumps the namespace's
+ * generation so old keys are never read again (they expire by TTL). *gen
+ * gets the new generation. */
+int kvc_prompt_invalidate(kvc_prompt *p, const char *tenant, const char *ns, uint64_t *gen);
+/* Delete up to `max` keys of superseded generations of (tenant, ns) with
+ * SCAN + UNLINK in batches; *deleted counts them. */
+int kvc_prompt_purge(kvc_prompt *p, const char *tenant, const char *ns, int max, int *deleted);
+
+typedef struct kvc_prompt_stats {
+    uint64_t hits, misses, writes, invalidations, errors;
+} kvc_prompt_stats;
+void kvc_prompt_stats_get(kvc_prompt *p, kvc_prompt_stats *s);
+
+#endif

@@ -1,0 +1,315 @@
+/* test_cache.c — the prompt cache against a real redis-server started here
+ * on a free loopback port: hits and misses, every key input, tenants, TTL,
+ * namespace invalidation and purge, fail-open with the circuit breaker
+ * when Redis dies and recovery when it returns, threads. */
+#include "kvc.h"
+#include "test.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static int redis_port;
+static pid_t redis_pid;
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int free_port(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t l = sizeof a;
+    bind(fd, (struct sockaddr *)&a, sizeof a);
+    getsockname(fd, (struct sockaddr *)&a, &l);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static int can_connect(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+static void redis_start(void) {
+    char port[16];
+    snprintf(port, sizeof port, "%d", redis_port);
+    redis_pid = fork();
+    if (redis_pid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+        if (null >= 0) { dup2(null, 1); dup2(null, 2); }
+        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--loglevel", "warning", (char *)NULL);
+        _exit(127);
+    }
+    for (int i = 0; i < 200 && !can_connect(redis_port); i++) sleep_ms(10);
+}
+
+static void redis_stop(void) {
+    if (redis_pid > 0) {
+        kill(redis_pid, SIGKILL);
+        waitpid(redis_pid, NULL, 0);
+        redis_pid = 0;
+    }
+}
+
+static kvc_redis *connect_redis(int breaker_ms) {
+    char url[64], err[256];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d/0", redis_port);
+    kvc_redis_options o = {.url = url, .breaker_open_ms = breaker_ms};
+    kvc_redis *r = NULL;
+    CHECK_MSG(kvc_redis_open(&r, &o, err, sizeof err) == KVC_OK, "%s", err);
+    return r;
+}
+
+static const int32_t IDS[] = {1, 2, 3, 500, 42};
+static const char *STOPS[] = {"\n\n", "END"};
+
+static kvc_prompt_key base_key(void) {
+    kvc_prompt_key k = {.model_fingerprint = 0x1234, .tenant = "alice", .ns = "docs", .ids = IDS, .n_ids = 5,
+                        .max_tokens = 16, .temperature = 0, .top_p = 1, .repeat_penalty = 1, .seed = 7,
+                        .stop = STOPS, .n_stop = 2};
+    return k;
+}
+
+static kvc_completion sample_completion(void) {
+    static int32_t toks[] = {9, 8, 7};
+    kvc_completion c = {.text = (char *)"héllo wörld", .tokens = toks, .n_tokens = 3, .finish = 2,
+                        .prompt_tokens = 5, .cached_tokens = 0, .generated_tokens = 3};
+    c.text_len = strlen(c.text);
+    return c;
+}
+
+static void test_url_parsing(void) {
+    const char *bad[] = {"http://x", "redis://", "redis://h:0", "redis://h:99999", "redis://h/x", "unix://"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        kvc_redis *r = NULL;
+        char err[256] = "";
+        kvc_redis_options o = {.url = bad[i]};
+        CHECK_MSG(kvc_redis_open(&r, &o, err, sizeof err) == KVC_EINVAL && strstr(err, "bad Redis URL"), "%s", bad[i]);
+    }
+    const char *good[] = {"redis://localhost", "redis://u:p@h:7000/3", "redis://:secret@10.0.0.1:6379/",
+                          "unix:///run/redis.sock?db=2"};
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        kvc_redis *r = NULL;
+        char err[256] = "";
+        kvc_redis_options o = {.url = good[i]};
+        CHECK_MSG(kvc_redis_open(&r, &o, err, sizeof err) == KVC_OK, "%s: %s", good[i], err);
+        kvc_redis_close(r);
+    }
+}
+
+static void test_hit_miss_and_key_inputs(void) {
+    kvc_redis *r = connect_redis(0);
+    kvc_prompt *p;
+    kvc_prompt_open(&p, r, NULL);
+    kvc_prompt_key k = base_key();
+    kvc_completion c = sample_completion(), got;
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_MISS);
+    CHECK(kvc_prompt_put(p, &k, &c, 0) == KVC_OK);
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_OK);
+    CHECK(got.text_len == c.text_len && !memcmp(got.text, c.text, c.text_len) && got.n_tokens == 3 &&
+          got.tokens[2] == 7 && got.finish == 2 && got.generated_tokens == 3 && got.prompt_tokens == 5);
+    kvc_completion_free(&got);
+    /* every input that changes the output changes the key */
+    int32_t other_ids[] = {1, 2, 3, 500, 43};
+    const char *other_stop[] = {"\n\n", "END!"};
+    for (int v = 0; v < 10; v++) {
+        kvc_prompt_key x = base_key();
+        switch (v) {
+        case 0: x.model_fingerprint++; break;
+        case 1: x.tenant = "bob"; break;
+        case 2: x.ns = "other"; break;
+        case 3: x.ids = other_ids; break;
+        case 4: x.n_ids = 4; break;
+        case 5: x.max_tokens = 17; break;
+        case 6: x.seed = 8; break;
+        case 7: x.top_k = 40; break;
+        case 8: x.stop = other_stop; break;
+        case 9: x.n_stop = 1; break;
+        }
+        CHECK_MSG(kvc_prompt_get(p, &x, &got) == KVC_MISS, "variant %d hit", v);
+    }
+    /* tenant strings cannot be confused with namespace strings */
+    kvc_prompt_key a = base_key(), b = base_key();
+    a.tenant = "ab";
+    a.ns = "c";
+    b.tenant = "a";
+    b.ns = "bc";
+    CHECK(kvc_prompt_put(p, &a, &c, 0) == KVC_OK && kvc_prompt_get(p, &b, &got) == KVC_MISS);
+    kvc_prompt_stats st;
+    kvc_prompt_stats_get(p, &st);
+    CHECK(st.hits == 1 && st.misses == 12 && st.writes == 2 && st.errors == 0);
+    kvc_prompt_close(p);
+    kvc_redis_close(r);
+}
+
+static void test_ttl_expiry(void) {
+    kvc_redis *r = connect_redis(0);
+    kvc_prompt *p;
+    kvc_prompt_open(&p, r, NULL);
+    kvc_prompt_key k = base_key();
+    k.ns = "ttl";
+    kvc_completion c = sample_completion(), got;
+    CHECK(kvc_prompt_put(p, &k, &c, 1) == KVC_OK);
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_OK);
+    kvc_completion_free(&got);
+    sleep_ms(2100);
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_MISS);
+    kvc_prompt_close(p);
+    kvc_redis_close(r);
+}
+
+static void test_invalidate_and_purge(void) {
+    kvc_redis *r = connect_redis(0);
+    kvc_prompt *p;
+    kvc_prompt_open(&p, r, NULL);
+    kvc_completion c = sample_completion(), got;
+    int32_t ids[5] = {1, 2, 3, 4, 0};
+    kvc_prompt_key k = base_key(), other = base_key();
+    k.ns = "plan";
+    k.ids = ids;
+    other.ns = "keep";
+    for (int i = 0; i < 20; i++) {
+        ids[4] = i;
+        CHECK(kvc_prompt_put(p, &k, &c, 0) == KVC_OK);
+    }
+    CHECK(kvc_prompt_put(p, &other, &c, 0) == KVC_OK);
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_OK);
+    kvc_completion_free(&got);
+    uint64_t gen = 0;
+    CHECK(kvc_prompt_invalidate(p, "alice", "plan", &gen) == KVC_OK && gen == 1);
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_MISS);            /* gone at once */
+    CHECK(kvc_prompt_get(p, &other, &got) == KVC_OK);           /* another namespace is untouched */
+    kvc_completion_free(&got);
+    kvc_prompt_key bob = k;
+    bob.tenant = "bob";
+    CHECK(kvc_prompt_put(p, &bob, &c, 0) == KVC_OK);
+    CHECK(kvc_prompt_put(p, &k, &c, 0) == KVC_OK);              /* new generation entry */
+    int deleted = 0;
+    CHECK(kvc_prompt_purge(p, "alice", "plan", 1000, &deleted) == KVC_OK);
+    CHECK_MSG(deleted == 20, "purged %d", deleted);
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_OK);               /* the current generation stays */
+    kvc_completion_free(&got);
+    CHECK(kvc_prompt_get(p, &bob, &got) == KVC_OK);             /* bob's namespace of the same name too */
+    kvc_completion_free(&got);
+    kvc_prompt_stats st;
+    kvc_prompt_stats_get(p, &st);
+    CHECK(st.invalidations == 1);
+    kvc_prompt_close(p);
+    kvc_redis_close(r);
+}
+
+static void test_fail_open_and_recovery(void) {
+    kvc_redis *r = connect_redis(500);
+    kvc_prompt *p;
+    kvc_prompt_open(&p, r, NULL);
+    kvc_prompt_key k = base_key();
+    k.ns = "failopen";
+    kvc_completion c = sample_completion(), got;
+    CHECK(kvc_prompt_put(p, &k, &c, 0) == KVC_OK);
+    redis_stop();
+    double t0 = now_s();
+    int errors = 0;
+    for (int i = 0; i < 50; i++) errors += kvc_prompt_get(p, &k, &got) == KVC_EREDIS;
+    double dt = now_s() - t0;
+    CHECK(errors == 50);
+    kvc_redis_stats rs;
+    kvc_redis_stats_get(r, &rs);
+    CHECK(rs.breaker_open && rs.breaker_opens >= 1 && rs.skipped > 40);
+    CHECK_MSG(dt < 5, "50 lookups against a dead Redis took %.2f s", dt); /* generous: the breaker skips them */
+    CHECK(kvc_prompt_put(p, &k, &c, 0) == KVC_EREDIS);
+    kvc_prompt_stats st;
+    kvc_prompt_stats_get(p, &st);
+    CHECK(st.errors >= 51);
+    redis_start();
+    sleep_ms(600); /* the breaker's open time */
+    int ok = 0;
+    for (int i = 0; i < 20 && !ok; i++) {
+        ok = kvc_prompt_put(p, &k, &c, 0) == KVC_OK;
+        if (!ok) sleep_ms(100);
+    }
+    CHECK(ok);
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_OK);
+    kvc_completion_free(&got);
+    kvc_redis_stats_get(r, &rs);
+    CHECK(!rs.breaker_open && rs.reconnects >= 2);
+    kvc_prompt_close(p);
+    kvc_redis_close(r);
+}
+
+typedef struct {
+    kvc_prompt *p;
+    int id, hits;
+} thr;
+
+static void *worker(void *a) {
+    thr *t = a;
+    for (int i = 0; i < 50; i++) {
+        int32_t ids[2] = {t->id, i};
+        kvc_prompt_key k = base_key();
+        k.ns = "threads";
+        k.ids = ids;
+        k.n_ids = 2;
+        kvc_completion c = sample_completion(), got;
+        if (kvc_prompt_put(t->p, &k, &c, 0) == KVC_OK && kvc_prompt_get(t->p, &k, &got) == KVC_OK) {
+            t->hits++;
+            kvc_completion_free(&got);
+        }
+    }
+    return NULL;
+}
+
+static void test_threads(void) {
+    kvc_redis *r = connect_redis(0);
+    kvc_prompt *p;
+    kvc_prompt_open(&p, r, NULL);
+    pthread_t th[8];
+    thr a[8];
+    for (int i = 0; i < 8; i++) {
+        a[i] = (thr){p, i, 0};
+        pthread_create(&th[i], NULL, worker, &a[i]);
+    }
+    int hits = 0;
+    for (int i = 0; i < 8; i++) {
+        pthread_join(th[i], NULL);
+        hits += a[i].hits;
+    }
+    CHECK(hits == 400);
+    kvc_prompt_close(p);
+    kvc_redis_close(r);
+}
+
+int main(int argc, char **argv) {
+    redis_port = free_port();
+    redis_start();
+    if (!can_connect(redis_port)) { fprintf(stderr, "redis-server did not start\n"); redis_stop(); return 1; }
+    static const test_case tests[] = {
+        {"redis_url_parsing", test_url_parsing},
+        {"prompt_hit_miss_every_key_input", test_hit_miss_and_key_inputs},
+        {"prompt_ttl_expiry", test_ttl_expiry},
+        {"namespace_invalidate_and_purge", test_invalidate_and_purge},
+        {"fail_open_breaker_and_recovery", test_fail_open_and_recovery},
+        {"threads", test_threads},
+        {0, 0}};
+    int rc = run_tests(tests, argc, argv);
+    redis_stop();
+    return rc;
+}
