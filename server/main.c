@@ -48,6 +48,8 @@ static const char USAGE[] =
     "  --tls-cert PEM --tls-key PEM [--tls-client-ca PEM]        TLS, and mTLS with a client CA\n"
     "  --token-file FILE    lines \"TOKEN TENANT\": require bearer tokens\n"
     "  --grace S            seconds in-flight calls get on SIGTERM (10)\n"
+    "  --redis URL          prompt cache on Redis (redis://host:port/db, unix:///path)\n"
+    "  --cache-ttl S        default lifetime of cached completions (86400)\n"
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
@@ -409,6 +411,7 @@ static int cmd_serve(int argc, char **argv) {
         {"ctx", required_argument, 0, 'c'},          {"tls-cert", required_argument, 0, 'C'},
         {"tls-key", required_argument, 0, 'K'},      {"tls-client-ca", required_argument, 0, 'A'},
         {"token-file", required_argument, 0, 'T'},   {"grace", required_argument, 0, 'g'},
+        {"redis", required_argument, 0, 'R'},        {"cache-ttl", required_argument, 0, 'L'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int o;
     double v;
@@ -421,6 +424,8 @@ static int cmd_serve(int argc, char **argv) {
         case 'K': c.tls_key = optarg; break;
         case 'A': c.tls_client_ca = optarg; break;
         case 'T': c.token_file = optarg; break;
+        case 'R': c.redis_url = optarg; break;
+        case 'L': if (parse_num(optarg, 1, 1e9, &v, "--cache-ttl")) return 2; c.cache_ttl_s = (int)v; break;
         case 'g': if (parse_num(optarg, 0, 3600, &v, "--grace")) return 2; c.grace_seconds = v; break;
         case 't': if (parse_num(optarg, 1, 256, &v, "--threads")) return 2; c.threads = (int)v; break;
         case 'b': if (parse_num(optarg, 1, 1 << 24, &v, "--pool-blocks")) return 2; c.engine.n_blocks = (int)v; break;

@@ -10,6 +10,8 @@
  * while either is taken by the engine (its callbacks run unlocked). */
 #include "srv.h"
 
+#include "kvc.h"
+
 #include "grpc/health/v1/health.pb-c.h"
 #include "grpc/reflection/v1/reflection.pb-c.h"
 #include "kvserve/v1/kvserve.pb-c.h"
@@ -155,8 +157,18 @@ struct call {
 };
 
 /* A request submitted by Submit or Stream, known to Step/Cancel by id. */
+/* What a cache write needs, deep-copied from the request. */
+typedef struct cache_req {
+    kvc_prompt_key k;
+    int32_t *ids;
+    char *tenant, *ns;
+    char **stop;
+    int ttl;
+} cache_req;
+
 typedef struct rec {
     uint64_t id;
+    cache_req *cache;           /* write the completion to the prompt cache */
     char tenant[256];
     call *stream;               /* Stream owns it; else Step collects */
     Kvserve__V1__TokenEvent **tok;
@@ -211,6 +223,13 @@ struct srv {
     fdesc *files;
     int n_files;
     int active_calls;           /* generation calls in flight */
+    kvc_redis *redis;
+    kvc_prompt *pcache;
+    pthread_t writer;
+    struct cache_job *jobs;     /* cache writes waiting for the writer thread */
+    pthread_cond_t jobs_cv;
+    int writer_stop, has_writer;
+    uint64_t next_cached_id;
     tag t_shutdown;
     int shutdown_done;
 };
@@ -470,7 +489,10 @@ static rec *rec_find(srv *s, uint64_t id, const char *tenant) {
     return NULL;
 }
 
+static void cache_req_free(struct cache_req *q);
+
 static void rec_free(rec *r) {
+    cache_req_free(r->cache);
     for (size_t i = 0; i < r->n_tok; i++) {
         free(r->tok[i]->text);
         free(r->tok[i]);
@@ -542,6 +564,8 @@ static void free_completion(Kvserve__V1__Completion *c) {
     free(c);
 }
 
+static void cache_enqueue(srv *s, cache_req *q, const eng_event *ev);
+
 /* Engine thread: route an event to its Stream call or its Step buffer. */
 static void on_event(void *ud, const eng_event *ev) {
     srv *s = ud;
@@ -577,6 +601,10 @@ static void on_event(void *ud, const eng_event *ev) {
         }
     } else {
         Kvserve__V1__Completion *c = completion_of(ev);
+        if (r->cache && (ev->finish == ENG_FINISH_STOP || ev->finish == ENG_FINISH_LENGTH)) {
+            cache_enqueue(s, r->cache, ev);
+            r->cache = NULL;
+        }
         if (r->stream) {
             call *sc = r->stream;
             if (c) {
@@ -655,41 +683,222 @@ static void wake_engine_locked(srv *s) {
     pthread_mutex_unlock(&s->mu);
 }
 
-static void h_submit(call *c) {
-    srv *s = c->s;
-    UNPACK(Kvserve__V1__GenerateRequest, kvserve__v1__generate_request__descriptor, c, g);
-    eng_request r;
-    char err[512] = "";
-    uint64_t id = 0;
-    int rc = to_engine_request(g, c->tenant, &r, err, sizeof err);
-    pthread_mutex_lock(&s->mu);
-    rec *x = rc ? NULL : calloc(1, sizeof *x);
-    if (!rc && !x) rc = ENG_ENOMEM;
-    if (!rc) rc = eng_submit(s->eng, &r, &id, err, sizeof err);
-    if (!rc) {
-        x->id = id;
-        snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
-        x->next = s->recs;
-        s->recs = x;
-        wake_engine(s);
+/* ---- prompt cache ------------------------------------------------------------------- */
+typedef struct cache_job {
+    cache_req *req;
+    kvc_completion comp;
+    struct cache_job *next;
+} cache_job;
+
+static void cache_req_free(cache_req *q) {
+    if (!q) return;
+    free(q->ids);
+    free(q->tenant);
+    free(q->ns);
+    for (int i = 0; q->stop && i < q->k.n_stop; i++) free(q->stop[i]);
+    free(q->stop);
+    free(q);
+}
+
+/* Deterministic requests are cached unless asked otherwise: greedy, or a fixed seed. */
+static int cacheable(const Kvserve__V1__GenerateRequest *g) {
+    if (g->agent_id && g->agent_id[0]) return 0; /* an agent's context lives in the engine */
+    if (g->cache && g->cache->mode == KVSERVE__V1__CACHE_POLICY__MODE__BYPASS) return 0;
+    if (g->cache && g->cache->cache_nondeterministic) return 1;
+    return !g->sampling || g->sampling->temperature == 0 || g->sampling->seed != 0;
+}
+
+/* Tokenize (once: the engine then gets the ids) and build the key material. */
+static cache_req *cache_prepare(srv *s, const char *tenant, const Kvserve__V1__GenerateRequest *g, eng_request *r) {
+    cache_req *q = calloc(1, sizeof *q);
+    if (!q) return NULL;
+    size_t n = 0;
+    if (r->text) {
+        if (eng_tok_encode(eng_model_tok(s->model), r->text, r->text_len, r->add_special, &q->ids, &n) != ENG_OK) {
+            free(q);
+            return NULL; /* the engine reports the error */
+        }
+        r->text = NULL;
+        r->ids = q->ids;
+        r->n_ids = n;
     } else {
-        free(x);
+        n = r->n_ids;
+        q->ids = malloc((n ? n : 1) * sizeof *q->ids);
+        if (q->ids) memcpy(q->ids, r->ids, n * sizeof *q->ids);
+    }
+    q->tenant = strdup(tenant);
+    q->ns = strdup(g->namespace_ ? g->namespace_ : "");
+    q->stop = calloc(g->n_stop + 1, sizeof *q->stop);
+    if (!q->ids || !q->tenant || !q->ns || !q->stop) { cache_req_free(q); return NULL; }
+    for (size_t i = 0; i < g->n_stop; i++) q->stop[i] = strdup(g->stop[i]);
+    const eng_sampling *sp = &r->params.sampling;
+    q->k = (kvc_prompt_key){.model_fingerprint = eng_model_fingerprint(s->model), .tenant = q->tenant, .ns = q->ns,
+                            .ids = q->ids, .n_ids = n, .max_tokens = r->params.max_tokens,
+                            .temperature = sp->temperature, .top_p = sp->top_p, .min_p = sp->min_p,
+                            .repeat_penalty = sp->repeat_penalty, .top_k = sp->top_k,
+                            .repeat_last_n = sp->repeat_last_n, .ignore_eos = r->params.ignore_eos, .seed = sp->seed,
+                            .stop = (const char *const *)q->stop, .n_stop = (int)g->n_stop};
+    q->ttl = g->cache ? (int)g->cache->ttl_seconds : 0;
+    return q;
+}
+
+/* Engine thread (srv.mu held): hand a finished completion to the writer. */
+static void cache_enqueue(srv *s, cache_req *q, const eng_event *ev) {
+    cache_job *j = calloc(1, sizeof *j);
+    if (!j) { cache_req_free(q); return; }
+    j->req = q;
+    j->comp.text = malloc(ev->text_len + 1);
+    j->comp.tokens = malloc((ev->n_tokens ? ev->n_tokens : 1) * sizeof(int32_t));
+    if (!j->comp.text || !j->comp.tokens) {
+        kvc_completion_free(&j->comp);
+        cache_req_free(q);
+        free(j);
+        return;
+    }
+    memcpy(j->comp.text, ev->text, ev->text_len);
+    j->comp.text_len = ev->text_len;
+    memcpy(j->comp.tokens, ev->tokens, ev->n_tokens * sizeof(int32_t));
+    j->comp.n_tokens = ev->n_tokens;
+    j->comp.finish = ev->finish;
+    j->comp.prompt_tokens = ev->usage.prompt_tokens;
+    j->comp.cached_tokens = ev->usage.cached_tokens;
+    j->comp.generated_tokens = ev->usage.generated_tokens;
+    j->next = s->jobs;
+    s->jobs = j;
+    pthread_cond_signal(&s->jobs_cv);
+}
+
+/* Writes to Redis happen here, off the engine and completion-queue threads. */
+static void *writer_loop(void *p) {
+    srv *s = p;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->jobs && !s->writer_stop) pthread_cond_wait(&s->jobs_cv, &s->mu);
+        cache_job *j = s->jobs;
+        if (!j) break;
+        s->jobs = j->next;
+        pthread_mutex_unlock(&s->mu);
+        kvc_prompt_put(s->pcache, &j->req->k, &j->comp, j->req->ttl); /* failures are counted, not fatal */
+        kvc_completion_free(&j->comp);
+        cache_req_free(j->req);
+        free(j);
+        pthread_mutex_lock(&s->mu);
     }
     pthread_mutex_unlock(&s->mu);
-    kvserve__v1__generate_request__free_unpacked(g, NULL);
-    if (rc) { finish_call(c, status_of(rc), err, NULL); return; }
+    return NULL;
+}
+
+/* Answer from a cached completion, streamed like a generation and marked cached. */
+static void answer_cached(call *c, int streaming, kvc_completion *hit) {
+    srv *s = c->s;
+    Kvserve__V1__Usage u = KVSERVE__V1__USAGE__INIT;
+    u.prompt_tokens = hit->prompt_tokens;
+    u.cached_tokens = hit->prompt_tokens; /* nothing was computed */
+    u.generated_tokens = hit->generated_tokens;
+    Kvserve__V1__Completion comp = KVSERVE__V1__COMPLETION__INIT;
+    comp.text = hit->text;
+    comp.n_token_ids = hit->n_tokens;
+    comp.token_ids = hit->tokens;
+    comp.finish_reason = finish_of(hit->finish);
+    comp.usage = &u;
+    comp.cached = 1;
+    pthread_mutex_lock(&s->mu);
+    comp.id = (1ull << 63) | ++s->next_cached_id; /* an id space of its own */
+    pthread_mutex_unlock(&s->mu);
+    /* token events: the detokenizer's deltas, clamped to the cached text */
+    eng_detok *d = eng_detok_new(eng_model_tok(s->model));
+    size_t emitted = 0;
+    rec *x = streaming ? NULL : calloc(1, sizeof *x);
+    if (streaming) stream_begin(c);
+    for (size_t i = 0; i < hit->n_tokens && d; i++) {
+        const char *t;
+        size_t tl;
+        eng_detok_push(d, hit->tokens[i], &t, &tl);
+        size_t take = emitted + tl <= hit->text_len ? tl : hit->text_len - emitted;
+        Kvserve__V1__TokenEvent te = KVSERVE__V1__TOKEN_EVENT__INIT;
+        te.id = comp.id;
+        te.token = hit->tokens[i];
+        te.index = (uint32_t)i;
+        te.text = dup_n(hit->text + emitted, take);
+        emitted += take;
+        if (streaming) {
+            Kvserve__V1__StreamEvent se = KVSERVE__V1__STREAM_EVENT__INIT;
+            se.event_case = KVSERVE__V1__STREAM_EVENT__EVENT_TOKEN;
+            se.token = &te;
+            stream_push(c, &se.base);
+            free(te.text);
+        } else if (x) {
+            Kvserve__V1__TokenEvent *tp = malloc(sizeof *tp);
+            Kvserve__V1__TokenEvent **nt = realloc(x->tok, (x->n_tok + 1) * sizeof *nt);
+            if (tp && nt) {
+                *tp = te;
+                x->tok = nt;
+                x->tok[x->n_tok++] = tp;
+            } else {
+                if (nt) x->tok = nt;
+                free(tp);
+                free(te.text);
+            }
+        }
+    }
+    eng_detok_free(d);
+    if (streaming) {
+        Kvserve__V1__StreamEvent se = KVSERVE__V1__STREAM_EVENT__INIT;
+        se.event_case = KVSERVE__V1__STREAM_EVENT__EVENT_COMPLETION;
+        se.completion = &comp;
+        stream_push(c, &se.base);
+        stream_end(c, GRPC_STATUS_OK, "");
+        call_unref(c);
+        return;
+    }
+    if (!x) { finish_errorf(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory"); return; }
+    Kvserve__V1__Completion *cp = malloc(sizeof *cp);
+    Kvserve__V1__Usage *up = malloc(sizeof *up);
+    if (cp && up) {
+        *cp = comp;
+        *up = u;
+        cp->usage = up;
+        cp->text = dup_n(hit->text, hit->text_len);
+        cp->token_ids = malloc((hit->n_tokens ? hit->n_tokens : 1) * sizeof(int32_t));
+        if (cp->token_ids) memcpy(cp->token_ids, hit->tokens, hit->n_tokens * sizeof(int32_t));
+        cp->error = dup_n("", 0);
+    } else {
+        free(cp);
+        free(up);
+        cp = NULL;
+    }
+    x->id = comp.id;
+    snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
+    x->comp = cp;
+    x->done_at = now_s();
+    pthread_mutex_lock(&s->mu);
+    x->next = s->recs;
+    s->recs = x;
+    pthread_mutex_unlock(&s->mu);
     Kvserve__V1__SubmitReply rep = KVSERVE__V1__SUBMIT_REPLY__INIT;
-    rep.id = id;
+    rep.id = comp.id;
     finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
 }
 
-static void h_stream(call *c) {
+/* Submit and Stream: the prompt cache first, then the engine. */
+static void h_generate(call *c, int streaming) {
     srv *s = c->s;
     UNPACK(Kvserve__V1__GenerateRequest, kvserve__v1__generate_request__descriptor, c, g);
     eng_request r;
     char err[512] = "";
     uint64_t id = 0;
     int rc = to_engine_request(g, c->tenant, &r, err, sizeof err);
+    cache_req *cq = !rc && s->pcache && cacheable(g) ? cache_prepare(s, c->tenant, g, &r) : NULL;
+    if (cq && !(g->cache && g->cache->mode == KVSERVE__V1__CACHE_POLICY__MODE__REFRESH)) {
+        kvc_completion hit;
+        if (kvc_prompt_get(s->pcache, &cq->k, &hit) == KVC_OK) {
+            answer_cached(c, streaming, &hit);
+            kvc_completion_free(&hit);
+            cache_req_free(cq);
+            kvserve__v1__generate_request__free_unpacked(g, NULL);
+            return;
+        }
+    }
     pthread_mutex_lock(&s->mu);
     rec *x = rc ? NULL : calloc(1, sizeof *x);
     if (!rc && !x) rc = ENG_ENOMEM;
@@ -697,23 +906,38 @@ static void h_stream(call *c) {
     if (!rc) {
         x->id = id;
         snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
-        x->stream = c;
-        call_ref(c); /* the registry's reference, dropped on DONE */
-        c->eng_id = id;
-        c->has_eng = 1;
+        x->cache = cq;
+        cq = NULL;
+        if (streaming) {
+            x->stream = c;
+            call_ref(c); /* the registry's reference, dropped on DONE */
+            c->eng_id = id;
+            c->has_eng = 1;
+            s->active_calls++;
+            stream_begin(c);
+        }
         x->next = s->recs;
         s->recs = x;
-        s->active_calls++;
-        stream_begin(c);
         wake_engine(s);
     } else {
         free(x);
     }
     pthread_mutex_unlock(&s->mu);
+    cache_req_free(cq);
     kvserve__v1__generate_request__free_unpacked(g, NULL);
-    if (rc) finish_call(c, status_of(rc), err, NULL);
-    else call_unref(c); /* the handler's reference */
+    if (rc) {
+        finish_call(c, status_of(rc), err, NULL);
+    } else if (streaming) {
+        call_unref(c); /* the handler's reference */
+    } else {
+        Kvserve__V1__SubmitReply rep = KVSERVE__V1__SUBMIT_REPLY__INIT;
+        rep.id = id;
+        finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+    }
 }
+
+static void h_submit(call *c) { h_generate(c, 0); }
+static void h_stream(call *c) { h_generate(c, 1); }
 
 /* The end of a streaming call: a client cancel or expired deadline cancels
  * the engine request, which frees its blocks. */
@@ -1538,6 +1762,8 @@ void srv_config_default(srv_config *c) {
     c->grace_seconds = getenv("KVSERVE_GRACE_SECONDS") ? atof(getenv("KVSERVE_GRACE_SECONDS")) : 10;
     c->max_message_bytes = getenv_int("KVSERVE_MAX_MESSAGE_BYTES", 64 << 20);
     c->max_wait_ms = getenv_int("KVSERVE_MAX_WAIT_MS", 10000);
+    c->redis_url = getenv("KVSERVE_REDIS_URL");
+    c->cache_ttl_s = getenv_int("KVSERVE_CACHE_TTL", 0);
 }
 
 int srv_run(const srv_config *cfg) {
@@ -1550,6 +1776,7 @@ int srv_run(const srv_config *cfg) {
     if (s->cfg.max_message_bytes <= 0) s->cfg.max_message_bytes = 64 << 20;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_cond_init(&s->jobs_cv, NULL);
     int rc = 1;
     if (!s->cfg.model_dir) {
         fprintf(stderr, "kvserve: give the model directory (--model DIR or KVSERVE_MODEL)\n");
@@ -1558,6 +1785,21 @@ int srv_run(const srv_config *cfg) {
     }
     if (s->cfg.token_file && load_tokens(s, s->cfg.token_file)) { free(s->tokens); free(s); return 2; }
     if (load_descriptors(s)) { free(s); return 1; }
+    if (s->cfg.redis_url) { /* Redis may be down now: the cache is fail-open */
+        char err[256];
+        kvc_redis_options ro = {.url = s->cfg.redis_url};
+        kvc_prompt_options po = {.default_ttl_s = s->cfg.cache_ttl_s};
+        if (kvc_redis_open(&s->redis, &ro, err, sizeof err) != KVC_OK ||
+            kvc_prompt_open(&s->pcache, s->redis, &po) != KVC_OK) {
+            fprintf(stderr, "kvserve: --redis: %s\n", err);
+            kvc_redis_close(s->redis);
+            free_files(s);
+            free(s->tokens);
+            free(s);
+            return 2;
+        }
+        s->has_writer = pthread_create(&s->writer, NULL, writer_loop, s) == 0;
+    }
 
     /* SIGTERM / SIGINT write to a pipe from whatever thread takes them (the
      * BLAS library starts threads before main, so masks cannot route them) */
@@ -1702,6 +1944,13 @@ int srv_run(const srv_config *cfg) {
         pthread_mutex_unlock(&s->mu);
         pthread_join(s->eng_thr, NULL);
     }
+    if (s->has_writer) { /* finish the cache writes already queued */
+        pthread_mutex_lock(&s->mu);
+        s->writer_stop = 1;
+        pthread_cond_signal(&s->jobs_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->writer, NULL);
+    }
     /* drop what is left of the watchers and records */
     pthread_mutex_lock(&s->mu);
     call *w = s->watchers;
@@ -1724,6 +1973,9 @@ int srv_run(const srv_config *cfg) {
     eng_model_close(s->model);
     grpc_shutdown();
     free_files(s);
+    kvc_prompt_close(s->pcache);
+    kvc_redis_close(s->redis);
+    pthread_cond_destroy(&s->jobs_cv);
     free(s->cq_thr);
     free(s->rm);
     free(s->tokens);

@@ -21,6 +21,8 @@ typedef struct srv_config {
     double grace_seconds;        /* on SIGTERM: time in-flight calls get to finish (0 = 10) */
     int max_message_bytes;       /* largest request accepted (0 = 64 MiB) */
     int max_wait_ms;             /* cap on Step's wait_ms (0 = 10000) */
+    const char *redis_url;       /* enables the prompt cache: redis://host:port/db or unix:///path */
+    int cache_ttl_s;             /* default TTL of cached completions (0 = 86400) */
 } srv_config;
 
 /* Fill defaults, then override from KVSERVE_* environment variables. */

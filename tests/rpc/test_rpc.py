@@ -1130,6 +1130,141 @@ class TimedResult(unittest.TextTestResult):
             self.stream.writeln(f"    ({time.monotonic() - self._t0:.1f}s)")
             self.stream.flush()
 
+
+# ---- the prompt cache on a real redis-server ---------------------------------------------------
+class Redis:
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        until = time.monotonic() + 10
+        while time.monotonic() < until:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self):
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+class T9_PromptCache(unittest.TestCase):
+    def setUp(self):
+        self.redis = Redis().start()
+        tokfile = os.path.join(TMP, "cache-tokens")
+        with open(tokfile, "w") as f:
+            f.write("tok-a alice\ntok-b bob\n")
+        self.srv = Server("--redis", self.redis.url(), "--token-file", tokfile, "--threads", "1").start()
+        self.a = self.srv.client("tok-a")
+        self.b = self.srv.client("tok-b")
+
+    def tearDown(self):
+        try:
+            self.srv.stop()
+        finally:
+            self.srv.kill()
+            self.redis.stop()
+
+    def comp(self, c, req):
+        toks, comps = c.run_stream(req)
+        self.assertEqual(len(comps), 1)
+        return toks, comps[0]
+
+    def wait_cached(self, c, req, limit=10):
+        """The write happens after the completion: poll until a hit."""
+        until = time.monotonic() + limit
+        while time.monotonic() < until:
+            toks, comp = self.comp(c, req)
+            if comp.cached:
+                return toks, comp
+            time.sleep(0.05)
+        self.fail("never answered from the cache")
+
+    def test_deterministic_requests_are_answered_from_the_cache(self):
+        req = greq(prompt="Cache me if you can", max_tokens=12, ignore_eos=True, namespace="docs")
+        toks, first = self.comp(self.a, req)
+        self.assertFalse(first.cached)
+        toks2, hit = self.wait_cached(self.a, req)
+        self.assertEqual(list(hit.token_ids), list(first.token_ids))
+        self.assertEqual(hit.text, first.text)
+        self.assertEqual("".join(t.text for t in toks2), first.text, "a hit streams like a generation")
+        self.assertEqual([t.index for t in toks2], list(range(12)))
+        self.assertEqual(hit.usage.generated_tokens, 12)
+        # Submit/Step gets the cached answer too
+        id_ = self.a.submit(req)
+        rep = self.a.step([id_])
+        self.assertEqual(len(rep.completions), 1)
+        self.assertTrue(rep.completions[0].cached)
+        self.assertEqual(list(rep.completions[0].token_ids), list(first.token_ids))
+        # seeded sampling is deterministic too
+        sreq = greq(prompt="Seeded", max_tokens=8, ignore_eos=True, sampling=dict(temperature=0.9, seed=5))
+        _, s1 = self.comp(self.a, sreq)
+        _, s2 = self.wait_cached(self.a, sreq)
+        self.assertEqual(list(s1.token_ids), list(s2.token_ids))
+
+    def test_policies_tenants_namespaces_and_nondeterminism(self):
+        req = greq(prompt="Policy test", max_tokens=6, ignore_eos=True)
+        self.comp(self.a, req)
+        self.wait_cached(self.a, req)
+        _, c = self.comp(self.b, req)
+        self.assertFalse(c.cached, "tenant B got tenant A's entry")
+        other_ns = greq(prompt="Policy test", max_tokens=6, ignore_eos=True, namespace="other")
+        _, c = self.comp(self.a, other_ns)
+        self.assertFalse(c.cached, "another namespace hit")
+        bypass = greq(prompt="Policy test", max_tokens=6, ignore_eos=True,
+                      cache=pb.CachePolicy(mode=pb.CachePolicy.BYPASS))
+        _, c = self.comp(self.a, bypass)
+        self.assertFalse(c.cached)
+        refresh = greq(prompt="Policy test", max_tokens=6, ignore_eos=True,
+                       cache=pb.CachePolicy(mode=pb.CachePolicy.REFRESH))
+        _, c = self.comp(self.a, refresh)
+        self.assertFalse(c.cached, "REFRESH must recompute")
+        rnd = greq(prompt="Random", max_tokens=6, ignore_eos=True, sampling=dict(temperature=0.9))
+        self.comp(self.a, rnd)
+        time.sleep(0.3)
+        _, c = self.comp(self.a, rnd)
+        self.assertFalse(c.cached, "random sampling without a seed must not be cached by default")
+        rnd_ok = greq(prompt="Random", max_tokens=6, ignore_eos=True, sampling=dict(temperature=0.9),
+                      cache=pb.CachePolicy(cache_nondeterministic=True))
+        self.comp(self.a, rnd_ok)
+        self.wait_cached(self.a, rnd_ok)
+        agent = greq(prompt="Agent turn", max_tokens=4, ignore_eos=True, agent_id="ag")
+        self.comp(self.a, agent)
+        time.sleep(0.3)
+        _, c = self.comp(self.a, greq(prompt="Agent turn", max_tokens=4, ignore_eos=True, agent_id="ag2"))
+        self.assertFalse(c.cached, "agent requests are not cached")
+
+    def test_fail_open_when_redis_dies_and_recovery(self):
+        req = greq(prompt="Survive", max_tokens=6, ignore_eos=True)
+        self.comp(self.a, req)
+        self.wait_cached(self.a, req)
+        self.redis.stop()
+        for _ in range(5):  # every request still succeeds, from the engine
+            _, c = self.comp(self.a, req)
+            self.assertFalse(c.cached)
+            self.assertEqual(c.finish_reason, pb.LENGTH)
+        self.redis = Redis(self.redis.port).start()  # an empty Redis on the same port
+        req2 = greq(prompt="Back again", max_tokens=6, ignore_eos=True)
+        until = time.monotonic() + 15
+        while time.monotonic() < until:
+            _, c = self.comp(self.a, req2)
+            if c.cached:
+                break
+            time.sleep(0.2)
+        self.assertTrue(c.cached, "hits did not resume after Redis came back")
+
+
 def main():
     global ARGS, TMP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
