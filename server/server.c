@@ -1149,6 +1149,48 @@ static void h_stats(call *c) {
     finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
 }
 
+static void h_invalidate(call *c) {
+    UNPACK(Kvserve__V1__InvalidateRequest, kvserve__v1__invalidate_request__descriptor, c, q);
+    srv *s = c->s;
+    uint64_t gen = 0;
+    int purged = 0;
+    if (!s->pcache) finish_errorf(c, GRPC_STATUS_FAILED_PRECONDITION, "the cache is not configured (--redis)");
+    else if (kvc_prompt_invalidate(s->pcache, c->tenant, q->namespace_, &gen) != KVC_OK)
+        finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "Redis is unavailable; the namespace was not invalidated");
+    else {
+        if (q->purge) kvc_prompt_purge(s->pcache, c->tenant, q->namespace_, 1 << 30, &purged);
+        Kvserve__V1__InvalidateReply rep = KVSERVE__V1__INVALIDATE_REPLY__INIT;
+        rep.generation = gen;
+        rep.purged = purged;
+        finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+    }
+    kvserve__v1__invalidate_request__free_unpacked(q, NULL);
+}
+
+static void h_cache_stats(call *c) {
+    srv *s = c->s;
+    Kvserve__V1__CacheStatsReply rep = KVSERVE__V1__CACHE_STATS_REPLY__INIT;
+    Kvserve__V1__CacheLayerStats llm = KVSERVE__V1__CACHE_LAYER_STATS__INIT;
+    rep.llm = &llm;
+    if (s->pcache) {
+        kvc_prompt_stats ps;
+        kvc_redis_stats rs;
+        kvc_prompt_stats_get(s->pcache, &ps);
+        kvc_redis_stats_get(s->redis, &rs);
+        rep.enabled = 1;
+        llm.hits = ps.hits;
+        llm.misses = ps.misses;
+        llm.writes = ps.writes;
+        llm.invalidations = ps.invalidations;
+        llm.errors = ps.errors;
+        llm.hit_rate = ps.hits + ps.misses ? (double)ps.hits / (double)(ps.hits + ps.misses) : 0;
+        rep.breaker_open = rs.breaker_open;
+        rep.redis_errors = rs.errors;
+        rep.redis_reconnects = rs.reconnects;
+    }
+    finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+}
+
 static void agent_msg(const eng_agent_info *i, Kvserve__V1__AgentInfo *a) {
     kvserve__v1__agent_info__init(a);
     a->agent_id = (char *)i->agent_id;
@@ -1253,7 +1295,8 @@ static void h_import_agent(call *c) {
 }
 
 /* ---- health ------------------------------------------------------------------------- */
-static const char *KNOWN_SERVICES[] = {"", "kvserve.v1.Generation", "kvserve.v1.Agents", "grpc.health.v1.Health",
+static const char *KNOWN_SERVICES[] = {"", "kvserve.v1.Generation", "kvserve.v1.Agents", "kvserve.v1.Cache",
+                                       "grpc.health.v1.Health",
                                        "grpc.reflection.v1.ServerReflection",
                                        "grpc.reflection.v1alpha.ServerReflection"};
 
@@ -1442,7 +1485,7 @@ static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionReq
     srv *s = c->s;
     Grpc__Reflection__V1__ServerReflectionResponse rep = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__INIT;
     Grpc__Reflection__V1__ListServiceResponse ls = GRPC__REFLECTION__V1__LIST_SERVICE_RESPONSE__INIT;
-    Grpc__Reflection__V1__ServiceResponse svc[6], *svcp[6];
+    Grpc__Reflection__V1__ServiceResponse svc[7], *svcp[7];
     Grpc__Reflection__V1__FileDescriptorResponse fd = GRPC__REFLECTION__V1__FILE_DESCRIPTOR_RESPONSE__INIT;
     Grpc__Reflection__V1__ErrorResponse er = GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT;
     ProtobufCBinaryData files[16];
@@ -1453,12 +1496,12 @@ static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionReq
     int found = -1;
     switch (q->message_request_case) {
     case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_LIST_SERVICES:
-        for (int i = 0; i < 5; i++) {
+        for (int i = 0; i < 6; i++) {
             grpc__reflection__v1__service_response__init(&svc[i]);
             svc[i].name = (char *)KNOWN_SERVICES[i + 1];
             svcp[i] = &svc[i];
         }
-        ls.n_service = 5;
+        ls.n_service = 6;
         ls.service = svcp;
         rep.message_response_case = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_LIST_SERVICES_RESPONSE;
         rep.list_services_response = &ls;
@@ -1549,6 +1592,8 @@ static const method METHODS[] = {
     {"/kvserve.v1.Agents/DropAgent", K_UNARY, h_drop_agent, 1, 1},
     {"/kvserve.v1.Agents/ExportAgent", K_UNARY, h_export_agent, 1, 1},
     {"/kvserve.v1.Agents/ImportAgent", K_UNARY, h_import_agent, 1, 1},
+    {"/kvserve.v1.Cache/Invalidate", K_UNARY, h_invalidate, 1, 1},
+    {"/kvserve.v1.Cache/Stats", K_UNARY, h_cache_stats, 1, 1},
     {"/grpc.health.v1.Health/Check", K_UNARY, h_health_check, 0, 0},
     {"/grpc.health.v1.Health/Watch", K_SSTREAM, h_health_watch, 0, 0},
     {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0},

@@ -1245,6 +1245,35 @@ class T9_PromptCache(unittest.TestCase):
         _, c = self.comp(self.a, greq(prompt="Agent turn", max_tokens=4, ignore_eos=True, agent_id="ag2"))
         self.assertFalse(c.cached, "agent requests are not cached")
 
+    def test_invalidate_namespace_and_stats(self):
+        inv = unary(self.a.ch, "/kvserve.v1.Cache/Invalidate", pb.InvalidateRequest, pb.InvalidateReply)
+        stats = unary(self.a.ch, "/kvserve.v1.Cache/Stats", pb.CacheStatsRequest, pb.CacheStatsReply)
+        md = self.a.md
+        req = greq(prompt="Masterplan", max_tokens=6, ignore_eos=True, namespace="plan")
+        keep = greq(prompt="Masterplan", max_tokens=6, ignore_eos=True, namespace="keep")
+        self.comp(self.a, req)
+        self.comp(self.a, keep)
+        self.wait_cached(self.a, req)
+        self.wait_cached(self.a, keep)
+        st = stats(pb.CacheStatsRequest(), timeout=5, metadata=md)
+        self.assertTrue(st.enabled)
+        self.assertGreaterEqual(st.llm.hits, 2)
+        self.assertGreaterEqual(st.llm.writes, 2)
+        self.assertGreater(st.llm.hit_rate, 0)
+        rep = inv(pb.InvalidateRequest(namespace="plan", purge=True), timeout=5, metadata=md)
+        self.assertEqual(rep.generation, 1)
+        self.assertEqual(rep.purged, 1)
+        _, c = self.comp(self.a, req)
+        self.assertFalse(c.cached, "an invalidated namespace still hit")
+        _, c = self.comp(self.a, keep)
+        self.assertTrue(c.cached, "another namespace was dropped too")
+        # bob's invalidation of "keep" is his own namespace, not alice's
+        inv(pb.InvalidateRequest(namespace="keep"), timeout=5, metadata=self.b.md)
+        _, c = self.comp(self.a, keep)
+        self.assertTrue(c.cached, "one tenant invalidated another's namespace")
+        st2 = stats(pb.CacheStatsRequest(), timeout=5, metadata=md)
+        self.assertEqual(st2.llm.invalidations, 2)
+
     def test_fail_open_when_redis_dies_and_recovery(self):
         req = greq(prompt="Survive", max_tokens=6, ignore_eos=True)
         self.comp(self.a, req)
