@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, from a fresh Debian 12 machine: install what is missing,
 # build, generate the default model (SmolLM2-135M's exact shape, random
-# weights, our trained BPE tokenizer), start the kvserve gRPC service on a
-# loopback port and stream a generation from it to the terminal with kvctl.
+# weights, our trained BPE tokenizer), start a local redis-server and the
+# kvserve gRPC service on loopback ports and stream a generation from it to the
+# terminal with kvctl.
 #   KVSERVE_MODEL=DIR   use another Hugging Face model directory
 #   extra arguments are passed to `kvctl generate` (e.g. -n 100 "a prompt")
 set -euo pipefail
@@ -15,15 +16,19 @@ if [[ ! -f $model/config.json ]]; then
   echo "generating the default model in $model (once)"
   /usr/bin/python3 tools/mkmodel.py --preset smollm2-135m --out "$model" --cache models/.cache
 fi
-port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-build/kvserve serve --model "$model" --listen "127.0.0.1:$port" --threads 2 2>build/kvserve.log &
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rport=$(free_port) port=$(free_port)
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >build/redis.log 2>&1 &
+rpid=$!
+build/kvserve serve --model "$model" --listen "127.0.0.1:$port" --threads 2 --redis "redis://127.0.0.1:$rport/0" \
+  2>build/kvserve.log &
 pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true; kill $rpid 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
   build/kvctl --addr "127.0.0.1:$port" --timeout 1 health >/dev/null 2>&1 && break
   kill -0 $pid 2>/dev/null || { cat build/kvserve.log; exit 1; }
   sleep 0.1
 done
-echo "kvserve is serving $model on 127.0.0.1:$port (log: build/kvserve.log)"
+echo "kvserve is serving $model on 127.0.0.1:$port, prompt cache on redis 127.0.0.1:$rport (log: build/kvserve.log)"
 if (($# == 0)); then set -- -n 64 --temperature 0.8 --top-p 0.95 --seed 1 "The quick brown fox"; fi
 build/kvctl --addr "127.0.0.1:$port" generate "$@"
