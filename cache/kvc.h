@@ -103,4 +103,42 @@ typedef struct kvc_prompt_stats {
 } kvc_prompt_stats;
 void kvc_prompt_stats_get(kvc_prompt *p, kvc_prompt_stats *s);
 
+/* ---- RAG query cache ------------------------------------------------------- *
+ * Entries are grouped by (tenant, namespace, embedding model, top_k). Lookup
+ * tries the exact query text first, then cosine similarity of the query's
+ * embedding against the group's stored embeddings (an in-process matrix of
+ * normalised vectors, OpenBLAS). Redis is the source of truth: each store
+ * bumps the group's version, and a lookup that sees a new version reloads the
+ * group's vectors; entries that expired in Redis are dropped when met. */
+typedef struct kvc_rag kvc_rag;
+
+typedef struct kvc_rag_options {
+    const char *prefix;         /* Redis key prefix (0 = "kvs") */
+    int default_ttl_s;          /* 0 = 3600 */
+} kvc_rag_options;
+
+typedef struct kvc_rag_query {
+    const char *tenant, *ns, *model;
+    int top_k;
+    const char *query;          /* the query text */
+    size_t query_len;
+    const float *embedding;
+    int dim;
+} kvc_rag_query;
+
+int kvc_rag_open(kvc_rag **out, kvc_redis *r, const kvc_rag_options *o);
+void kvc_rag_close(kvc_rag *g);
+/* Store the caller's retrieval result for the query (value and TTL atomic).
+ * KVC_EINVAL if the embedding's dimension differs from the group's. */
+int kvc_rag_store(kvc_rag *g, const kvc_rag_query *q, const uint8_t *result, size_t len, int ttl_s);
+/* KVC_OK with *result (malloc'd), *similarity and *exact; KVC_MISS; KVC_EINVAL
+ * on a dimension mismatch; other errors count as misses. */
+int kvc_rag_lookup(kvc_rag *g, const kvc_rag_query *q, float threshold, uint8_t **result, size_t *len,
+                   float *similarity, int *exact);
+
+typedef struct kvc_rag_stats {
+    uint64_t hits, exact_hits, misses, writes, errors, reloads;
+} kvc_rag_stats;
+void kvc_rag_stats_get(kvc_rag *g, kvc_rag_stats *s);
+
 #endif

@@ -11,4 +11,13 @@
  * failure is counted). Free the reply with freeReplyObject. */
 redisReply *kvc__command_argv(kvc_redis *r, int argc, const char **argv, const size_t *lens);
 
+/* SHA-256 over length-prefixed fields (no two inputs encode alike). */
+typedef struct evp_md_ctx_st kvc__hash;
+kvc__hash *kvc__hash_begin(const char *domain); /* NULL when out of memory */
+void kvc__hash_bytes(kvc__hash *h, const void *d, size_t n);
+void kvc__hash_str(kvc__hash *h, const char *s);
+void kvc__hash_u64(kvc__hash *h, uint64_t v);
+/* Finish and free h; write the first nbytes of the digest as hex (2*nbytes+1 chars). */
+void kvc__hash_hex(kvc__hash *h, char *out, int nbytes);
+
 #endif

@@ -8,7 +8,6 @@
  * of older generations are never read again and expire, or are purged. */
 #include "kvc_internal.h"
 
-#include <openssl/evp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,60 +57,33 @@ void kvc_completion_free(kvc_completion *c) {
 }
 
 /* ---- canonical encoding ------------------------------------------------------ */
-typedef EVP_MD_CTX hash_ctx;
-
-static void put_bytes(hash_ctx *h, const void *d, size_t n) {
-    uint64_t len = n; /* every field is length-prefixed: no two inputs encode alike */
-    EVP_DigestUpdate(h, &len, sizeof len);
-    EVP_DigestUpdate(h, d, n);
-}
-static void put_u64(hash_ctx *h, uint64_t v) { put_bytes(h, &v, sizeof v); }
-static void put_str(hash_ctx *h, const char *s) { put_bytes(h, s ? s : "", s ? strlen(s) : 0); }
-
-static hash_ctx *hash_begin(const char *domain) {
-    hash_ctx *h = EVP_MD_CTX_new();
-    if (h && EVP_DigestInit_ex(h, EVP_sha256(), NULL) != 1) { EVP_MD_CTX_free(h); return NULL; }
-    if (h) put_str(h, domain);
-    return h;
-}
-
-static void hash_end(hash_ctx *h, unsigned char d[32]) {
-    unsigned int n = 32;
-    EVP_DigestFinal_ex(h, d, &n);
-    EVP_MD_CTX_free(h);
-}
-
 /* 16 hex digits naming (tenant, namespace). */
 static void ns_id(const char *tenant, const char *ns, char out[17]) {
-    unsigned char d[32] = {0};
-    hash_ctx *h = hash_begin("kvserve-namespace-v1");
+    kvc__hash *h = kvc__hash_begin("kvserve-namespace-v1");
     if (h) {
-        put_str(h, tenant);
-        put_str(h, ns);
-        hash_end(h, d);
+        kvc__hash_str(h, tenant);
+        kvc__hash_str(h, ns);
     }
-    for (int i = 0; i < 8; i++) snprintf(out + 2 * i, 3, "%02x", d[i]);
+    kvc__hash_hex(h, out, 8);
 }
 
 static int key_hash(const kvc_prompt_key *k, uint64_t gen, char out[65]) {
-    unsigned char d[32];
-    hash_ctx *hc = hash_begin("kvserve-prompt-v1");
-    if (!hc) return KVC_ENOMEM;
-    put_u64(hc, k->model_fingerprint);
-    put_str(hc, k->tenant);
-    put_str(hc, k->ns);
-    put_u64(hc, gen);
-    put_bytes(hc, k->ids, k->n_ids * sizeof *k->ids);
-    put_u64(hc, (uint64_t)(int64_t)k->max_tokens);
+    kvc__hash *h = kvc__hash_begin("kvserve-prompt-v1");
+    if (!h) return KVC_ENOMEM;
+    kvc__hash_u64(h, k->model_fingerprint);
+    kvc__hash_str(h, k->tenant);
+    kvc__hash_str(h, k->ns);
+    kvc__hash_u64(h, gen);
+    kvc__hash_bytes(h, k->ids, k->n_ids * sizeof *k->ids);
+    kvc__hash_u64(h, (uint64_t)(int64_t)k->max_tokens);
     float f[4] = {k->temperature, k->top_p, k->min_p, k->repeat_penalty};
-    put_bytes(hc, f, sizeof f);
+    kvc__hash_bytes(h, f, sizeof f);
     int64_t iv[3] = {k->top_k, k->repeat_last_n, k->ignore_eos};
-    put_bytes(hc, iv, sizeof iv);
-    put_u64(hc, k->seed);
-    put_u64(hc, (uint64_t)k->n_stop);
-    for (int i = 0; i < k->n_stop; i++) put_str(hc, k->stop[i]);
-    hash_end(hc, d);
-    for (int i = 0; i < 32; i++) snprintf(out + 2 * i, 3, "%02x", d[i]);
+    kvc__hash_bytes(h, iv, sizeof iv);
+    kvc__hash_u64(h, k->seed);
+    kvc__hash_u64(h, (uint64_t)k->n_stop);
+    for (int i = 0; i < k->n_stop; i++) kvc__hash_str(h, k->stop[i]);
+    kvc__hash_hex(h, out, 32);
     return KVC_OK;
 }
 

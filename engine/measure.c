@@ -66,3 +66,8 @@ double eng_measure_read_gbps(size_t mbytes, int n_threads) {
     free(buf);
     return best;
 }
+
+void eng_dot_rows(const float *m, size_t n, size_t dim, const float *q, float *out) {
+    if (n == 0) return;
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)n, (int)dim, 1.0f, m, (int)dim, q, 1, 0.0f, out, 1);
+}

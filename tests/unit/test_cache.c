@@ -6,6 +6,7 @@
 #include "test.h"
 
 #include <arpa/inet.h>
+#include <math.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -255,6 +256,104 @@ static void test_fail_open_and_recovery(void) {
     kvc_redis_close(r);
 }
 
+/* ---- RAG cache ---------------------------------------------------------------- */
+#define DIM 384
+
+static void unit_vec(float *v, int axis) {
+    memset(v, 0, DIM * sizeof *v);
+    v[axis] = 1;
+}
+
+/* A vector at cosine c from axis a, leaning towards axis b; scaled by 3 to
+ * show normalisation. */
+static void at_cos(float *v, int a, int b, double c) {
+    memset(v, 0, DIM * sizeof *v);
+    v[a] = (float)(3 * c);
+    v[b] = (float)(3 * sqrt(1 - c * c));
+}
+
+static kvc_rag_query rq(const char *tenant, const char *text, const float *e, int dim) {
+    kvc_rag_query q = {.tenant = tenant, .ns = "kb", .model = "minilm", .top_k = 5, .query = text,
+                       .query_len = strlen(text), .embedding = e, .dim = dim};
+    return q;
+}
+
+static void test_rag_exact_similar_tenants_replicas(void) {
+    kvc_redis *r1 = connect_redis(0), *r2 = connect_redis(0);
+    kvc_rag *a, *b;
+    kvc_rag_open(&a, r1, NULL);
+    kvc_rag_open(&b, r2, NULL); /* another replica */
+    float e[DIM], q[DIM];
+    unit_vec(e, 0);
+    const uint8_t res[] = "doc-17,doc-4,doc-9";
+    kvc_rag_query s = rq("alice", "what is paged attention?", e, DIM);
+    CHECK(kvc_rag_store(a, &s, res, sizeof res, 0) == KVC_OK);
+    uint8_t *out;
+    size_t len;
+    float sim;
+    int exact;
+    CHECK(kvc_rag_lookup(a, &s, 0.95f, &out, &len, &sim, &exact) == KVC_OK && exact && sim == 1.0f &&
+          len == sizeof res && !memcmp(out, res, len));
+    free(out);
+    at_cos(q, 0, 1, 0.951);
+    kvc_rag_query near = rq("alice", "explain paged attention", q, DIM);
+    CHECK(kvc_rag_lookup(a, &near, 0.95f, &out, &len, &sim, &exact) == KVC_OK && !exact && fabsf(sim - 0.951f) < 1e-4f);
+    free(out);
+    at_cos(q, 0, 1, 0.949);
+    CHECK(kvc_rag_lookup(a, &near, 0.95f, &out, &len, &sim, &exact) == KVC_MISS);
+    CHECK(kvc_rag_lookup(a, &near, 0.90f, &out, &len, &sim, &exact) == KVC_OK); /* the threshold is the caller's */
+    free(out);
+    /* another tenant, model or top_k never sees it */
+    kvc_rag_query bob = rq("bob", "what is paged attention?", e, DIM);
+    CHECK(kvc_rag_lookup(a, &bob, 0.5f, &out, &len, &sim, &exact) == KVC_MISS);
+    kvc_rag_query other = s;
+    other.top_k = 6;
+    CHECK(kvc_rag_lookup(a, &other, 0.5f, &out, &len, &sim, &exact) == KVC_MISS);
+    /* a store by the other replica is found here */
+    unit_vec(e, 7);
+    kvc_rag_query s2 = rq("alice", "kv cache eviction", e, DIM);
+    CHECK(kvc_rag_store(b, &s2, (const uint8_t *)"x", 1, 0) == KVC_OK);
+    at_cos(q, 7, 8, 0.99);
+    kvc_rag_query n2 = rq("alice", "how are kv blocks evicted", q, DIM);
+    CHECK(kvc_rag_lookup(a, &n2, 0.95f, &out, &len, &sim, &exact) == KVC_OK && len == 1 && out[0] == 'x');
+    free(out);
+    /* dimension mismatch */
+    float small[128] = {1};
+    kvc_rag_query bad = rq("alice", "short vector", small, 128);
+    CHECK(kvc_rag_lookup(a, &bad, 0.95f, &out, &len, &sim, &exact) == KVC_EINVAL);
+    CHECK(kvc_rag_store(a, &bad, res, 1, 0) == KVC_EINVAL);
+    kvc_rag_stats st;
+    kvc_rag_stats_get(a, &st);
+    CHECK(st.hits == 4 && st.exact_hits == 1 && st.writes == 1 && st.reloads >= 2);
+    kvc_rag_close(a);
+    kvc_rag_close(b);
+    kvc_redis_close(r1);
+    kvc_redis_close(r2);
+}
+
+static void test_rag_expiry(void) {
+    kvc_redis *r = connect_redis(0);
+    kvc_rag *a;
+    kvc_rag_open(&a, r, NULL);
+    float e[DIM], q[DIM];
+    unit_vec(e, 20);
+    kvc_rag_query s = rq("carol", "short lived", e, DIM);
+    CHECK(kvc_rag_store(a, &s, (const uint8_t *)"r", 1, 1) == KVC_OK);
+    at_cos(q, 20, 21, 0.99);
+    kvc_rag_query n = rq("carol", "short-lived?", q, DIM);
+    uint8_t *out;
+    size_t len;
+    float sim;
+    int exact;
+    CHECK(kvc_rag_lookup(a, &n, 0.95f, &out, &len, &sim, &exact) == KVC_OK);
+    free(out);
+    sleep_ms(2100);
+    CHECK(kvc_rag_lookup(a, &s, 0.95f, &out, &len, &sim, &exact) == KVC_MISS);
+    CHECK(kvc_rag_lookup(a, &n, 0.95f, &out, &len, &sim, &exact) == KVC_MISS);
+    kvc_rag_close(a);
+    kvc_redis_close(r);
+}
+
 typedef struct {
     kvc_prompt *p;
     int id, hits;
@@ -308,6 +407,8 @@ int main(int argc, char **argv) {
         {"namespace_invalidate_and_purge", test_invalidate_and_purge},
         {"fail_open_breaker_and_recovery", test_fail_open_and_recovery},
         {"threads", test_threads},
+        {"rag_exact_similar_tenants_replicas_dims", test_rag_exact_similar_tenants_replicas},
+        {"rag_expiry", test_rag_expiry},
         {0, 0}};
     int rc = run_tests(tests, argc, argv);
     redis_stop();
