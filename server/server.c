@@ -225,6 +225,7 @@ struct srv {
     int active_calls;           /* generation calls in flight */
     kvc_redis *redis;
     kvc_prompt *pcache;
+    kvc_rag *rag;
     pthread_t writer;
     struct cache_job *jobs;     /* cache writes waiting for the writer thread */
     pthread_cond_t jobs_cv;
@@ -1170,8 +1171,9 @@ static void h_invalidate(call *c) {
 static void h_cache_stats(call *c) {
     srv *s = c->s;
     Kvserve__V1__CacheStatsReply rep = KVSERVE__V1__CACHE_STATS_REPLY__INIT;
-    Kvserve__V1__CacheLayerStats llm = KVSERVE__V1__CACHE_LAYER_STATS__INIT;
+    Kvserve__V1__CacheLayerStats llm = KVSERVE__V1__CACHE_LAYER_STATS__INIT, rag = KVSERVE__V1__CACHE_LAYER_STATS__INIT;
     rep.llm = &llm;
+    rep.rag = &rag;
     if (s->pcache) {
         kvc_prompt_stats ps;
         kvc_redis_stats rs;
@@ -1187,8 +1189,85 @@ static void h_cache_stats(call *c) {
         rep.breaker_open = rs.breaker_open;
         rep.redis_errors = rs.errors;
         rep.redis_reconnects = rs.reconnects;
+        kvc_rag_stats gs;
+        kvc_rag_stats_get(s->rag, &gs);
+        rag.hits = gs.hits;
+        rag.misses = gs.misses;
+        rag.writes = gs.writes;
+        rag.errors = gs.errors;
+        rag.hit_rate = gs.hits + gs.misses ? (double)gs.hits / (double)(gs.hits + gs.misses) : 0;
     }
     finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+}
+
+/* Common checks of a RAG request; 0 when fine (else the call is answered). */
+static int rag_check(call *c, size_t dim, int top_k) {
+    if (!c->s->rag) {
+        finish_errorf(c, GRPC_STATUS_FAILED_PRECONDITION, "the cache is not configured (--redis)");
+        return -1;
+    }
+    if (dim == 0 || dim > 65536) {
+        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "embedding: give 1 to 65536 values (got %zu)", dim);
+        return -1;
+    }
+    if (top_k < 0) {
+        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "top_k: must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+static void h_rag_store(call *c) {
+    UNPACK(Kvserve__V1__RagStoreRequest, kvserve__v1__rag_store_request__descriptor, c, q);
+    if (!rag_check(c, q->n_embedding, q->top_k)) {
+        kvc_rag_query rq = {.tenant = c->tenant, .ns = q->namespace_, .model = q->embedding_model, .top_k = q->top_k,
+                            .query = q->query, .query_len = strlen(q->query), .embedding = q->embedding,
+                            .dim = (int)q->n_embedding};
+        int rc = kvc_rag_store(c->s->rag, &rq, q->result.data, q->result.len, (int)q->ttl_seconds);
+        if (rc == KVC_EINVAL)
+            finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT,
+                          "embedding: dimension %zu does not match the entries stored for this namespace, model and top_k",
+                          q->n_embedding);
+        else {
+            Kvserve__V1__RagStoreReply rep = KVSERVE__V1__RAG_STORE_REPLY__INIT;
+            rep.stored = rc == KVC_OK; /* fail-open: a write Redis refused is counted, not an error */
+            finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+        }
+    }
+    kvserve__v1__rag_store_request__free_unpacked(q, NULL);
+}
+
+static void h_rag_lookup(call *c) {
+    UNPACK(Kvserve__V1__RagLookupRequest, kvserve__v1__rag_lookup_request__descriptor, c, q);
+    if (!(q->threshold >= 0 && q->threshold <= 1)) {
+        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "threshold: must be in [0, 1]");
+    } else if (!rag_check(c, q->n_embedding, q->top_k)) {
+        kvc_rag_query rq = {.tenant = c->tenant, .ns = q->namespace_, .model = q->embedding_model, .top_k = q->top_k,
+                            .query = q->query, .query_len = strlen(q->query), .embedding = q->embedding,
+                            .dim = (int)q->n_embedding};
+        uint8_t *res = NULL;
+        size_t len = 0;
+        float sim = 0;
+        int exact = 0;
+        int rc = kvc_rag_lookup(c->s->rag, &rq, q->threshold > 0 ? q->threshold : 0.95f, &res, &len, &sim, &exact);
+        if (rc == KVC_EINVAL)
+            finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT,
+                          "embedding: dimension %zu does not match the entries stored for this namespace, model and top_k",
+                          q->n_embedding);
+        else {
+            Kvserve__V1__RagLookupReply rep = KVSERVE__V1__RAG_LOOKUP_REPLY__INIT;
+            rep.hit = rc == KVC_OK; /* errors are misses (fail-open) */
+            if (rep.hit) {
+                rep.result.data = res;
+                rep.result.len = len;
+                rep.similarity = sim;
+                rep.exact = exact;
+            }
+            finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+        }
+        free(res);
+    }
+    kvserve__v1__rag_lookup_request__free_unpacked(q, NULL);
 }
 
 static void agent_msg(const eng_agent_info *i, Kvserve__V1__AgentInfo *a) {
@@ -1594,6 +1673,8 @@ static const method METHODS[] = {
     {"/kvserve.v1.Agents/ImportAgent", K_UNARY, h_import_agent, 1, 1},
     {"/kvserve.v1.Cache/Invalidate", K_UNARY, h_invalidate, 1, 1},
     {"/kvserve.v1.Cache/Stats", K_UNARY, h_cache_stats, 1, 1},
+    {"/kvserve.v1.Cache/RagStore", K_UNARY, h_rag_store, 1, 0},
+    {"/kvserve.v1.Cache/RagLookup", K_UNARY, h_rag_lookup, 1, 0},
     {"/grpc.health.v1.Health/Check", K_UNARY, h_health_check, 0, 0},
     {"/grpc.health.v1.Health/Watch", K_SSTREAM, h_health_watch, 0, 0},
     {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0},
@@ -1835,7 +1916,8 @@ int srv_run(const srv_config *cfg) {
         kvc_redis_options ro = {.url = s->cfg.redis_url};
         kvc_prompt_options po = {.default_ttl_s = s->cfg.cache_ttl_s};
         if (kvc_redis_open(&s->redis, &ro, err, sizeof err) != KVC_OK ||
-            kvc_prompt_open(&s->pcache, s->redis, &po) != KVC_OK) {
+            kvc_prompt_open(&s->pcache, s->redis, &po) != KVC_OK || kvc_rag_open(&s->rag, s->redis, NULL) != KVC_OK) {
+            kvc_prompt_close(s->pcache);
             fprintf(stderr, "kvserve: --redis: %s\n", err);
             kvc_redis_close(s->redis);
             free_files(s);
@@ -2018,6 +2100,7 @@ int srv_run(const srv_config *cfg) {
     eng_model_close(s->model);
     grpc_shutdown();
     free_files(s);
+    kvc_rag_close(s->rag);
     kvc_prompt_close(s->pcache);
     kvc_redis_close(s->redis);
     pthread_cond_destroy(&s->jobs_cv);

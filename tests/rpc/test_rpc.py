@@ -15,6 +15,7 @@ running when the client acts use --slow-model (default: smollm2-135m next to
 --model, when present) and are skipped without it.
 """
 import argparse
+import math
 import importlib.util
 import os
 import random
@@ -1273,6 +1274,46 @@ class T9_PromptCache(unittest.TestCase):
         self.assertTrue(c.cached, "one tenant invalidated another's namespace")
         st2 = stats(pb.CacheStatsRequest(), timeout=5, metadata=md)
         self.assertEqual(st2.llm.invalidations, 2)
+
+    def test_rag_store_and_lookup(self):
+        store = unary(self.a.ch, "/kvserve.v1.Cache/RagStore", pb.RagStoreRequest, pb.RagStoreReply)
+        look = unary(self.a.ch, "/kvserve.v1.Cache/RagLookup", pb.RagLookupRequest, pb.RagLookupReply)
+        stats = unary(self.a.ch, "/kvserve.v1.Cache/Stats", pb.CacheStatsRequest, pb.CacheStatsReply)
+        A, B = self.a.md, self.b.md
+
+        def vec(c, dim=384):  # cosine c with axis 0, leaning to axis 1, scale 2
+            v = [0.0] * dim
+            v[0], v[1] = 2 * c, 2 * math.sqrt(1 - c * c)
+            return v
+
+        common = dict(namespace="kb", embedding_model="minilm", top_k=5)
+        rep = store(pb.RagStoreRequest(query="what is a KV block?", embedding=vec(1.0), result=b"doc-1,doc-2", **common),
+                    timeout=5, metadata=A)
+        self.assertTrue(rep.stored)
+        r = look(pb.RagLookupRequest(query="what is a KV block?", embedding=vec(1.0), **common), timeout=5, metadata=A)
+        self.assertTrue(r.hit and r.exact)
+        self.assertEqual(r.result, b"doc-1,doc-2")
+        r = look(pb.RagLookupRequest(query="define KV blocks", embedding=vec(0.951), **common), timeout=5, metadata=A)
+        self.assertTrue(r.hit)
+        self.assertFalse(r.exact)
+        self.assertAlmostEqual(r.similarity, 0.951, places=3)
+        r = look(pb.RagLookupRequest(query="define KV blocks", embedding=vec(0.949), **common), timeout=5, metadata=A)
+        self.assertFalse(r.hit, "0.949 hit at threshold 0.95")
+        r = look(pb.RagLookupRequest(query="what is a KV block?", embedding=vec(1.0), **common), timeout=5, metadata=B)
+        self.assertFalse(r.hit, "tenant B saw tenant A's RAG entry")
+        code, details = code_of(lambda: look(pb.RagLookupRequest(query="x", embedding=[1.0] * 128, **common),
+                                              timeout=5, metadata=A))
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("embedding", details)
+        code, _ = code_of(lambda: look(pb.RagLookupRequest(query="x", embedding=[], **common), timeout=5, metadata=A))
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        st = stats(pb.CacheStatsRequest(), timeout=5, metadata=A)
+        self.assertEqual((st.rag.hits, st.rag.writes), (2, 1))
+        self.redis.stop()  # fail-open: no errors, just misses and unstored writes
+        r = look(pb.RagLookupRequest(query="define KV blocks", embedding=vec(0.99), **common), timeout=5, metadata=A)
+        self.assertFalse(r.hit)
+        rep = store(pb.RagStoreRequest(query="q", embedding=vec(1.0), result=b"r", **common), timeout=5, metadata=A)
+        self.assertFalse(rep.stored)
 
     def test_fail_open_when_redis_dies_and_recovery(self):
         req = greq(prompt="Survive", max_tokens=6, ignore_eos=True)
