@@ -13,6 +13,7 @@ pkgs=(
   python3-grpcio python3-protobuf     # an independent gRPC client in tests
   openssl                             # test certificates
   libhiredis-dev redis-server         # caches (the tests start their own redis-server)
+  libmicrohttpd-dev                   # metrics over HTTP
   python3 python3-numpy python3-regex # reference implementation, model generator
   nodejs npm                          # @huggingface/tokenizers, @grpc/grpc-js tests
 )

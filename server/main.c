@@ -50,6 +50,8 @@ static const char USAGE[] =
     "  --grace S            seconds in-flight calls get on SIGTERM (10)\n"
     "  --redis URL          prompt cache on Redis (redis://host:port/db, unix:///path)\n"
     "  --cache-ttl S        default lifetime of cached completions (86400)\n"
+    "  --metrics HOST:PORT  Prometheus /metrics and /metrics/cache/statistics over HTTP\n"
+    "  --price-per-1k X     currency per 1k tokens for the cost-saved metric (0)\n"
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
@@ -412,6 +414,7 @@ static int cmd_serve(int argc, char **argv) {
         {"tls-key", required_argument, 0, 'K'},      {"tls-client-ca", required_argument, 0, 'A'},
         {"token-file", required_argument, 0, 'T'},   {"grace", required_argument, 0, 'g'},
         {"redis", required_argument, 0, 'R'},        {"cache-ttl", required_argument, 0, 'L'},
+        {"metrics", required_argument, 0, 'M'},      {"price-per-1k", required_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     int o;
     double v;
@@ -425,6 +428,8 @@ static int cmd_serve(int argc, char **argv) {
         case 'A': c.tls_client_ca = optarg; break;
         case 'T': c.token_file = optarg; break;
         case 'R': c.redis_url = optarg; break;
+        case 'M': c.metrics_listen = optarg; break;
+        case 'P': if (parse_num(optarg, 0, 1e9, &v, "--price-per-1k")) return 2; c.price_per_1k = v; break;
         case 'L': if (parse_num(optarg, 1, 1e9, &v, "--cache-ttl")) return 2; c.cache_ttl_s = (int)v; break;
         case 'g': if (parse_num(optarg, 0, 3600, &v, "--grace")) return 2; c.grace_seconds = v; break;
         case 't': if (parse_num(optarg, 1, 256, &v, "--threads")) return 2; c.threads = (int)v; break;

@@ -11,6 +11,7 @@
 #include "srv.h"
 
 #include "kvc.h"
+#include "metrics.h"
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "grpc/reflection/v1/reflection.pb-c.h"
@@ -153,6 +154,8 @@ struct call {
     int watcher;                /* Health.Watch */
     int reflection_v1alpha;
     uint32_t index;             /* tokens streamed so far */
+    double t_start;             /* arrival, for latency metrics */
+    int counted;                /* its status was counted in the metrics */
     struct call *next_watch;
 };
 
@@ -168,6 +171,7 @@ typedef struct cache_req {
 
 typedef struct rec {
     uint64_t id;
+    double t_start, t_last;     /* submission, last token: TTFT and inter-token latency */
     cache_req *cache;           /* write the completion to the prompt cache */
     char tenant[256];
     call *stream;               /* Stream owns it; else Step collects */
@@ -226,6 +230,7 @@ struct srv {
     kvc_redis *redis;
     kvc_prompt *pcache;
     kvc_rag *rag;
+    srv_metrics *metrics;
     pthread_t writer;
     struct cache_job *jobs;     /* cache writes waiting for the writer thread */
     pthread_cond_t jobs_cv;
@@ -291,7 +296,18 @@ static void on_final(call *c, int ok) {
     call_unref(c);
 }
 
+static const char *method_name(const call *c);
+
+static void count_call(call *c, grpc_status_code code) {
+    pthread_mutex_lock(&c->mu);
+    int first = !c->counted;
+    c->counted = 1;
+    pthread_mutex_unlock(&c->mu);
+    if (first) srv_metrics_request(c->s->metrics, method_name(c), (int)code, now_s() - c->t_start);
+}
+
 static void finish_call(call *c, grpc_status_code code, const char *msg, const ProtobufCMessage *reply) {
+    count_call(c, code);
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     int n = 0;
@@ -415,6 +431,7 @@ static void stream_push(call *c, const ProtobufCMessage *m) {
 }
 
 static void stream_end(call *c, grpc_status_code code, const char *msg) {
+    count_call(c, code);
     pthread_mutex_lock(&c->mu);
     if (!c->finishing) {
         c->finishing = 1;
@@ -576,6 +593,10 @@ static void on_event(void *ud, const eng_event *ev) {
         if (x->id == ev->id) { r = x; break; }
     if (!r) { pthread_mutex_unlock(&s->mu); return; }
     if (ev->kind == ENG_EV_TOKEN) {
+        double t_now = now_s();
+        if (r->index == 0) srv_metrics_ttft(s->metrics, t_now - r->t_start);
+        else srv_metrics_itl(s->metrics, t_now - r->t_last);
+        r->t_last = t_now;
         Kvserve__V1__TokenEvent *t = malloc(sizeof *t);
         if (t) {
             kvserve__v1__token_event__init(t);
@@ -601,6 +622,7 @@ static void on_event(void *ud, const eng_event *ev) {
             else { free(t->text); free(t); }
         }
     } else {
+        srv_metrics_tokens(s->metrics, ev->usage.prompt_tokens - ev->usage.cached_tokens, ev->usage.generated_tokens, 0);
         Kvserve__V1__Completion *c = completion_of(ev);
         if (r->cache && (ev->finish == ENG_FINISH_STOP || ev->finish == ENG_FINISH_LENGTH)) {
             cache_enqueue(s, r->cache, ev);
@@ -711,6 +733,7 @@ static int cacheable(const Kvserve__V1__GenerateRequest *g) {
 
 /* Tokenize (once: the engine then gets the ids) and build the key material. */
 static cache_req *cache_prepare(srv *s, const char *tenant, const Kvserve__V1__GenerateRequest *g, eng_request *r) {
+    if (r->params.max_tokens <= 0 || (!r->text && !r->n_ids)) return NULL; /* invalid: the engine says why */
     cache_req *q = calloc(1, sizeof *q);
     if (!q) return NULL;
     size_t n = 0;
@@ -792,6 +815,7 @@ static void *writer_loop(void *p) {
 /* Answer from a cached completion, streamed like a generation and marked cached. */
 static void answer_cached(call *c, int streaming, kvc_completion *hit) {
     srv *s = c->s;
+    srv_metrics_tokens(s->metrics, 0, 0, hit->prompt_tokens + hit->generated_tokens);
     Kvserve__V1__Usage u = KVSERVE__V1__USAGE__INIT;
     u.prompt_tokens = hit->prompt_tokens;
     u.cached_tokens = hit->prompt_tokens; /* nothing was computed */
@@ -906,6 +930,7 @@ static void h_generate(call *c, int streaming) {
     if (!rc) rc = eng_submit(s->eng, &r, &id, err, sizeof err);
     if (!rc) {
         x->id = id;
+        x->t_start = c->t_start;
         snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
         x->cache = cq;
         cq = NULL;
@@ -947,6 +972,7 @@ static void on_close(call *c, int ok) {
     pthread_mutex_lock(&c->mu);
     c->closed = 1;
     pthread_mutex_unlock(&c->mu);
+    if (c->close_cancelled) count_call(c, GRPC_STATUS_CANCELLED);
     if (c->close_cancelled && c->has_eng) eng_cancel(c->s->eng, c->eng_id);
     if (c->watcher) {
         srv *s = c->s;
@@ -1682,6 +1708,32 @@ static const method METHODS[] = {
 };
 #define N_METHODS ((int)(sizeof METHODS / sizeof *METHODS))
 
+static const char *method_name(const call *c) { return c->mi >= 0 ? METHODS[c->mi].path : "unknown"; }
+
+/* Scrape-time figures for the metrics endpoint. */
+static void metrics_source(void *ud, srv_metrics_snapshot *m) {
+    srv *s = ud;
+    if (s->eng) {
+        eng_stats st;
+        eng_stats_get(s->eng, &st);
+        m->blocks_used = st.blocks_used;
+        m->blocks_free = st.blocks_free;
+        m->blocks_cached = st.blocks_cached;
+        m->blocks_shared = st.blocks_shared;
+        m->running = st.running;
+        m->waiting = st.waiting;
+    }
+    if (s->pcache) {
+        kvc_prompt_stats ps;
+        kvc_rag_stats gs;
+        kvc_prompt_stats_get(s->pcache, &ps);
+        kvc_rag_stats_get(s->rag, &gs);
+        m->cache_enabled = 1;
+        m->llm = (srv_cache_layer){ps.hits, ps.misses, ps.writes, ps.invalidations, ps.errors};
+        m->rag = (srv_cache_layer){gs.hits, gs.misses, gs.writes, 0, gs.errors};
+    }
+}
+
 static void request_call(srv *s, int mi);
 
 static void on_new_call(call *c, int ok) {
@@ -1691,6 +1743,7 @@ static void on_new_call(call *c, int ok) {
         return;
     }
     request_call(s, c->mi); /* keep one waiting for the next caller */
+    c->t_start = now_s();
     if (c->mi < 0) {
         char path[256];
         snprintf(path, sizeof path, "%.*s", (int)GRPC_SLICE_LENGTH(c->details.method),
@@ -1761,6 +1814,7 @@ static void *engine_loop(void *p) {
         pthread_mutex_unlock(&s->mu);
         if (stop) break;
         int n = eng_step(s->eng, on_event, s);
+        if (n > 0) srv_metrics_step(s->metrics, n);
         check_parked(s, 0);
         if (n == 0) {
             pthread_mutex_lock(&s->mu);
@@ -1890,6 +1944,8 @@ void srv_config_default(srv_config *c) {
     c->max_wait_ms = getenv_int("KVSERVE_MAX_WAIT_MS", 10000);
     c->redis_url = getenv("KVSERVE_REDIS_URL");
     c->cache_ttl_s = getenv_int("KVSERVE_CACHE_TTL", 0);
+    c->metrics_listen = getenv("KVSERVE_METRICS_LISTEN");
+    c->price_per_1k = getenv("KVSERVE_PRICE_PER_1K") ? atof(getenv("KVSERVE_PRICE_PER_1K")) : 0;
 }
 
 int srv_run(const srv_config *cfg) {
@@ -1911,6 +1967,16 @@ int srv_run(const srv_config *cfg) {
     }
     if (s->cfg.token_file && load_tokens(s, s->cfg.token_file)) { free(s->tokens); free(s); return 2; }
     if (load_descriptors(s)) { free(s); return 1; }
+    s->metrics = srv_metrics_new(s->cfg.price_per_1k);
+    if (s->cfg.metrics_listen && s->metrics && srv_metrics_listen(s->metrics, s->cfg.metrics_listen, metrics_source, s)) {
+        fprintf(stderr, "kvserve: --metrics %s: cannot listen (an IPv4 HOST:PORT, free)\n", s->cfg.metrics_listen);
+        srv_metrics_free(s->metrics);
+        free_files(s);
+        free(s->tokens);
+        free(s);
+        return 2;
+    }
+
     if (s->cfg.redis_url) { /* Redis may be down now: the cache is fail-open */
         char err[256];
         kvc_redis_options ro = {.url = s->cfg.redis_url};
@@ -1920,6 +1986,7 @@ int srv_run(const srv_config *cfg) {
             kvc_prompt_close(s->pcache);
             fprintf(stderr, "kvserve: --redis: %s\n", err);
             kvc_redis_close(s->redis);
+            srv_metrics_free(s->metrics);
             free_files(s);
             free(s->tokens);
             free(s);
@@ -2100,6 +2167,7 @@ int srv_run(const srv_config *cfg) {
     eng_model_close(s->model);
     grpc_shutdown();
     free_files(s);
+    srv_metrics_free(s->metrics); /* stops its HTTP thread first: it reads the engine and caches */
     kvc_rag_close(s->rag);
     kvc_prompt_close(s->pcache);
     kvc_redis_close(s->redis);

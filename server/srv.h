@@ -23,6 +23,8 @@ typedef struct srv_config {
     int max_wait_ms;             /* cap on Step's wait_ms (0 = 10000) */
     const char *redis_url;       /* enables the prompt cache: redis://host:port/db or unix:///path */
     int cache_ttl_s;             /* default TTL of cached completions (0 = 86400) */
+    const char *metrics_listen;  /* HOST:PORT for /metrics (Prometheus) and /metrics/cache/statistics */
+    double price_per_1k;         /* currency per 1k tokens, for the cost-saved metric */
 } srv_config;
 
 /* Fill defaults, then override from KVSERVE_* environment variables. */

@@ -15,6 +15,8 @@ running when the client acts use --slow-model (default: smollm2-135m next to
 --model, when present) and are skipped without it.
 """
 import argparse
+import json
+import urllib.request
 import math
 import importlib.util
 import os
@@ -1333,6 +1335,85 @@ class T9_PromptCache(unittest.TestCase):
                 break
             time.sleep(0.2)
         self.assertTrue(c.cached, "hits did not resume after Redis came back")
+
+
+class T10_Metrics(unittest.TestCase):
+    def test_every_metric_exact_after_a_scripted_sequence(self):
+        redis = Redis().start()
+        mport = free_port()
+        srv = Server("--redis", redis.url(), "--metrics", f"127.0.0.1:{mport}", "--price-per-1k", "2.5",
+                     "--threads", "1").start()
+        try:
+            c = srv.client()
+            ch = c.ch
+            cstats = unary(ch, "/kvserve.v1.Cache/Stats", pb.CacheStatsRequest, pb.CacheStatsReply)
+            inv = unary(ch, "/kvserve.v1.Cache/Invalidate", pb.InvalidateRequest, pb.InvalidateReply)
+            store = unary(ch, "/kvserve.v1.Cache/RagStore", pb.RagStoreRequest, pb.RagStoreReply)
+            look = unary(ch, "/kvserve.v1.Cache/RagLookup", pb.RagLookupRequest, pb.RagLookupReply)
+            req = greq(prompt="Metrics please", max_tokens=7, ignore_eos=True)
+            _, comps = c.run_stream(req)                       # a miss: the engine runs
+            prompt_tokens = comps[0].usage.prompt_tokens
+            until = time.monotonic() + 10
+            while cstats(pb.CacheStatsRequest(), timeout=5).llm.writes < 1:   # the write is asynchronous
+                self.assertLess(time.monotonic(), until)
+                time.sleep(0.05)
+            _, comps2 = c.run_stream(req)                      # a hit
+            self.assertTrue(comps2[0].cached)
+            code, _ = code_of(lambda: c.submit(greq(prompt="", max_tokens=4)))
+            self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+            inv(pb.InvalidateRequest(namespace=""), timeout=5)
+            common = dict(namespace="kb", embedding_model="m", top_k=3, embedding=[1.0, 0.0, 0.0])
+            store(pb.RagStoreRequest(query="q1", result=b"r", **common), timeout=5)
+            self.assertTrue(look(pb.RagLookupRequest(query="q1", **common), timeout=5).hit)
+            self.assertFalse(look(pb.RagLookupRequest(query="q2", namespace="kb", embedding_model="m", top_k=3,
+                                                      embedding=[0.0, 1.0, 0.0]), timeout=5).hit)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+            got = {}
+            for line in text.splitlines():
+                if line and not line.startswith("#"):
+                    name, value = line.rsplit(" ", 1)
+                    got[name] = float(value)
+            G = "/kvserve.v1.Generation/"
+            want = {
+                f'kvserve_requests_total{{method="{G}Stream",code="OK"}}': 2,
+                f'kvserve_requests_total{{method="{G}Submit",code="INVALID_ARGUMENT"}}': 1,
+                'kvserve_requests_total{method="/kvserve.v1.Cache/Invalidate",code="OK"}': 1,
+                'kvserve_requests_total{method="/kvserve.v1.Cache/RagStore",code="OK"}': 1,
+                'kvserve_requests_total{method="/kvserve.v1.Cache/RagLookup",code="OK"}': 2,
+                'kvserve_cache_hits_total{layer="llm"}': 1,
+                'kvserve_cache_misses_total{layer="llm"}': 1,
+                'kvserve_cache_writes_total{layer="llm"}': 1,
+                'kvserve_cache_invalidations_total{layer="llm"}': 1,
+                'kvserve_cache_errors_total{layer="llm"}': 0,
+                'kvserve_cache_hits_total{layer="rag"}': 1,
+                'kvserve_cache_misses_total{layer="rag"}': 1,
+                'kvserve_cache_writes_total{layer="rag"}': 1,
+                'kvserve_cache_errors_total{layer="rag"}': 0,
+                'kvserve_cache_tokens_saved_total': prompt_tokens + 7,
+                'kvserve_cache_cost_saved_total': (prompt_tokens + 7) / 1000 * 2.5,
+                'kvserve_tokens_total{kind="prompt"}': prompt_tokens,
+                'kvserve_tokens_total{kind="generated"}': 7,
+                'kvserve_time_to_first_token_seconds_count': 1,
+                'kvserve_inter_token_latency_seconds_count': 6,
+                'kvserve_kv_blocks{state="used"}': 0,
+                'kvserve_requests_running': 0,
+                'kvserve_requests_queued': 0,
+            }
+            for k, v in want.items():
+                self.assertIn(k, got, f"metric {k} missing")
+                self.assertAlmostEqual(got[k], v, places=6, msg=k)
+            self.assertGreaterEqual(got['kvserve_engine_step_tokens_count'], 7)
+            js = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics/cache/statistics",
+                                                   timeout=5).read())
+            self.assertTrue(js["enabled"])
+            self.assertAlmostEqual(js["llm"]["hit_rate"], 0.5)
+            self.assertAlmostEqual(js["rag"]["hit_rate"], 0.5)
+            self.assertAlmostEqual(js["combined"]["hit_rate"], 0.5)
+            self.assertEqual(js["tokens_saved"], prompt_tokens + 7)
+            srv.stop()
+        finally:
+            srv.kill()
+            redis.stop()
 
 
 def main():

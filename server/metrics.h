@@ -1,0 +1,35 @@
+/* metrics.h — counters and histograms of the RPC layer, served as
+ * Prometheus text (/metrics) and cache statistics JSON
+ * (/metrics/cache/statistics) over HTTP. Internal to server/. */
+#ifndef KVSERVE_METRICS_H
+#define KVSERVE_METRICS_H
+
+#include <stdint.h>
+
+typedef struct srv_metrics srv_metrics;
+
+typedef struct {
+    uint64_t hits, misses, writes, invalidations, errors;
+} srv_cache_layer;
+
+/* Figures read at scrape time from their owners (engine, caches). */
+typedef struct {
+    int cache_enabled;
+    srv_cache_layer llm, rag;
+    int blocks_used, blocks_free, blocks_cached, blocks_shared, running, waiting;
+} srv_metrics_snapshot;
+typedef void (*srv_metrics_source)(void *ud, srv_metrics_snapshot *s);
+
+srv_metrics *srv_metrics_new(double price_per_1k);
+/* Serve HTTP on HOST:PORT (IPv4 literal). 0 or -1. */
+int srv_metrics_listen(srv_metrics *m, const char *hostport, srv_metrics_source src, void *ud);
+void srv_metrics_free(srv_metrics *m);
+
+/* All safe from any thread; NULL m is a no-op. */
+void srv_metrics_request(srv_metrics *m, const char *method, int code, double seconds);
+void srv_metrics_ttft(srv_metrics *m, double seconds);
+void srv_metrics_itl(srv_metrics *m, double seconds);
+void srv_metrics_step(srv_metrics *m, int tokens);
+void srv_metrics_tokens(srv_metrics *m, int prompt, int generated, int saved);
+
+#endif
