@@ -86,6 +86,10 @@ typedef struct kvc_prompt_options {
 int kvc_prompt_open(kvc_prompt **out, kvc_redis *r, const kvc_prompt_options *o);
 void kvc_prompt_close(kvc_prompt *p);
 
+/* A digest of everything in the key (not the namespace generation): names
+ * identical requests in flight, for single-flight. 64 hex digits + NUL. */
+void kvc_prompt_key_digest(const kvc_prompt_key *k, char out[65]);
+
 /* KVC_OK (hit, *c filled), KVC_MISS, or an error (count it; treat as a miss). */
 int kvc_prompt_get(kvc_prompt *p, const kvc_prompt_key *k, kvc_completion *c);
 /* Store with a TTL (seconds; 0 = default), value and expiry set atomically. */

@@ -87,6 +87,10 @@ static int key_hash(const kvc_prompt_key *k, uint64_t gen, char out[65]) {
     return KVC_OK;
 }
 
+void kvc_prompt_key_digest(const kvc_prompt_key *k, char out[65]) {
+    if (key_hash(k, 0, out) != KVC_OK) out[0] = 0;
+}
+
 /* The namespace's current generation (0 if never invalidated); -1 on error. */
 static int64_t generation(kvc_prompt *p, const char *ns_hex) {
     char key[128];

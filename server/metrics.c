@@ -171,6 +171,9 @@ static char *render_prometheus(srv_metrics *m) {
     sb(&b, "# HELP kvserve_cache_errors_total Cache operations that failed (Redis down or slow: fail-open).\n"
            "# TYPE kvserve_cache_errors_total counter\n");
     for (int i = 0; i < 2; i++) sb(&b, "kvserve_cache_errors_total{layer=\"%s\"} %llu\n", layers[i], (unsigned long long)L[i]->errors);
+    sb(&b, "# HELP kvserve_cache_singleflight_joined_total Requests answered by an identical one in flight.\n"
+           "# TYPE kvserve_cache_singleflight_joined_total counter\nkvserve_cache_singleflight_joined_total %llu\n",
+       (unsigned long long)s.singleflight_joined);
     pthread_mutex_lock(&m->mu);
     sb(&b, "# HELP kvserve_cache_tokens_saved_total Prompt and generated tokens not computed thanks to the prompt cache.\n"
            "# TYPE kvserve_cache_tokens_saved_total counter\nkvserve_cache_tokens_saved_total %llu\n",

@@ -17,6 +17,7 @@ typedef struct {
     int cache_enabled;
     srv_cache_layer llm, rag;
     int blocks_used, blocks_free, blocks_cached, blocks_shared, running, waiting;
+    uint64_t singleflight_joined;  /* requests that waited for an identical one instead of running */
 } srv_metrics_snapshot;
 typedef void (*srv_metrics_source)(void *ud, srv_metrics_snapshot *s);
 

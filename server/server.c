@@ -169,8 +169,22 @@ typedef struct cache_req {
     int ttl;
 } cache_req;
 
+/* Single-flight: identical cacheable Streams in flight share one engine run. */
+typedef struct follower {
+    call *c;
+    struct follower *next;
+} follower;
+
+typedef struct flight {
+    char digest[65];
+    uint64_t leader;            /* the engine request everyone waits for */
+    follower *followers;
+    struct flight *next;
+} flight;
+
 typedef struct rec {
     uint64_t id;
+    flight *flight;             /* the request leads a single-flight group */
     double t_start, t_last;     /* submission, last token: TTFT and inter-token latency */
     cache_req *cache;           /* write the completion to the prompt cache */
     char tenant[256];
@@ -231,6 +245,8 @@ struct srv {
     kvc_prompt *pcache;
     kvc_rag *rag;
     srv_metrics *metrics;
+    flight *flights;
+    uint64_t singleflight_joined;
     pthread_t writer;
     struct cache_job *jobs;     /* cache writes waiting for the writer thread */
     pthread_cond_t jobs_cv;
@@ -583,6 +599,7 @@ static void free_completion(Kvserve__V1__Completion *c) {
 }
 
 static void cache_enqueue(srv *s, cache_req *q, const eng_event *ev);
+static void flight_done(srv *s, rec *r, const eng_event *ev);
 
 /* Engine thread: route an event to its Stream call or its Step buffer. */
 static void on_event(void *ud, const eng_event *ev) {
@@ -623,6 +640,7 @@ static void on_event(void *ud, const eng_event *ev) {
         }
     } else {
         srv_metrics_tokens(s->metrics, ev->usage.prompt_tokens - ev->usage.cached_tokens, ev->usage.generated_tokens, 0);
+        if (r->flight) flight_done(s, r, ev);
         Kvserve__V1__Completion *c = completion_of(ev);
         if (r->cache && (ev->finish == ENG_FINISH_STOP || ev->finish == ENG_FINISH_LENGTH)) {
             cache_enqueue(s, r->cache, ev);
@@ -813,7 +831,14 @@ static void *writer_loop(void *p) {
 }
 
 /* Answer from a cached completion, streamed like a generation and marked cached. */
-static void answer_cached(call *c, int streaming, kvc_completion *hit) {
+static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held);
+
+static void answer_cached(call *c, int streaming, kvc_completion *hit) { answer_from(c, streaming, hit, 0); }
+
+/* A single-flight follower (srv.mu held; streams only). */
+static void answer_shared(call *c, kvc_completion *comp) { answer_from(c, 1, comp, 1); }
+
+static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held) {
     srv *s = c->s;
     srv_metrics_tokens(s->metrics, 0, 0, hit->prompt_tokens + hit->generated_tokens);
     Kvserve__V1__Usage u = KVSERVE__V1__USAGE__INIT;
@@ -827,9 +852,9 @@ static void answer_cached(call *c, int streaming, kvc_completion *hit) {
     comp.finish_reason = finish_of(hit->finish);
     comp.usage = &u;
     comp.cached = 1;
-    pthread_mutex_lock(&s->mu);
+    if (!mu_held) pthread_mutex_lock(&s->mu);
     comp.id = (1ull << 63) | ++s->next_cached_id; /* an id space of its own */
-    pthread_mutex_unlock(&s->mu);
+    if (!mu_held) pthread_mutex_unlock(&s->mu);
     /* token events: the detokenizer's deltas, clamped to the cached text */
     eng_detok *d = eng_detok_new(eng_model_tok(s->model));
     size_t emitted = 0;
@@ -905,6 +930,31 @@ static void answer_cached(call *c, int streaming, kvc_completion *hit) {
     finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
 }
 
+/* The leader of a single-flight group finished (srv.mu held): answer every
+ * follower with its result, streamed like a cache hit; if the leader was
+ * cancelled or failed, followers are told to retry. */
+static void flight_done(srv *s, rec *r, const eng_event *ev) {
+    flight *f = r->flight;
+    r->flight = NULL;
+    for (flight **pp = &s->flights; *pp; pp = &(*pp)->next)
+        if (*pp == f) {
+            *pp = f->next;
+            break;
+        }
+    int ok = ev->finish == ENG_FINISH_STOP || ev->finish == ENG_FINISH_LENGTH;
+    kvc_completion comp = {.text = (char *)ev->text, .text_len = ev->text_len, .tokens = (int32_t *)ev->tokens,
+                           .n_tokens = ev->n_tokens, .finish = ev->finish, .prompt_tokens = ev->usage.prompt_tokens,
+                           .generated_tokens = ev->usage.generated_tokens};
+    for (follower *w = f->followers, *n; w; w = n) {
+        n = w->next;
+        if (ok) answer_shared(w->c, &comp);
+        else finish_errorf(w->c, GRPC_STATUS_UNAVAILABLE, "the identical request this one joined was %s; retry",
+                           eng_finish_name(ev->finish));
+        free(w);
+    }
+    free(f);
+}
+
 /* Submit and Stream: the prompt cache first, then the engine. */
 static void h_generate(call *c, int streaming) {
     srv *s = c->s;
@@ -924,10 +974,33 @@ static void h_generate(call *c, int streaming) {
             return;
         }
     }
+    char digest[65] = "";
+    if (cq && streaming) kvc_prompt_key_digest(&cq->k, digest);
     pthread_mutex_lock(&s->mu);
+    if (digest[0]) { /* an identical request already running: wait for its result */
+        for (flight *f = s->flights; f; f = f->next)
+            if (!strcmp(f->digest, digest)) {
+                follower *fw = malloc(sizeof *fw);
+                if (!fw) break;
+                fw->c = c; /* keeps the handler's reference until answered */
+                fw->next = f->followers;
+                f->followers = fw;
+                s->singleflight_joined++;
+                pthread_mutex_unlock(&s->mu);
+                cache_req_free(cq);
+                kvserve__v1__generate_request__free_unpacked(g, NULL);
+                return;
+            }
+    }
     rec *x = rc ? NULL : calloc(1, sizeof *x);
     if (!rc && !x) rc = ENG_ENOMEM;
     if (!rc) rc = eng_submit(s->eng, &r, &id, err, sizeof err);
+    if (!rc && digest[0] && (x->flight = calloc(1, sizeof *x->flight))) {
+        memcpy(x->flight->digest, digest, sizeof digest);
+        x->flight->leader = id;
+        x->flight->next = s->flights;
+        s->flights = x->flight;
+    }
     if (!rc) {
         x->id = id;
         x->t_start = c->t_start;
@@ -1732,6 +1805,9 @@ static void metrics_source(void *ud, srv_metrics_snapshot *m) {
         m->llm = (srv_cache_layer){ps.hits, ps.misses, ps.writes, ps.invalidations, ps.errors};
         m->rag = (srv_cache_layer){gs.hits, gs.misses, gs.writes, 0, gs.errors};
     }
+    pthread_mutex_lock(&s->mu);
+    m->singleflight_joined = s->singleflight_joined;
+    pthread_mutex_unlock(&s->mu);
 }
 
 static void request_call(srv *s, int mi);
@@ -2145,6 +2221,17 @@ int srv_run(const srv_config *cfg) {
         pthread_mutex_unlock(&s->mu);
         pthread_join(s->writer, NULL);
     }
+    /* followers of flights that never finished: their calls were cancelled */
+    for (flight *f = s->flights, *fn; f; f = fn) {
+        fn = f->next;
+        for (follower *w = f->followers, *n; w; w = n) {
+            n = w->next;
+            call_unref(w->c);
+            free(w);
+        }
+        free(f);
+    }
+    s->flights = NULL;
     /* drop what is left of the watchers and records */
     pthread_mutex_lock(&s->mu);
     call *w = s->watchers;

@@ -1416,6 +1416,46 @@ class T10_Metrics(unittest.TestCase):
             redis.stop()
 
 
+class T11_SingleFlight(unittest.TestCase):
+    def test_identical_concurrent_streams_run_the_engine_once(self):
+        slow_model_or_skip(self)
+        redis = Redis().start()
+        mport = free_port()
+        srv = Server("--redis", redis.url(), "--metrics", f"127.0.0.1:{mport}", "--threads", "1",
+                     model=ARGS.slow_model).start()
+        try:
+            c = srv.client()
+            req = greq(prompt="One flight for all", max_tokens=24, ignore_eos=True)
+            leader = c.stream(req, timeout=120)
+            it = iter(leader)
+            first = next(it)  # the leader is generating now
+            results = [None] * 3
+
+            def follow(i):
+                results[i] = c.run_stream(req, timeout=120)
+
+            ths = [threading.Thread(target=follow, args=(i,)) for i in range(3)]
+            for t in ths:
+                t.start()
+            rest = [first] + list(it)
+            lead_comp = [e.completion for e in rest if e.WhichOneof("event") == "completion"][0]
+            for t in ths:
+                t.join(120)
+            for toks, comps in results:
+                self.assertEqual(len(comps), 1)
+                self.assertEqual(list(comps[0].token_ids), list(lead_comp.token_ids))
+                self.assertEqual("".join(t.text for t in toks), lead_comp.text)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+            joined = [l for l in text.splitlines() if l.startswith("kvserve_cache_singleflight_joined_total")]
+            self.assertEqual(joined, ["kvserve_cache_singleflight_joined_total 3"])
+            gen = [l for l in text.splitlines() if l.startswith('kvserve_tokens_total{kind="generated"}')]
+            self.assertEqual(gen, ['kvserve_tokens_total{kind="generated"} 24'], "the engine ran more than once")
+            srv.stop()
+        finally:
+            srv.kill()
+            redis.stop()
+
+
 def main():
     global ARGS, TMP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
