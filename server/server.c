@@ -2024,6 +2024,30 @@ void srv_config_default(srv_config *c) {
     c->price_per_1k = getenv("KVSERVE_PRICE_PER_1K") ? atof(getenv("KVSERVE_PRICE_PER_1K")) : 0;
 }
 
+static void *writer_loop(void *p);
+
+/* Undo what srv_run set up before serving; exit code 2. */
+static int early_exit(srv *s) {
+    if (s->has_writer) {
+        pthread_mutex_lock(&s->mu);
+        s->writer_stop = 1;
+        pthread_cond_signal(&s->jobs_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->writer, NULL);
+    }
+    srv_metrics_free(s->metrics);
+    kvc_rag_close(s->rag);
+    kvc_prompt_close(s->pcache);
+    kvc_redis_close(s->redis);
+    free_files(s);
+    free(s->tokens);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    pthread_cond_destroy(&s->jobs_cv);
+    free(s);
+    return 2;
+}
+
 int srv_run(const srv_config *cfg) {
     srv *s = calloc(1, sizeof *s);
     if (!s) return 1;
@@ -2073,7 +2097,7 @@ int srv_run(const srv_config *cfg) {
 
     /* SIGTERM / SIGINT write to a pipe from whatever thread takes them (the
      * BLAS library starts threads before main, so masks cannot route them) */
-    if (pipe(sig_pipe) != 0) { free(s->tokens); free(s); return 1; }
+    if (pipe(sig_pipe) != 0) return early_exit(s);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
@@ -2085,7 +2109,10 @@ int srv_run(const srv_config *cfg) {
 
     grpc_init();
     grpc_server_credentials *creds = make_creds(&s->cfg);
-    if (!creds) { grpc_shutdown(); free_files(s); free(s->tokens); free(s); return 2; }
+    if (!creds) {
+        grpc_shutdown();
+        return early_exit(s);
+    }
     grpc_arg args[3];
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -2116,10 +2143,7 @@ int srv_run(const srv_config *cfg) {
         grpc_completion_queue_destroy(s->cq);
         grpc_shutdown();
         free(s->rm);
-        free_files(s);
-        free(s->tokens);
-        free(s);
-        return 2;
+        return early_exit(s);
     }
     grpc_server_start(s->server);
     s->n_cq = s->cfg.cq_threads;
