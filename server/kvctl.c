@@ -34,6 +34,7 @@ static const char USAGE[] =
     "  health [SERVICE]                  grpc.health.v1 Check (exit 0 when SERVING)\n"
     "  load --concurrency N --requests M [--prompt-tokens N] [gen options] PROMPT\n"
     "                                    drive load (random prompts of N token ids if given), report throughput\n"
+    "                                    --same: every request identical (prompt-cache hits)\n"
     "\n"
     "connection options:\n"
     "  --addr HOST:PORT    server (default $KVSERVE_ADDR or 127.0.0.1:50051)\n"
@@ -59,7 +60,7 @@ typedef struct {
     Kvserve__V1__GenerateRequest req;
     Kvserve__V1__Sampling sp;
     char *stops[16];
-    int quiet, concurrency, requests, wait_ms, prompt_tokens;
+    int quiet, concurrency, requests, wait_ms, prompt_tokens, same;
 } genopts;
 
 static char *read_file(const char *path) {
@@ -393,8 +394,8 @@ typedef struct {
     pthread_mutex_t mu;
     int next, total, failed;
     long tokens;
-    double *ttft;
-    int n_ttft;
+    double *ttft, *lat;
+    int n_ttft, n_lat;
 } load_state;
 
 static void *load_worker(void *p) {
@@ -406,11 +407,11 @@ static void *load_worker(void *p) {
         if (i < 0) break;
         Kvserve__V1__GenerateRequest req = L->g->req;
         Kvserve__V1__Sampling sp = L->g->sp;
-        sp.seed += (uint64_t)i;
+        if (!L->g->same) sp.seed += (uint64_t)i; /* --same: identical requests (cache hits) */
         req.sampling = &sp;
         int32_t ids[8192];
         if (L->g->prompt_tokens > 0) { /* random ids in [3, 1000): valid for any vocab we ship */
-            uint64_t x = 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1);
+            uint64_t x = 0x9e3779b97f4a7c15ull * (uint64_t)((L->g->same ? 0 : i) + 1);
             int n = L->g->prompt_tokens < 8192 ? L->g->prompt_tokens : 8192;
             for (int k = 0; k < n; k++) {
                 x ^= x << 13; x ^= x >> 7; x ^= x << 17;
@@ -434,6 +435,7 @@ static void *load_worker(void *p) {
         if (st) L->failed++;
         L->tokens += n;
         if (n) L->ttft[L->n_ttft++] = (tf - t0) * 1000;
+        L->lat[L->n_lat++] = (now_s() - t0) * 1000;
         pthread_mutex_unlock(&L->mu);
     }
     return NULL;
@@ -449,17 +451,21 @@ static int cmd_load(conn *c, genopts *g) {
     load_state L = {.c = c, .g = g, .total = M};
     pthread_mutex_init(&L.mu, NULL);
     L.ttft = calloc((size_t)M, sizeof *L.ttft);
+    L.lat = calloc((size_t)M, sizeof *L.lat);
     pthread_t *th = calloc((size_t)N, sizeof *th);
     double t0 = now_s();
     for (int i = 0; i < N; i++) pthread_create(&th[i], NULL, load_worker, &L);
     for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
     double dt = now_s() - t0;
     qsort(L.ttft, (size_t)L.n_ttft, sizeof *L.ttft, cmp_d);
+    qsort(L.lat, (size_t)L.n_lat, sizeof *L.lat, cmp_d);
     double p50 = L.n_ttft ? L.ttft[L.n_ttft / 2] : 0, p99 = L.n_ttft ? L.ttft[(L.n_ttft * 99) / 100] : 0;
+    double l50 = L.n_lat ? L.lat[L.n_lat / 2] : 0, l99 = L.n_lat ? L.lat[(L.n_lat * 99) / 100] : 0;
     printf("requests %d (failed %d), concurrency %d, tokens %ld in %.2f s: %.1f tokens/s, %.2f requests/s, "
-           "ttft p50 %.1f ms p99 %.1f ms\n",
-           M, L.failed, N, L.tokens, dt, L.tokens / dt, M / dt, p50, p99);
+           "ttft p50 %.1f ms p99 %.1f ms, latency p50 %.2f ms p99 %.2f ms\n",
+           M, L.failed, N, L.tokens, dt, L.tokens / dt, M / dt, p50, p99, l50, l99);
     free(L.ttft);
+    free(L.lat);
     free(th);
     return L.failed ? 1 : 0;
 }
@@ -475,7 +481,7 @@ int main(int argc, char **argv) {
     g.req.sampling = &g.sp;
     g.req.stop = g.stops;
     enum { O_ADDR = 256, O_TLS, O_CA, O_CERT, O_KEY, O_TOKEN, O_TIMEOUT, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_SEED,
-           O_STOP, O_IGNORE_EOS, O_AGENT, O_RESET, O_BOS, O_QUIET, O_CONC, O_REQS, O_WAIT, O_PTOK, O_HELP };
+           O_STOP, O_IGNORE_EOS, O_AGENT, O_RESET, O_BOS, O_QUIET, O_CONC, O_REQS, O_WAIT, O_PTOK, O_SAME, O_HELP };
     static const struct option opts[] = {
         {"addr", required_argument, 0, O_ADDR}, {"tls", no_argument, 0, O_TLS}, {"ca", required_argument, 0, O_CA},
         {"cert", required_argument, 0, O_CERT}, {"key", required_argument, 0, O_KEY},
@@ -488,6 +494,7 @@ int main(int argc, char **argv) {
         {"reset", no_argument, 0, O_RESET}, {"bos", no_argument, 0, O_BOS}, {"quiet", no_argument, 0, O_QUIET},
         {"concurrency", required_argument, 0, O_CONC}, {"requests", required_argument, 0, O_REQS},
         {"wait", required_argument, 0, O_WAIT}, {"prompt-tokens", required_argument, 0, O_PTOK},
+        {"same", no_argument, 0, O_SAME},
         {"help", no_argument, 0, O_HELP}, {0, 0, 0, 0}};
     int o;
     /* options may come before or after the command */
@@ -537,6 +544,7 @@ int main(int argc, char **argv) {
         case O_REQS: g.requests = atoi(optarg); break;
         case O_WAIT: g.wait_ms = atoi(optarg); break;
         case O_PTOK: g.prompt_tokens = atoi(optarg); break;
+        case O_SAME: g.same = 1; break;
         case 'h': case O_HELP: fputs(USAGE, stdout); return 0;
         default: fputs("kvctl: see kvctl --help\n", stderr); return 2;
         }
