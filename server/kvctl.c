@@ -7,11 +7,11 @@
  */
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvserve/v1/kvserve.pb-c.h"
+#include "pbio.h"
 
 #include <errno.h>
 #include <getopt.h>
 #include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
@@ -63,6 +63,21 @@ typedef struct {
     int quiet, concurrency, requests, wait_ms, prompt_tokens, same;
 } genopts;
 
+/* Connection options are accepted before and after the command. */
+enum { O_ADDR = 256, O_TLS, O_CA, O_CERT, O_KEY, O_TOKEN, O_TIMEOUT };
+static int conn_option(conn *c, int o) {
+    switch (o) {
+    case O_ADDR: c->addr = optarg; return 1;
+    case O_TLS: c->tls = 1; return 1;
+    case O_CA: c->ca = optarg; c->tls = 1; return 1;
+    case O_CERT: c->cert = optarg; c->tls = 1; return 1;
+    case O_KEY: c->key = optarg; c->tls = 1; return 1;
+    case O_TOKEN: c->token = optarg; return 1;
+    case O_TIMEOUT: c->timeout = atof(optarg); return 1;
+    default: return 0;
+    }
+}
+
 static char *read_file(const char *path) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -104,25 +119,6 @@ static int connect_(conn *c) {
     return c->ch ? 0 : -1;
 }
 
-static grpc_byte_buffer *pack(const ProtobufCMessage *m) {
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice s = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-    grpc_slice_unref(s);
-    return bb;
-}
-
-static ProtobufCMessage *unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb) {
-    grpc_byte_buffer_reader rd;
-    if (!bb || !grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
-    grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
-    grpc_byte_buffer_reader_destroy(&rd);
-    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-    grpc_slice_unref(s);
-    return m;
-}
-
 static const char *CODE_NAMES[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
                                    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
                                    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
@@ -158,7 +154,7 @@ static int rpc_start(conn *c, rpc *r, const char *method, const ProtobufCMessage
         ops[0].data.send_initial_metadata.count = 1;
         ops[0].data.send_initial_metadata.metadata = &r->md;
     }
-    grpc_byte_buffer *bb = pack(req);
+    grpc_byte_buffer *bb = srv_pack(req);
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = bb;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -180,7 +176,7 @@ static ProtobufCMessage *rpc_recv(rpc *r, const ProtobufCMessageDescriptor *d) {
     if (grpc_call_start_batch(r->call, &op, 1, (void *)2, NULL) != GRPC_CALL_OK) return NULL;
     grpc_completion_queue_pluck(r->cq, (void *)2, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     if (!r->recv) return NULL;
-    ProtobufCMessage *m = unpack(d, r->recv);
+    ProtobufCMessage *m = srv_unpack(d, r->recv);
     grpc_byte_buffer_destroy(r->recv);
     r->recv = NULL;
     return m;
@@ -480,7 +476,7 @@ int main(int argc, char **argv) {
     g.req.max_tokens = 64;
     g.req.sampling = &g.sp;
     g.req.stop = g.stops;
-    enum { O_ADDR = 256, O_TLS, O_CA, O_CERT, O_KEY, O_TOKEN, O_TIMEOUT, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_SEED,
+    enum { O_TEMP = O_TIMEOUT + 1, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_SEED,
            O_STOP, O_IGNORE_EOS, O_AGENT, O_RESET, O_BOS, O_QUIET, O_CONC, O_REQS, O_WAIT, O_PTOK, O_SAME, O_HELP };
     static const struct option opts[] = {
         {"addr", required_argument, 0, O_ADDR}, {"tls", no_argument, 0, O_TLS}, {"ca", required_argument, 0, O_CA},
@@ -498,16 +494,9 @@ int main(int argc, char **argv) {
         {"help", no_argument, 0, O_HELP}, {0, 0, 0, 0}};
     int o;
     /* options may come before or after the command */
-    while ((o = getopt_long(argc, argv, "+n:h", opts, NULL)) != -1 || optind < argc) {
-        if (o == -1) break;
+    while ((o = getopt_long(argc, argv, "+n:h", opts, NULL)) != -1) {
+        if (conn_option(&c, o)) continue;
         switch (o) {
-        case O_ADDR: c.addr = optarg; break;
-        case O_TLS: c.tls = 1; break;
-        case O_CA: c.ca = optarg; c.tls = 1; break;
-        case O_CERT: c.cert = optarg; c.tls = 1; break;
-        case O_KEY: c.key = optarg; c.tls = 1; break;
-        case O_TOKEN: c.token = optarg; break;
-        case O_TIMEOUT: c.timeout = atof(optarg); break;
         case 'h': case O_HELP: fputs(USAGE, stdout); return 0;
         default: fputs("kvctl: see kvctl --help\n", stderr); return 2;
         }
@@ -519,14 +508,8 @@ int main(int argc, char **argv) {
     char **sub_argv = argv + optind - 1;
     optind = 1;
     while ((o = getopt_long(sub_argc, sub_argv, "n:h", opts, NULL)) != -1) {
+        if (conn_option(&c, o)) continue;
         switch (o) {
-        case O_ADDR: c.addr = optarg; break;
-        case O_TLS: c.tls = 1; break;
-        case O_CA: c.ca = optarg; c.tls = 1; break;
-        case O_CERT: c.cert = optarg; c.tls = 1; break;
-        case O_KEY: c.key = optarg; c.tls = 1; break;
-        case O_TOKEN: c.token = optarg; break;
-        case O_TIMEOUT: c.timeout = atof(optarg); break;
         case 'n': g.req.max_tokens = atoi(optarg); break;
         case O_TEMP: g.sp.temperature = (float)atof(optarg); break;
         case O_TOPK: g.sp.top_k = atoi(optarg); break;

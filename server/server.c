@@ -11,6 +11,7 @@
 #include "srv.h"
 
 #include "kvc.h"
+#include "pbio.h"
 #include "metrics.h"
 
 #include "grpc/health/v1/health.pb-c.h"
@@ -19,7 +20,6 @@
 
 #include <errno.h>
 #include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
@@ -71,26 +71,6 @@ static void logf_(const char *level, const char *fmt, ...) {
 }
 #define LOG_INFO(...) logf_("info", __VA_ARGS__)
 #define LOG_WARN(...) logf_("warn", __VA_ARGS__)
-
-static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m) {
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice s = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-    grpc_slice_unref(s);
-    return bb;
-}
-
-static ProtobufCMessage *unpack_msg(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb) {
-    if (!bb) return NULL;
-    grpc_byte_buffer_reader rd;
-    if (!grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
-    grpc_slice s = grpc_byte_buffer_reader_readall(&rd);
-    grpc_byte_buffer_reader_destroy(&rd);
-    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-    grpc_slice_unref(s);
-    return m;
-}
 
 /* Engine status -> gRPC status: the one place where the mapping lives. */
 static grpc_status_code status_of(int rc) {
@@ -330,7 +310,7 @@ static void finish_call(call *c, grpc_status_code code, const char *msg, const P
     ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     grpc_byte_buffer *bb = NULL;
     if (code == GRPC_STATUS_OK && reply) {
-        bb = pack_msg(reply);
+        bb = srv_pack(reply);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n++].data.send_message.send_message = bb;
     }
@@ -432,7 +412,7 @@ static void stream_begin(call *c) {
 static void stream_push(call *c, const ProtobufCMessage *m) {
     outmsg *o = malloc(sizeof *o);
     if (!o) return;
-    o->bb = pack_msg(m);
+    o->bb = srv_pack(m);
     o->next = NULL;
     pthread_mutex_lock(&c->mu);
     if (c->broken || c->finishing) {
@@ -670,7 +650,7 @@ static void on_event(void *ud, const eng_event *ev) {
 
 /* ---- handlers ------------------------------------------------------------------------ */
 #define UNPACK(type, desc, c, var)                                                        \
-    type *var = (type *)unpack_msg(&desc, (c)->payload);                                  \
+    type *var = (type *)srv_unpack(&desc, (c)->payload);                                  \
     if (!var) {                                                                           \
         finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "request is not a valid %s", desc.name); \
         return;                                                                           \
@@ -1739,7 +1719,7 @@ static void on_reflection_recv(call *c, int ok) {
     if (!ok || !bb) { /* the client closed its side */
         stream_end(c, GRPC_STATUS_OK, "");
     } else {
-        Grpc__Reflection__V1__ServerReflectionRequest *q = (Grpc__Reflection__V1__ServerReflectionRequest *)unpack_msg(
+        Grpc__Reflection__V1__ServerReflectionRequest *q = (Grpc__Reflection__V1__ServerReflectionRequest *)srv_unpack(
             &grpc__reflection__v1__server_reflection_request__descriptor, bb);
         grpc_byte_buffer_destroy(bb);
         if (!q) stream_end(c, GRPC_STATUS_INVALID_ARGUMENT, "not a ServerReflectionRequest");
