@@ -23,6 +23,7 @@ enum {
     KVC_EREDIS = -2,    /* Redis failed or the circuit is open: treated as a miss */
     KVC_ENOMEM = -3,
     KVC_ECORRUPT = -4,  /* a cached value that does not decode (treated as a miss) */
+    KVC_EFULL = -5,     /* the batcher's queue is full */
 };
 const char *kvc_strerror(int code);
 
@@ -66,6 +67,13 @@ typedef struct kvc_prompt_key {
     uint64_t seed;
     const char *const *stop;
     int n_stop;
+    /* Set by a lookup: the namespace generation the key was resolved in. A
+     * later put of the same key writes into that generation, so an
+     * invalidation between lookup and write is never undone. (A copy of the
+     * key given another tenant or namespace reads that one's generation.) */
+    int gen_known;
+    uint64_t gen;
+    char gen_ns[17];            /* the (tenant, namespace) id gen belongs to */
 } kvc_prompt_key;
 
 typedef struct kvc_completion {
@@ -91,7 +99,10 @@ void kvc_prompt_close(kvc_prompt *p);
 void kvc_prompt_key_digest(const kvc_prompt_key *k, char out[65]);
 
 /* KVC_OK (hit, *c filled), KVC_MISS, or an error (count it; treat as a miss). */
-int kvc_prompt_get(kvc_prompt *p, const kvc_prompt_key *k, kvc_completion *c);
+int kvc_prompt_get(kvc_prompt *p, kvc_prompt_key *k, kvc_completion *c);
+/* n lookups in two pipelined round trips (generations, then values):
+ * rc[i] and c[i] as kvc_prompt_get gives them. */
+void kvc_prompt_get_many(kvc_prompt *p, kvc_prompt_key *const *k, size_t n, kvc_completion *c, int *rc);
 /* Store with a TTL (seconds; 0 = default), value and expiry set atomically. */
 int kvc_prompt_put(kvc_prompt *p, const kvc_prompt_key *k, const kvc_completion *c, int ttl_s);
 /* Drop a whole namespace of a tenant: O(1), bumps the namespace's
@@ -144,5 +155,41 @@ typedef struct kvc_rag_stats {
     uint64_t hits, exact_hits, misses, writes, errors, reloads;
 } kvc_rag_stats;
 void kvc_rag_stats_get(kvc_rag *g, kvc_rag_stats *s);
+
+/* ---- request batcher ------------------------------------------------------------ *
+ * A bounded queue of opaque items and one thread that dispatches them in
+ * windows: when `max_batch` wait, or `window_ms` after the oldest waiting
+ * arrival, whichever comes first (window 0: at once, taking whatever
+ * arrived meanwhile). Items past their deadline are dropped before
+ * dispatch; removed items are never dispatched. Callbacks run on the
+ * batcher's thread, no lock held. */
+typedef struct kvc_batcher kvc_batcher;
+
+typedef struct kvc_batcher_options {
+    int max_batch;              /* >= 1 */
+    int window_ms;              /* >= 0 */
+    int max_queue;              /* >= max_batch; a push beyond it is KVC_EFULL */
+} kvc_batcher_options;
+
+enum { KVC_DROP_EXPIRED = 1, KVC_DROP_CLOSED = 2 };
+typedef void (*kvc_batch_fn)(void *ctx, void **items, size_t n);   /* 1..max_batch items, arrival order */
+typedef void (*kvc_drop_fn)(void *ctx, void *item, int reason);    /* KVC_DROP_* */
+
+int kvc_batcher_open(kvc_batcher **out, const kvc_batcher_options *o, kvc_batch_fn dispatch, kvc_drop_fn drop,
+                     void *ctx);
+/* deadline: CLOCK_MONOTONIC seconds, 0 = none. KVC_OK or KVC_EFULL. */
+int kvc_batcher_push(kvc_batcher *b, void *item, double deadline);
+/* 1 if the item was still waiting and is now out (the caller owns it again). */
+int kvc_batcher_remove(kvc_batcher *b, void *item);
+/* Stop the thread; items still waiting go to drop(KVC_DROP_CLOSED). */
+void kvc_batcher_close(kvc_batcher *b);
+
+typedef struct kvc_batcher_stats {
+    uint64_t pushed, rejected;          /* accepted; refused because full */
+    uint64_t batches, dispatched;       /* windows dispatched and the items in them */
+    uint64_t expired, removed, closed;  /* dropped before dispatch */
+    size_t queued;                      /* waiting now */
+} kvc_batcher_stats;
+void kvc_batcher_stats_get(kvc_batcher *b, kvc_batcher_stats *s);
 
 #endif

@@ -11,6 +11,15 @@
  * failure is counted). Free the reply with freeReplyObject. */
 redisReply *kvc__command_argv(kvc_redis *r, int argc, const char **argv, const size_t *lens);
 
+/* n commands pipelined on one connection: out[i] is each reply, or NULL for
+ * an error reply or a failed link. 0 when every command succeeded. */
+typedef struct {
+    int argc;
+    const char **argv;
+    const size_t *lens;
+} kvc__cmd;
+int kvc__pipeline(kvc_redis *r, size_t n, const kvc__cmd *cmds, redisReply **out);
+
 /* SHA-256 over length-prefixed fields (no two inputs encode alike). */
 typedef struct evp_md_ctx_st kvc__hash;
 kvc__hash *kvc__hash_begin(const char *domain); /* NULL when out of memory */

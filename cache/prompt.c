@@ -91,26 +91,33 @@ void kvc_prompt_key_digest(const kvc_prompt_key *k, char out[65]) {
     if (key_hash(k, 0, out) != KVC_OK) out[0] = 0;
 }
 
+static void gen_key(kvc_prompt *p, const char *ns_hex, char *key, size_t n) {
+    snprintf(key, n, "%s:gen:%s", p->prefix, ns_hex);
+}
+
+/* A GET reply of a generation counter: the value, 0 if never invalidated. */
+static uint64_t gen_of(const redisReply *rep) {
+    return rep->type == REDIS_REPLY_STRING ? strtoull(rep->str, NULL, 10) : 0;
+}
+
 /* The namespace's current generation (0 if never invalidated); -1 on error. */
 static int64_t generation(kvc_prompt *p, const char *ns_hex) {
     char key[128];
-    snprintf(key, sizeof key, "%s:gen:%s", p->prefix, ns_hex);
+    gen_key(p, ns_hex, key, sizeof key);
     const char *argv[] = {"GET", key};
     size_t lens[] = {3, strlen(key)};
     redisReply *rep = kvc__command_argv(p->r, 2, argv, lens);
     if (!rep) return -1;
-    int64_t g = rep->type == REDIS_REPLY_STRING ? strtoll(rep->str, NULL, 10) : 0;
+    int64_t g = (int64_t)gen_of(rep);
     freeReplyObject(rep);
     return g;
 }
 
-static int full_key(kvc_prompt *p, const kvc_prompt_key *k, char *key, size_t n) {
+static int full_key_at(const kvc_prompt *p, const kvc_prompt_key *k, uint64_t gen, char *key, size_t n) {
     char ns[17], hash[65];
     ns_id(k->tenant, k->ns, ns);
-    int64_t gen = generation(p, ns);
-    if (gen < 0) return KVC_EREDIS;
-    if (key_hash(k, (uint64_t)gen, hash) != KVC_OK) return KVC_ENOMEM;
-    snprintf(key, n, "%s:p:%s:%lld:%s", p->prefix, ns, (long long)gen, hash);
+    if (key_hash(k, gen, hash) != KVC_OK) return KVC_ENOMEM;
+    snprintf(key, n, "%s:p:%s:%llu:%s", p->prefix, ns, (unsigned long long)gen, hash);
     return KVC_OK;
 }
 
@@ -151,30 +158,79 @@ static int decode(const char *d, size_t n, kvc_completion *c) {
     return KVC_OK;
 }
 
-int kvc_prompt_get(kvc_prompt *p, const kvc_prompt_key *k, kvc_completion *c) {
-    memset(c, 0, sizeof *c);
-    char key[256];
-    int rc = full_key(p, k, key, sizeof key);
-    redisReply *rep = NULL;
-    if (rc == KVC_OK) {
-        const char *argv[] = {"GET", key};
-        size_t lens[] = {3, strlen(key)};
-        rep = kvc__command_argv(p->r, 2, argv, lens);
-        if (!rep) rc = KVC_EREDIS;
+enum { KEYLEN = 256 };
+
+void kvc_prompt_get_many(kvc_prompt *p, kvc_prompt_key *const *k, size_t n, kvc_completion *c, int *rc) {
+    char (*keys)[KEYLEN] = malloc((n ? n : 1) * sizeof *keys);
+    kvc__cmd *cmds = malloc((n ? n : 1) * sizeof *cmds);
+    const char **argv = malloc((n ? n : 1) * 2 * sizeof *argv);
+    size_t *lens = malloc((n ? n : 1) * 2 * sizeof *lens);
+    redisReply **rep = calloc(n ? n : 1, sizeof *rep);
+    int fail = !keys || !cmds || !argv || !lens || !rep ? KVC_ENOMEM : KVC_OK;
+    for (size_t i = 0; i < n; i++) {
+        memset(&c[i], 0, sizeof c[i]);
+        rc[i] = fail;
     }
-    if (rc == KVC_OK) rc = rep->type == REDIS_REPLY_STRING ? decode(rep->str, (size_t)rep->len, c) : KVC_MISS;
-    if (rep) freeReplyObject(rep);
-    if (rc == KVC_OK) COUNT(p, hits);
-    else {
-        COUNT(p, misses);
-        if (rc != KVC_MISS) COUNT(p, errors);
+    /* round 1: each key's namespace generation */
+    for (size_t i = 0; !fail && i < n; i++) {
+        char ns[17];
+        ns_id(k[i]->tenant, k[i]->ns, ns);
+        gen_key(p, ns, keys[i], KEYLEN);
+        argv[2 * i] = "GET";
+        lens[2 * i] = 3;
+        argv[2 * i + 1] = keys[i];
+        lens[2 * i + 1] = strlen(keys[i]);
+        cmds[i] = (kvc__cmd){2, &argv[2 * i], &lens[2 * i]};
     }
+    if (!fail) kvc__pipeline(p->r, n, cmds, rep);
+    size_t m = 0; /* round 2: the values, for the keys whose generation is known */
+    for (size_t i = 0; !fail && i < n; i++) {
+        if (!rep[i]) {
+            rc[i] = KVC_EREDIS;
+            continue;
+        }
+        k[i]->gen = gen_of(rep[i]);
+        k[i]->gen_known = 1;
+        ns_id(k[i]->tenant, k[i]->ns, k[i]->gen_ns);
+        freeReplyObject(rep[i]);
+        rep[i] = NULL;
+        rc[i] = full_key_at(p, k[i], k[i]->gen, keys[i], KEYLEN);
+        if (rc[i] != KVC_OK) continue;
+        lens[2 * i + 1] = strlen(keys[i]);
+        cmds[m++] = (kvc__cmd){2, &argv[2 * i], &lens[2 * i]};
+    }
+    if (m) kvc__pipeline(p->r, m, cmds, rep);
+    for (size_t i = 0, r2 = 0; !fail && i < n; i++) {
+        if (rc[i] != KVC_OK) continue;
+        redisReply *v = rep[r2++];
+        rc[i] = !v ? KVC_EREDIS : v->type == REDIS_REPLY_STRING ? decode(v->str, (size_t)v->len, &c[i]) : KVC_MISS;
+        if (v) freeReplyObject(v);
+    }
+    pthread_mutex_lock(&p->mu);
+    for (size_t i = 0; i < n; i++) {
+        if (rc[i] == KVC_OK) p->st.hits++;
+        else p->st.misses++;
+        if (rc[i] < 0) p->st.errors++;
+    }
+    pthread_mutex_unlock(&p->mu);
+    free(keys);
+    free(cmds);
+    free(argv);
+    free(lens);
+    free(rep);
+}
+
+int kvc_prompt_get(kvc_prompt *p, kvc_prompt_key *k, kvc_completion *c) {
+    int rc;
+    kvc_prompt_get_many(p, &k, 1, c, &rc);
     return rc;
 }
 
 int kvc_prompt_put(kvc_prompt *p, const kvc_prompt_key *k, const kvc_completion *c, int ttl_s) {
-    char key[256], ttl[32];
-    int rc = full_key(p, k, key, sizeof key);
+    char key[KEYLEN], ttl[32], ns[17];
+    ns_id(k->tenant, k->ns, ns);
+    int64_t gen = k->gen_known && !strcmp(k->gen_ns, ns) ? (int64_t)k->gen : generation(p, ns);
+    int rc = gen < 0 ? KVC_EREDIS : full_key_at(p, k, (uint64_t)gen, key, sizeof key);
     size_t vlen = 0;
     uint8_t *v = rc == KVC_OK ? encode(c, &vlen) : NULL;
     if (rc == KVC_OK && !v) rc = KVC_ENOMEM;

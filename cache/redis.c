@@ -41,6 +41,7 @@ const char *kvc_strerror(int code) {
     case KVC_EREDIS: return "redis unavailable";
     case KVC_ENOMEM: return "out of memory";
     case KVC_ECORRUPT: return "corrupt cached value";
+    case KVC_EFULL: return "queue full";
     default: return "unknown error";
     }
 }
@@ -201,9 +202,11 @@ static void release(kvc_redis *r, int i, int ok) {
     pthread_mutex_unlock(&r->mu);
 }
 
-redisReply *kvc__command_argv(kvc_redis *r, int argc, const char **argv, const size_t *lens) {
+int kvc__pipeline(kvc_redis *r, size_t n, const kvc__cmd *cmds, redisReply **out) {
+    for (size_t k = 0; k < n; k++) out[k] = NULL;
+    if (!n) return 0;
     int i = acquire(r);
-    if (i < 0) return NULL;
+    if (i < 0) return -1;
     slot *s = &r->slots[i];
     if (!s->c) {
         s->c = dial(r);
@@ -213,17 +216,37 @@ redisReply *kvc__command_argv(kvc_redis *r, int argc, const char **argv, const s
             pthread_mutex_unlock(&r->mu);
         }
     }
-    redisReply *rep = s->c ? redisCommandArgv(s->c, argc, argv, lens) : NULL;
-    int ok = rep != NULL;
-    if (!rep && s->c) { /* broken connection: reconnect next time */
+    /* write every command, then read every reply: one round trip */
+    int ok = s->c != NULL;
+    for (size_t k = 0; ok && k < n; k++)
+        ok = redisAppendCommandArgv(s->c, cmds[k].argc, cmds[k].argv, cmds[k].lens) == REDIS_OK;
+    size_t got = 0;
+    for (; ok && got < n; got++) {
+        void *rep = NULL;
+        ok = redisGetReply(s->c, &rep) == REDIS_OK && rep;
+        out[got] = rep;
+    }
+    if (!ok && s->c) { /* broken or timed out: the connection's state is unknown, reconnect next time */
         redisFree(s->c);
         s->c = NULL;
     }
-    if (rep && rep->type == REDIS_REPLY_ERROR) ok = 0;
-    release(r, i, ok);
-    if (rep && !ok) {
-        freeReplyObject(rep);
-        rep = NULL;
-    }
+    int errors = 0;
+    for (size_t k = 0; k < n; k++) /* an error reply is this command's failure, not the link's */
+        if (out[k] && out[k]->type == REDIS_REPLY_ERROR) {
+            freeReplyObject(out[k]);
+            out[k] = NULL;
+            errors++;
+        }
+    if (!ok)
+        for (size_t k = 0; k < n; k++)
+            if (out[k]) { freeReplyObject(out[k]); out[k] = NULL; }
+    release(r, i, ok && !errors);
+    return ok && !errors ? 0 : -1;
+}
+
+redisReply *kvc__command_argv(kvc_redis *r, int argc, const char **argv, const size_t *lens) {
+    kvc__cmd c = {argc, argv, lens};
+    redisReply *rep;
+    kvc__pipeline(r, 1, &c, &rep);
     return rep;
 }

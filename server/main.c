@@ -52,6 +52,9 @@ static const char USAGE[] =
     "  --cache-ttl S        default lifetime of cached completions (86400)\n"
     "  --metrics HOST:PORT  Prometheus /metrics and /metrics/cache/statistics over HTTP\n"
     "  --price-per-1k X     currency per 1k tokens for the cost-saved metric (0)\n"
+    "  --batch-max N        batcher: dispatch when N requests wait (32) ...\n"
+    "  --batch-window-ms MS ... or MS after the oldest arrival (0)\n"
+    "  --batch-queue N      requests the batcher holds; more: RESOURCE_EXHAUSTED (1024)\n"
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
@@ -415,7 +418,9 @@ static int cmd_serve(int argc, char **argv) {
         {"token-file", required_argument, 0, 'T'},   {"grace", required_argument, 0, 'g'},
         {"redis", required_argument, 0, 'R'},        {"cache-ttl", required_argument, 0, 'L'},
         {"metrics", required_argument, 0, 'M'},      {"price-per-1k", required_argument, 0, 'P'},
-        {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+        {"batch-max", required_argument, 0, 'X'},    {"batch-window-ms", required_argument, 0, 'W'},
+        {"batch-queue", required_argument, 0, 'Q'},  {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     int o;
     double v;
     optind = 2;
@@ -439,6 +444,9 @@ static int cmd_serve(int argc, char **argv) {
         case 'r': if (parse_num(optarg, 1, 4096, &v, "--max-running")) return 2; c.engine.max_running = (int)v; break;
         case 'q': if (parse_num(optarg, 1, 1 << 20, &v, "--max-queue")) return 2; c.engine.max_queue = (int)v; break;
         case 'c': if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return 2; c.max_context = (int)v; break;
+        case 'X': if (parse_num(optarg, 1, 4096, &v, "--batch-max")) return 2; c.batch_max = (int)v; break;
+        case 'W': if (parse_num(optarg, 0, 60000, &v, "--batch-window-ms")) return 2; c.batch_window_ms = (int)v; break;
+        case 'Q': if (parse_num(optarg, 1, 1 << 20, &v, "--batch-queue")) return 2; c.batch_queue = (int)v; break;
         case 'h': fputs(USAGE, stdout); return 0;
         default: fputs("kvserve: see kvserve --help\n", stderr); return 2;
         }

@@ -33,7 +33,8 @@ struct srv_metrics {
     pthread_mutex_t mu;
     req_row *rows;
     int n_rows, cap_rows;
-    histo ttft, itl, step_tokens;
+    histo ttft, itl, step_tokens, batch_size;
+    uint64_t batched_requests;
     uint64_t tokens_saved, generated_tokens, prompt_tokens;
     double price_per_1k;
     struct MHD_Daemon *httpd;
@@ -100,6 +101,14 @@ void srv_metrics_step(srv_metrics *m, int tokens) {
     pthread_mutex_lock(&m->mu);
     /* tokens per step, in the same buckets scaled by 1000 (1 .. 10000 tokens) */
     observe(&m->step_tokens, tokens / 1000.0);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_batch(srv_metrics *m, int requests) {
+    if (!m) return;
+    pthread_mutex_lock(&m->mu);
+    observe(&m->batch_size, requests / 1000.0); /* scaled like step_tokens */
+    m->batched_requests += (uint64_t)requests;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -205,7 +214,21 @@ static char *render_prometheus(srv_metrics *m) {
     sb(&b, "# HELP kvserve_engine_step_tokens Tokens computed per engine step (batch size).\n"
            "# TYPE kvserve_engine_step_tokens histogram\n");
     histo_text(&b, "kvserve_engine_step_tokens", "", &m->step_tokens, 1000);
+    sb(&b, "# HELP kvserve_batch_size Requests per window the batcher dispatched.\n"
+           "# TYPE kvserve_batch_size histogram\n");
+    histo_text(&b, "kvserve_batch_size", "", &m->batch_size, 1000);
+    sb(&b, "# HELP kvserve_batched_requests_total Requests the batcher dispatched.\n"
+           "# TYPE kvserve_batched_requests_total counter\nkvserve_batched_requests_total %llu\n",
+       (unsigned long long)m->batched_requests);
     pthread_mutex_unlock(&m->mu);
+    sb(&b, "# HELP kvserve_batcher_dropped_total Requests dropped before dispatch, by reason.\n"
+           "# TYPE kvserve_batcher_dropped_total counter\n"
+           "kvserve_batcher_dropped_total{reason=\"rejected\"} %llu\nkvserve_batcher_dropped_total{reason=\"expired\"} %llu\n"
+           "kvserve_batcher_dropped_total{reason=\"cancelled\"} %llu\nkvserve_batcher_dropped_total{reason=\"shutdown\"} %llu\n"
+           "# HELP kvserve_batcher_queued Requests waiting in the batcher.\n# TYPE kvserve_batcher_queued gauge\n"
+           "kvserve_batcher_queued %d\n",
+       (unsigned long long)s.batch_rejected, (unsigned long long)s.batch_expired,
+       (unsigned long long)s.batch_cancelled, (unsigned long long)s.batch_closed, s.batch_queued);
     sb(&b, "# HELP kvserve_kv_blocks KV pool blocks by state.\n# TYPE kvserve_kv_blocks gauge\n"
            "kvserve_kv_blocks{state=\"used\"} %d\nkvserve_kv_blocks{state=\"free\"} %d\n"
            "kvserve_kv_blocks{state=\"cached\"} %d\nkvserve_kv_blocks{state=\"shared\"} %d\n",

@@ -18,6 +18,9 @@ typedef struct {
     srv_cache_layer llm, rag;
     int blocks_used, blocks_free, blocks_cached, blocks_shared, running, waiting;
     uint64_t singleflight_joined;  /* requests that waited for an identical one instead of running */
+    /* the request batcher */
+    uint64_t batch_rejected, batch_expired, batch_cancelled, batch_closed;
+    int batch_queued;
 } srv_metrics_snapshot;
 typedef void (*srv_metrics_source)(void *ud, srv_metrics_snapshot *s);
 
@@ -31,6 +34,7 @@ void srv_metrics_request(srv_metrics *m, const char *method, int code, double se
 void srv_metrics_ttft(srv_metrics *m, double seconds);
 void srv_metrics_itl(srv_metrics *m, double seconds);
 void srv_metrics_step(srv_metrics *m, int tokens);
+void srv_metrics_batch(srv_metrics *m, int requests);   /* one window dispatched by the batcher */
 void srv_metrics_tokens(srv_metrics *m, int prompt, int generated, int saved);
 
 #endif

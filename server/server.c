@@ -136,6 +136,9 @@ struct call {
     uint32_t index;             /* tokens streamed so far */
     double t_start;             /* arrival, for latency metrics */
     int counted;                /* its status was counted in the metrics */
+    int pending;                /* Submit/Stream waiting in the batcher (srv.mu) */
+    void *pend_item;            /* ... as this item */
+    int cancel_seen;            /* on_close saw a client cancel (srv.mu) */
     struct call *next_watch;
 };
 
@@ -227,6 +230,8 @@ struct srv {
     srv_metrics *metrics;
     flight *flights;
     uint64_t singleflight_joined;
+    kvc_batcher *batcher;       /* windows Submit/Stream before the cache and engine */
+    int pending;                /* requests in the batcher */
     pthread_t writer;
     struct cache_job *jobs;     /* cache writes waiting for the writer thread */
     pthread_cond_t jobs_cv;
@@ -437,6 +442,16 @@ static void stream_end(call *c, grpc_status_code code, const char *msg) {
         stream_kick(c);
     }
     pthread_mutex_unlock(&c->mu);
+}
+
+/* An error for a call whose stream may have begun already. */
+static void fail_call(call *c, grpc_status_code code, const char *msg) {
+    if (c->close_started) { /* only stream_begin starts the close watch before the status */
+        stream_end(c, code, msg);
+        call_unref(c);
+    } else {
+        finish_call(c, code, msg, NULL);
+    }
 }
 
 /* ---- authentication ----------------------------------------------------------- */
@@ -839,7 +854,7 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
     eng_detok *d = eng_detok_new(eng_model_tok(s->model));
     size_t emitted = 0;
     rec *x = streaming ? NULL : calloc(1, sizeof *x);
-    if (streaming) stream_begin(c);
+    if (streaming && !c->close_started) stream_begin(c);
     for (size_t i = 0; i < hit->n_tokens && d; i++) {
         const char *t;
         size_t tl;
@@ -928,35 +943,46 @@ static void flight_done(srv *s, rec *r, const eng_event *ev) {
     for (follower *w = f->followers, *n; w; w = n) {
         n = w->next;
         if (ok) answer_shared(w->c, &comp);
-        else finish_errorf(w->c, GRPC_STATUS_UNAVAILABLE, "the identical request this one joined was %s; retry",
-                           eng_finish_name(ev->finish));
+        else {
+            char msg[128];
+            snprintf(msg, sizeof msg, "the identical request this one joined was %s; retry", eng_finish_name(ev->finish));
+            fail_call(w->c, GRPC_STATUS_UNAVAILABLE, msg);
+        }
         free(w);
     }
     free(f);
 }
 
-/* Submit and Stream: the prompt cache first, then the engine. */
-static void h_generate(call *c, int streaming) {
-    srv *s = c->s;
-    UNPACK(Kvserve__V1__GenerateRequest, kvserve__v1__generate_request__descriptor, c, g);
+/* ---- Submit and Stream: handler -> batcher -> prompt cache -> engine ---------------- */
+/* A Submit or Stream waiting in the batcher. It holds the handler's call
+ * reference and the parsed request (r points into g). */
+typedef struct pend {
+    call *c;
+    int streaming;
+    int lookup;                 /* look it up in the prompt cache first */
+    Kvserve__V1__GenerateRequest *g;
     eng_request r;
+    cache_req *cq;
+} pend;
+
+static void pend_free(pend *p) {
+    cache_req_free(p->cq);
+    kvserve__v1__generate_request__free_unpacked(p->g, NULL);
+    free(p);
+}
+
+/* Hand the request to the engine (batcher thread): join an identical Stream
+ * in flight, or submit it. Consumes p. */
+static void start_generation(srv *s, pend *p) {
+    call *c = p->c;
+    int streaming = p->streaming;
     char err[512] = "";
     uint64_t id = 0;
-    int rc = to_engine_request(g, c->tenant, &r, err, sizeof err);
-    cache_req *cq = !rc && s->pcache && cacheable(g) ? cache_prepare(s, c->tenant, g, &r) : NULL;
-    if (cq && !(g->cache && g->cache->mode == KVSERVE__V1__CACHE_POLICY__MODE__REFRESH)) {
-        kvc_completion hit;
-        if (kvc_prompt_get(s->pcache, &cq->k, &hit) == KVC_OK) {
-            answer_cached(c, streaming, &hit);
-            kvc_completion_free(&hit);
-            cache_req_free(cq);
-            kvserve__v1__generate_request__free_unpacked(g, NULL);
-            return;
-        }
-    }
     char digest[65] = "";
-    if (cq && streaming) kvc_prompt_key_digest(&cq->k, digest);
+    if (p->cq && streaming) kvc_prompt_key_digest(&p->cq->k, digest);
     pthread_mutex_lock(&s->mu);
+    c->pending = 0;
+    s->pending--;
     if (digest[0]) { /* an identical request already running: wait for its result */
         for (flight *f = s->flights; f; f = f->next)
             if (!strcmp(f->digest, digest)) {
@@ -967,14 +993,12 @@ static void h_generate(call *c, int streaming) {
                 f->followers = fw;
                 s->singleflight_joined++;
                 pthread_mutex_unlock(&s->mu);
-                cache_req_free(cq);
-                kvserve__v1__generate_request__free_unpacked(g, NULL);
+                pend_free(p);
                 return;
             }
     }
-    rec *x = rc ? NULL : calloc(1, sizeof *x);
-    if (!rc && !x) rc = ENG_ENOMEM;
-    if (!rc) rc = eng_submit(s->eng, &r, &id, err, sizeof err);
+    rec *x = calloc(1, sizeof *x);
+    int rc = x ? eng_submit(s->eng, &p->r, &id, err, sizeof err) : ENG_ENOMEM;
     if (!rc && digest[0] && (x->flight = calloc(1, sizeof *x->flight))) {
         memcpy(x->flight->digest, digest, sizeof digest);
         x->flight->leader = id;
@@ -985,15 +1009,15 @@ static void h_generate(call *c, int streaming) {
         x->id = id;
         x->t_start = c->t_start;
         snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
-        x->cache = cq;
-        cq = NULL;
+        x->cache = p->cq;
+        p->cq = NULL;
         if (streaming) {
             x->stream = c;
             call_ref(c); /* the registry's reference, dropped on DONE */
             c->eng_id = id;
             c->has_eng = 1;
             s->active_calls++;
-            stream_begin(c);
+            if (c->cancel_seen) eng_cancel(s->eng, id); /* the client left while it waited */
         }
         x->next = s->recs;
         s->recs = x;
@@ -1002,16 +1026,111 @@ static void h_generate(call *c, int streaming) {
         free(x);
     }
     pthread_mutex_unlock(&s->mu);
-    cache_req_free(cq);
-    kvserve__v1__generate_request__free_unpacked(g, NULL);
+    pend_free(p);
     if (rc) {
-        finish_call(c, status_of(rc), err, NULL);
+        fail_call(c, status_of(rc), err);
     } else if (streaming) {
         call_unref(c); /* the handler's reference */
     } else {
         Kvserve__V1__SubmitReply rep = KVSERVE__V1__SUBMIT_REPLY__INIT;
         rep.id = id;
         finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
+    }
+}
+
+/* The batcher's dispatch: the window's prompt-cache lookups in two
+ * pipelined Redis round trips, hits answered, the rest to the engine. */
+static void on_batch(void *ud, void **items, size_t n) {
+    srv *s = ud;
+    pend **ps = (pend **)items;
+    srv_metrics_batch(s->metrics, (int)n);
+    kvc_prompt_key **keys = malloc(n * sizeof *keys);
+    kvc_completion *hits = malloc(n * sizeof *hits);
+    int *rcs = malloc(n * sizeof *rcs);
+    size_t *which = malloc(n * sizeof *which), m = 0;
+    for (size_t i = 0; keys && hits && rcs && which && i < n; i++)
+        if (ps[i]->lookup) {
+            keys[m] = &ps[i]->cq->k;
+            which[m++] = i;
+        }
+    if (m) kvc_prompt_get_many(s->pcache, keys, m, hits, rcs);
+    for (size_t k = 0; k < m; k++) {
+        pend *p = ps[which[k]];
+        if (rcs[k] != KVC_OK) continue;
+        pthread_mutex_lock(&s->mu);
+        p->c->pending = 0;
+        s->pending--;
+        pthread_mutex_unlock(&s->mu);
+        answer_cached(p->c, p->streaming, &hits[k]);
+        kvc_completion_free(&hits[k]);
+        ps[which[k]] = NULL;
+        pend_free(p);
+    }
+    for (size_t i = 0; i < n; i++)
+        if (ps[i]) start_generation(s, ps[i]);
+    free(keys);
+    free(hits);
+    free(rcs);
+    free(which);
+}
+
+/* The batcher dropped a request before dispatch. */
+static void on_batch_drop(void *ud, void *item, int reason) {
+    srv *s = ud;
+    pend *p = item;
+    call *c = p->c;
+    pthread_mutex_lock(&s->mu);
+    c->pending = 0;
+    s->pending--;
+    pthread_mutex_unlock(&s->mu);
+    pend_free(p);
+    if (reason == KVC_DROP_EXPIRED) fail_call(c, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed while queued");
+    else fail_call(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+}
+
+/* The call's deadline on the monotonic clock the batcher uses (0 = none). */
+static double mono_deadline(const call *c) {
+    gpr_timespec d = c->deadline;
+    if (gpr_time_cmp(d, gpr_inf_future(d.clock_type)) == 0) return 0;
+    gpr_timespec left = gpr_time_sub(d, gpr_now(d.clock_type));
+    return now_s() + gpr_timespec_to_micros(left) * 1e-6;
+}
+
+static void h_generate(call *c, int streaming) {
+    srv *s = c->s;
+    UNPACK(Kvserve__V1__GenerateRequest, kvserve__v1__generate_request__descriptor, c, g);
+    char err[512] = "";
+    pend *p = calloc(1, sizeof *p);
+    if (!p) {
+        kvserve__v1__generate_request__free_unpacked(g, NULL);
+        finish_errorf(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
+    p->c = c;
+    p->g = g;
+    p->streaming = streaming;
+    c->pend_item = p;
+    int rc = to_engine_request(g, c->tenant, &p->r, err, sizeof err);
+    if (rc) {
+        pend_free(p);
+        finish_call(c, status_of(rc), err, NULL);
+        return;
+    }
+    p->cq = s->pcache && cacheable(g) ? cache_prepare(s, c->tenant, g, &p->r) : NULL;
+    p->lookup = p->cq && !(g->cache && g->cache->mode == KVSERVE__V1__CACHE_POLICY__MODE__REFRESH);
+    if (streaming) stream_begin(c); /* from here a client cancel is seen while it waits */
+    pthread_mutex_lock(&s->mu); /* before the batcher's lock: remove() runs under srv.mu too */
+    c->pending = 1;
+    s->pending++;
+    int full = kvc_batcher_push(s->batcher, p, mono_deadline(c)) != KVC_OK;
+    if (full) {
+        c->pending = 0;
+        s->pending--;
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (full) {
+        pend_free(p);
+        fail_call(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "request queue is full; retry later");
     }
 }
 
@@ -1025,8 +1144,28 @@ static void on_close(call *c, int ok) {
     pthread_mutex_lock(&c->mu);
     c->closed = 1;
     pthread_mutex_unlock(&c->mu);
-    if (c->close_cancelled) count_call(c, GRPC_STATUS_CANCELLED);
-    if (c->close_cancelled && c->has_eng) eng_cancel(c->s->eng, c->eng_id);
+    if (c->close_cancelled) {
+        srv *s = c->s;
+        count_call(c, GRPC_STATUS_CANCELLED);
+        pthread_mutex_lock(&s->mu); /* pairs with start_generation: one of the two cancels */
+        c->cancel_seen = 1;
+        if (c->has_eng) eng_cancel(s->eng, c->eng_id);
+        pend *p = NULL; /* still in the batcher: take it out, it never reaches the engine */
+        if (c->pending && s->batcher) {
+            /* find our pend: the batcher compares addresses only */
+            p = c->pend_item;
+            if (!kvc_batcher_remove(s->batcher, p)) p = NULL;
+            else {
+                c->pending = 0;
+                s->pending--;
+            }
+        }
+        pthread_mutex_unlock(&s->mu);
+        if (p) {
+            pend_free(p);
+            call_unref(c); /* the handler's reference the pend held */
+        }
+    }
     if (c->watcher) {
         srv *s = c->s;
         int found = 0;
@@ -1785,6 +1924,15 @@ static void metrics_source(void *ud, srv_metrics_snapshot *m) {
         m->llm = (srv_cache_layer){ps.hits, ps.misses, ps.writes, ps.invalidations, ps.errors};
         m->rag = (srv_cache_layer){gs.hits, gs.misses, gs.writes, 0, gs.errors};
     }
+    if (s->batcher) {
+        kvc_batcher_stats bs;
+        kvc_batcher_stats_get(s->batcher, &bs);
+        m->batch_rejected = bs.rejected;
+        m->batch_expired = bs.expired;
+        m->batch_cancelled = bs.removed;
+        m->batch_closed = bs.closed;
+        m->batch_queued = (int)bs.queued;
+    }
     pthread_mutex_lock(&s->mu);
     m->singleflight_joined = s->singleflight_joined;
     pthread_mutex_unlock(&s->mu);
@@ -2002,6 +2150,9 @@ void srv_config_default(srv_config *c) {
     c->cache_ttl_s = getenv_int("KVSERVE_CACHE_TTL", 0);
     c->metrics_listen = getenv("KVSERVE_METRICS_LISTEN");
     c->price_per_1k = getenv("KVSERVE_PRICE_PER_1K") ? atof(getenv("KVSERVE_PRICE_PER_1K")) : 0;
+    c->batch_max = getenv_int("KVSERVE_BATCH_MAX", 32);
+    c->batch_window_ms = getenv_int("KVSERVE_BATCH_WINDOW_MS", 0);
+    c->batch_queue = getenv_int("KVSERVE_BATCH_QUEUE", 1024);
 }
 
 static void *writer_loop(void *p);
@@ -2042,6 +2193,12 @@ int srv_run(const srv_config *cfg) {
     int rc = 1;
     if (!s->cfg.model_dir) {
         fprintf(stderr, "kvserve: give the model directory (--model DIR or KVSERVE_MODEL)\n");
+        free(s);
+        return 2;
+    }
+    if (s->cfg.batch_max < 1 || s->cfg.batch_window_ms < 0 || s->cfg.batch_queue < s->cfg.batch_max) {
+        fprintf(stderr, "kvserve: batcher: need 1 <= --batch-max <= --batch-queue and --batch-window-ms >= 0 (got %d, %d, %d)\n",
+                s->cfg.batch_max, s->cfg.batch_queue, s->cfg.batch_window_ms);
         free(s);
         return 2;
     }
@@ -2139,6 +2296,11 @@ int srv_run(const srv_config *cfg) {
     double t0 = now_s();
     int lrc = eng_model_open(&s->model, s->cfg.model_dir, &eo, err, sizeof err);
     if (!lrc) lrc = eng_engine_open(&s->eng, s->model, &s->cfg.engine, err, sizeof err);
+    kvc_batcher_options bo = {s->cfg.batch_max, s->cfg.batch_window_ms, s->cfg.batch_queue};
+    if (!lrc && kvc_batcher_open(&s->batcher, &bo, on_batch, on_batch_drop, s) != KVC_OK) {
+        snprintf(err, sizeof err, "batcher: out of memory");
+        lrc = ENG_ENOMEM;
+    }
     if (lrc) {
         fprintf(stderr, "kvserve: %s\n", err);
         rc = 2;
@@ -2170,11 +2332,13 @@ int srv_run(const srv_config *cfg) {
     double until = now_s() + s->cfg.grace_seconds;
     for (;;) {
         pthread_mutex_lock(&s->mu);
-        int busy = s->active_calls > 0 || s->parked;
+        int busy = s->active_calls > 0 || s->parked || s->pending;
         pthread_mutex_unlock(&s->mu);
         if (!busy || now_s() >= until) break;
         sleep_ms(20);
     }
+    kvc_batcher_close(s->batcher); /* what still waits is refused (UNAVAILABLE) */
+    s->batcher = NULL;
     /* past the grace: cancel the engine requests first, so that each stream
      * still gets its completion (finish CANCELLED) and status OK */
     if (s->eng_thr) {

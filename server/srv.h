@@ -25,6 +25,9 @@ typedef struct srv_config {
     int cache_ttl_s;             /* default TTL of cached completions (0 = 86400) */
     const char *metrics_listen;  /* HOST:PORT for /metrics (Prometheus) and /metrics/cache/statistics */
     double price_per_1k;         /* currency per 1k tokens, for the cost-saved metric */
+    int batch_max;               /* batcher: dispatch when this many wait ... */
+    int batch_window_ms;         /* ... or this long after the first arrival */
+    int batch_queue;             /* requests waiting at most; beyond: RESOURCE_EXHAUSTED */
 } srv_config;
 
 /* Fill defaults, then override from KVSERVE_* environment variables. */

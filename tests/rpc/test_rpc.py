@@ -1398,6 +1398,16 @@ class T10_Metrics(unittest.TestCase):
                 'kvserve_kv_blocks{state="used"}': 0,
                 'kvserve_requests_running': 0,
                 'kvserve_requests_queued': 0,
+                # the batcher: 2 Streams and 1 Submit, one at a time
+                'kvserve_batched_requests_total': 3,
+                'kvserve_batch_size_count': 3,
+                'kvserve_batch_size_sum': 3,
+                'kvserve_batch_size_bucket{le="1"}': 3,
+                'kvserve_batcher_dropped_total{reason="rejected"}': 0,
+                'kvserve_batcher_dropped_total{reason="expired"}': 0,
+                'kvserve_batcher_dropped_total{reason="cancelled"}': 0,
+                'kvserve_batcher_dropped_total{reason="shutdown"}': 0,
+                'kvserve_batcher_queued': 0,
             }
             for k, v in want.items():
                 self.assertIn(k, got, f"metric {k} missing")
@@ -1450,6 +1460,115 @@ class T11_SingleFlight(unittest.TestCase):
             self.assertEqual(joined, ["kvserve_cache_singleflight_joined_total 3"])
             gen = [l for l in text.splitlines() if l.startswith('kvserve_tokens_total{kind="generated"}')]
             self.assertEqual(gen, ['kvserve_tokens_total{kind="generated"} 24'], "the engine ran more than once")
+            srv.stop()
+        finally:
+            srv.kill()
+            redis.stop()
+
+
+def scrape(mport):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+    got = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            got[name] = float(value)
+    return got
+
+
+class T12_Batcher(unittest.TestCase):
+    """The request batcher in front of the cache and engine (--batch-max, --batch-window-ms, --batch-queue)."""
+
+    def test_window_max_cancel_and_deadline(self):
+        mport = free_port()
+        srv = Server("--metrics", f"127.0.0.1:{mport}", "--batch-window-ms", "1500", "--batch-max", "4",
+                     "--threads", "1").start()
+        try:
+            c = srv.client()
+            # alone: it waits for its window
+            t0 = time.monotonic()
+            _, comps = c.run_stream(greq(prompt="alone", max_tokens=2, ignore_eos=True))
+            self.assertEqual(len(comps), 1)
+            self.assertGreaterEqual(time.monotonic() - t0, 1.5)
+            # four at once: one window, dispatched when the fourth arrives
+            results = [None] * 4
+
+            def one(i):
+                results[i] = c.run_stream(greq(prompt=f"together {i}", max_tokens=2, ignore_eos=True))
+
+            ths = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join(60)
+            self.assertTrue(all(r and len(r[1]) == 1 for r in results), results)
+            m = scrape(mport)
+            self.assertEqual(m["kvserve_batch_size_count"], 2)
+            self.assertEqual(m["kvserve_batch_size_sum"], 5)
+            self.assertEqual(m['kvserve_batch_size_bucket{le="1"}'], 1)
+            self.assertEqual(m['kvserve_batch_size_bucket{le="5"}'], 2)
+            self.assertEqual(m["kvserve_batched_requests_total"], 5)
+            generated = m['kvserve_tokens_total{kind="generated"}']
+            # a client that leaves while its request waits: dropped, never run
+            call = c.stream(greq(prompt="leaving", max_tokens=8, ignore_eos=True), timeout=30)
+            until = time.monotonic() + 10
+            while scrape(mport)["kvserve_batcher_queued"] < 1:
+                self.assertLess(time.monotonic(), until, "the request never showed up in the batcher")
+                time.sleep(0.02)
+            call.cancel()
+            until = time.monotonic() + 10
+            while scrape(mport)['kvserve_batcher_dropped_total{reason="cancelled"}'] < 1:
+                self.assertLess(time.monotonic(), until, "the cancelled request was not dropped")
+                time.sleep(0.02)
+            # a deadline that passes while it waits: DEADLINE_EXCEEDED, never run
+            code, _ = code_of(lambda: c.run_stream(greq(prompt="late", max_tokens=8, ignore_eos=True), timeout=0.3))
+            self.assertEqual(code, grpc.StatusCode.DEADLINE_EXCEEDED)
+            time.sleep(1.6)
+            m = scrape(mport)
+            dropped = m['kvserve_batcher_dropped_total{reason="cancelled"}'] + \
+                m['kvserve_batcher_dropped_total{reason="expired"}']
+            self.assertEqual(dropped, 2)
+            self.assertEqual(m["kvserve_batched_requests_total"], 5)
+            self.assertEqual(m['kvserve_tokens_total{kind="generated"}'], generated)
+            self.assertEqual(m["kvserve_batcher_queued"], 0)
+            srv.stop()
+        finally:
+            srv.kill()
+
+    def test_full_queue_is_resource_exhausted_and_a_stalled_redis_fails_open(self):
+        redis = Redis().start()
+        mport = free_port()
+        srv = Server("--redis", redis.url(), "--metrics", f"127.0.0.1:{mport}", "--batch-max", "1",
+                     "--batch-queue", "2", "--batch-window-ms", "0", "--threads", "1").start()
+        try:
+            c = srv.client()
+            c.run_stream(greq(prompt="warm the pool", max_tokens=2))  # a live Redis connection
+            os.kill(redis.proc.pid, signal.SIGSTOP)  # lookups now hang until their 200 ms timeout
+            codes = [None] * 12
+
+            def one(i):
+                try:
+                    _, comps = c.run_stream(greq(prompt=f"stalled {i}", max_tokens=2), timeout=60)
+                    codes[i] = grpc.StatusCode.OK if len(comps) == 1 else None
+                except grpc.RpcError as e:
+                    codes[i] = (e.code(), e.details())
+
+            ths = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join(60)
+            os.kill(redis.proc.pid, signal.SIGCONT)
+            ok = codes.count(grpc.StatusCode.OK)
+            full = [x for x in codes if x != grpc.StatusCode.OK]
+            self.assertEqual(ok + len(full), 12)
+            self.assertGreaterEqual(len(full), 1, "the queue of 2 never filled while Redis stalled")
+            for code, details in full:
+                self.assertEqual(code, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self.assertIn("queue is full", details)
+            m = scrape(mport)
+            self.assertEqual(m['kvserve_batcher_dropped_total{reason="rejected"}'], len(full))
+            self.assertGreaterEqual(m['kvserve_cache_errors_total{layer="llm"}'], 1)  # the stalled lookups
             srv.stop()
         finally:
             srv.kill()
