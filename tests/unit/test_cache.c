@@ -218,6 +218,41 @@ static void test_invalidate_and_purge(void) {
     kvc_redis_close(r);
 }
 
+/* A write after an invalidation that came between its lookup and the write
+ * lands in the generation it was looked up in: the invalidation stands.
+ * Lookups of many keys in one pipelined call agree with single lookups. */
+static void test_write_after_invalidate_and_get_many(void) {
+    kvc_redis *r = connect_redis(500);
+    kvc_prompt *p;
+    kvc_prompt_open(&p, r, NULL);
+    kvc_completion c = sample_completion(), got;
+    kvc_prompt_key k = base_key();
+    k.ns = "race";
+    CHECK(kvc_prompt_get(p, &k, &got) == KVC_MISS);           /* resolves generation 0 */
+    CHECK(k.gen_known && k.gen == 0);
+    CHECK(kvc_prompt_invalidate(p, "alice", "race", NULL) == KVC_OK);
+    CHECK(kvc_prompt_put(p, &k, &c, 0) == KVC_OK);            /* the generation that was looked up */
+    kvc_prompt_key fresh = base_key();
+    fresh.ns = "race";
+    CHECK(kvc_prompt_get(p, &fresh, &got) == KVC_MISS);       /* never visible after the invalidation */
+    CHECK(fresh.gen == 1);
+    CHECK(kvc_prompt_put(p, &fresh, &c, 0) == KVC_OK);
+    kvc_prompt_key a = base_key(), b = base_key(), m = base_key();
+    a.ns = "race";
+    b.ns = "race";
+    b.max_tokens = 999;                                        /* not stored */
+    m.ns = "other";
+    kvc_prompt_key *keys[] = {&a, &b, &m};
+    kvc_completion out[3];
+    int rc[3];
+    kvc_prompt_get_many(p, keys, 3, out, rc);
+    CHECK(rc[0] == KVC_OK && out[0].n_tokens == c.n_tokens && !memcmp(out[0].text, c.text, c.text_len));
+    CHECK(rc[1] == KVC_MISS && rc[2] == KVC_MISS);
+    for (int i = 0; i < 3; i++) kvc_completion_free(&out[i]);
+    kvc_prompt_close(p);
+    kvc_redis_close(r);
+}
+
 static void test_fail_open_and_recovery(void) {
     kvc_redis *r = connect_redis(500);
     kvc_prompt *p;
@@ -405,6 +440,7 @@ int main(int argc, char **argv) {
         {"prompt_hit_miss_every_key_input", test_hit_miss_and_key_inputs},
         {"prompt_ttl_expiry", test_ttl_expiry},
         {"namespace_invalidate_and_purge", test_invalidate_and_purge},
+        {"write_after_invalidate_and_get_many", test_write_after_invalidate_and_get_many},
         {"fail_open_breaker_and_recovery", test_fail_open_and_recovery},
         {"threads", test_threads},
         {"rag_exact_similar_tenants_replicas_dims", test_rag_exact_similar_tenants_replicas},
