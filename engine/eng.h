@@ -102,6 +102,7 @@ typedef struct eng_options {
     int n_threads;          /* compute threads; 0 = number of online CPUs */
     int max_batch_tokens;   /* tokens per forward call (prefill chunk); 0 = 512 */
     int max_context;        /* cap on context; 0 = config max_position */
+    int bf16_weights;       /* keep the weight matrices in BF16 (half the bytes per token) */
 } eng_options;
 
 /* Load a model directory. Weights in F32, F16 or BF16 (single file or sharded
@@ -114,7 +115,8 @@ void eng_model_close(eng_model *m);
 
 const eng_config *eng_model_config(const eng_model *m);
 const eng_tok *eng_model_tok(const eng_model *m);
-/* Bytes of weights held in memory (F32 after conversion). */
+/* Bytes of weights held in memory (F32 after conversion, or BF16 matrices
+ * with bf16_weights). */
 size_t eng_model_weight_bytes(const eng_model *m);
 
 /* Logits for every position of ids (n <= context): out is [n][vocab].

@@ -5,12 +5,11 @@
  *   per layer:  h = x + Wo · attn(rope(Wq·n1(x)), rope(Wk·n1(x)), Wv·n1(x))
  *               x = h + W2 · (silu(W1·n2(h)) ⊙ W3·n2(h))
  *   logits = Wlm · norm(x)
- * The matrix products run through OpenBLAS over all tokens of the batch at
- * once (sgemv for a single token); attention reads K/V straight from the
- * sequence's KV blocks. Tokens of several sequences may share a batch. */
+ * The matrix products run over all tokens of the batch at once (matmul.c:
+ * OpenBLAS for many tokens, our kernel for few); attention reads K/V
+ * straight from the sequence's KV blocks. Tokens of several sequences may share a batch. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,14 +67,6 @@ float *fwd_rope_table(const eng_config *c, int max_ctx) {
             t[((size_t)p * half + j) * 2 + 1] = (float)sin(a);
         }
     return t;
-}
-
-/* Y[n][out] = X[n][in] · W[out][in]ᵀ */
-static void matmul(float *Y, const float *X, const float *W, int n, int in, int out) {
-    if (n == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, X, 1, 0.0f, Y, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, X, in, W, in, 0.0f, Y, out);
 }
 
 static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
@@ -175,12 +166,12 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
 
     long att_work = 0; /* multiply-adds of attention per layer */
     for (int i = 0; i < n; i++) att_work += (long)(b->pos[i] + 1) * nh * hd;
-    for (int i = 0; i < n; i++) memcpy(s->x + (size_t)i * H, w->embed + (size_t)b->tokens[i] * H, (size_t)H * sizeof(float));
+    for (int i = 0; i < n; i++) eng__mat_row(&w->embed, (size_t)b->tokens[i], H, s->x + (size_t)i * H);
 
     for (int l = 0; l < c->n_layers; l++) {
         const eng__layer *L = &w->layers[l];
         for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * H, s->x + (size_t)i * H, L->attn_norm, H, c->rms_eps);
-        matmul(s->qkv, s->xb, L->wqkv, n, H, QKV);
+        eng__matmul(s->qkv, s->xb, &L->wqkv, n, H, QKV, pool);
 
         /* RoPE on q and k, then store k and v in the sequence's blocks. */
         for (int i = 0; i < n; i++) {
@@ -197,22 +188,22 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
          * only when there is enough work to pay for waking them */
         att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV};
         eng__pool_run(att_work > 262144 ? pool : NULL, n * nkv, att_task, &job);
-        matmul(s->tmp, s->att, L->wo, n, QD, H);
+        eng__matmul(s->tmp, s->att, &L->wo, n, QD, H, pool);
         for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
 
         for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * H, s->x + (size_t)i * H, L->ffn_norm, H, c->rms_eps);
-        matmul(s->hb, s->xb, L->w13, n, H, 2 * F);
+        eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, pool);
         for (int i = 0; i < n; i++) {
             const float *g = s->hb + (size_t)i * 2 * F, *u = g + F;
             float *o = s->hb2 + (size_t)i * F;
             for (int j = 0; j < F; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
         }
-        matmul(s->tmp, s->hb2, L->w2, n, F, H);
+        eng__matmul(s->tmp, s->hb2, &L->w2, n, F, H, pool);
         for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
     }
 
     if (b->n_out <= 0) return;
     for (int r = 0; r < b->n_out; r++)
         rmsnorm(s->xb + (size_t)r * H, s->x + (size_t)b->out_rows[r] * H, w->norm, H, c->rms_eps);
-    matmul(b->logits, s->xb, w->lm_head, b->n_out, H, V);
+    eng__matmul(b->logits, s->xb, &w->lm_head, b->n_out, H, V, pool);
 }

@@ -72,22 +72,39 @@ const st_tensor *st_find(const st_file *f, const char *name);
 void st_to_f32(enum st_dtype dt, const uint8_t *src, float *dst, size_t n);
 
 /* ---- weights ----------------------------------------------------------- */
+/* A weight matrix, row-major [out][in]: F32 as loaded, or BF16 when the
+ * model was opened with bf16 weights (converted after loading). */
+typedef struct {
+    void *p;
+    int bf16;
+} eng__mat;
+static inline float *eng__f32(const eng__mat *m) { return (float *)m->p; } /* while loading: always F32 */
+
 typedef struct {
     float *attn_norm;  /* [H] */
-    float *wqkv;       /* [(nh + 2*nkv) * hd][H]: q, k, v projections stacked */
-    float *wo;         /* [H][nh*hd] */
+    eng__mat wqkv;     /* [(nh + 2*nkv) * hd][H]: q, k, v projections stacked */
+    eng__mat wo;       /* [H][nh*hd] */
     float *ffn_norm;   /* [H] */
-    float *w13;        /* [2F][H]: gate then up stacked */
-    float *w2;         /* [H][F] */
+    eng__mat w13;      /* [2F][H]: gate then up stacked */
+    eng__mat w2;       /* [H][F] */
 } eng__layer;
 
 typedef struct {
-    float *embed;      /* [V][H] */
+    eng__mat embed;    /* [V][H] */
     eng__layer *layers;
     float *norm;       /* [H] */
-    float *lm_head;    /* [V][H]; == embed when tied */
+    eng__mat lm_head;  /* [V][H]; the same memory as embed when tied */
     size_t bytes;
 } eng__weights;
+
+/* Convert every matrix to BF16 (round to nearest even); frees the F32. */
+int eng__weights_to_bf16(eng__weights *w, const eng_config *c);
+
+/* Y[n][out] = X[n][in] · Wᵀ: our kernel for few rows or BF16, else OpenBLAS. */
+typedef struct eng__pool eng__pool;
+void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, eng__pool *pool);
+/* Row r of a matrix as F32. */
+void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst);
 
 /* ---- KV storage ---------------------------------------------------------
  * Keys and values live in fixed-size blocks of `block_tokens` positions cut
@@ -124,7 +141,6 @@ static inline float *kv_v(const kv_pool *p, const kv_table *t, int layer, int po
 }
 
 /* ---- thread pool (the engine's own parallel loops) --------------------- */
-typedef struct eng__pool eng__pool;
 eng__pool *eng__pool_new(int n_threads);   /* n_threads - 1 workers; the caller is the last */
 void eng__pool_free(eng__pool *p);
 int eng__pool_threads(const eng__pool *p);

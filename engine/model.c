@@ -143,10 +143,10 @@ void eng__free_weights(eng__weights *w, const eng_config *c) {
     if (w->layers)
         for (int l = 0; l < c->n_layers; l++) {
             eng__layer *L = &w->layers[l];
-            free(L->attn_norm); free(L->wqkv); free(L->wo); free(L->ffn_norm); free(L->w13); free(L->w2);
+            free(L->attn_norm); free(L->wqkv.p); free(L->wo.p); free(L->ffn_norm); free(L->w13.p); free(L->w2.p);
         }
-    if (w->lm_head != w->embed) free(w->lm_head);
-    free(w->embed);
+    if (w->lm_head.p != w->embed.p) free(w->lm_head.p);
+    free(w->embed.p);
     free(w->layers);
     free(w->norm);
     memset(w, 0, sizeof *w);
@@ -157,6 +157,43 @@ static float *walloc(eng__weights *w, size_t n) {
     return malloc(n * sizeof(float));
 }
 
+/* F32 -> BF16, round to nearest even (NaN stays NaN). */
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static int mat_to_bf16(eng__weights *w, eng__mat *m, size_t n) {
+    if (m->bf16) return ENG_OK;
+    uint16_t *h = malloc(n * sizeof *h);
+    if (!h) return ENG_ENOMEM;
+    const float *f = m->p;
+    for (size_t i = 0; i < n; i++) h[i] = to_bf16(f[i]);
+    free(m->p);
+    m->p = h;
+    m->bf16 = 1;
+    w->bytes -= n * (sizeof(float) - sizeof *h);
+    return ENG_OK;
+}
+
+int eng__weights_to_bf16(eng__weights *w, const eng_config *c) {
+    size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    int tied = w->lm_head.p == w->embed.p;
+    if (mat_to_bf16(w, &w->embed, V * H)) return ENG_ENOMEM;
+    if (tied) w->lm_head = w->embed;
+    else if (mat_to_bf16(w, &w->lm_head, V * H)) return ENG_ENOMEM;
+    for (int l = 0; l < c->n_layers; l++) {
+        eng__layer *L = &w->layers[l];
+        if (mat_to_bf16(w, &L->wqkv, (QD + 2 * KD) * H) || mat_to_bf16(w, &L->wo, H * QD) ||
+            mat_to_bf16(w, &L->w13, 2 * F * H) || mat_to_bf16(w, &L->w2, H * F))
+            return ENG_ENOMEM;
+    }
+    return ENG_OK;
+}
+
 int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
     eng_config *c = &m->cfg;
     eng__weights *w = &m->w;
@@ -165,28 +202,28 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
     if (rc) goto out;
     const int64_t H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size;
     const int64_t QD = (int64_t)c->n_heads * c->head_dim, KD = (int64_t)c->n_kv_heads * c->head_dim;
-    w->embed = walloc(w, (size_t)(V * H));
+    w->embed.p = walloc(w, (size_t)(V * H));
     w->norm = walloc(w, (size_t)H);
     w->layers = calloc((size_t)c->n_layers, sizeof *w->layers);
-    if (!w->embed || !w->norm || !w->layers) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights"); goto out; }
-    if ((rc = load_tensor(&s, "model.embed_tokens.weight", V, H, w->embed, c, err, errlen))) goto out;
+    if (!w->embed.p || !w->norm || !w->layers) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights"); goto out; }
+    if ((rc = load_tensor(&s, "model.embed_tokens.weight", V, H, eng__f32(&w->embed), c, err, errlen))) goto out;
     if ((rc = load_tensor(&s, "model.norm.weight", H, 0, w->norm, c, err, errlen))) goto out;
     if (c->tie_embeddings) {
         w->lm_head = w->embed;
     } else {
-        if (!(w->lm_head = walloc(w, (size_t)(V * H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
-        if ((rc = load_tensor(&s, "lm_head.weight", V, H, w->lm_head, c, err, errlen))) goto out;
+        if (!(w->lm_head.p = walloc(w, (size_t)(V * H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
+        if ((rc = load_tensor(&s, "lm_head.weight", V, H, eng__f32(&w->lm_head), c, err, errlen))) goto out;
     }
     for (int l = 0; l < c->n_layers; l++) {
         eng__layer *L = &w->layers[l];
         char n[128];
         L->attn_norm = walloc(w, (size_t)H);
         L->ffn_norm = walloc(w, (size_t)H);
-        L->wqkv = walloc(w, (size_t)((QD + 2 * KD) * H));
-        L->wo = walloc(w, (size_t)(H * QD));
-        L->w13 = walloc(w, (size_t)(2 * F * H));
-        L->w2 = walloc(w, (size_t)(H * F));
-        if (!L->attn_norm || !L->ffn_norm || !L->wqkv || !L->wo || !L->w13 || !L->w2) {
+        L->wqkv.p = walloc(w, (size_t)((QD + 2 * KD) * H));
+        L->wo.p = walloc(w, (size_t)(H * QD));
+        L->w13.p = walloc(w, (size_t)(2 * F * H));
+        L->w2.p = walloc(w, (size_t)(H * F));
+        if (!L->attn_norm || !L->ffn_norm || !L->wqkv.p || !L->wo.p || !L->w13.p || !L->w2.p) {
             rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights");
             goto out;
         }
@@ -195,13 +232,13 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
         if ((rc = load_tensor(&s, n, d0, d1, dst, c, err, errlen))) goto out;
         LOAD("input_layernorm.weight", H, 0, L->attn_norm);
         LOAD("post_attention_layernorm.weight", H, 0, L->ffn_norm);
-        LOAD("self_attn.q_proj.weight", QD, H, L->wqkv);
-        LOAD("self_attn.k_proj.weight", KD, H, L->wqkv + QD * H);
-        LOAD("self_attn.v_proj.weight", KD, H, L->wqkv + (QD + KD) * H);
-        LOAD("self_attn.o_proj.weight", H, QD, L->wo);
-        LOAD("mlp.gate_proj.weight", F, H, L->w13);
-        LOAD("mlp.up_proj.weight", F, H, L->w13 + F * H);
-        LOAD("mlp.down_proj.weight", H, F, L->w2);
+        LOAD("self_attn.q_proj.weight", QD, H, eng__f32(&L->wqkv));
+        LOAD("self_attn.k_proj.weight", KD, H, eng__f32(&L->wqkv) + QD * H);
+        LOAD("self_attn.v_proj.weight", KD, H, eng__f32(&L->wqkv) + (QD + KD) * H);
+        LOAD("self_attn.o_proj.weight", H, QD, eng__f32(&L->wo));
+        LOAD("mlp.gate_proj.weight", F, H, eng__f32(&L->w13));
+        LOAD("mlp.up_proj.weight", F, H, eng__f32(&L->w13) + F * H);
+        LOAD("mlp.down_proj.weight", H, F, eng__f32(&L->w2));
 #undef LOAD
     }
 out:
@@ -226,19 +263,20 @@ static uint64_t fingerprint(const eng_model *m) {
     h = eng__hash64(fl, sizeof fl, h);
     size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
     size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
-    h = fp_add(h, m->w.embed, V * H);
+    h = fp_add(h, eng__f32(&m->w.embed), V * H);
     h = fp_add(h, m->w.norm, H);
-    if (m->w.lm_head != m->w.embed) h = fp_add(h, m->w.lm_head, V * H);
+    if (m->w.lm_head.p != m->w.embed.p) h = fp_add(h, eng__f32(&m->w.lm_head), V * H);
     for (int l = 0; l < c->n_layers; l++) {
         const eng__layer *L = &m->w.layers[l];
         h = fp_add(h, L->attn_norm, H);
-        h = fp_add(h, L->wqkv, (QD + 2 * KD) * H);
-        h = fp_add(h, L->wo, H * QD);
+        h = fp_add(h, eng__f32(&L->wqkv), (QD + 2 * KD) * H);
+        h = fp_add(h, eng__f32(&L->wo), H * QD);
         h = fp_add(h, L->ffn_norm, H);
-        h = fp_add(h, L->w13, 2 * F * H);
-        h = fp_add(h, L->w2, H * F);
+        h = fp_add(h, eng__f32(&L->w13), 2 * F * H);
+        h = fp_add(h, eng__f32(&L->w2), H * F);
     }
-    return h;
+    int bf16 = m->opt.bf16_weights != 0; /* another precision computes other logits */
+    return eng__hash64(&bf16, sizeof bf16, h);
 }
 
 uint64_t eng_model_fingerprint(const eng_model *m) { return m->fingerprint; }
@@ -292,7 +330,11 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
         goto fail;
     }
     for (int i = 0; i < nb; i++) m->kv_ids[i] = i;
-    m->fingerprint = fingerprint(m);
+    m->fingerprint = fingerprint(m); /* of the F32 values, and the precision */
+    if (m->opt.bf16_weights && eng__weights_to_bf16(&m->w, &m->cfg) != ENG_OK) {
+        rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights to BF16");
+        goto fail;
+    }
     openblas_set_num_threads(m->opt.n_threads);
     *out = m;
     return ENG_OK;

@@ -1,7 +1,10 @@
 /* pool.c — a small thread pool for the engine's own parallel loops
- * (attention). Workers sleep on a condition variable between jobs instead of
- * spinning, so they never compete with OpenBLAS's threads for the cores
- * (OpenMP's spinning workers did, and halved batched decode). */
+ * (attention, the small-batch matmul kernel). After a job a worker polls for
+ * the next one for SPIN_US (a decode step runs ~120 jobs back to back, and a
+ * futex wake-up per job cost a third of the second core), then sleeps on a
+ * condition variable, so idle workers never compete with OpenBLAS's threads
+ * for the cores (OpenMP's long-spinning workers did, and halved batched
+ * decode). */
 #include "internal.h"
 
 #include <pthread.h>
@@ -36,12 +39,30 @@ typedef struct {
     int id;
 } worker_arg;
 
+#define SPIN_US 200
+
+/* Poll (without the lock) until the job generation moves past `seen`, stop
+ * is set, or SPIN_US pass. */
+static void spin(eng__pool *p, unsigned seen) {
+    double until = eng__now() + SPIN_US * 1e-6;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (__atomic_load_n(&p->gen, __ATOMIC_ACQUIRE) != seen || __atomic_load_n(&p->stop, __ATOMIC_RELAXED)) return;
+#if defined(__x86_64__)
+            __builtin_ia32_pause();
+#endif
+        }
+        if (eng__now() > until) return;
+    }
+}
+
 static void *worker(void *a) {
     worker_arg w = *(worker_arg *)a;
     free(a);
     eng__pool *p = w.p;
     unsigned seen = 0;
     for (;;) {
+        spin(p, seen);
         pthread_mutex_lock(&p->mu);
         while (!p->stop && p->gen == seen) pthread_cond_wait(&p->work_cv, &p->mu);
         if (p->stop) {
@@ -82,7 +103,7 @@ eng__pool *eng__pool_new(int n_threads) {
 void eng__pool_free(eng__pool *p) {
     if (!p) return;
     pthread_mutex_lock(&p->mu);
-    p->stop = 1;
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELAXED);
     pthread_cond_broadcast(&p->work_cv);
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < p->n_workers; i++) pthread_join(p->thr[i], NULL);
@@ -107,12 +128,20 @@ void eng__pool_run(eng__pool *p, int n_tasks, void (*fn)(void *ctx, int task, in
     p->ctx = ctx;
     p->n_tasks = n_tasks;
     p->next = 0;
-    p->gen++;
+    __atomic_add_fetch(&p->gen, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&p->work_cv);
     pthread_mutex_unlock(&p->mu);
     drain(p, 0);
+    /* all tasks are taken; wait for the workers still running one: poll
+     * first (they finish within microseconds), then sleep */
+    double until = eng__now() + SPIN_US * 1e-6;
+    while ((__atomic_load_n(&p->busy, __ATOMIC_ACQUIRE) > 0 || __atomic_load_n(&p->next, __ATOMIC_ACQUIRE) < n_tasks) &&
+           eng__now() < until) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+    }
     pthread_mutex_lock(&p->mu);
-    /* all tasks are taken; wait for the workers still running one */
     while (p->busy > 0 || p->next < p->n_tasks) pthread_cond_wait(&p->done_cv, &p->mu);
     pthread_mutex_unlock(&p->mu);
     pthread_mutex_unlock(&p->run_mu);
