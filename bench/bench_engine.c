@@ -3,7 +3,10 @@
  * run: read bandwidth (decode streams every weight once per token) and sgemm
  * GFLOP/s (prefill is matrix products).
  *
- *   bench_engine --model DIR [--threads 2] [--reps 3]
+ *   bench_engine --model DIR [--threads 2] [--reps 3] [--weights f32,bf16]
+ *
+ * Each precision runs in a fresh model; the perplexity of a fixed text and
+ * the resident size are reported for each, and the BF16/F32 ratios.
  */
 #include "eng.h"
 
@@ -23,41 +26,47 @@ static stat2 stats(const double *x, int n) {
     return s;
 }
 
-int main(int argc, char **argv) {
-    const char *dir = NULL;
-    int threads = 2, reps = 3;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--model") && i + 1 < argc) dir = argv[++i];
-        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
-        else { fprintf(stderr, "usage: bench_engine --model DIR [--threads N] [--reps N]\n"); return 2; }
-    }
-    if (!dir || threads < 1 || reps < 1 || reps > 100) { fprintf(stderr, "usage: bench_engine --model DIR [--threads N] [--reps N]\n"); return 2; }
+/* Resident set size of this process, bytes. */
+static double rss_bytes(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+    if (f) fclose(f);
+    return kb * 1024;
+}
 
-    double gbps = eng_measure_read_gbps(1024, threads);
-    double gflops = eng_measure_sgemm_gflops(1024, threads);
+/* A fixed text for the perplexity check: the same ids for every precision. */
+static const char *PPL_TEXT =
+    "The quick brown fox jumps over the lazy dog. In the beginning the Universe was created. This has made a lot of "
+    "people very angry and been widely regarded as a bad move. It was the best of times, it was the worst of times, "
+    "it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of "
+    "incredulity. Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my "
+    "purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the "
+    "watery part of the world.";
 
+typedef struct {
+    double tps[3], sd[3], limit[3], ppl, rss, wbytes, kv_bytes;
+} run_result;
+
+/* pp128, pp512, tg64 and the perplexity of PPL_TEXT with the given weights. */
+static int run(const char *dir, int threads, int reps, int bf16, double gbps, double gflops, run_result *out) {
     eng_model *m;
     char err[512];
-    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024};
+    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024, .bf16_weights = bf16};
     if (eng_model_open(&m, dir, &o, err, sizeof err) != ENG_OK) { fprintf(stderr, "bench: %s\n", err); return 1; }
     const eng_config *c = eng_model_config(m);
-    double wbytes = (double)eng_model_weight_bytes(m);
-    double params = wbytes / 4;
     /* weights streamed per decoded token: all layers + the LM head (the
      * embedding row read is negligible; tied models read the matrix once). */
     double H = c->hidden_size, F = c->intermediate_size, L = c->n_layers;
     double QD = (double)c->n_heads * c->head_dim, KD = (double)c->n_kv_heads * c->head_dim, V = c->vocab_size;
     double layer_params = H * (QD + 2 * KD) + QD * H + 3 * H * F;
-    double token_bytes = 4 * (L * layer_params + V * H);
+    double token_bytes = (bf16 ? 2 : 4) * (L * layer_params + V * H);
     double flops_per_token = 2 * (L * layer_params + V * H);
-
+    out->wbytes = (double)eng_model_weight_bytes(m);
+    out->kv_bytes = 1024.0 * L * 2 * KD * 4; /* the dense single-sequence cache of max_context 1024 */
     const int tests[][2] = {{128, 0}, {512, 0}, {0, 64}};
-    const char *names[] = {"pp128", "pp512", "tg64"};
-    printf("model: %s (%.1fM params, %.0f MiB F32, %s files)\n", dir, params / 1e6, wbytes / 1048576, c->dtype);
-    printf("machine: read bandwidth %.1f GB/s, sgemm %.1f GFLOP/s (1024^3), %d threads\n\n", gbps, gflops, threads);
-    printf("| %-6s | %9s | %8s | %-22s | %s\n", "test", "t/s", "+/-", "machine limit (t/s)", "fraction");
-    printf("|--------|-----------|----------|------------------------|---------\n");
     eng_gen_params gp;
     memset(&gp, 0, sizeof gp);
     eng_sampling_default(&gp.sampling);
@@ -84,14 +93,64 @@ int main(int argc, char **argv) {
             eng_gen_result_free(&res);
         }
         stat2 s = stats(r, reps);
-        double limit = ng ? gbps * 1e9 / token_bytes : gflops * 1e9 / flops_per_token;
-        char lim[64];
-        snprintf(lim, sizeof lim, "%.0f (%s)", limit, ng ? "bandwidth" : "sgemm");
-        printf("| %-6s | %9.1f | %8.1f | %-22s | %.2f\n", names[t], s.mean, s.sd, lim, s.mean / limit);
+        out->tps[t] = s.mean;
+        out->sd[t] = s.sd;
+        out->limit[t] = ng ? gbps * 1e9 / token_bytes : gflops * 1e9 / flops_per_token;
     }
-    printf("\nbytes of weights per decoded token: %.0f MB; FLOPs per prefilled token: %.2f GFLOP\n", token_bytes / 1e6,
-           flops_per_token / 1e9);
+    int32_t *pids = NULL;
+    size_t n = 0;
+    double ppl = 0;
+    if (eng_tok_encode(eng_model_tok(m), PPL_TEXT, strlen(PPL_TEXT), 1, &pids, &n) == ENG_OK) {
+        double *lp = malloc(n * sizeof *lp);
+        if (lp && eng_score(m, pids, n, lp, &ppl, err, sizeof err) != ENG_OK) ppl = 0;
+        free(lp);
+    }
+    free(pids);
+    out->ppl = ppl;
+    out->rss = rss_bytes();
     free(ids);
     eng_model_close(m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *dir = NULL, *weights = "f32,bf16";
+    int threads = 2, reps = 3;
+    const char *usage = "usage: bench_engine --model DIR [--threads N] [--reps N] [--weights f32,bf16]\n";
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--model") && i + 1 < argc) dir = argv[++i];
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--weights") && i + 1 < argc) weights = argv[++i];
+        else { fputs(usage, stderr); return 2; }
+    }
+    if (!dir || threads < 1 || reps < 1 || reps > 100) { fputs(usage, stderr); return 2; }
+
+    double gbps = eng_measure_read_gbps(1024, threads);
+    double gflops = eng_measure_sgemm_gflops(1024, threads);
+    printf("model: %s\nmachine: read bandwidth %.1f GB/s, sgemm %.1f GFLOP/s (1024^3), %d threads\n\n", dir, gbps,
+           gflops, threads);
+    printf("| weights | test   |       t/s |      +/- | machine limit (t/s)    | fraction\n");
+    printf("|---------|--------|-----------|----------|------------------------|---------\n");
+    const char *names[] = {"pp128", "pp512", "tg64"};
+    run_result rr[2];
+    int have[2] = {strstr(weights, "f32") != NULL, strstr(weights, "bf16") != NULL};
+    for (int b = 0; b < 2; b++) {
+        if (!have[b]) continue;
+        if (run(dir, threads, reps, b, gbps, gflops, &rr[b])) return 1;
+        for (int t = 0; t < 3; t++)
+            printf("| %-7s | %-6s | %9.1f | %8.1f | %6.0f (%-9s)      | %.2f\n", b ? "BF16" : "F32", names[t],
+                   rr[b].tps[t], rr[b].sd[t], rr[b].limit[t], t == 2 ? "bandwidth" : "sgemm", rr[b].tps[t] / rr[b].limit[t]);
+    }
+    printf("\n");
+    for (int b = 0; b < 2; b++)
+        if (have[b])
+            printf("%s: perplexity of the fixed text %.4f; weights %.0f MiB, KV %.0f MiB, resident %.0f MiB "
+                   "(weights + KV + %.0f MiB)\n",
+                   b ? "BF16" : "F32", rr[b].ppl, rr[b].wbytes / 1048576, rr[b].kv_bytes / 1048576,
+                   rr[b].rss / 1048576, (rr[b].rss - rr[b].wbytes - rr[b].kv_bytes) / 1048576);
+    if (have[0] && have[1])
+        printf("BF16 / F32: decode %.2fx, pp512 %.2fx; perplexity change %+.4f%%\n", rr[1].tps[2] / rr[0].tps[2],
+               rr[1].tps[1] / rr[0].tps[1], 100 * (rr[1].ppl / rr[0].ppl - 1));
     return 0;
 }

@@ -103,6 +103,8 @@ int eng__weights_to_bf16(eng__weights *w, const eng_config *c);
 /* Y[n][out] = X[n][in] · Wᵀ: our kernel for few rows or BF16, else OpenBLAS. */
 typedef struct eng__pool eng__pool;
 void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, eng__pool *pool);
+/* Whether n rows of W go to our kernel (whose results do not depend on n). */
+int eng__matmul_own(const eng__mat *W, int n);
 /* Row r of a matrix as F32. */
 void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst);
 

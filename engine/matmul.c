@@ -43,6 +43,25 @@ static inline float bf16_to_f32(uint16_t v) {
 #define FMA(a, w, x) a = _mm512_fmadd_ps(w, x, a)
 #define OUT(c, r, a) y[(size_t)(c) * ldy + (r)] = _mm512_reduce_add_ps(a)
 
+/* The 4 weight rows of a tile are contiguous, and the next tile follows
+ * them: each k step prefetches the bytes at the same offset in the next
+ * tile (one tile ahead). Rows are short (1-5 KB), too short for the
+ * hardware's stream prefetcher to get going on each. */
+#define PREFETCH(ESZ)                                                                                        \
+    for (int q = 0; q < 16 * 4 * (ESZ) / 64; q++)                                                            \
+        _mm_prefetch((const char *)w0 + 4 * in * (ESZ) + k * 4 * (ESZ) + q * 64, _MM_HINT_T0);
+
+/* One k step of 16 lanes under mask m (all ones but in the tail). */
+#define STEP44(LOAD)                                                                                         \
+    __m512 v0 = LOAD(w0, k, m), v1 = LOAD(w1, k, m), v2 = LOAD(w2, k, m), v3 = LOAD(w3, k, m), xv;           \
+    xv = X(0); FMA(a00, v0, xv); FMA(a01, v1, xv); FMA(a02, v2, xv); FMA(a03, v3, xv);                      \
+    xv = X(1); FMA(a10, v0, xv); FMA(a11, v1, xv); FMA(a12, v2, xv); FMA(a13, v3, xv);                      \
+    xv = X(2); FMA(a20, v0, xv); FMA(a21, v1, xv); FMA(a22, v2, xv); FMA(a23, v3, xv);                      \
+    xv = X(3); FMA(a30, v0, xv); FMA(a31, v1, xv); FMA(a32, v2, xv); FMA(a33, v3, xv);
+#define STEP41(LOAD)                                                                                         \
+    __m512 xv = X(0);                                                                                        \
+    FMA(a0, LOAD(w0, k, m), xv); FMA(a1, LOAD(w1, k, m), xv); FMA(a2, LOAD(w2, k, m), xv); FMA(a3, LOAD(w3, k, m), xv);
+
 /* The three tile shapes, written out so that every accumulator stays in a
  * register: 4 weight rows × 4 batch rows, 4 × 1, and 1 × 1. Each output is
  * one accumulator over k in order, reduced once: the same arithmetic in
@@ -53,14 +72,9 @@ static inline float bf16_to_f32(uint16_t v) {
                    *w3 = (const char *)w + 3 * in * ESZ_##SUF;                                               \
         __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,  \
                a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00; \
-        for (size_t k = 0; k < in; k += 16) {                                                                \
-            __mmask16 m = MASK(in, k);                                                                       \
-            __m512 v0 = LOAD(w0, k, m), v1 = LOAD(w1, k, m), v2 = LOAD(w2, k, m), v3 = LOAD(w3, k, m), xv;   \
-            xv = X(0); FMA(a00, v0, xv); FMA(a01, v1, xv); FMA(a02, v2, xv); FMA(a03, v3, xv);              \
-            xv = X(1); FMA(a10, v0, xv); FMA(a11, v1, xv); FMA(a12, v2, xv); FMA(a13, v3, xv);              \
-            xv = X(2); FMA(a20, v0, xv); FMA(a21, v1, xv); FMA(a22, v2, xv); FMA(a23, v3, xv);              \
-            xv = X(3); FMA(a30, v0, xv); FMA(a31, v1, xv); FMA(a32, v2, xv); FMA(a33, v3, xv);              \
-        }                                                                                                    \
+        size_t k = 0;                                                                                        \
+        for (; k + 16 <= in; k += 16) { const __mmask16 m = 0xFFFF; PREFETCH(ESZ_##SUF) STEP44(LOAD) }       \
+        if (k < in) { const __mmask16 m = MASK(in, k); STEP44(LOAD) }                                        \
         OUT(0, 0, a00); OUT(0, 1, a01); OUT(0, 2, a02); OUT(0, 3, a03);                                      \
         OUT(1, 0, a10); OUT(1, 1, a11); OUT(1, 2, a12); OUT(1, 3, a13);                                      \
         OUT(2, 0, a20); OUT(2, 1, a21); OUT(2, 2, a22); OUT(2, 3, a23);                                      \
@@ -70,21 +84,17 @@ static inline float bf16_to_f32(uint16_t v) {
         const void *w0 = w, *w1 = (const char *)w + in * ESZ_##SUF, *w2 = (const char *)w + 2 * in * ESZ_##SUF, \
                    *w3 = (const char *)w + 3 * in * ESZ_##SUF;                                               \
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                          \
-        for (size_t k = 0; k < in; k += 16) {                                                                \
-            __mmask16 m = MASK(in, k);                                                                       \
-            __m512 xv = X(0);                                                                                \
-            FMA(a0, LOAD(w0, k, m), xv); FMA(a1, LOAD(w1, k, m), xv);                                        \
-            FMA(a2, LOAD(w2, k, m), xv); FMA(a3, LOAD(w3, k, m), xv);                                        \
-        }                                                                                                    \
+        size_t k = 0;                                                                                        \
+        for (; k + 16 <= in; k += 16) { const __mmask16 m = 0xFFFF; PREFETCH(ESZ_##SUF) STEP41(LOAD) }       \
+        if (k < in) { const __mmask16 m = MASK(in, k); STEP41(LOAD) }                                        \
         (void)ldx;                                                                                           \
         OUT(0, 0, a0); OUT(0, 1, a1); OUT(0, 2, a2); OUT(0, 3, a3);                                          \
     }                                                                                                        \
     AVX512 static void t11_##SUF(float *y, size_t ldy, const float *x, size_t ldx, const void *w, size_t in) { \
         __m512 a = _mm512_setzero_ps();                                                                      \
-        for (size_t k = 0; k < in; k += 16) {                                                                \
-            __mmask16 m = MASK(in, k);                                                                       \
-            FMA(a, LOAD(w, k, m), X(0));                                                                     \
-        }                                                                                                    \
+        size_t k = 0;                                                                                        \
+        for (; k + 16 <= in; k += 16) { const __mmask16 m = 0xFFFF; FMA(a, LOAD(w, k, m), X(0)); }           \
+        if (k < in) { const __mmask16 m = MASK(in, k); FMA(a, LOAD(w, k, m), X(0)); }                        \
         (void)ldx;                                                                                           \
         OUT(0, 0, a);                                                                                        \
     }
@@ -95,22 +105,26 @@ KERNELS(bf16, LOAD_BF16)
 
 typedef void (*tile_fn)(float *, size_t, const float *, size_t, const void *, size_t);
 
-/* Output columns [o0, o1) for all n rows. */
+/* Output columns [o0, o1) for all n rows. Weight rows go in blocks of WB:
+ * a block stays in L1 while every group of 4 batch rows passes over it, and
+ * each group of batch rows is reused for the WB/4 tiles of the block. */
+#define WB 8
 AVX512 static void cols_avx512(float *Y, const float *X, const void *W, int bf16, int n, size_t in, int out, int o0,
                                int o1) {
     tile_fn f44 = bf16 ? t44_bf16 : t44_f32, f41 = bf16 ? t41_bf16 : t41_f32, f11 = bf16 ? t11_bf16 : t11_f32;
     size_t esz = bf16 ? 2 : 4, ldy = (size_t)out;
-    for (int o = o0; o < o1; o += 4) {
-        const char *w = (const char *)W + (size_t)o * in * esz;
+    for (int ob = o0; ob < o1; ob += WB) {
+        int oe = ob + WB < o1 ? ob + WB : o1, full = ob + (oe - ob) / 4 * 4;
         int i = 0;
-        if (o + 4 <= o1) {
-            for (; i + 4 <= n; i += 4) f44(Y + (size_t)i * ldy + o, ldy, X + (size_t)i * in, in, w, in);
-            for (; i < n; i++) f41(Y + (size_t)i * ldy + o, ldy, X + (size_t)i * in, in, w, in);
-        } else {
-            for (; i < n; i++)
-                for (int r = o; r < o1; r++)
-                    f11(Y + (size_t)i * ldy + r, ldy, X + (size_t)i * in, in, (const char *)W + (size_t)r * in * esz, in);
-        }
+        for (; i + 4 <= n; i += 4)
+            for (int o = ob; o < full; o += 4)
+                f44(Y + (size_t)i * ldy + o, ldy, X + (size_t)i * in, in, (const char *)W + (size_t)o * in * esz, in);
+        for (; i < n; i++)
+            for (int o = ob; o < full; o += 4)
+                f41(Y + (size_t)i * ldy + o, ldy, X + (size_t)i * in, in, (const char *)W + (size_t)o * in * esz, in);
+        for (i = 0; i < n; i++) /* fewer than 4 rows left at the end of the range */
+            for (int r = full; r < oe; r++)
+                f11(Y + (size_t)i * ldy + r, ldy, X + (size_t)i * in, in, (const char *)W + (size_t)r * in * esz, in);
     }
 }
 #endif
@@ -194,12 +208,14 @@ static void matmul_bf16_sgemm(float *Y, const float *X, const eng__mat *W, int n
     free(slab);
 }
 
+int eng__matmul_own(const eng__mat *W, int n) { return n <= SMALL_MAX && (W->bf16 || cpu_avx512()); }
+
 void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, eng__pool *pool) {
     if (W->bf16 && n > SMALL_MAX) {
         matmul_bf16_sgemm(Y, X, W, n, in, out);
         return;
     }
-    if (W->bf16 || (n <= SMALL_MAX && cpu_avx512())) {
+    if (eng__matmul_own(W, n)) {
         int threads = eng__pool_threads(pool);
         /* about 8 chunks per thread, multiples of 4 columns */
         int chunk = (out + threads * 8 - 1) / (threads * 8);

@@ -7,6 +7,9 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -165,14 +168,18 @@ static uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* In place: element i moves from byte 4i to byte 2i (read before written,
+ * as 2i <= 4i), then the buffer shrinks to half and the rest goes back. */
 static int mat_to_bf16(eng__weights *w, eng__mat *m, size_t n) {
     if (m->bf16) return ENG_OK;
-    uint16_t *h = malloc(n * sizeof *h);
-    if (!h) return ENG_ENOMEM;
     const float *f = m->p;
-    for (size_t i = 0; i < n; i++) h[i] = to_bf16(f[i]);
-    free(m->p);
-    m->p = h;
+    uint16_t *h = m->p;
+    for (size_t i = 0; i < n; i++) {
+        float v = f[i];
+        h[i] = to_bf16(v);
+    }
+    void *shrunk = realloc(m->p, n * sizeof *h);
+    if (shrunk) m->p = shrunk;
     m->bf16 = 1;
     w->bytes -= n * (sizeof(float) - sizeof *h);
     return ENG_OK;
@@ -191,6 +198,9 @@ int eng__weights_to_bf16(eng__weights *w, const eng_config *c) {
             mat_to_bf16(w, &L->w13, 2 * F * H) || mat_to_bf16(w, &L->w2, H * F))
             return ENG_ENOMEM;
     }
+#ifdef __GLIBC__
+    malloc_trim(0); /* the freed halves of heap-allocated matrices go back to the system */
+#endif
     return ENG_OK;
 }
 

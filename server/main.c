@@ -25,6 +25,8 @@ static const char USAGE[] =
     "  --threads N          compute threads (default: all CPUs)\n"
     "  --ctx N              context length cap (default: the model's)\n"
     "  --batch N            tokens per forward pass during prefill (default 512)\n"
+    "  --weights f32|bf16   precision the weight matrices are kept in (default f32; bf16 halves\n"
+    "                       the bytes read per token: faster decode, see docs/performance.md)\n"
     "\n"
     "generation options:\n"
     "  -n, --max-tokens N   tokens to generate (default 64)\n"
@@ -55,6 +57,7 @@ static const char USAGE[] =
     "  --batch-max N        batcher: dispatch when N requests wait (32) ...\n"
     "  --batch-window-ms MS ... or MS after the oldest arrival (0)\n"
     "  --batch-queue N      requests the batcher holds; more: RESOURCE_EXHAUSTED (1024)\n"
+    "  --weights f32|bf16   as for generate (default f32, or KVSERVE_WEIGHTS)\n"
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
@@ -64,12 +67,14 @@ static const char USAGE[] =
 
 enum {
     O_MODEL = 256, O_THREADS, O_CTX, O_BATCH, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_RLAST, O_SEED, O_STOP,
-    O_IGNORE_EOS, O_IDS, O_PRINT_IDS, O_NO_SPECIAL, O_TOKENIZER, O_DECODE, O_SPECIAL, O_OUT, O_HELP, O_JSON
+    O_IGNORE_EOS, O_IDS, O_PRINT_IDS, O_NO_SPECIAL, O_TOKENIZER, O_DECODE, O_SPECIAL, O_OUT, O_HELP, O_JSON,
+    O_WEIGHTS
 };
 
 static const struct option LONGOPTS[] = {
     {"model", required_argument, 0, O_MODEL},       {"threads", required_argument, 0, O_THREADS},
     {"ctx", required_argument, 0, O_CTX},           {"batch", required_argument, 0, O_BATCH},
+    {"weights", required_argument, 0, O_WEIGHTS},
     {"max-tokens", required_argument, 0, 'n'},      {"temperature", required_argument, 0, O_TEMP},
     {"top-k", required_argument, 0, O_TOPK},        {"top-p", required_argument, 0, O_TOPP},
     {"min-p", required_argument, 0, O_MINP},        {"repeat-penalty", required_argument, 0, O_RPEN},
@@ -147,6 +152,13 @@ static int parse_args(int argc, char **argv, cli *c) {
         case O_THREADS: if (parse_num(optarg, 1, 256, &v, "--threads")) return -1; c->eo.n_threads = (int)v; break;
         case O_CTX: if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return -1; c->eo.max_context = (int)v; break;
         case O_BATCH: if (parse_num(optarg, 1, 65536, &v, "--batch")) return -1; c->eo.max_batch_tokens = (int)v; break;
+        case O_WEIGHTS:
+            if (strcmp(optarg, "f32") && strcmp(optarg, "bf16")) {
+                fprintf(stderr, "kvserve: --weights: f32 or bf16 (got \"%s\")\n", optarg);
+                return -1;
+            }
+            c->eo.bf16_weights = !strcmp(optarg, "bf16");
+            break;
         case 'n': if (parse_num(optarg, -1e9, 1e9, &v, "--max-tokens")) return -1; c->gp.max_tokens = (int)v; break;
         case O_TEMP: if (parse_num(optarg, -1e9, 1e9, &v, "--temperature")) return -1; c->gp.sampling.temperature = (float)v; break;
         case O_TOPK: if (parse_num(optarg, -1e9, 1e9, &v, "--top-k")) return -1; c->gp.sampling.top_k = (int)v; break;
@@ -419,7 +431,8 @@ static int cmd_serve(int argc, char **argv) {
         {"redis", required_argument, 0, 'R'},        {"cache-ttl", required_argument, 0, 'L'},
         {"metrics", required_argument, 0, 'M'},      {"price-per-1k", required_argument, 0, 'P'},
         {"batch-max", required_argument, 0, 'X'},    {"batch-window-ms", required_argument, 0, 'W'},
-        {"batch-queue", required_argument, 0, 'Q'},  {"help", no_argument, 0, 'h'},
+        {"batch-queue", required_argument, 0, 'Q'},  {"weights", required_argument, 0, 'w'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o;
     double v;
@@ -445,6 +458,13 @@ static int cmd_serve(int argc, char **argv) {
         case 'q': if (parse_num(optarg, 1, 1 << 20, &v, "--max-queue")) return 2; c.engine.max_queue = (int)v; break;
         case 'c': if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return 2; c.max_context = (int)v; break;
         case 'X': if (parse_num(optarg, 1, 4096, &v, "--batch-max")) return 2; c.batch_max = (int)v; break;
+        case 'w':
+            if (strcmp(optarg, "f32") && strcmp(optarg, "bf16")) {
+                fprintf(stderr, "kvserve: --weights: f32 or bf16 (got \"%s\")\n", optarg);
+                return 2;
+            }
+            c.bf16_weights = !strcmp(optarg, "bf16");
+            break;
         case 'W': if (parse_num(optarg, 0, 60000, &v, "--batch-window-ms")) return 2; c.batch_window_ms = (int)v; break;
         case 'Q': if (parse_num(optarg, 1, 1 << 20, &v, "--batch-queue")) return 2; c.batch_queue = (int)v; break;
         case 'h': fputs(USAGE, stdout); return 0;

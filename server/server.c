@@ -2153,6 +2153,7 @@ void srv_config_default(srv_config *c) {
     c->batch_max = getenv_int("KVSERVE_BATCH_MAX", 32);
     c->batch_window_ms = getenv_int("KVSERVE_BATCH_WINDOW_MS", 0);
     c->batch_queue = getenv_int("KVSERVE_BATCH_QUEUE", 1024);
+    c->bf16_weights = getenv("KVSERVE_WEIGHTS") && !strcmp(getenv("KVSERVE_WEIGHTS"), "bf16");
 }
 
 static void *writer_loop(void *p);
@@ -2292,7 +2293,8 @@ int srv_run(const srv_config *cfg) {
 
     /* load the model while health says NOT_SERVING */
     char err[512];
-    eng_options eo = {.n_threads = s->cfg.threads, .max_context = s->cfg.max_context};
+    eng_options eo = {.n_threads = s->cfg.threads, .max_context = s->cfg.max_context,
+                      .bf16_weights = s->cfg.bf16_weights};
     double t0 = now_s();
     int lrc = eng_model_open(&s->model, s->cfg.model_dir, &eo, err, sizeof err);
     if (!lrc) lrc = eng_engine_open(&s->eng, s->model, &s->cfg.engine, err, sizeof err);
@@ -2307,8 +2309,9 @@ int srv_run(const srv_config *cfg) {
     } else {
         eng_stats st;
         eng_stats_get(s->eng, &st);
-        LOG_INFO("model loaded in %.2fs: %s weights, %d KV blocks of %d tokens; serving", now_s() - t0,
-                 eng_model_config(s->model)->dtype, st.blocks_total, st.block_tokens);
+        LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d KV blocks of %d tokens; serving",
+                 now_s() - t0, eng_model_config(s->model)->dtype, s->cfg.bf16_weights ? "BF16" : "F32",
+                 eng_model_weight_bytes(s->model) >> 20, st.blocks_total, st.block_tokens);
         pthread_create(&s->eng_thr, NULL, engine_loop, s);
         pthread_mutex_lock(&s->mu);
         s->ready = 1;

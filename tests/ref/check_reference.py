@@ -2,7 +2,7 @@
 """Compare the kvserve engine against the independent float64 numpy reference (ref_llama.py).
 
   check_reference.py --kvserve build/kvserve --model DIR [--n-prompt 20] [--n-gen 64]
-                     [--seed 1234] [--tol 1e-4] [--keep]
+                     [--seed 1234] [--tol 1e-4] [--keep] [--weights f32|bf16]
 
 Checks:
   1. logits: `kvserve logits --model DIR --ids "..." --out FILE` writes float32 LE
@@ -46,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--keep", action="store_true", help="keep the logits file")
+    ap.add_argument("--weights", choices=("f32", "bf16"), default="f32",
+                    help="kvserve's weight precision; bf16: the reference rounds the matrices alike")
     a = ap.parse_args(argv)
 
     passed = failed = 0
@@ -59,7 +61,8 @@ def main(argv=None):
         print("%s %s: %s" % ("PASS" if ok else "FAIL", name, msg), flush=True)
 
     t0 = time.time()
-    m = ref_llama.LlamaRef(a.model)
+    m = ref_llama.LlamaRef(a.model, bf16_matrices=a.weights == "bf16")
+    wopt = ["--weights", a.weights]
     rng = np.random.default_rng(a.seed)
     ids = [int(t) for t in rng.integers(3, m.V, size=a.n_prompt)]
     ids_s = " ".join(map(str, ids))
@@ -71,7 +74,7 @@ def main(argv=None):
     # ---- 1. logits for every position
     tmpdir = tempfile.mkdtemp(prefix="kvref-")
     out = os.path.join(tmpdir, "logits.f32")
-    cmd = [a.kvserve, "logits", "--model", a.model, "--ids", ids_s, "--out", out]
+    cmd = [a.kvserve, "logits", "--model", a.model, "--ids", ids_s, "--out", out] + wopt
     try:
         p, dt = run(cmd, a.timeout)
         if p.returncode != 0:
@@ -115,7 +118,7 @@ def main(argv=None):
 
     # ---- 2. greedy continuation
     cmd = [a.kvserve, "generate", "--model", a.model, "--ids", ids_s, "-n", str(a.n_gen),
-           "--temperature", "0", "--ignore-eos", "--print-ids"]
+           "--temperature", "0", "--ignore-eos", "--print-ids"] + wopt
     try:
         p, dt = run(cmd, a.timeout)
         if p.returncode != 0:

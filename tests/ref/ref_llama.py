@@ -90,8 +90,20 @@ def load_weights(model_dir):
 
 # ----------------------------------------------------------------------------- model
 
+def round_bf16(a):
+    """float64 array -> the nearest bfloat16 values (round to nearest even), as float64."""
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class LlamaRef:
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, bf16_matrices=False):
+        """bf16_matrices: round every weight matrix (not the norms) to bfloat16 first, as
+        kvserve does with --weights bf16."""
         with open(os.path.join(model_dir, "config.json")) as f:
             c = json.load(f)
         self.cfg = c
@@ -106,6 +118,10 @@ class LlamaRef:
         self.theta = float(c.get("rope_theta", 10000.0))
         self.tied = bool(c.get("tie_word_embeddings", False))
         w = load_weights(model_dir)
+        if bf16_matrices:
+            for k in list(w):
+                if k.split(".")[-2] in MATRICES or k in ("model.embed_tokens.weight", "lm_head.weight"):
+                    w[k] = round_bf16(w[k])
         self.w = w
         self.embed = w["model.embed_tokens.weight"]
         if self.tied:

@@ -449,6 +449,65 @@ static void test_sampler_filters(void) {
     CHECK(cnt[3] == 1000);
 }
 
+/* The matmul kernel against a float64 product, for F32 and BF16 weights and
+ * shapes with tails (in and out not multiples of 16 or 4), and every row of
+ * a batch bitwise equal to that row computed alone: a token's logits do not
+ * depend on what else is in the batch. */
+static void test_matmul_kernel(void) {
+    eng__pool *pool = eng__pool_new(2);
+    const int shapes[][2] = {{37, 13}, {64, 64}, {576, 23}, {16, 4}, {1, 5}, {100, 129}};
+    uint64_t x = 12345;
+    for (size_t sh = 0; sh < sizeof shapes / sizeof *shapes; sh++) {
+        int in = shapes[sh][0], out = shapes[sh][1], nmax = 33; /* 33: past the kernel's limit, OpenBLAS */
+        float *W = malloc((size_t)out * in * sizeof *W), *X = malloc((size_t)nmax * in * sizeof *X);
+        float *Y = malloc((size_t)nmax * out * sizeof *Y), *Y1 = malloc((size_t)out * sizeof *Y1);
+        uint16_t *Wh = malloc((size_t)out * in * sizeof *Wh);
+        for (int i = 0; i < out * in; i++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            W[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
+            uint32_t u;
+            memcpy(&u, &W[i], 4);
+            Wh[i] = (uint16_t)(u >> 16); /* truncation: any BF16 values will do */
+        }
+        for (int i = 0; i < nmax * in; i++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            X[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
+        }
+        for (int bf = 0; bf < 2; bf++) {
+            eng__mat m = {bf ? (void *)Wh : (void *)W, bf};
+            for (int n = 1; n <= nmax; n += n < 9 ? 1 : 8) {
+                eng__matmul(Y, X, &m, n, in, out, pool);
+                double worst = 0;
+                int same = 1;
+                for (int i = 0; i < n; i++) {
+                    for (int o = 0; o < out; o++) {
+                        double ref = 0, mag = 0;
+                        for (int k = 0; k < in; k++) {
+                            uint32_t u = (uint32_t)Wh[(size_t)o * in + k] << 16;
+                            float wb;
+                            memcpy(&wb, &u, 4);
+                            double w = bf ? wb : W[(size_t)o * in + k];
+                            ref += w * X[(size_t)i * in + k];
+                            mag += fabs(w * X[(size_t)i * in + k]);
+                        }
+                        double e = fabs(Y[(size_t)i * out + o] - ref) / (mag + 1e-30);
+                        if (e > worst) worst = e;
+                    }
+                    if (eng__matmul_own(&m, n) && eng__matmul_own(&m, 1)) { /* bitwise the same as alone */
+                        eng__matmul(Y1, X + (size_t)i * in, &m, 1, in, out, pool);
+                        same &= !memcmp(Y1, Y + (size_t)i * out, (size_t)out * sizeof *Y1);
+                    }
+                }
+                CHECK_MSG(worst < 1e-6, "in %d out %d n %d %s: relative error %.2e", in, out, n, bf ? "BF16" : "F32", worst);
+                CHECK_MSG(same, "in %d out %d n %d %s: a row differs from the same row alone", in, out, n,
+                          bf ? "BF16" : "F32");
+            }
+        }
+        free(W); free(X); free(Y); free(Y1); free(Wh);
+    }
+    eng__pool_free(pool);
+}
+
 static void test_sampler_repetition_penalty(void) {
     eng__sampler *s = eng__sampler_new(3);
     eng__rng rng;
@@ -472,6 +531,7 @@ int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: test_engine MODELS_DIR\n"); return 2; }
     static const test_case tests[] = {
         {"weights_f32_bf16_f16_sharded_untied", test_weight_formats},
+        {"matmul_kernel_tails_and_batch_invariance", test_matmul_kernel},
         {"chunked_prefill_matches_single_pass", test_chunked_prefill},
         {"kv_decode_matches_full_recompute", test_kv_decode_matches_recompute},
         {"seeded_sampling_reproducible", test_seeded_sampling},
