@@ -254,6 +254,7 @@ static const char *usage_text =
     "                   [--resume-history N] [--resume-new N] [--resume-reps N] [--full-reps N]\n";
 
 int main(int argc, char **argv) {
+    eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
     const char *dir = NULL, *batches_arg = "1,2,4,8,16";
     int threads = 2, reps = 3, pp = 128, tg = 64, hist = 2048, nnew = 32, rreps = 20, freps = 2;
     for (int i = 1; i < argc; i++) {

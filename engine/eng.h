@@ -105,6 +105,16 @@ typedef struct eng_options {
     int bf16_weights;       /* keep the weight matrices in BF16 (half the bytes per token) */
 } eng_options;
 
+/* Call first in main(): on a CPU with AVX-512 where OpenBLAS runs other
+ * kernels, set OPENBLAS_CORETYPE=SkylakeX and exec the program again
+ * (KVSERVE_BLAS_CORE=auto|keep|NAME, see engine/blas.c). Returns only when
+ * nothing needs changing (or exec fails). */
+void eng_blas_select(char **argv);
+/* The kernels OpenBLAS runs (its core name, e.g. "SkylakeX", "Haswell"). */
+const char *eng_blas_core(void);
+/* After a re-exec by eng_blas_select: the core OpenBLAS ran before; else NULL. */
+const char *eng_blas_note(void);
+
 /* Load a model directory. Weights in F32, F16 or BF16 (single file or sharded
  * with model.safetensors.index.json) are converted to F32 on load. Every
  * problem (missing file, unknown dtype, wrong shape, truncated file, lying

@@ -142,6 +142,10 @@ static inline float *kv_v(const kv_pool *p, const kv_table *t, int layer, int po
     return kv_k(p, t, layer, pos) + (size_t)p->block_tokens * p->kv_dim;
 }
 
+/* ---- BLAS kernels (blas.c) ---------------------------------------------- */
+/* The OpenBLAS core to force, or NULL to keep `current`. */
+const char *eng__blas_better_core(const char *current, int avx512);
+
 /* ---- thread pool (the engine's own parallel loops) --------------------- */
 eng__pool *eng__pool_new(int n_threads);   /* n_threads - 1 workers; the caller is the last */
 void eng__pool_free(eng__pool *p);

@@ -475,6 +475,7 @@ static int cmd_serve(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         fputs(USAGE, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

@@ -2309,9 +2309,13 @@ int srv_run(const srv_config *cfg) {
     } else {
         eng_stats st;
         eng_stats_get(s->eng, &st);
-        LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d KV blocks of %d tokens; serving",
+        LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d KV blocks of %d tokens, "
+                 "BLAS kernels %s; serving",
                  now_s() - t0, eng_model_config(s->model)->dtype, s->cfg.bf16_weights ? "BF16" : "F32",
-                 eng_model_weight_bytes(s->model) >> 20, st.blocks_total, st.block_tokens);
+                 eng_model_weight_bytes(s->model) >> 20, st.blocks_total, st.block_tokens, eng_blas_core());
+        if (eng_blas_note())
+            LOG_INFO("BLAS: OpenBLAS would have run its %s kernels on this AVX-512 CPU; switched to %s "
+                     "(KVSERVE_BLAS_CORE=keep to keep them)", eng_blas_note(), eng_blas_core());
         pthread_create(&s->eng_thr, NULL, engine_loop, s);
         pthread_mutex_lock(&s->mu);
         s->ready = 1;

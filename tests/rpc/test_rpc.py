@@ -87,8 +87,9 @@ class Server:
     """A `kvserve serve` process on a free loopback port."""
     n = 0
 
-    def __init__(self, *args, model=None, creds=None, target_host="127.0.0.1"):
+    def __init__(self, *args, model=None, creds=None, target_host="127.0.0.1", env=None):
         Server.n += 1
+        self.env = env
         self.model = model or ARGS.model
         self.args = list(args)
         self.creds = creds  # channel credentials for TLS servers
@@ -102,7 +103,8 @@ class Server:
         STARTED.append(self)
         cmd = [ARGS.kvserve, "serve", "--model", self.model, "--listen", f"127.0.0.1:{self.port}"] + self.args
         self.logf = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.logf)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.logf,
+                                     env=self.env)
         ch = self.channel()
         check = unary(ch, "/grpc.health.v1.Health/Check", hpb.HealthCheckRequest, hpb.HealthCheckResponse)
         until = time.monotonic() + ready_timeout
@@ -1464,6 +1466,35 @@ class T11_SingleFlight(unittest.TestCase):
         finally:
             srv.kill()
             redis.stop()
+
+
+def cpu_has_avx512():
+    with open("/proc/cpuinfo") as f:
+        flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    return all(x in flags for x in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+class T13_BlasKernels(unittest.TestCase):
+    """OpenBLAS told to run AVX2 kernels (OPENBLAS_CORETYPE=Haswell) on an AVX-512 CPU: kvserve switches."""
+
+    def core_in_log(self, **env):
+        srv = Server(env=dict(os.environ, OPENBLAS_CORETYPE="Haswell", **env)).start()
+        try:
+            srv.stop()
+        finally:
+            srv.kill()
+        line = [l for l in srv.log().splitlines() if "BLAS kernels" in l]
+        self.assertEqual(len(line), 1, srv.log())
+        return line[0].split("BLAS kernels ")[1].split(";")[0], srv.log()
+
+    def test_avx512_kernels_chosen_unless_kept(self):
+        if not cpu_has_avx512():
+            self.skipTest("the CPU has no AVX-512: OpenBLAS's choice stands")
+        core, log = self.core_in_log(KVSERVE_BLAS_CORE="auto")
+        self.assertEqual(core, "SkylakeX")
+        self.assertIn("would have run its Haswell kernels", log)
+        core, _ = self.core_in_log(KVSERVE_BLAS_CORE="keep")
+        self.assertEqual(core, "Haswell")
 
 
 def scrape(mport):
