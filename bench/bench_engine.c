@@ -127,8 +127,14 @@ int main(int argc, char **argv) {
     }
     if (!dir || threads < 1 || reps < 1 || reps > 100) { fputs(usage, stderr); return 2; }
 
-    double gbps = eng_measure_read_gbps(1024, threads);
-    double gflops = eng_measure_sgemm_gflops(1024, threads);
+    /* the limits: the best of three probes (a shared machine only ever
+     * measures lower than what it can do) */
+    double gbps = 0, gflops = 0;
+    for (int i = 0; i < 3; i++) {
+        double g = eng_measure_read_gbps(1024, threads), f = eng_measure_sgemm_gflops(1024, threads);
+        gbps = g > gbps ? g : gbps;
+        gflops = f > gflops ? f : gflops;
+    }
     printf("model: %s\nmachine: read bandwidth %.1f GB/s, sgemm %.1f GFLOP/s (1024^3, OpenBLAS %s kernels), %d threads\n\n",
            dir, gbps, gflops, eng_blas_core(), threads);
     printf("| weights | test   |       t/s |      +/- | machine limit (t/s)    | fraction\n");
@@ -146,12 +152,13 @@ int main(int argc, char **argv) {
     printf("\n");
     for (int b = 0; b < 2; b++)
         if (have[b])
-            printf("%s: perplexity of the fixed text %.4f; weights %.0f MiB, KV %.0f MiB, resident %.0f MiB "
-                   "(weights + KV + %.0f MiB)\n",
-                   b ? "BF16" : "F32", rr[b].ppl, rr[b].wbytes / 1048576, rr[b].kv_bytes / 1048576,
+            printf("%s: fixed text: mean negative log-likelihood %.6f nats/token (perplexity %.4g); weights %.0f MiB, "
+                   "KV %.0f MiB, resident %.0f MiB (weights + KV + %.0f MiB)\n",
+                   b ? "BF16" : "F32", log(rr[b].ppl), rr[b].ppl, rr[b].wbytes / 1048576, rr[b].kv_bytes / 1048576,
                    rr[b].rss / 1048576, (rr[b].rss - rr[b].wbytes - rr[b].kv_bytes) / 1048576);
     if (have[0] && have[1])
-        printf("BF16 / F32: decode %.2fx, pp512 %.2fx; perplexity change %+.4f%%\n", rr[1].tps[2] / rr[0].tps[2],
-               rr[1].tps[1] / rr[0].tps[1], 100 * (rr[1].ppl / rr[0].ppl - 1));
+        printf("BF16 / F32: decode %.2fx, pp512 %.2fx; perplexity %+.4f%% (%+.6f nats/token)\n",
+               rr[1].tps[2] / rr[0].tps[2], rr[1].tps[1] / rr[0].tps[1], 100 * (rr[1].ppl / rr[0].ppl - 1),
+               log(rr[1].ppl) - log(rr[0].ppl));
     return 0;
 }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The performance issue's table: our figures next to llama.cpp's (as the
+# issue measured them on a 2-core AMD EPYC Zen 5) and next to this machine's
+# limits, measured in the same run (bench_engine, then bench_batch).
+#   bench/perf_table.sh [MODEL_DIR] [BUILD_DIR]
+set -euo pipefail
+model=${1:-build/models/smollm2-135m} build=${2:-build}
+e=$("$build/bench/bench_engine" --model "$model" --threads 2 --reps 3)
+b=$("$build/bench/bench_batch" --model "$model" --threads 2 --batches 1,2,4,8,16 --reps 3 \
+      --resume-history 128 --resume-reps 1 --full-reps 1)
+echo "$e"
+echo
+echo "$b" | sed -n '/## Batched generation/,/## Agent resume/p' | sed '$d'
+row() { awk -F'|' -v w="$1" -v t="$2" '{gsub(/ /,"",$2); gsub(/ /,"",$3)} $2==w && $3==t {gsub(/ /,"",$4); gsub(/ /,"",$6); split($6,a,"("); gsub(/ /,"",$7); print $4, a[1], $7}' <<<"$e"; }
+read -r tg lim_tg fr_tg <<<"$(row F32 tg64)"
+read -r pp lim_pp fr_pp <<<"$(row F32 pp512)"
+read -r tgb lim_tgb fr_tgb <<<"$(row BF16 tg64)"
+stg() { awk -F'|' -v B="$1" '{gsub(/ /,"",$4)} $4==B && NF > 10 {gsub(/ /,"",$9); print $9}' <<<"$b" | head -1; }
+b16=$(stg 16)
+echo
+echo "| figure | llama.cpp (issue, Zen 5) | kvserve, this machine | this machine's limit | fraction of the limit |"
+echo "|---|---|---|---|---|"
+echo "| decode, 1 stream, F32 (tg64) | 60 t/s | $tg t/s | $lim_tg t/s (read bandwidth) | $fr_tg |"
+echo "| prefill pp512, F32 | 545–565 t/s | $pp t/s | $lim_pp t/s (sgemm) | $fr_pp |"
+echo "| batched decode, 16 streams (S_TG) | 146 t/s | $b16 t/s | $lim_pp t/s (sgemm: compute-bound) | $(awk -v a="$b16" -v b="$lim_pp" 'BEGIN{printf "%.2f", a/b}') |"
+echo "| decode, 1 stream, BF16 weights | — | $tgb t/s ($(awk -v a="$tgb" -v b="$tg" 'BEGIN{printf "%.2f", a/b}')× F32) | $lim_tgb t/s (read bandwidth) | $fr_tgb |"
