@@ -183,6 +183,9 @@ static char *render_prometheus(srv_metrics *m) {
     sb(&b, "# HELP kvserve_cache_singleflight_joined_total Requests answered by an identical one in flight.\n"
            "# TYPE kvserve_cache_singleflight_joined_total counter\nkvserve_cache_singleflight_joined_total %llu\n",
        (unsigned long long)s.singleflight_joined);
+    sb(&b, "# HELP kvserve_cache_purged_keys_total Superseded prompt-cache keys deleted after invalidations.\n"
+           "# TYPE kvserve_cache_purged_keys_total counter\nkvserve_cache_purged_keys_total %llu\n",
+       (unsigned long long)s.purged_keys);
     pthread_mutex_lock(&m->mu);
     sb(&b, "# HELP kvserve_cache_tokens_saved_total Prompt and generated tokens not computed thanks to the prompt cache.\n"
            "# TYPE kvserve_cache_tokens_saved_total counter\nkvserve_cache_tokens_saved_total %llu\n",

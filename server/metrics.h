@@ -18,6 +18,7 @@ typedef struct {
     srv_cache_layer llm, rag;
     int blocks_used, blocks_free, blocks_cached, blocks_shared, running, waiting;
     uint64_t singleflight_joined;  /* requests that waited for an identical one instead of running */
+    uint64_t purged_keys;          /* superseded prompt-cache keys deleted */
     /* the request batcher */
     uint64_t batch_rejected, batch_expired, batch_cancelled, batch_closed;
     int batch_queued;

@@ -231,6 +231,7 @@ struct srv {
     flight *flights;
     uint64_t singleflight_joined;
     kvc_batcher *batcher;       /* windows Submit/Stream before the cache and engine */
+    uint64_t purged_keys;       /* superseded prompt-cache keys deleted (Invalidate purge + background) */
     int pending;                /* requests in the batcher */
     pthread_t writer;
     struct cache_job *jobs;     /* cache writes waiting for the writer thread */
@@ -721,6 +722,7 @@ static void wake_engine_locked(srv *s) {
 
 /* ---- prompt cache ------------------------------------------------------------------- */
 typedef struct cache_job {
+    char *purge_tenant, *purge_ns; /* a background purge of a namespace's superseded keys */
     cache_req *req;
     kvc_completion comp;
     struct cache_job *next;
@@ -814,12 +816,20 @@ static void *writer_loop(void *p) {
         cache_job *j = s->jobs;
         if (!j) break;
         s->jobs = j->next;
+        int stopping = s->writer_stop;
         pthread_mutex_unlock(&s->mu);
-        kvc_prompt_put(s->pcache, &j->req->k, &j->comp, j->req->ttl); /* failures are counted, not fatal */
+        int purged = 0;
+        if (j->purge_ns && !stopping) /* SCAN + UNLINK, 500 keys a batch */
+            kvc_prompt_purge(s->pcache, j->purge_tenant, j->purge_ns, 1 << 30, &purged);
+        else if (j->req)
+            kvc_prompt_put(s->pcache, &j->req->k, &j->comp, j->req->ttl); /* failures are counted, not fatal */
         kvc_completion_free(&j->comp);
         cache_req_free(j->req);
+        free(j->purge_tenant);
+        free(j->purge_ns);
         free(j);
         pthread_mutex_lock(&s->mu);
+        s->purged_keys += (uint64_t)purged;
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
@@ -1377,7 +1387,24 @@ static void h_invalidate(call *c) {
     else if (kvc_prompt_invalidate(s->pcache, c->tenant, q->namespace_, &gen) != KVC_OK)
         finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "Redis is unavailable; the namespace was not invalidated");
     else {
-        if (q->purge) kvc_prompt_purge(s->pcache, c->tenant, q->namespace_, 1 << 30, &purged);
+        if (q->purge) { /* now, counted in the reply */
+            kvc_prompt_purge(s->pcache, c->tenant, q->namespace_, 1 << 30, &purged);
+            pthread_mutex_lock(&s->mu);
+            s->purged_keys += (uint64_t)purged;
+            pthread_mutex_unlock(&s->mu);
+        } else { /* later, on the writer thread */
+            cache_job *j = calloc(1, sizeof *j);
+            if (j && (j->purge_tenant = strdup(c->tenant)) && (j->purge_ns = strdup(q->namespace_ ? q->namespace_ : ""))) {
+                pthread_mutex_lock(&s->mu);
+                j->next = s->jobs;
+                s->jobs = j;
+                pthread_cond_signal(&s->jobs_cv);
+                pthread_mutex_unlock(&s->mu);
+            } else if (j) {
+                free(j->purge_tenant);
+                free(j);
+            }
+        }
         Kvserve__V1__InvalidateReply rep = KVSERVE__V1__INVALIDATE_REPLY__INIT;
         rep.generation = gen;
         rep.purged = purged;
@@ -1935,6 +1962,7 @@ static void metrics_source(void *ud, srv_metrics_snapshot *m) {
     }
     pthread_mutex_lock(&s->mu);
     m->singleflight_joined = s->singleflight_joined;
+    m->purged_keys = s->purged_keys;
     pthread_mutex_unlock(&s->mu);
 }
 

@@ -1278,6 +1278,22 @@ class T9_PromptCache(unittest.TestCase):
         self.assertTrue(c.cached, "one tenant invalidated another's namespace")
         st2 = stats(pb.CacheStatsRequest(), timeout=5, metadata=md)
         self.assertEqual(st2.llm.invalidations, 2)
+        # without purge: the superseded entry is deleted in the background
+        bg = greq(prompt="Background", max_tokens=6, ignore_eos=True, namespace="bg")
+        self.comp(self.a, bg)
+        self.wait_cached(self.a, bg)
+        before = self.redis_keys("kvs:p:*")
+        rep = inv(pb.InvalidateRequest(namespace="bg"), timeout=5, metadata=md)
+        self.assertEqual(rep.purged, 0)
+        until = time.monotonic() + 10
+        while self.redis_keys("kvs:p:*") != before - 1:
+            self.assertLess(time.monotonic(), until, "the superseded key was never purged in the background")
+            time.sleep(0.05)
+
+    def redis_keys(self, pattern):
+        out = subprocess.run(["redis-cli", "-p", str(self.redis.port), "--scan", "--pattern", pattern],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return len(out.split())
 
     def test_rag_store_and_lookup(self):
         store = unary(self.a.ch, "/kvserve.v1.Cache/RagStore", pb.RagStoreRequest, pb.RagStoreReply)
@@ -1369,12 +1385,11 @@ class T10_Metrics(unittest.TestCase):
             self.assertTrue(look(pb.RagLookupRequest(query="q1", **common), timeout=5).hit)
             self.assertFalse(look(pb.RagLookupRequest(query="q2", namespace="kb", embedding_model="m", top_k=3,
                                                       embedding=[0.0, 1.0, 0.0]), timeout=5).hit)
-            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-            got = {}
-            for line in text.splitlines():
-                if line and not line.startswith("#"):
-                    name, value = line.rsplit(" ", 1)
-                    got[name] = float(value)
+            until = time.monotonic() + 10
+            while scrape(mport)["kvserve_cache_purged_keys_total"] < 1:  # the background purge
+                self.assertLess(time.monotonic(), until, "the invalidated entry was never purged")
+                time.sleep(0.05)
+            got = scrape(mport)
             G = "/kvserve.v1.Generation/"
             want = {
                 f'kvserve_requests_total{{method="{G}Stream",code="OK"}}': 2,
@@ -1410,6 +1425,7 @@ class T10_Metrics(unittest.TestCase):
                 'kvserve_batcher_dropped_total{reason="cancelled"}': 0,
                 'kvserve_batcher_dropped_total{reason="shutdown"}': 0,
                 'kvserve_batcher_queued': 0,
+                'kvserve_cache_purged_keys_total': 1,   # the invalidated namespace's one entry, in the background
             }
             for k, v in want.items():
                 self.assertIn(k, got, f"metric {k} missing")
