@@ -3,7 +3,7 @@
  * run: read bandwidth (decode streams every weight once per token) and sgemm
  * GFLOP/s (prefill is matrix products).
  *
- *   bench_engine --model DIR [--threads 2] [--reps 3] [--weights f32,bf16]
+ *   bench_engine --model DIR [--threads 2] [--reps 3] [--weights f32,bf16,kv16]
  *
  * Each precision runs in a fresh model; the perplexity of a fixed text and
  * the resident size are reported for each, and the BF16/F32 ratios.
@@ -51,10 +51,12 @@ typedef struct {
 } run_result;
 
 /* pp128, pp512, tg64 and the perplexity of PPL_TEXT with the given weights. */
-static int run(const char *dir, int threads, int reps, int bf16, double gbps, double gflops, run_result *out) {
+static int run(const char *dir, int threads, int reps, int bf16, int kv16, double gbps, double gflops,
+               run_result *out) {
     eng_model *m;
     char err[512];
-    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024, .bf16_weights = bf16};
+    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024, .bf16_weights = bf16,
+                     .kv_f16 = kv16};
     if (eng_model_open(&m, dir, &o, err, sizeof err) != ENG_OK) { fprintf(stderr, "bench: %s\n", err); return 1; }
     const eng_config *c = eng_model_config(m);
     /* weights streamed per decoded token: all layers + the LM head (the
@@ -65,7 +67,7 @@ static int run(const char *dir, int threads, int reps, int bf16, double gbps, do
     double token_bytes = (bf16 ? 2 : 4) * (L * layer_params + V * H);
     double flops_per_token = 2 * (L * layer_params + V * H);
     out->wbytes = (double)eng_model_weight_bytes(m);
-    out->kv_bytes = 1024.0 * L * 2 * KD * 4; /* the dense single-sequence cache of max_context 1024 */
+    out->kv_bytes = 1024.0 * L * 2 * KD * (kv16 ? 2 : 4); /* the dense single-sequence cache of max_context 1024 */
     const int tests[][2] = {{128, 0}, {512, 0}, {0, 64}};
     eng_gen_params gp;
     memset(&gp, 0, sizeof gp);
@@ -115,9 +117,9 @@ static int run(const char *dir, int threads, int reps, int bf16, double gbps, do
 
 int main(int argc, char **argv) {
     eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
-    const char *dir = NULL, *weights = "f32,bf16";
+    const char *dir = NULL, *weights = "f32,bf16,kv16";
     int threads = 2, reps = 3;
-    const char *usage = "usage: bench_engine --model DIR [--threads N] [--reps N] [--weights f32,bf16]\n";
+    const char *usage = "usage: bench_engine --model DIR [--threads N] [--reps N] [--weights f32,bf16,kv16]\n";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
@@ -137,28 +139,35 @@ int main(int argc, char **argv) {
     }
     printf("model: %s\nmachine: read bandwidth %.1f GB/s, sgemm %.1f GFLOP/s (1024^3, OpenBLAS %s kernels), %d threads\n\n",
            dir, gbps, gflops, eng_blas_core(), threads);
-    printf("| weights | test   |       t/s |      +/- | machine limit (t/s)    | fraction\n");
-    printf("|---------|--------|-----------|----------|------------------------|---------\n");
+    printf("| weights | KV  | test   |       t/s |      +/- | machine limit (t/s)    | fraction\n");
+    printf("|---------|-----|--------|-----------|----------|------------------------|---------\n");
     const char *names[] = {"pp128", "pp512", "tg64"};
-    run_result rr[2];
-    int have[2] = {strstr(weights, "f32") != NULL, strstr(weights, "bf16") != NULL};
-    for (int b = 0; b < 2; b++) {
+    /* F32; BF16 weights; F32 weights with an F16 KV cache */
+    const char *cfg_name[] = {"f32", "bf16", "kv16"};
+    const int cfg_bf16[] = {0, 1, 0}, cfg_kv16[] = {0, 0, 1};
+    run_result rr[3];
+    int have[3];
+    for (int b = 0; b < 3; b++) {
+        have[b] = strstr(weights, cfg_name[b]) != NULL;
         if (!have[b]) continue;
-        if (run(dir, threads, reps, b, gbps, gflops, &rr[b])) return 1;
+        if (run(dir, threads, reps, cfg_bf16[b], cfg_kv16[b], gbps, gflops, &rr[b])) return 1;
         for (int t = 0; t < 3; t++)
-            printf("| %-7s | %-6s | %9.1f | %8.1f | %6.0f (%-9s)      | %.2f\n", b ? "BF16" : "F32", names[t],
-                   rr[b].tps[t], rr[b].sd[t], rr[b].limit[t], t == 2 ? "bandwidth" : "sgemm", rr[b].tps[t] / rr[b].limit[t]);
+            printf("| %-7s | %-3s | %-6s | %9.1f | %8.1f | %6.0f (%-9s)      | %.2f\n", cfg_bf16[b] ? "BF16" : "F32",
+                   cfg_kv16[b] ? "F16" : "F32", names[t], rr[b].tps[t], rr[b].sd[t], rr[b].limit[t],
+                   t == 2 ? "bandwidth" : "sgemm", rr[b].tps[t] / rr[b].limit[t]);
     }
     printf("\n");
-    for (int b = 0; b < 2; b++)
+    const char *label[] = {"F32", "BF16 weights", "F16 KV"};
+    for (int b = 0; b < 3; b++)
         if (have[b])
             printf("%s: fixed text: mean negative log-likelihood %.6f nats/token (perplexity %.4g); weights %.0f MiB, "
                    "KV %.0f MiB, resident %.0f MiB (weights + KV + %.0f MiB)\n",
-                   b ? "BF16" : "F32", log(rr[b].ppl), rr[b].ppl, rr[b].wbytes / 1048576, rr[b].kv_bytes / 1048576,
+                   label[b], log(rr[b].ppl), rr[b].ppl, rr[b].wbytes / 1048576, rr[b].kv_bytes / 1048576,
                    rr[b].rss / 1048576, (rr[b].rss - rr[b].wbytes - rr[b].kv_bytes) / 1048576);
-    if (have[0] && have[1])
-        printf("BF16 / F32: decode %.2fx, pp512 %.2fx; perplexity %+.4f%% (%+.6f nats/token)\n",
-               rr[1].tps[2] / rr[0].tps[2], rr[1].tps[1] / rr[0].tps[1], 100 * (rr[1].ppl / rr[0].ppl - 1),
-               log(rr[1].ppl) - log(rr[0].ppl));
+    for (int b = 1; b < 3; b++)
+        if (have[0] && have[b])
+            printf("%s / F32: decode %.2fx, pp512 %.2fx; perplexity %+.4f%% (%+.6f nats/token)\n", label[b],
+                   rr[b].tps[2] / rr[0].tps[2], rr[b].tps[1] / rr[0].tps[1], 100 * (rr[b].ppl / rr[0].ppl - 1),
+                   log(rr[b].ppl) - log(rr[0].ppl));
     return 0;
 }

@@ -11,10 +11,10 @@ b=$("$build/bench/bench_batch" --model "$model" --threads 2 --batches 1,2,4,8,16
 echo "$e"
 echo
 echo "$b" | sed -n '/## Batched generation/,/## Agent resume/p' | sed '$d'
-row() { awk -F'|' -v w="$1" -v t="$2" '{gsub(/ /,"",$2); gsub(/ /,"",$3)} $2==w && $3==t {gsub(/ /,"",$4); gsub(/ /,"",$6); split($6,a,"("); gsub(/ /,"",$7); print $4, a[1], $7}' <<<"$e"; }
-read -r tg lim_tg fr_tg <<<"$(row F32 tg64)"
-read -r pp lim_pp fr_pp <<<"$(row F32 pp512)"
-read -r tgb lim_tgb fr_tgb <<<"$(row BF16 tg64)"
+row() { awk -F'|' -v w="$1" -v k="$2" -v t="$3" '{gsub(/ /,"",$2); gsub(/ /,"",$3); gsub(/ /,"",$4)} $2==w && $3==k && $4==t {gsub(/ /,"",$5); gsub(/ /,"",$7); split($7,a,"("); gsub(/ /,"",$8); print $5, a[1], $8}' <<<"$e"; }
+read -r tg lim_tg fr_tg <<<"$(row F32 F32 tg64)"
+read -r pp lim_pp fr_pp <<<"$(row F32 F32 pp512)"
+read -r tgb lim_tgb fr_tgb <<<"$(row BF16 F32 tg64)"
 stg() { awk -F'|' -v B="$1" '{gsub(/ /,"",$4)} $4==B && NF > 10 {gsub(/ /,"",$9); print $9}' <<<"$b" | head -1; }
 b16=$(stg 16)
 echo

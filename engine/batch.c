@@ -108,13 +108,13 @@ static void bp_decref(bpool *p, int b) {
     else p->free_stack[p->n_free++] = b;
 }
 
-static int bp_init(bpool *p, int n, int B, const eng_config *c) {
+static int bp_init(bpool *p, int n, int B, const eng_config *c, int kv_f16) {
     memset(p, 0, sizeof *p);
     p->n = n;
     p->B = B;
     p->n_bucket = 16;
     while (p->n_bucket < (size_t)n * 2) p->n_bucket <<= 1;
-    if (kv_pool_init(&p->kv, n, B, c->n_layers, c->n_kv_heads * c->head_dim) != ENG_OK) return ENG_ENOMEM;
+    if (kv_pool_init(&p->kv, n, B, c->n_layers, c->n_kv_heads * c->head_dim, kv_f16) != ENG_OK) return ENG_ENOMEM;
     p->ref = calloc((size_t)n, sizeof *p->ref);
     p->free_stack = malloc((size_t)n * sizeof *p->free_stack);
     p->lru_prev = malloc((size_t)n * sizeof *p->lru_prev);
@@ -443,7 +443,7 @@ int eng_engine_open(eng_engine **out, eng_model *m, const eng_engine_options *o,
     pthread_mutex_init(&e->mu, NULL);
     const eng_config *c = &m->cfg;
     int T = e->o.max_step_tokens;
-    if (bp_init(&e->bp, e->o.n_blocks, e->o.block_tokens, c) != ENG_OK ||
+    if (bp_init(&e->bp, e->o.n_blocks, e->o.block_tokens, c, m->opt.kv_f16) != ENG_OK ||
         !(e->scratch = fwd_scratch_new(c, T, e->max_ctx)) || !(e->sampler = eng__sampler_new(c->vocab_size)) ||
         !(e->logits = malloc((size_t)e->o.max_running * c->vocab_size * sizeof(float))) ||
         !(e->b_tok = malloc((size_t)T * sizeof(int32_t))) || !(e->b_pos = malloc((size_t)T * sizeof(int32_t))) ||
@@ -686,8 +686,8 @@ static int ensure_blocks(eng_engine *e, seq *s, int upto) {
         int nb = bp_alloc(p);
         while (nb < 0 && evict_idle_agent(e)) nb = bp_alloc(p);
         if (nb < 0) return ENG_EPOOL;
-        memcpy(p->kv.mem + (size_t)nb * p->kv.block_floats, p->kv.mem + (size_t)s->blk[first] * p->kv.block_floats,
-               p->kv.block_floats * sizeof(float));
+        size_t bb = p->kv.block_elems * p->kv.esz;
+        memcpy((char *)p->kv.mem + (size_t)nb * bb, (char *)p->kv.mem + (size_t)s->blk[first] * bb, bb);
         bp_decref(p, s->blk[first]);
         s->blk[first] = nb;
     }
@@ -928,8 +928,8 @@ int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, ui
     kv_table t = {a->blk, a->n_blk};
     for (int pos = 0; pos < a->n_cached; pos++)
         for (size_t l = 0; l < L; l++) {
-            memcpy(p, kv_k(kv, &t, (int)l, pos), D * 4); p += D * 4;
-            memcpy(p, kv_v(kv, &t, (int)l, pos), D * 4); p += D * 4;
+            kv_get(kv, kv_k(kv, &t, (int)l, pos), p, (int)D); p += D * 4; /* F32 in the format */
+            kv_get(kv, kv_v(kv, &t, (int)l, pos), p, (int)D); p += D * 4;
         }
     uint64_t sum = eng__hash64(b, (size_t)(p - b), 0);
     memcpy(p, &sum, 8);
@@ -993,8 +993,8 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
     const uint8_t *p = tp + (size_t)nt * 4;
     for (uint32_t pos = 0; pos < nc; pos++)
         for (uint32_t l = 0; l < L; l++) {
-            memcpy(kv_k(kv, &t, (int)l, (int)pos), p, (size_t)D * 4); p += (size_t)D * 4;
-            memcpy(kv_v(kv, &t, (int)l, (int)pos), p, (size_t)D * 4); p += (size_t)D * 4;
+            kv_put(kv, kv_k(kv, &t, (int)l, (int)pos), p, (int)D); p += (size_t)D * 4;
+            kv_put(kv, kv_v(kv, &t, (int)l, (int)pos), p, (int)D); p += (size_t)D * 4;
         }
     if (!(a = agent_new(e, tenant, agent_id))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
     a->tok = tok;

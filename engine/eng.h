@@ -103,6 +103,7 @@ typedef struct eng_options {
     int max_batch_tokens;   /* tokens per forward call (prefill chunk); 0 = 512 */
     int max_context;        /* cap on context; 0 = config max_position */
     int bf16_weights;       /* keep the weight matrices in BF16 (half the bytes per token) */
+    int kv_f16;             /* keep keys and values in IEEE half (model and engine KV) */
 } eng_options;
 
 /* Call first in main(): on a CPU with AVX-512 where OpenBLAS runs other

@@ -27,6 +27,7 @@ struct fwd_scratch {
     float *tmp;    /* [T][H] sublayer output */
     float *scores; /* [threads][group][max_ctx] attention weights */
     float *kc, *vc;  /* [max_ctx][hd]: one KV head's keys and values, contiguous (prefill runs) */
+    float *rows;     /* [threads][hd]: an F16 K or V row as floats */
     float *sm;       /* [max_tokens][max_ctx]: a prefill run's scores */
     int *single;     /* [max_tokens]: rows attended token by token */
 };
@@ -52,8 +53,9 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
     s->vc = malloc((size_t)max_ctx * (size_t)c->head_dim * sizeof(float));
     s->sm = malloc((size_t)T * (size_t)max_ctx * sizeof(float)); /* virtual: touched up to the run's size */
     s->single = malloc((size_t)T * sizeof *s->single);
+    s->rows = malloc((size_t)MAX_THREADS * (size_t)c->head_dim * sizeof(float));
     if (!s->x || !s->xb || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->tmp || !s->scores || !s->kc || !s->vc ||
-        !s->sm || !s->single) {
+        !s->sm || !s->single || !s->rows) {
         fwd_scratch_free(s);
         return NULL;
     }
@@ -63,7 +65,7 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
 void fwd_scratch_free(fwd_scratch *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->qkv); free(s->att); free(s->hb); free(s->hb2); free(s->tmp); free(s->scores);
-    free(s->kc); free(s->vc); free(s->sm); free(s->single);
+    free(s->kc); free(s->vc); free(s->sm); free(s->single); free(s->rows);
     free(s);
 }
 
@@ -110,14 +112,18 @@ static void rope(float *v, const float *cs, int hd) {
  * attention: each K row and each V row is read once for the whole group,
  * block by block, straight from the KV pool. */
 HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int pos,
-                       int kvh, int hd, int group, int ctx, float *sc) {
+                       int kvh, int hd, int group, int ctx, float *sc, float *row_buf) {
     const float scale = 1.0f / sqrtf((float)hd);
     const int B = kv->block_tokens, kvd = kv->kv_dim;
     for (int p0 = 0; p0 <= pos; p0 += B) {
-        const float *K = kv_k(kv, t, layer, p0) + (size_t)kvh * hd;
+        const void *K = kv_at(kv, kv_k(kv, t, layer, p0), (size_t)kvh * hd);
         int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
         for (int i = 0; i < end; i++) {
-            const float *k = K + (size_t)i * kvd;
+            const float *k = kv_at(kv, K, (size_t)i * kvd);
+            if (kv->f16) {
+                kv_get(kv, k, row_buf, hd);
+                k = row_buf;
+            }
             for (int g = 0; g < group; g++) {
                 const float *qg = q + (size_t)g * hd;
                 float s = 0;
@@ -139,10 +145,14 @@ HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_t
     }
     memset(out, 0, (size_t)group * hd * sizeof(float));
     for (int p0 = 0; p0 <= pos; p0 += B) {
-        const float *V = kv_v(kv, t, layer, p0) + (size_t)kvh * hd;
+        const void *V = kv_at(kv, kv_v(kv, t, layer, p0), (size_t)kvh * hd);
         int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
         for (int i = 0; i < end; i++) {
-            const float *v = V + (size_t)i * kvd;
+            const float *v = kv_at(kv, V, (size_t)i * kvd);
+            if (kv->f16) {
+                kv_get(kv, v, row_buf, hd);
+                v = row_buf;
+            }
             for (int g = 0; g < group; g++) {
                 float w = sc[(size_t)g * ctx + p0 + i], *o = out + (size_t)g * hd;
 #pragma omp simd
@@ -166,10 +176,11 @@ static void attend_run(const fwd_scratch *s, const kv_pool *kv, const kv_table *
     for (int h = 0; h < nkv; h++) {
         for (int p = 0; p < ctx; p += B) {
             int rows = p + B <= ctx ? B : ctx - p;
-            const float *K = kv_k(kv, t, layer, p) + (size_t)h * hd, *V = kv_v(kv, t, layer, p) + (size_t)h * hd;
+            const void *K = kv_at(kv, kv_k(kv, t, layer, p), (size_t)h * hd),
+                       *V = kv_at(kv, kv_v(kv, t, layer, p), (size_t)h * hd);
             for (int r = 0; r < rows; r++) {
-                memcpy(s->kc + (size_t)(p + r) * hd, K + (size_t)r * kvd, (size_t)hd * sizeof(float));
-                memcpy(s->vc + (size_t)(p + r) * hd, V + (size_t)r * kvd, (size_t)hd * sizeof(float));
+                kv_get(kv, kv_at(kv, K, (size_t)r * kvd), s->kc + (size_t)(p + r) * hd, hd);
+                kv_get(kv, kv_at(kv, V, (size_t)r * kvd), s->vc + (size_t)(p + r) * hd, hd);
             }
         }
         for (int g = 0; g < group; g++) {
@@ -200,6 +211,10 @@ static void attend_run(const fwd_scratch *s, const kv_pool *kv, const kv_table *
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+/* 16 elements j*16.. of a KV row as floats (F16 rows widened by vcvtph2ps). */
+#define ROW16(row, j)                                                                                   \
+    (f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(row) + (j) * 16))) \
+         : _mm512_loadu_ps((const float *)(row) + (j) * 16))
 /* attend() for head_dim 64 and up to 4 query heads per KV head, with the
  * queries and the outputs held in AVX-512 registers: each K row is 4
  * vectors and yields one score per query head (one reduction each); each V
@@ -213,13 +228,13 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
     __m512 qv[4][4];
     for (int g = 0; g < 4; g++)
         for (int d = 0; d < 4; d++) qv[g][d] = g < group ? _mm512_loadu_ps(q + g * 64 + d * 16) : _mm512_setzero_ps();
+    const int f16 = kv->f16;
     for (int p0 = 0; p0 <= pos; p0 += B) {
-        const float *K = kv_k(kv, t, layer, p0) + (size_t)kvh * 64;
+        const void *K = kv_at(kv, kv_k(kv, t, layer, p0), (size_t)kvh * 64);
         int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
         for (int i = 0; i < end; i++) {
-            const float *k = K + (size_t)i * kvd;
-            __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
-                   k3 = _mm512_loadu_ps(k + 48);
+            const void *k = kv_at(kv, K, (size_t)i * kvd);
+            __m512 k0 = ROW16(k, 0), k1 = ROW16(k, 1), k2 = ROW16(k, 2), k3 = ROW16(k, 3);
             for (int g = 0; g < group; g++) {
                 __m512 a = _mm512_mul_ps(qv[g][0], k0);
                 a = _mm512_fmadd_ps(qv[g][1], k1, a);
@@ -243,12 +258,11 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
     for (int g = 0; g < 4; g++)
         for (int d = 0; d < 4; d++) o[g][d] = _mm512_setzero_ps();
     for (int p0 = 0; p0 <= pos; p0 += B) {
-        const float *V = kv_v(kv, t, layer, p0) + (size_t)kvh * 64;
+        const void *V = kv_at(kv, kv_v(kv, t, layer, p0), (size_t)kvh * 64);
         int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
         for (int i = 0; i < end; i++) {
-            const float *v = V + (size_t)i * kvd;
-            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
-                   v3 = _mm512_loadu_ps(v + 48);
+            const void *v = kv_at(kv, V, (size_t)i * kvd);
+            __m512 v0 = ROW16(v, 0), v1 = ROW16(v, 1), v2 = ROW16(v, 2), v3 = ROW16(v, 3);
             for (int g = 0; g < group; g++) {
                 __m512 w = _mm512_set1_ps(sc[(size_t)g * ctx + p0 + i]);
                 o[g][0] = _mm512_fmadd_ps(w, v0, o[g][0]);
@@ -295,7 +309,7 @@ static void att_task(void *ctx, int task, int thread) {
     }
     attend(j->s->att + (size_t)i * j->QD + (size_t)g * j->group * j->hd,
            j->s->qkv + (size_t)i * j->QKV + (size_t)g * j->group * j->hd, j->kv, &j->b->tables[j->b->seq[i]], j->layer,
-           j->b->pos[i], g, j->hd, j->group, j->s->max_ctx, sc);
+           j->b->pos[i], g, j->hd, j->group, j->s->max_ctx, sc, j->s->rows + (size_t)thread * j->hd);
 }
 
 void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_scratch *s, const float *rope_t,
@@ -320,8 +334,8 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
             for (int h = 0; h < nh; h++) rope(q + h * hd, cs, hd);
             for (int h = 0; h < nkv; h++) rope(k + h * hd, cs, hd);
             const kv_table *t = &b->tables[b->seq[i]];
-            memcpy(kv_k(kv, t, l, b->pos[i]), k, (size_t)KD * sizeof(float));
-            memcpy(kv_v(kv, t, l, b->pos[i]), v, (size_t)KD * sizeof(float));
+            kv_put(kv, kv_k(kv, t, l, b->pos[i]), k, KD);
+            kv_put(kv, kv_v(kv, t, l, b->pos[i]), v, KD);
         }
 
         /* attention: long runs of one sequence (prefill) as matrix

@@ -111,18 +111,22 @@ void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst);
 /* ---- KV storage ---------------------------------------------------------
  * Keys and values live in fixed-size blocks of `block_tokens` positions cut
  * from one pool. A block holds K and V for every layer:
- *   block b, layer l:  K at mem + b*block_floats + (2l)  *B*kvd,  [B][kvd]
- *                      V at mem + b*block_floats + (2l+1)*B*kvd,  [B][kvd]
- * A sequence sees its KV through a block table (block ids in position
- * order). This is the one interface the forward pass uses; the batch engine
- * manages blocks (free list, sharing), a single sequence just takes a run. */
+ *   block b, layer l:  K at element b*block_elems + (2l)  *B*kvd,  [B][kvd]
+ *                      V at element b*block_elems + (2l+1)*B*kvd,  [B][kvd]
+ * Elements are float, or IEEE half with f16 (half the memory and the bytes
+ * attention reads; converted on store and load). A sequence sees its KV
+ * through a block table (block ids in position order). This is the one
+ * interface the forward pass uses; the batch engine manages blocks (free
+ * list, sharing), a single sequence just takes a run. */
 typedef struct {
-    float *mem;
+    void *mem;
     int n_blocks;
     int block_tokens;
     int n_layers;
     int kv_dim;
-    size_t block_floats;
+    int f16;
+    size_t esz;             /* bytes per element: 4, or 2 with f16 */
+    size_t block_elems;
 } kv_pool;
 
 typedef struct {
@@ -130,17 +134,27 @@ typedef struct {
     int n_blocks;
 } kv_table;
 
-int kv_pool_init(kv_pool *p, int n_blocks, int block_tokens, int n_layers, int kv_dim);
+int kv_pool_init(kv_pool *p, int n_blocks, int block_tokens, int n_layers, int kv_dim, int f16);
 void kv_pool_free(kv_pool *p);
 
-static inline float *kv_k(const kv_pool *p, const kv_table *t, int layer, int pos) {
+/* The K (V) row of (layer, pos): kv_dim elements; rows of a block are
+ * kv_dim elements apart. */
+static inline void *kv_k(const kv_pool *p, const kv_table *t, int layer, int pos) {
     int B = p->block_tokens;
-    return p->mem + (size_t)t->blocks[pos / B] * p->block_floats +
-           (size_t)(2 * layer) * B * p->kv_dim + (size_t)(pos % B) * p->kv_dim;
+    size_t e = (size_t)t->blocks[pos / B] * p->block_elems + (size_t)(2 * layer) * B * p->kv_dim +
+               (size_t)(pos % B) * p->kv_dim;
+    return (char *)p->mem + e * p->esz;
 }
-static inline float *kv_v(const kv_pool *p, const kv_table *t, int layer, int pos) {
-    return kv_k(p, t, layer, pos) + (size_t)p->block_tokens * p->kv_dim;
+static inline void *kv_v(const kv_pool *p, const kv_table *t, int layer, int pos) {
+    return (char *)kv_k(p, t, layer, pos) + (size_t)p->block_tokens * p->kv_dim * p->esz;
 }
+/* Element i of a row onward. */
+static inline const void *kv_at(const kv_pool *p, const void *row, size_t i) {
+    return (const char *)row + i * p->esz;
+}
+/* n elements between a KV row and floats (src / dst need no alignment). */
+void kv_put(const kv_pool *p, void *dst, const void *src, int n);
+void kv_get(const kv_pool *p, const void *src, void *dst, int n);
 
 /* ---- BLAS kernels (blas.c) ---------------------------------------------- */
 /* The OpenBLAS core to force, or NULL to keep `current`. */

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -285,8 +286,8 @@ static uint64_t fingerprint(const eng_model *m) {
         h = fp_add(h, eng__f32(&L->w13), 2 * F * H);
         h = fp_add(h, eng__f32(&L->w2), H * F);
     }
-    int bf16 = m->opt.bf16_weights != 0; /* another precision computes other logits */
-    return eng__hash64(&bf16, sizeof bf16, h);
+    int prec[2] = {m->opt.bf16_weights != 0, m->opt.kv_f16 != 0}; /* another precision computes other logits */
+    return eng__hash64(prec, sizeof prec, h);
 }
 
 uint64_t eng_model_fingerprint(const eng_model *m) { return m->fingerprint; }
@@ -335,7 +336,7 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     m->bseq = calloc(T, sizeof(int32_t));
     m->brows = malloc(T * sizeof(int32_t));
     if (!m->pool || !m->logits || !m->bpos || !m->bseq || !m->brows || !m->kv_ids || !m->rope || !m->scratch || !m->sampler ||
-        kv_pool_init(&m->kv, nb, B, m->cfg.n_layers, m->cfg.n_kv_heads * m->cfg.head_dim) != ENG_OK) {
+        kv_pool_init(&m->kv, nb, B, m->cfg.n_layers, m->cfg.n_kv_heads * m->cfg.head_dim, m->opt.kv_f16) != ENG_OK) {
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for the KV cache and buffers");
         goto fail;
     }
@@ -374,15 +375,58 @@ const eng_config *eng_model_config(const eng_model *m) { return &m->cfg; }
 const eng_tok *eng_model_tok(const eng_model *m) { return m->tok; }
 size_t eng_model_weight_bytes(const eng_model *m) { return m->w.bytes; }
 
-int kv_pool_init(kv_pool *p, int n_blocks, int block_tokens, int n_layers, int kv_dim) {
+int kv_pool_init(kv_pool *p, int n_blocks, int block_tokens, int n_layers, int kv_dim, int f16) {
     memset(p, 0, sizeof *p);
     p->n_blocks = n_blocks;
     p->block_tokens = block_tokens;
     p->n_layers = n_layers;
     p->kv_dim = kv_dim;
-    p->block_floats = (size_t)2 * n_layers * block_tokens * kv_dim;
-    p->mem = calloc((size_t)n_blocks * p->block_floats, sizeof(float));
+    p->f16 = f16 != 0;
+    p->esz = f16 ? 2 : 4;
+    p->block_elems = (size_t)2 * n_layers * block_tokens * kv_dim;
+    p->mem = calloc((size_t)n_blocks * p->block_elems, p->esz);
     return p->mem ? ENG_OK : ENG_ENOMEM;
+}
+
+/* IEEE half <-> float, round to nearest even; overflow -> infinity. */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0)); /* inf, NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);                                    /* >= 65520 */
+    if (a < 0x38800000u) { /* below the smallest normal half: a multiple of 2^-24 */
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(v * 16777216.0f));
+    }
+    return (uint16_t)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - (112u << 23)) >> 13));
+}
+
+void kv_put(const kv_pool *p, void *dst, const void *src, int n) {
+    if (!p->f16) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        float v;
+        memcpy(&v, (const char *)src + 4 * (size_t)i, 4);
+        uint16_t h = f32_to_f16(v);
+        memcpy((char *)dst + 2 * (size_t)i, &h, 2);
+    }
+}
+
+void kv_get(const kv_pool *p, const void *src, void *dst, int n) {
+    if (!p->f16) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    float tmp[256];
+    for (int i = 0; i < n; i += 256) { /* st_to_f32 reads bytes; its output must be aligned */
+        int m = n - i < 256 ? n - i : 256;
+        st_to_f32(ST_F16, (const uint8_t *)src + 2 * (size_t)i, tmp, (size_t)m);
+        memcpy((char *)dst + 4 * (size_t)i, tmp, (size_t)m * 4);
+    }
 }
 
 void kv_pool_free(kv_pool *p) {

@@ -27,6 +27,7 @@ static const char USAGE[] =
     "  --batch N            tokens per forward pass during prefill (default 512)\n"
     "  --weights f32|bf16   precision the weight matrices are kept in (default f32; bf16 halves\n"
     "                       the bytes read per token: faster decode, see docs/performance.md)\n"
+    "  --kv f32|f16         precision of the KV cache (default f32; f16 halves its memory)\n"
     "\n"
     "generation options:\n"
     "  -n, --max-tokens N   tokens to generate (default 64)\n"
@@ -58,6 +59,7 @@ static const char USAGE[] =
     "  --batch-window-ms MS ... or MS after the oldest arrival (0)\n"
     "  --batch-queue N      requests the batcher holds; more: RESOURCE_EXHAUSTED (1024)\n"
     "  --weights f32|bf16   as for generate (default f32, or KVSERVE_WEIGHTS)\n"
+    "  --kv f32|f16         as for generate (default f32, or KVSERVE_KV)\n"
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
@@ -68,13 +70,13 @@ static const char USAGE[] =
 enum {
     O_MODEL = 256, O_THREADS, O_CTX, O_BATCH, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_RLAST, O_SEED, O_STOP,
     O_IGNORE_EOS, O_IDS, O_PRINT_IDS, O_NO_SPECIAL, O_TOKENIZER, O_DECODE, O_SPECIAL, O_OUT, O_HELP, O_JSON,
-    O_WEIGHTS
+    O_WEIGHTS, O_KV
 };
 
 static const struct option LONGOPTS[] = {
     {"model", required_argument, 0, O_MODEL},       {"threads", required_argument, 0, O_THREADS},
     {"ctx", required_argument, 0, O_CTX},           {"batch", required_argument, 0, O_BATCH},
-    {"weights", required_argument, 0, O_WEIGHTS},
+    {"weights", required_argument, 0, O_WEIGHTS},   {"kv", required_argument, 0, O_KV},
     {"max-tokens", required_argument, 0, 'n'},      {"temperature", required_argument, 0, O_TEMP},
     {"top-k", required_argument, 0, O_TOPK},        {"top-p", required_argument, 0, O_TOPP},
     {"min-p", required_argument, 0, O_MINP},        {"repeat-penalty", required_argument, 0, O_RPEN},
@@ -158,6 +160,13 @@ static int parse_args(int argc, char **argv, cli *c) {
                 return -1;
             }
             c->eo.bf16_weights = !strcmp(optarg, "bf16");
+            break;
+        case O_KV:
+            if (strcmp(optarg, "f32") && strcmp(optarg, "f16")) {
+                fprintf(stderr, "kvserve: --kv: f32 or f16 (got \"%s\")\n", optarg);
+                return -1;
+            }
+            c->eo.kv_f16 = !strcmp(optarg, "f16");
             break;
         case 'n': if (parse_num(optarg, -1e9, 1e9, &v, "--max-tokens")) return -1; c->gp.max_tokens = (int)v; break;
         case O_TEMP: if (parse_num(optarg, -1e9, 1e9, &v, "--temperature")) return -1; c->gp.sampling.temperature = (float)v; break;
@@ -432,6 +441,7 @@ static int cmd_serve(int argc, char **argv) {
         {"metrics", required_argument, 0, 'M'},      {"price-per-1k", required_argument, 0, 'P'},
         {"batch-max", required_argument, 0, 'X'},    {"batch-window-ms", required_argument, 0, 'W'},
         {"batch-queue", required_argument, 0, 'Q'},  {"weights", required_argument, 0, 'w'},
+        {"kv", required_argument, 0, 'V'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o;
@@ -464,6 +474,13 @@ static int cmd_serve(int argc, char **argv) {
                 return 2;
             }
             c.bf16_weights = !strcmp(optarg, "bf16");
+            break;
+        case 'V':
+            if (strcmp(optarg, "f32") && strcmp(optarg, "f16")) {
+                fprintf(stderr, "kvserve: --kv: f32 or f16 (got \"%s\")\n", optarg);
+                return 2;
+            }
+            c.kv_f16 = !strcmp(optarg, "f16");
             break;
         case 'W': if (parse_num(optarg, 0, 60000, &v, "--batch-window-ms")) return 2; c.batch_window_ms = (int)v; break;
         case 'Q': if (parse_num(optarg, 1, 1 << 20, &v, "--batch-queue")) return 2; c.batch_queue = (int)v; break;

@@ -2182,6 +2182,7 @@ void srv_config_default(srv_config *c) {
     c->batch_window_ms = getenv_int("KVSERVE_BATCH_WINDOW_MS", 0);
     c->batch_queue = getenv_int("KVSERVE_BATCH_QUEUE", 1024);
     c->bf16_weights = getenv("KVSERVE_WEIGHTS") && !strcmp(getenv("KVSERVE_WEIGHTS"), "bf16");
+    c->kv_f16 = getenv("KVSERVE_KV") && !strcmp(getenv("KVSERVE_KV"), "f16");
 }
 
 static void *writer_loop(void *p);
@@ -2322,7 +2323,7 @@ int srv_run(const srv_config *cfg) {
     /* load the model while health says NOT_SERVING */
     char err[512];
     eng_options eo = {.n_threads = s->cfg.threads, .max_context = s->cfg.max_context,
-                      .bf16_weights = s->cfg.bf16_weights};
+                      .bf16_weights = s->cfg.bf16_weights, .kv_f16 = s->cfg.kv_f16};
     double t0 = now_s();
     int lrc = eng_model_open(&s->model, s->cfg.model_dir, &eo, err, sizeof err);
     if (!lrc) lrc = eng_engine_open(&s->eng, s->model, &s->cfg.engine, err, sizeof err);
@@ -2337,10 +2338,11 @@ int srv_run(const srv_config *cfg) {
     } else {
         eng_stats st;
         eng_stats_get(s->eng, &st);
-        LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d KV blocks of %d tokens, "
+        LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d %s KV blocks of %d tokens, "
                  "BLAS kernels %s; serving",
                  now_s() - t0, eng_model_config(s->model)->dtype, s->cfg.bf16_weights ? "BF16" : "F32",
-                 eng_model_weight_bytes(s->model) >> 20, st.blocks_total, st.block_tokens, eng_blas_core());
+                 eng_model_weight_bytes(s->model) >> 20, st.blocks_total, s->cfg.kv_f16 ? "F16" : "F32",
+                 st.block_tokens, eng_blas_core());
         if (eng_blas_note())
             LOG_INFO("BLAS: OpenBLAS would have run its %s kernels on this AVX-512 CPU; switched to %s "
                      "(KVSERVE_BLAS_CORE=keep to keep them)", eng_blas_note(), eng_blas_core());

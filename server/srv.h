@@ -29,6 +29,7 @@ typedef struct srv_config {
     int batch_window_ms;         /* ... or this long after the first arrival */
     int batch_queue;             /* requests waiting at most; beyond: RESOURCE_EXHAUSTED */
     int bf16_weights;            /* keep the weight matrices in BF16 */
+    int kv_f16;                  /* keep the KV cache in IEEE half */
 } srv_config;
 
 /* Fill defaults, then override from KVSERVE_* environment variables. */

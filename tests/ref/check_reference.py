@@ -2,7 +2,7 @@
 """Compare the kvserve engine against the independent float64 numpy reference (ref_llama.py).
 
   check_reference.py --kvserve build/kvserve --model DIR [--n-prompt 20] [--n-gen 64]
-                     [--seed 1234] [--tol 1e-4] [--keep] [--weights f32|bf16]
+                     [--seed 1234] [--tol 1e-4] [--keep] [--weights f32|bf16] [--kv f32|f16]
 
 Checks:
   1. logits: `kvserve logits --model DIR --ids "..." --out FILE` writes float32 LE
@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the logits file")
     ap.add_argument("--weights", choices=("f32", "bf16"), default="f32",
                     help="kvserve's weight precision; bf16: the reference rounds the matrices alike")
+    ap.add_argument("--kv", choices=("f32", "f16"), default="f32",
+                    help="kvserve's KV precision; f16: the reference rounds keys and values alike")
     a = ap.parse_args(argv)
 
     passed = failed = 0
@@ -61,8 +63,8 @@ def main(argv=None):
         print("%s %s: %s" % ("PASS" if ok else "FAIL", name, msg), flush=True)
 
     t0 = time.time()
-    m = ref_llama.LlamaRef(a.model, bf16_matrices=a.weights == "bf16")
-    wopt = ["--weights", a.weights]
+    m = ref_llama.LlamaRef(a.model, bf16_matrices=a.weights == "bf16", kv_f16=a.kv == "f16")
+    wopt = ["--weights", a.weights, "--kv", a.kv]
     rng = np.random.default_rng(a.seed)
     ids = [int(t) for t in rng.integers(3, m.V, size=a.n_prompt)]
     ids_s = " ".join(map(str, ids))

@@ -101,9 +101,11 @@ MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 class LlamaRef:
-    def __init__(self, model_dir, bf16_matrices=False):
+    def __init__(self, model_dir, bf16_matrices=False, kv_f16=False):
         """bf16_matrices: round every weight matrix (not the norms) to bfloat16 first, as
-        kvserve does with --weights bf16."""
+        kvserve does with --weights bf16. kv_f16: round keys (after RoPE) and values to IEEE
+        half before attention, as kvserve's --kv f16 cache holds them."""
+        self.kv_f16 = kv_f16
         with open(os.path.join(model_dir, "config.json")) as f:
             c = json.load(f)
         self.cfg = c
@@ -203,6 +205,9 @@ class LlamaRef:
             q = self.rope((h @ wq.T).reshape(n, nh, hd), pos)
             k = self.rope((h @ wk.T).reshape(n, nkv, hd), pos)
             v = (h @ wv.T).reshape(n, nkv, hd)
+            if self.kv_f16:
+                k = k.astype(np.float16).astype(np.float64)
+                v = v.astype(np.float16).astype(np.float64)
             att = np.empty((n, nh, hd))
             for hh in range(nh):
                 g = hh // group

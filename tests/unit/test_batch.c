@@ -53,10 +53,12 @@ static void on_event(void *ud, const eng_event *ev) {
     }
 }
 
+static int g_kv_f16; /* open models with an F16 KV cache */
+
 static eng_model *model(const char *name) {
     char dir[1024], err[512];
     snprintf(dir, sizeof dir, "%s/%s", t_arg, name);
-    eng_options o = {.n_threads = 2};
+    eng_options o = {.n_threads = 2, .kv_f16 = g_kv_f16};
     eng_model *m = NULL;
     CHECK_MSG(eng_model_open(&m, dir, &o, err, sizeof err) == ENG_OK, "%s", err);
     return m;
@@ -564,6 +566,41 @@ out:
     eng_model_close(other);
 }
 
+/* The same properties with keys and values held in IEEE half: batched =
+ * alone, preemption stays exact, copy-on-write forks, export → import →
+ * identical continuation; and an F16-KV export is refused by an F32-KV
+ * engine of the same weights (another fingerprint: other logits). */
+static void test_f16_kv(void) {
+    g_kv_f16 = 1;
+    test_batch_equals_alone();
+    test_exhaustion_preempts();
+    test_fork_copy_on_write();
+    test_export_import();
+    eng_model *m16 = model("tiny");
+    g_kv_f16 = 0;
+    eng_model *m32 = model("tiny");
+    eng_engine *e16 = m16 ? engine(m16, 64, 512, 64) : NULL, *e32 = m32 ? engine(m32, 64, 512, 64) : NULL;
+    if (e16 && e32) {
+        int32_t p[20];
+        rand_ids(p, 20, 71, 1024);
+        results rs = {0};
+        eng_request r = req_ids(p, 20, 4);
+        r.agent_id = "h";
+        submit(e16, &rs, &r);
+        run_all(e16, &rs);
+        uint8_t *buf = NULL;
+        size_t len = 0;
+        char err[256];
+        CHECK(eng_agent_export(e16, NULL, "h", &buf, &len, err, sizeof err) == ENG_OK);
+        CHECK(eng_agent_import(e32, NULL, "h", buf, len, err, sizeof err) == ENG_EMODEL);
+        free(buf);
+    }
+    eng_engine_close(e16);
+    eng_engine_close(e32);
+    eng_model_close(m16);
+    eng_model_close(m32);
+}
+
 /* Text prompts, stop strings and streaming through the engine. */
 static void test_text_and_stop(void) {
     eng_model *m = model("tiny");
@@ -669,6 +706,7 @@ int main(int argc, char **argv) {
         {"export_import_continues_identically", test_export_import},
         {"text_prompts_stop_strings_streaming", test_text_and_stop},
         {"submit_cancel_from_another_thread", test_threads},
+        {"f16_kv_batch_preempt_fork_export", test_f16_kv},
         {0, 0}};
     return run_tests(tests, argc, argv);
 }
