@@ -162,13 +162,19 @@ HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_t
     }
 }
 
+/* Runs shorter than this go token by token through attend(). */
+#define RUN_MIN 32
+/* Rows per block of a run's attention products. */
+#define RB 64
+
 /* Attention of a prefill run: m consecutive positions p0 .. p0+m-1 of one
  * sequence (rows i0.. of the batch), as matrix products: for each KV head,
  * its keys and values are gathered from the blocks into contiguous
- * [ctx][hd] copies, then per query head S = Q·Kᵀ/√hd (sgemm), a causal
- * softmax per row, and O = S·V (sgemm). The masked upper triangle is
- * computed and zeroed: twice the FLOPs of the causal half, but at sgemm's
- * rate instead of one dot product at a time. */
+ * [ctx][hd] copies, then per query head and block of RB rows S = Q·Kᵀ/√hd
+ * (sgemm) over the positions the block can see, a causal softmax per row,
+ * and O = S·V (sgemm). Within a block the masked corner is computed and
+ * zeroed: a little more than the causal half of the FLOPs, at sgemm's rate
+ * instead of one dot product at a time. */
 static void attend_run(const fwd_scratch *s, const kv_pool *kv, const kv_table *t, int layer, int i0, int p0, int m,
                        int nkv, int group, int hd, int QD, int QKV) {
     const int ctx = p0 + m, B = kv->block_tokens, kvd = kv->kv_dim;
@@ -185,29 +191,32 @@ static void attend_run(const fwd_scratch *s, const kv_pool *kv, const kv_table *
         }
         for (int g = 0; g < group; g++) {
             const int qh = h * group + g;
-            const float *Q = s->qkv + (size_t)i0 * QKV + (size_t)qh * hd;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, ctx, hd, scale, Q, QKV, s->kc, hd, 0.0f, s->sm,
-                        ctx);
-            for (int r = 0; r < m; r++) { /* row r sees positions 0 .. p0 + r */
-                float *row = s->sm + (size_t)r * ctx, mx = -INFINITY, sum = 0;
-                int last = p0 + r;
-                for (int p = 0; p <= last; p++) mx = row[p] > mx ? row[p] : mx;
-                for (int p = 0; p <= last; p++) {
-                    row[p] = expf(row[p] - mx);
-                    sum += row[p];
+            /* rows in blocks of RB: block [r0, r1) sees positions 0 .. p0 + r1 - 1, so the
+             * products skip the masked part beyond each block */
+            for (int r0 = 0; r0 < m; r0 += RB) {
+                const int r1 = r0 + RB < m ? r0 + RB : m, cb = p0 + r1, nr = r1 - r0;
+                const float *Q = s->qkv + (size_t)(i0 + r0) * QKV + (size_t)qh * hd;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr, cb, hd, scale, Q, QKV, s->kc, hd, 0.0f, s->sm,
+                            cb);
+                for (int r = 0; r < nr; r++) { /* row r0 + r sees positions 0 .. p0 + r0 + r */
+                    float *row = s->sm + (size_t)r * cb, mx = -INFINITY, sum = 0;
+                    int last = p0 + r0 + r;
+                    for (int p = 0; p <= last; p++) mx = row[p] > mx ? row[p] : mx;
+                    for (int p = 0; p <= last; p++) {
+                        row[p] = expf(row[p] - mx);
+                        sum += row[p];
+                    }
+                    float inv = 1.0f / sum;
+                    for (int p = 0; p <= last; p++) row[p] *= inv;
+                    for (int p = last + 1; p < cb; p++) row[p] = 0;
                 }
-                float inv = 1.0f / sum;
-                for (int p = 0; p <= last; p++) row[p] *= inv;
-                for (int p = last + 1; p < ctx; p++) row[p] = 0;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nr, hd, cb, 1.0f, s->sm, cb, s->vc, hd, 0.0f,
+                            s->att + (size_t)(i0 + r0) * QD + (size_t)qh * hd, QD);
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, ctx, 1.0f, s->sm, ctx, s->vc, hd, 0.0f,
-                        s->att + (size_t)i0 * QD + (size_t)qh * hd, QD);
         }
     }
 }
 
-/* Runs shorter than this go token by token through attend(). */
-#define RUN_MIN 32
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
