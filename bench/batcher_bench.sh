@@ -14,9 +14,9 @@ port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0
 rport=$(port)
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 rpid=$!
-for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
 kpid=
 trap 'kill -TERM $kpid 2>/dev/null; kill $rpid 2>/dev/null' EXIT
+for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
 printf '| window ms | engine: t/s | req/s | TTFT p50 / p99 ms | latency p50 / p99 ms | hits, 1 client: req/s, p50 ms | hits, 16 clients: req/s, p50 ms |\n'
 printf '|---|---|---|---|---|---|---|\n'
 for w in "${windows[@]}"; do
