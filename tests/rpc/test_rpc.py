@@ -1513,6 +1513,31 @@ class T13_BlasKernels(unittest.TestCase):
         self.assertEqual(core, "Haswell")
 
 
+class T14_Precision(unittest.TestCase):
+    """--weights bf16 and --kv f16 through the server: the same tokens as `kvserve generate` with the
+    same flags (the reference tests check those against numpy), and bad values refused at start."""
+
+    def test_server_precision_flags_match_the_cli(self):
+        ids = rand_ids(24, 91)
+        flags = ["--weights", "bf16", "--kv", "f16"]
+        cli = subprocess.run([ARGS.kvserve, "generate", "--model", ARGS.model, "--ids", " ".join(map(str, ids)),
+                              "-n", "20", "--temperature", "0", "--ignore-eos", "--print-ids"] + flags,
+                             capture_output=True, text=True, timeout=60, check=True).stdout.split()
+        srv = Server(*flags).start()
+        try:
+            _, comps = srv.client().run_stream(greq(ids=ids, max_tokens=20, ignore_eos=True))
+            self.assertEqual([str(t) for t in comps[0].token_ids], cli)
+            self.assertIn("weights held in BF16", srv.log())
+            self.assertIn("F16 KV blocks", srv.log())
+            srv.stop()
+        finally:
+            srv.kill()
+        for bad in (["--weights", "f8"], ["--kv", "bf16"]):
+            rc, err, _ = run_failing(bad)
+            self.assertEqual(rc, 2, err)
+            self.assertIn(bad[0], err)
+
+
 def scrape(mport):
     text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
     got = {}
