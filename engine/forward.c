@@ -99,6 +99,18 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
+/* row[0..n) <- softmax(row[0..n)), in place. */
+static inline void softmax(float *row, int n) {
+    float mx = -INFINITY, sum = 0;
+    for (int p = 0; p < n; p++) mx = row[p] > mx ? row[p] : mx;
+    for (int p = 0; p < n; p++) {
+        row[p] = expf(row[p] - mx);
+        sum += row[p];
+    }
+    float inv = 1.0f / sum;
+    for (int p = 0; p < n; p++) row[p] *= inv;
+}
+
 /* Hot loops are compiled for several instruction sets; the loader picks the
  * best one the CPU has (GCC function multi-versioning). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
@@ -134,14 +146,7 @@ HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_t
         }
     }
     for (int g = 0; g < group; g++) {
-        float *row = sc + (size_t)g * ctx, mx = -INFINITY, sum = 0;
-        for (int p = 0; p <= pos; p++) mx = row[p] > mx ? row[p] : mx;
-        for (int p = 0; p <= pos; p++) {
-            row[p] = expf(row[p] - mx);
-            sum += row[p];
-        }
-        float inv = 1.0f / sum;
-        for (int p = 0; p <= pos; p++) row[p] *= inv;
+        softmax(sc + (size_t)g * ctx, pos + 1);
     }
     memset(out, 0, (size_t)group * hd * sizeof(float));
     for (int p0 = 0; p0 <= pos; p0 += B) {
@@ -199,15 +204,9 @@ static void attend_run(const fwd_scratch *s, const kv_pool *kv, const kv_table *
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr, cb, hd, scale, Q, QKV, s->kc, hd, 0.0f, s->sm,
                             cb);
                 for (int r = 0; r < nr; r++) { /* row r0 + r sees positions 0 .. p0 + r0 + r */
-                    float *row = s->sm + (size_t)r * cb, mx = -INFINITY, sum = 0;
+                    float *row = s->sm + (size_t)r * cb;
                     int last = p0 + r0 + r;
-                    for (int p = 0; p <= last; p++) mx = row[p] > mx ? row[p] : mx;
-                    for (int p = 0; p <= last; p++) {
-                        row[p] = expf(row[p] - mx);
-                        sum += row[p];
-                    }
-                    float inv = 1.0f / sum;
-                    for (int p = 0; p <= last; p++) row[p] *= inv;
+                    softmax(row, last + 1);
                     for (int p = last + 1; p < cb; p++) row[p] = 0;
                 }
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nr, hd, cb, 1.0f, s->sm, cb, s->vc, hd, 0.0f,
@@ -254,14 +253,7 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
         }
     }
     for (int g = 0; g < group; g++) {
-        float *row = sc + (size_t)g * ctx, mx = -INFINITY, sum = 0;
-        for (int p = 0; p <= pos; p++) mx = row[p] > mx ? row[p] : mx;
-        for (int p = 0; p <= pos; p++) {
-            row[p] = expf(row[p] - mx);
-            sum += row[p];
-        }
-        float inv = 1.0f / sum;
-        for (int p = 0; p <= pos; p++) row[p] *= inv;
+        softmax(sc + (size_t)g * ctx, pos + 1);
     }
     __m512 o[4][4];
     for (int g = 0; g < 4; g++)
@@ -285,11 +277,7 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
         for (int d = 0; d < 4; d++) _mm512_storeu_ps(out + g * 64 + d * 16, o[g][d]);
 }
 
-static int use_attend64(int hd, int group) {
-    static int avx512 = -1;
-    if (avx512 < 0) avx512 = __builtin_cpu_supports("avx512f") && !getenv("KVSERVE_NO_AVX512");
-    return avx512 && hd == 64 && group <= 4;
-}
+static int use_attend64(int hd, int group) { return eng__cpu_avx512() && hd == 64 && group <= 4; }
 #else
 static void attend64(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int pos, int kvh,
                      int group, int ctx, float *sc) {

@@ -103,6 +103,9 @@ int eng__weights_to_bf16(eng__weights *w, const eng_config *c);
 /* Y[n][out] = X[n][in] · Wᵀ: our kernel for few rows or BF16, else OpenBLAS. */
 typedef struct eng__pool eng__pool;
 void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, eng__pool *pool);
+/* The CPU has the AVX-512 subsets our kernels use (F, BW, VL), and
+ * KVSERVE_NO_AVX512 is not set. */
+int eng__cpu_avx512(void);
 /* Whether n rows of W go to our kernel (whose results do not depend on n). */
 int eng__matmul_own(const eng__mat *W, int n);
 /* Row r of a matrix as F32. */

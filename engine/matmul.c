@@ -169,7 +169,7 @@ static void mm_task(void *ctx, int task, int thread) {
     cols_generic(j->Y, j->X, j->W, j->bf16, j->n, j->in, j->out, o0, o1);
 }
 
-static int cpu_avx512(void) {
+int eng__cpu_avx512(void) {
 #ifdef HAVE_X86
     static int v = -1;
     if (v < 0) v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -185,8 +185,7 @@ void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
         memcpy(dst, (const float *)W->p + r * (size_t)in, (size_t)in * sizeof *dst);
         return;
     }
-    const uint16_t *h = (const uint16_t *)W->p + r * (size_t)in;
-    for (int k = 0; k < in; k++) dst[k] = bf16_to_f32(h[k]);
+    st_to_f32(ST_BF16, (const uint8_t *)W->p + r * (size_t)in * 2, dst, (size_t)in);
 }
 
 /* BF16 weights and many rows: widen a slab of weight rows to F32, then
@@ -196,7 +195,7 @@ enum { SLAB = 256 };
 static void matmul_bf16_sgemm(float *Y, const float *X, const eng__mat *W, int n, int in, int out) {
     float *slab = malloc((size_t)SLAB * (size_t)in * sizeof *slab);
     if (!slab) { /* no memory for the slab: the kernel, slower but exact */
-        mm_job j = {Y, X, W->p, 1, n, out, out, (size_t)in, cpu_avx512()};
+        mm_job j = {Y, X, W->p, 1, n, out, out, (size_t)in, eng__cpu_avx512()};
         mm_task(&j, 0, 0);
         return;
     }
@@ -208,7 +207,7 @@ static void matmul_bf16_sgemm(float *Y, const float *X, const eng__mat *W, int n
     free(slab);
 }
 
-int eng__matmul_own(const eng__mat *W, int n) { return n <= SMALL_MAX && (W->bf16 || cpu_avx512()); }
+int eng__matmul_own(const eng__mat *W, int n) { return n <= SMALL_MAX && (W->bf16 || eng__cpu_avx512()); }
 
 void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, eng__pool *pool) {
     if (W->bf16 && n > SMALL_MAX) {
@@ -221,7 +220,7 @@ void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int
         int chunk = (out + threads * 8 - 1) / (threads * 8);
         chunk = (chunk + 3) & ~3;
         if (chunk < 16) chunk = 16;
-        mm_job j = {Y, X, W->p, W->bf16, n, out, chunk, (size_t)in, cpu_avx512()};
+        mm_job j = {Y, X, W->p, W->bf16, n, out, chunk, (size_t)in, eng__cpu_avx512()};
         eng__pool_run(pool, (out + chunk - 1) / chunk, mm_task, &j);
         return;
     }

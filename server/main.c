@@ -97,6 +97,16 @@ typedef struct {
     int print_ids, no_special, decode, special, json;
 } cli;
 
+/* "f32" -> 0, `low` -> 1; anything else is an error naming the flag. */
+static int parse_precision(const char *s, const char *low, const char *flag, int *out) {
+    if (strcmp(s, "f32") && strcmp(s, low)) {
+        fprintf(stderr, "kvserve: %s: f32 or %s (got \"%s\")\n", flag, low, s);
+        return -1;
+    }
+    *out = !strcmp(s, low);
+    return 0;
+}
+
 static int parse_num(const char *s, double lo, double hi, double *v, const char *flag) {
     char *end;
     errno = 0;
@@ -154,20 +164,8 @@ static int parse_args(int argc, char **argv, cli *c) {
         case O_THREADS: if (parse_num(optarg, 1, 256, &v, "--threads")) return -1; c->eo.n_threads = (int)v; break;
         case O_CTX: if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return -1; c->eo.max_context = (int)v; break;
         case O_BATCH: if (parse_num(optarg, 1, 65536, &v, "--batch")) return -1; c->eo.max_batch_tokens = (int)v; break;
-        case O_WEIGHTS:
-            if (strcmp(optarg, "f32") && strcmp(optarg, "bf16")) {
-                fprintf(stderr, "kvserve: --weights: f32 or bf16 (got \"%s\")\n", optarg);
-                return -1;
-            }
-            c->eo.bf16_weights = !strcmp(optarg, "bf16");
-            break;
-        case O_KV:
-            if (strcmp(optarg, "f32") && strcmp(optarg, "f16")) {
-                fprintf(stderr, "kvserve: --kv: f32 or f16 (got \"%s\")\n", optarg);
-                return -1;
-            }
-            c->eo.kv_f16 = !strcmp(optarg, "f16");
-            break;
+        case O_WEIGHTS: if (parse_precision(optarg, "bf16", "--weights", &c->eo.bf16_weights)) return -1; break;
+        case O_KV: if (parse_precision(optarg, "f16", "--kv", &c->eo.kv_f16)) return -1; break;
         case 'n': if (parse_num(optarg, -1e9, 1e9, &v, "--max-tokens")) return -1; c->gp.max_tokens = (int)v; break;
         case O_TEMP: if (parse_num(optarg, -1e9, 1e9, &v, "--temperature")) return -1; c->gp.sampling.temperature = (float)v; break;
         case O_TOPK: if (parse_num(optarg, -1e9, 1e9, &v, "--top-k")) return -1; c->gp.sampling.top_k = (int)v; break;
@@ -468,20 +466,8 @@ static int cmd_serve(int argc, char **argv) {
         case 'q': if (parse_num(optarg, 1, 1 << 20, &v, "--max-queue")) return 2; c.engine.max_queue = (int)v; break;
         case 'c': if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return 2; c.max_context = (int)v; break;
         case 'X': if (parse_num(optarg, 1, 4096, &v, "--batch-max")) return 2; c.batch_max = (int)v; break;
-        case 'w':
-            if (strcmp(optarg, "f32") && strcmp(optarg, "bf16")) {
-                fprintf(stderr, "kvserve: --weights: f32 or bf16 (got \"%s\")\n", optarg);
-                return 2;
-            }
-            c.bf16_weights = !strcmp(optarg, "bf16");
-            break;
-        case 'V':
-            if (strcmp(optarg, "f32") && strcmp(optarg, "f16")) {
-                fprintf(stderr, "kvserve: --kv: f32 or f16 (got \"%s\")\n", optarg);
-                return 2;
-            }
-            c.kv_f16 = !strcmp(optarg, "f16");
-            break;
+        case 'w': if (parse_precision(optarg, "bf16", "--weights", &c.bf16_weights)) return 2; break;
+        case 'V': if (parse_precision(optarg, "f16", "--kv", &c.kv_f16)) return 2; break;
         case 'W': if (parse_num(optarg, 0, 60000, &v, "--batch-window-ms")) return 2; c.batch_window_ms = (int)v; break;
         case 'Q': if (parse_num(optarg, 1, 1 << 20, &v, "--batch-queue")) return 2; c.batch_queue = (int)v; break;
         case 'h': fputs(USAGE, stdout); return 0;

@@ -1048,6 +1048,14 @@ static void start_generation(srv *s, pend *p) {
     }
 }
 
+/* The call left the batcher (it no longer counts as waiting there). */
+static void unpend(srv *s, call *c) {
+    pthread_mutex_lock(&s->mu);
+    c->pending = 0;
+    s->pending--;
+    pthread_mutex_unlock(&s->mu);
+}
+
 /* The batcher's dispatch: the window's prompt-cache lookups in two
  * pipelined Redis round trips, hits answered, the rest to the engine. */
 static void on_batch(void *ud, void **items, size_t n) {
@@ -1067,10 +1075,7 @@ static void on_batch(void *ud, void **items, size_t n) {
     for (size_t k = 0; k < m; k++) {
         pend *p = ps[which[k]];
         if (rcs[k] != KVC_OK) continue;
-        pthread_mutex_lock(&s->mu);
-        p->c->pending = 0;
-        s->pending--;
-        pthread_mutex_unlock(&s->mu);
+        unpend(s, p->c);
         answer_cached(p->c, p->streaming, &hits[k]);
         kvc_completion_free(&hits[k]);
         ps[which[k]] = NULL;
@@ -1089,10 +1094,7 @@ static void on_batch_drop(void *ud, void *item, int reason) {
     srv *s = ud;
     pend *p = item;
     call *c = p->c;
-    pthread_mutex_lock(&s->mu);
-    c->pending = 0;
-    s->pending--;
-    pthread_mutex_unlock(&s->mu);
+    unpend(s, c);
     pend_free(p);
     if (reason == KVC_DROP_EXPIRED) fail_call(c, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed while queued");
     else fail_call(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
