@@ -5,8 +5,8 @@
  *   per layer:  h = x + Wo · attn(rope(Wq·n1(x)), rope(Wk·n1(x)), Wv·n1(x))
  *               x = h + W2 · (silu(W1·n2(h)) ⊙ W3·n2(h))
  *   logits = Wlm · norm(x)
- * The matrix products run over all tokens of the batch at once (matmul.c:
- * OpenBLAS for many tokens, our kernel for few); attention reads K/V
+ * The matrix products run over all tokens of the batch at once (matmul.c,
+ * the same arithmetic per token at any batch size); attention reads K/V
  * straight from the sequence's KV blocks. Tokens of several sequences may share a batch. */
 #include "internal.h"
 
@@ -25,14 +25,17 @@ struct fwd_scratch {
     float *hb;     /* [T][2F] gate | up */
     float *hb2;    /* [T][F] silu(gate) * up */
     float *tmp;    /* [T][H] sublayer output */
+    float *xt;     /* [T][max(H, QD, F)] a matmul's input, packed (matmul.c) */
     float *scores; /* [threads][group][max_ctx] attention weights */
-    float *kc, *vc;  /* [max_ctx][hd]: one KV head's keys and values, contiguous (prefill runs) */
+    float *kc, *vc;  /* [nkv][max_ctx][hd]: each KV head's keys and values, contiguous (prefill runs) */
     float *rows;     /* [threads][hd]: an F16 K or V row as floats */
-    float *sm;       /* [max_tokens][max_ctx]: a prefill run's scores */
+    float *sm;       /* [threads][RB][max_ctx]: a block of a prefill run's scores */
     int *single;     /* [max_tokens]: rows attended token by token */
 };
 
 #define MAX_THREADS 64
+/* Rows per block of a prefill run's attention products. */
+#define RB 64
 
 fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
     fwd_scratch *s = calloc(1, sizeof *s);
@@ -48,13 +51,16 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
     s->hb = malloc((size_t)T * 2 * F * sizeof(float));
     s->hb2 = malloc((size_t)T * F * sizeof(float));
     s->tmp = malloc((size_t)T * H * sizeof(float));
+    size_t widest = H > QD ? H : QD;
+    s->xt = malloc((size_t)T * (widest > F ? widest : F) * sizeof(float));
     s->scores = malloc((size_t)MAX_THREADS * (size_t)(c->n_heads / c->n_kv_heads) * (size_t)max_ctx * sizeof(float));
-    s->kc = malloc((size_t)max_ctx * (size_t)c->head_dim * sizeof(float));
-    s->vc = malloc((size_t)max_ctx * (size_t)c->head_dim * sizeof(float));
-    s->sm = malloc((size_t)T * (size_t)max_ctx * sizeof(float)); /* virtual: touched up to the run's size */
+    size_t kvc = (size_t)c->n_kv_heads * (size_t)max_ctx * (size_t)c->head_dim;
+    s->kc = malloc(kvc * sizeof(float));
+    s->vc = malloc(kvc * sizeof(float));
+    s->sm = malloc((size_t)MAX_THREADS * RB * (size_t)max_ctx * sizeof(float)); /* virtual: touched as used */
     s->single = malloc((size_t)T * sizeof *s->single);
     s->rows = malloc((size_t)MAX_THREADS * (size_t)c->head_dim * sizeof(float));
-    if (!s->x || !s->xb || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->tmp || !s->scores || !s->kc || !s->vc ||
+    if (!s->x || !s->xb || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->tmp || !s->xt || !s->scores || !s->kc || !s->vc ||
         !s->sm || !s->single || !s->rows) {
         fwd_scratch_free(s);
         return NULL;
@@ -64,7 +70,7 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
 
 void fwd_scratch_free(fwd_scratch *s) {
     if (!s) return;
-    free(s->x); free(s->xb); free(s->qkv); free(s->att); free(s->hb); free(s->hb2); free(s->tmp); free(s->scores);
+    free(s->x); free(s->xb); free(s->qkv); free(s->att); free(s->hb); free(s->hb2); free(s->tmp); free(s->xt); free(s->scores);
     free(s->kc); free(s->vc); free(s->sm); free(s->single); free(s->rows);
     free(s);
 }
@@ -169,53 +175,68 @@ HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_t
 
 /* Runs shorter than this go token by token through attend(). */
 #define RUN_MIN 32
-/* Rows per block of a run's attention products. */
-#define RB 64
 
 /* Attention of a prefill run: m consecutive positions p0 .. p0+m-1 of one
- * sequence (rows i0.. of the batch), as matrix products: for each KV head,
- * its keys and values are gathered from the blocks into contiguous
- * [ctx][hd] copies, then per query head and block of RB rows S = Q·Kᵀ/√hd
- * (sgemm) over the positions the block can see, a causal softmax per row,
- * and O = S·V (sgemm). Within a block the masked corner is computed and
- * zeroed: a little more than the causal half of the FLOPs, at sgemm's rate
- * instead of one dot product at a time. */
-static void attend_run(const fwd_scratch *s, const kv_pool *kv, const kv_table *t, int layer, int i0, int p0, int m,
-                       int nkv, int group, int hd, int QD, int QKV) {
-    const int ctx = p0 + m, B = kv->block_tokens, kvd = kv->kv_dim;
-    const float scale = 1.0f / sqrtf((float)hd);
-    for (int h = 0; h < nkv; h++) {
-        for (int p = 0; p < ctx; p += B) {
-            int rows = p + B <= ctx ? B : ctx - p;
-            const void *K = kv_at(kv, kv_k(kv, t, layer, p), (size_t)h * hd),
-                       *V = kv_at(kv, kv_v(kv, t, layer, p), (size_t)h * hd);
-            for (int r = 0; r < rows; r++) {
-                kv_get(kv, kv_at(kv, K, (size_t)r * kvd), s->kc + (size_t)(p + r) * hd, hd);
-                kv_get(kv, kv_at(kv, V, (size_t)r * kvd), s->vc + (size_t)(p + r) * hd, hd);
-            }
-        }
-        for (int g = 0; g < group; g++) {
-            const int qh = h * group + g;
-            /* rows in blocks of RB: block [r0, r1) sees positions 0 .. p0 + r1 - 1, so the
-             * products skip the masked part beyond each block */
-            for (int r0 = 0; r0 < m; r0 += RB) {
-                const int r1 = r0 + RB < m ? r0 + RB : m, cb = p0 + r1, nr = r1 - r0;
-                const float *Q = s->qkv + (size_t)(i0 + r0) * QKV + (size_t)qh * hd;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr, cb, hd, scale, Q, QKV, s->kc, hd, 0.0f, s->sm,
-                            cb);
-                for (int r = 0; r < nr; r++) { /* row r0 + r sees positions 0 .. p0 + r0 + r */
-                    float *row = s->sm + (size_t)r * cb;
-                    int last = p0 + r0 + r;
-                    softmax(row, last + 1);
-                    for (int p = last + 1; p < cb; p++) row[p] = 0;
-                }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nr, hd, cb, 1.0f, s->sm, cb, s->vc, hd, 0.0f,
-                            s->att + (size_t)(i0 + r0) * QD + (size_t)qh * hd, QD);
-            }
+ * sequence (rows i0.. of the batch), as matrix products. First each KV
+ * head's keys and values are gathered from the blocks into contiguous
+ * [ctx][hd] copies (a task per KV head); then a task per query head and
+ * block of RB rows computes S = Q·Kᵀ/√hd (sgemm) over the positions the
+ * block can see, a causal softmax per row, and O = S·V (sgemm). Within a
+ * block the masked corner is computed and zeroed: a little more than the
+ * causal half of the FLOPs, at sgemm's rate instead of one dot product at a
+ * time. The tasks run on the engine's threads; OpenBLAS runs single-threaded
+ * inside each (eng_model_open). */
+typedef struct {
+    fwd_scratch *s;
+    const kv_pool *kv;
+    const kv_table *t;
+    int layer, i0, p0, m, group, hd, QD, QKV;
+} run_job;
+
+static void run_gather_task(void *ctx, int h, int thread) {
+    (void)thread;
+    const run_job *j = ctx;
+    const kv_pool *kv = j->kv;
+    const int ctxn = j->p0 + j->m, B = kv->block_tokens, hd = j->hd;
+    float *kc = j->s->kc + (size_t)h * j->s->max_ctx * hd, *vc = j->s->vc + (size_t)h * j->s->max_ctx * hd;
+    for (int p = 0; p < ctxn; p += B) {
+        int rows = p + B <= ctxn ? B : ctxn - p;
+        const void *K = kv_at(kv, kv_k(kv, j->t, j->layer, p), (size_t)h * hd),
+                   *V = kv_at(kv, kv_v(kv, j->t, j->layer, p), (size_t)h * hd);
+        for (int r = 0; r < rows; r++) {
+            kv_get(kv, kv_at(kv, K, (size_t)r * kv->kv_dim), kc + (size_t)(p + r) * hd, hd);
+            kv_get(kv, kv_at(kv, V, (size_t)r * kv->kv_dim), vc + (size_t)(p + r) * hd, hd);
         }
     }
 }
 
+static void run_attend_task(void *ctx, int task, int thread) {
+    const run_job *j = ctx;
+    const int blocks = (j->m + RB - 1) / RB, qh = task / blocks, r0 = task % blocks * RB, hd = j->hd;
+    const int h = qh / j->group, r1 = r0 + RB < j->m ? r0 + RB : j->m, cb = j->p0 + r1, nr = r1 - r0;
+    const float *kc = j->s->kc + (size_t)h * j->s->max_ctx * hd, *vc = j->s->vc + (size_t)h * j->s->max_ctx * hd;
+    float *sm = j->s->sm + (size_t)thread * RB * j->s->max_ctx;
+    /* rows [r0, r1) see positions 0 .. p0 + r1 - 1: the products skip the
+     * masked part beyond the block */
+    const float *Q = j->s->qkv + (size_t)(j->i0 + r0) * j->QKV + (size_t)qh * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr, cb, hd, 1.0f / sqrtf((float)hd), Q, j->QKV, kc, hd, 0.0f,
+                sm, cb);
+    for (int r = 0; r < nr; r++) { /* row r0 + r sees positions 0 .. p0 + r0 + r */
+        float *row = sm + (size_t)r * cb;
+        int last = j->p0 + r0 + r;
+        softmax(row, last + 1);
+        for (int p = last + 1; p < cb; p++) row[p] = 0;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nr, hd, cb, 1.0f, sm, cb, vc, hd, 0.0f,
+                j->s->att + (size_t)(j->i0 + r0) * j->QD + (size_t)qh * hd, j->QD);
+}
+
+static void attend_run(fwd_scratch *s, const kv_pool *kv, const kv_table *t, int layer, int i0, int p0, int m,
+                       int nkv, int group, int hd, int QD, int QKV, eng__pool *pool) {
+    run_job j = {s, kv, t, layer, i0, p0, m, group, hd, QD, QKV};
+    eng__pool_run(pool, nkv, run_gather_task, &j);
+    eng__pool_run(pool, nkv * group * ((m + RB - 1) / RB), run_attend_task, &j);
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -309,11 +330,74 @@ static void att_task(void *ctx, int task, int thread) {
            j->b->pos[i], g, j->hd, j->group, j->s->max_ctx, sc, j->s->rows + (size_t)thread * j->hd);
 }
 
+/* The element-wise steps between the matrix products, a task per slice of
+ * rows (each row's arithmetic is the same whoever computes it). */
+enum { ROW_NORM_ATTN, ROW_ROPE_STORE, ROW_RESID_NORM_FFN, ROW_SILU, ROW_RESID };
+typedef struct {
+    const eng_config *c;
+    const eng__layer *L;
+    const kv_pool *kv;
+    fwd_scratch *s;
+    const float *rope_t;
+    const fwd_batch *b;
+    int op, layer, n, per;
+} rows_job;
+
+static void rows_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const rows_job *j = ctx;
+    const eng_config *c = j->c;
+    fwd_scratch *s = j->s;
+    const int H = c->hidden_size, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads, F = c->intermediate_size;
+    const int QD = nh * hd, KD = nkv * hd, QKV = QD + 2 * KD, half = hd / 2;
+    const int i0 = task * j->per, i1 = i0 + j->per < j->n ? i0 + j->per : j->n;
+    for (int i = i0; i < i1; i++) {
+        float *x = s->x + (size_t)i * H, *xb = s->xb + (size_t)i * H, *tmp = s->tmp + (size_t)i * H;
+        switch (j->op) {
+        case ROW_NORM_ATTN:
+            rmsnorm(xb, x, j->L->attn_norm, H, c->rms_eps);
+            break;
+        case ROW_ROPE_STORE: { /* RoPE on q and k, then k and v into the sequence's blocks */
+            float *q = s->qkv + (size_t)i * QKV, *k = q + QD, *v = k + KD;
+            const float *cs = j->rope_t + (size_t)j->b->pos[i] * half * 2;
+            for (int h = 0; h < nh; h++) rope(q + h * hd, cs, hd);
+            for (int h = 0; h < nkv; h++) rope(k + h * hd, cs, hd);
+            const kv_table *t = &j->b->tables[j->b->seq[i]];
+            kv_put(j->kv, kv_k(j->kv, t, j->layer, j->b->pos[i]), k, KD);
+            kv_put(j->kv, kv_v(j->kv, t, j->layer, j->b->pos[i]), v, KD);
+            break;
+        }
+        case ROW_RESID_NORM_FFN:
+            for (int d = 0; d < H; d++) x[d] += tmp[d];
+            rmsnorm(xb, x, j->L->ffn_norm, H, c->rms_eps);
+            break;
+        case ROW_SILU: {
+            const float *g = s->hb + (size_t)i * 2 * F, *u = g + F;
+            float *o = s->hb2 + (size_t)i * F;
+            for (int d = 0; d < F; d++) o[d] = g[d] / (1.0f + expf(-g[d])) * u[d];
+            break;
+        }
+        case ROW_RESID:
+            for (int d = 0; d < H; d++) x[d] += tmp[d];
+            break;
+        }
+    }
+}
+
+/* Rows on the engine's threads when there are enough of them to pay for the
+ * hand-off (a few microseconds). */
+static void rows_run(rows_job *j, int op, eng__pool *pool) {
+    int threads = eng__pool_threads(pool), tasks = j->n >= 4 ? threads * 2 : 1;
+    j->op = op;
+    j->per = (j->n + tasks - 1) / tasks;
+    eng__pool_run(j->n >= 4 ? pool : NULL, (j->n + j->per - 1) / j->per, rows_task, j);
+}
+
 void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_scratch *s, const float *rope_t,
              eng__pool *pool, const fwd_batch *b) {
     const int H = c->hidden_size, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     const int QD = nh * hd, KD = nkv * hd, QKV = QD + 2 * KD, F = c->intermediate_size, V = c->vocab_size;
-    const int n = b->n, half = hd / 2, group = nh / nkv;
+    const int n = b->n, group = nh / nkv;
 
     long att_work = 0; /* multiply-adds of attention per layer */
     for (int i = 0; i < n; i++) att_work += (long)(b->pos[i] + 1) * nh * hd;
@@ -321,19 +405,10 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
 
     for (int l = 0; l < c->n_layers; l++) {
         const eng__layer *L = &w->layers[l];
-        for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * H, s->x + (size_t)i * H, L->attn_norm, H, c->rms_eps);
-        eng__matmul(s->qkv, s->xb, &L->wqkv, n, H, QKV, pool);
-
-        /* RoPE on q and k, then store k and v in the sequence's blocks. */
-        for (int i = 0; i < n; i++) {
-            float *q = s->qkv + (size_t)i * QKV, *k = q + QD, *v = k + KD;
-            const float *cs = rope_t + (size_t)b->pos[i] * half * 2;
-            for (int h = 0; h < nh; h++) rope(q + h * hd, cs, hd);
-            for (int h = 0; h < nkv; h++) rope(k + h * hd, cs, hd);
-            const kv_table *t = &b->tables[b->seq[i]];
-            kv_put(kv, kv_k(kv, t, l, b->pos[i]), k, KD);
-            kv_put(kv, kv_v(kv, t, l, b->pos[i]), v, KD);
-        }
+        rows_job rj = {c, L, kv, s, rope_t, b, 0, l, n, 0};
+        rows_run(&rj, ROW_NORM_ATTN, pool);
+        eng__matmul(s->qkv, s->xb, &L->wqkv, n, H, QKV, s->xt, pool);
+        rows_run(&rj, ROW_ROPE_STORE, pool);
 
         /* attention: long runs of one sequence (prefill) as matrix
          * products; the other tokens one by one, every (token, KV head)
@@ -343,7 +418,7 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
             int j = i + 1;
             while (j < n && b->seq[j] == b->seq[i] && b->pos[j] == b->pos[j - 1] + 1) j++;
             if (j - i >= RUN_MIN) {
-                attend_run(s, kv, &b->tables[b->seq[i]], l, i, b->pos[i], j - i, nkv, group, hd, QD, QKV);
+                attend_run(s, kv, &b->tables[b->seq[i]], l, i, b->pos[i], j - i, nkv, group, hd, QD, QKV, pool);
             } else {
                 for (int k = i; k < j; k++) s->single[n_single++] = k;
             }
@@ -351,22 +426,16 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
         }
         att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV};
         eng__pool_run(att_work > 262144 ? pool : NULL, n_single * nkv, att_task, &job);
-        eng__matmul(s->tmp, s->att, &L->wo, n, QD, H, pool);
-        for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
-
-        for (int i = 0; i < n; i++) rmsnorm(s->xb + (size_t)i * H, s->x + (size_t)i * H, L->ffn_norm, H, c->rms_eps);
-        eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, pool);
-        for (int i = 0; i < n; i++) {
-            const float *g = s->hb + (size_t)i * 2 * F, *u = g + F;
-            float *o = s->hb2 + (size_t)i * F;
-            for (int j = 0; j < F; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-        }
-        eng__matmul(s->tmp, s->hb2, &L->w2, n, F, H, pool);
-        for (size_t j = 0; j < (size_t)n * H; j++) s->x[j] += s->tmp[j];
+        eng__matmul(s->tmp, s->att, &L->wo, n, QD, H, s->xt, pool);
+        rows_run(&rj, ROW_RESID_NORM_FFN, pool);
+        eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, s->xt, pool);
+        rows_run(&rj, ROW_SILU, pool);
+        eng__matmul(s->tmp, s->hb2, &L->w2, n, F, H, s->xt, pool);
+        rows_run(&rj, ROW_RESID, pool);
     }
 
     if (b->n_out <= 0) return;
     for (int r = 0; r < b->n_out; r++)
         rmsnorm(s->xb + (size_t)r * H, s->x + (size_t)b->out_rows[r] * H, w->norm, H, c->rms_eps);
-    eng__matmul(b->logits, s->xb, &w->lm_head, b->n_out, H, V, pool);
+    eng__matmul(b->logits, s->xb, &w->lm_head, b->n_out, H, V, s->xt, pool);
 }

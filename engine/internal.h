@@ -72,13 +72,19 @@ const st_tensor *st_find(const st_file *f, const char *name);
 void st_to_f32(enum st_dtype dt, const uint8_t *src, float *dst, size_t n);
 
 /* ---- weights ----------------------------------------------------------- */
-/* A weight matrix, row-major [out][in]: F32 as loaded, or BF16 when the
- * model was opened with bf16 weights (converted after loading). */
+/* A weight matrix of out rows by in columns, packed in panels of 16 rows
+ * (matmul.c): F32 as loaded, or BF16 when the model was opened with bf16
+ * weights (converted after packing). eng__mat_elems(out, in) elements. */
 typedef struct {
     void *p;
     int bf16;
 } eng__mat;
 static inline float *eng__f32(const eng__mat *m) { return (float *)m->p; } /* while loading: always F32 */
+/* Elements of a packed out x in matrix (out rounded up to whole panels). */
+size_t eng__mat_elems(int out, int in);
+/* Pack a row-major F32 matrix (allocated with eng__mat_elems elements, the
+ * first out * in set) into panels, in place. */
+int eng__mat_pack(eng__mat *m, int out, int in);
 
 typedef struct {
     float *attn_norm;  /* [H] */
@@ -100,14 +106,16 @@ typedef struct {
 /* Convert every matrix to BF16 (round to nearest even); frees the F32. */
 int eng__weights_to_bf16(eng__weights *w, const eng_config *c);
 
-/* Y[n][out] = X[n][in] · Wᵀ: our kernel for few rows or BF16, else OpenBLAS. */
+/* Y[n][out] = X[n][in] · Wᵀ with our kernel; xt: workspace of n * in
+ * floats. Each output is the same arithmetic whatever n (batch invariant). */
 typedef struct eng__pool eng__pool;
-void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, eng__pool *pool);
+void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool);
 /* The CPU has the AVX-512 subsets our kernels use (F, BW, VL), and
  * KVSERVE_NO_AVX512 is not set. */
 int eng__cpu_avx512(void);
-/* Whether n rows of W go to our kernel (whose results do not depend on n). */
-int eng__matmul_own(const eng__mat *W, int n);
+/* Force the matmul kernel's instruction set (tests); -1: the best there is. */
+enum { ENG__ISA_SCALAR, ENG__ISA_AVX2, ENG__ISA_AVX512 };
+void eng__matmul_isa(int isa);
 /* Row r of a matrix as F32. */
 void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst);
 

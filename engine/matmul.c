@@ -1,19 +1,32 @@
-/* matmul.c — Y = X · Wᵀ for the forward pass.
+/* matmul.c — Y = X · Wᵀ for the forward pass, on weights packed in panels.
  *
- * Large batches (prefill) go to OpenBLAS sgemm. Small ones (decode: 1 to
- * SMALL_MAX rows) go to our own kernel, because they are bound by reading W
- * and OpenBLAS sgemm reads W at well under the machine's bandwidth for few
- * rows: the kernel streams each weight row once for all rows of the batch,
- * 4 weight rows × 4 batch rows per tile, 16 accumulators in AVX-512
- * registers. Weights are F32 or BF16 (widened to F32 on load: products and
- * sums stay F32).
+ * Layout. A matrix of `out` rows by `in` columns is held in panels of
+ * PANEL = 16 rows: panel p holds, for k = 0 .. in-1, the 16 weights
+ * W[16p .. 16p+15][k] next to each other (one 64-byte line in F32, half a
+ * line in BF16), so a panel is one contiguous stream of `in` short rows. The
+ * rows past `out` in the last panel are zero. Panel p occupies the same
+ * bytes as rows 16p .. 16p+15 of the row-major matrix, so packing is done in
+ * place, a panel at a time (eng__mat_pack).
  *
- * Every output element is the same sequence of operations whatever the
- * number of rows, the tile it falls in, or the thread that computes it: a
- * token's logits do not depend on what else is in the batch. */
+ * Kernel (an outer product). For one panel and a group of up to G rows of
+ * X, G accumulators of 16 outputs each; at every k, the panel's row k (one
+ * vector) times x[r][k] (broadcast) is added into accumulator r. Every
+ * weight is read once from memory for all rows of the batch, the
+ * accumulators never leave the registers, and nothing is reduced across
+ * lanes. Rows of X are packed first as [k][r] per group, so the broadcasts
+ * read one line per k. Decode (1-16 rows) is bound by reading W; bigger
+ * batches and prefill by the multiply-adds.
+ *
+ * Order of the arithmetic. Each output is an FMA chain over k in order,
+ * restarted at every KB-th k, and the chains' partial sums are added into Y
+ * in order (Y = p0, Y += p1, ...). That bounds the rounding error like a
+ * blocked sum (KB + in/KB roundings instead of in). The sequence is the same
+ * whatever the number of rows, the group a row falls in, the thread, or the
+ * instruction set (AVX-512, AVX2, scalar): a token's logits do not depend on
+ * what else is in the batch, and the three paths agree bitwise. */
 #include "internal.h"
 
-#include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,7 +35,9 @@
 #define HAVE_X86 1
 #endif
 
-#define SMALL_MAX 32 /* rows up to which the own kernel beats sgemm (bench_batch) */
+#define PANEL 16
+#define KB 64          /* k-block: an FMA chain's length before its sum goes to Y */
+#define PF_AHEAD 4096  /* bytes of the panel stream prefetched ahead of the loads */
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -31,142 +46,166 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-#ifdef HAVE_X86
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+size_t eng__mat_elems(int out, int in) { return (size_t)(out + PANEL - 1) / PANEL * PANEL * (size_t)in; }
 
-/* Loads of 16 weights at k under mask m, as F32. */
-#define LOAD_F32(w, k, m) _mm512_maskz_loadu_ps(m, (const float *)(w) + (k))
-#define LOAD_BF16(w, k, m) \
-    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(w) + (k))), 16))
-#define MASK(in, k) ((in) - (k) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ((in) - (k))) - 1))
-#define X(c) _mm512_maskz_loadu_ps(m, x + (size_t)(c) * ldx + k)
-#define FMA(a, w, x) a = _mm512_fmadd_ps(w, x, a)
-#define OUT(c, r, a) y[(size_t)(c) * ldy + (r)] = _mm512_reduce_add_ps(a)
-
-/* The 4 weight rows of a tile are contiguous, and the next tile follows
- * them: each k step prefetches the bytes at the same offset in the next
- * tile (one tile ahead). Rows are short (1-5 KB), too short for the
- * hardware's stream prefetcher to get going on each. */
-#define PREFETCH(ESZ)                                                                                        \
-    for (int q = 0; q < 16 * 4 * (ESZ) / 64; q++)                                                            \
-        _mm_prefetch((const char *)w0 + 4 * in * (ESZ) + k * 4 * (ESZ) + q * 64, _MM_HINT_T0);
-
-/* One k step of 16 lanes under mask m (all ones but in the tail). */
-#define STEP44(LOAD)                                                                                         \
-    __m512 v0 = LOAD(w0, k, m), v1 = LOAD(w1, k, m), v2 = LOAD(w2, k, m), v3 = LOAD(w3, k, m), xv;           \
-    xv = X(0); FMA(a00, v0, xv); FMA(a01, v1, xv); FMA(a02, v2, xv); FMA(a03, v3, xv);                      \
-    xv = X(1); FMA(a10, v0, xv); FMA(a11, v1, xv); FMA(a12, v2, xv); FMA(a13, v3, xv);                      \
-    xv = X(2); FMA(a20, v0, xv); FMA(a21, v1, xv); FMA(a22, v2, xv); FMA(a23, v3, xv);                      \
-    xv = X(3); FMA(a30, v0, xv); FMA(a31, v1, xv); FMA(a32, v2, xv); FMA(a33, v3, xv);
-#define STEP41(LOAD)                                                                                         \
-    __m512 xv = X(0);                                                                                        \
-    FMA(a0, LOAD(w0, k, m), xv); FMA(a1, LOAD(w1, k, m), xv); FMA(a2, LOAD(w2, k, m), xv); FMA(a3, LOAD(w3, k, m), xv);
-
-/* The three tile shapes, written out so that every accumulator stays in a
- * register: 4 weight rows × 4 batch rows, 4 × 1, and 1 × 1. Each output is
- * one accumulator over k in order, reduced once: the same arithmetic in
- * every shape. */
-#define KERNELS(SUF, LOAD)                                                                                   \
-    AVX512 static void t44_##SUF(float *y, size_t ldy, const float *x, size_t ldx, const void *w, size_t in) { \
-        const void *w0 = w, *w1 = (const char *)w + in * ESZ_##SUF, *w2 = (const char *)w + 2 * in * ESZ_##SUF, \
-                   *w3 = (const char *)w + 3 * in * ESZ_##SUF;                                               \
-        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,  \
-               a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00; \
-        size_t k = 0;                                                                                        \
-        for (; k + 16 <= in; k += 16) { const __mmask16 m = 0xFFFF; PREFETCH(ESZ_##SUF) STEP44(LOAD) }       \
-        if (k < in) { const __mmask16 m = MASK(in, k); STEP44(LOAD) }                                        \
-        OUT(0, 0, a00); OUT(0, 1, a01); OUT(0, 2, a02); OUT(0, 3, a03);                                      \
-        OUT(1, 0, a10); OUT(1, 1, a11); OUT(1, 2, a12); OUT(1, 3, a13);                                      \
-        OUT(2, 0, a20); OUT(2, 1, a21); OUT(2, 2, a22); OUT(2, 3, a23);                                      \
-        OUT(3, 0, a30); OUT(3, 1, a31); OUT(3, 2, a32); OUT(3, 3, a33);                                      \
-    }                                                                                                        \
-    AVX512 static void t41_##SUF(float *y, size_t ldy, const float *x, size_t ldx, const void *w, size_t in) { \
-        const void *w0 = w, *w1 = (const char *)w + in * ESZ_##SUF, *w2 = (const char *)w + 2 * in * ESZ_##SUF, \
-                   *w3 = (const char *)w + 3 * in * ESZ_##SUF;                                               \
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                          \
-        size_t k = 0;                                                                                        \
-        for (; k + 16 <= in; k += 16) { const __mmask16 m = 0xFFFF; PREFETCH(ESZ_##SUF) STEP41(LOAD) }       \
-        if (k < in) { const __mmask16 m = MASK(in, k); STEP41(LOAD) }                                        \
-        (void)ldx;                                                                                           \
-        OUT(0, 0, a0); OUT(0, 1, a1); OUT(0, 2, a2); OUT(0, 3, a3);                                          \
-    }                                                                                                        \
-    AVX512 static void t11_##SUF(float *y, size_t ldy, const float *x, size_t ldx, const void *w, size_t in) { \
-        __m512 a = _mm512_setzero_ps();                                                                      \
-        size_t k = 0;                                                                                        \
-        for (; k + 16 <= in; k += 16) { const __mmask16 m = 0xFFFF; FMA(a, LOAD(w, k, m), X(0)); }           \
-        if (k < in) { const __mmask16 m = MASK(in, k); FMA(a, LOAD(w, k, m), X(0)); }                        \
-        (void)ldx;                                                                                           \
-        OUT(0, 0, a);                                                                                        \
+int eng__mat_pack(eng__mat *m, int out, int in) {
+    size_t panel = (size_t)PANEL * in;
+    float *tmp = malloc(panel * sizeof *tmp), *w = m->p;
+    if (!tmp) return ENG_ENOMEM;
+    memset(w + (size_t)out * in, 0, (eng__mat_elems(out, in) - (size_t)out * in) * sizeof *w);
+    for (size_t p = 0; p < eng__mat_elems(out, in) / panel; p++) {
+        float *src = w + p * panel;
+        memcpy(tmp, src, panel * sizeof *tmp);
+        for (int r = 0; r < PANEL; r++)
+            for (int k = 0; k < in; k++) src[(size_t)k * PANEL + r] = tmp[(size_t)r * in + k];
     }
-#define ESZ_f32 4
-#define ESZ_bf16 2
-KERNELS(f32, LOAD_F32)
-KERNELS(bf16, LOAD_BF16)
+    free(tmp);
+    return ENG_OK;
+}
 
-typedef void (*tile_fn)(float *, size_t, const float *, size_t, const void *, size_t);
-
-/* Output columns [o0, o1) for all n rows. Weight rows go in blocks of WB:
- * a block stays in L1 while every group of 4 batch rows passes over it, and
- * each group of batch rows is reused for the WB/4 tiles of the block. */
-#define WB 8
-AVX512 static void cols_avx512(float *Y, const float *X, const void *W, int bf16, int n, size_t in, int out, int o0,
-                               int o1) {
-    tile_fn f44 = bf16 ? t44_bf16 : t44_f32, f41 = bf16 ? t41_bf16 : t41_f32, f11 = bf16 ? t11_bf16 : t11_f32;
-    size_t esz = bf16 ? 2 : 4, ldy = (size_t)out;
-    for (int ob = o0; ob < o1; ob += WB) {
-        int oe = ob + WB < o1 ? ob + WB : o1, full = ob + (oe - ob) / 4 * 4;
-        int i = 0;
-        for (; i + 4 <= n; i += 4)
-            for (int o = ob; o < full; o += 4)
-                f44(Y + (size_t)i * ldy + o, ldy, X + (size_t)i * in, in, (const char *)W + (size_t)o * in * esz, in);
-        for (; i < n; i++)
-            for (int o = ob; o < full; o += 4)
-                f41(Y + (size_t)i * ldy + o, ldy, X + (size_t)i * in, in, (const char *)W + (size_t)o * in * esz, in);
-        for (i = 0; i < n; i++) /* fewer than 4 rows left at the end of the range */
-            for (int r = full; r < oe; r++)
-                f11(Y + (size_t)i * ldy + r, ldy, X + (size_t)i * in, in, (const char *)W + (size_t)r * in * esz, in);
+void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
+    size_t base = r / PANEL * PANEL * (size_t)in + r % PANEL;
+    for (int k = 0; k < in; k++) {
+        size_t i = base + (size_t)k * PANEL;
+        dst[k] = W->bf16 ? bf16_to_f32(((const uint16_t *)W->p)[i]) : ((const float *)W->p)[i];
     }
 }
-#endif
 
-/* Portable kernel: the same per-element order on CPUs without AVX-512
- * (16 partial sums per element, combined at the end). */
-static void cols_generic(float *Y, const float *X, const void *W, int bf16, int n, size_t in, int out, int o0,
-                         int o1) {
-    for (int o = o0; o < o1; o++) {
-        const float *wf = (const float *)W + (size_t)o * in;
-        const uint16_t *wh = (const uint16_t *)W + (size_t)o * in;
-        for (int i = 0; i < n; i++) {
-            const float *x = X + (size_t)i * in;
-            float part[16] = {0};
-            for (size_t k = 0; k < in; k++) part[k % 16] += (bf16 ? bf16_to_f32(wh[k]) : wf[k]) * x[k];
-            float s = 0;
-            for (int l = 0; l < 16; l++) s += part[l];
-            Y[(size_t)i * out + o] = s;
+/* ---- kernels --------------------------------------------------------------
+ * One call: panel w (in rows of 16), a group of R packed rows xt[k][R], the
+ * outputs y[r * ldy + 0 .. valid-1]. pf: where to prefetch from, advancing
+ * with k (ahead in the stream on a panel's first pass, else the line just
+ * loaded). */
+
+/* Scalar: the portable path and the definition of the order. */
+static void panel_scalar(float *y, size_t ldy, const void *w, int bf16, const float *xt, int R, size_t kb, size_t ke,
+                         int valid, const char *pf) {
+    (void)pf;
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < valid; j++) {
+            for (size_t k0 = kb; k0 < ke; k0 += KB) {
+                size_t k1 = k0 + KB < ke ? k0 + KB : ke;
+                float a = 0;
+                for (size_t k = k0; k < k1; k++) {
+                    size_t i = k * PANEL + (size_t)j;
+                    float wv = bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+                    a = fmaf(wv, xt[k * (size_t)R + (size_t)r], a);
+                }
+                y[(size_t)r * ldy + (size_t)j] = k0 ? y[(size_t)r * ldy + (size_t)j] + a : a;
+            }
+        }
+}
+
+#ifdef HAVE_X86
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* AVX-512: one vector per panel row, up to 16 rows (16 accumulators). */
+#define G512 16
+AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const float *xt, const int R, size_t kb,
+                            size_t ke, int valid, const char *pf) {
+    const __mmask16 vm = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+    const size_t rb = bf16 ? 32 : 64; /* bytes per panel row */
+    __m512 acc[G512];
+    for (size_t k0 = kb; k0 < ke; k0 += KB) {
+        size_t k1 = k0 + KB < ke ? k0 + KB : ke;
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+        for (size_t k = k0; k < k1; k++) {
+            __m512 wv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k * PANEL))), 16))
+                             : _mm512_loadu_ps((const float *)w + k * PANEL);
+            _mm_prefetch(pf + k * rb, _MM_HINT_T0);
+            const float *x = xt + k * (size_t)R;
+#pragma GCC unroll 16
+            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r]), acc[r]);
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) {
+            float *yr = y + (size_t)r * ldy;
+            __m512 v = k0 ? _mm512_add_ps(_mm512_maskz_loadu_ps(vm, yr), acc[r]) : acc[r];
+            _mm512_mask_storeu_ps(yr, vm, v);
         }
     }
 }
 
-typedef struct {
-    float *Y;
-    const float *X;
-    const void *W;
-    int bf16, n, out, chunk;
-    size_t in;
-    int avx512;
-} mm_job;
-
-static void mm_task(void *ctx, int task, int thread) {
-    (void)thread;
-    const mm_job *j = ctx;
-    int o0 = task * j->chunk, o1 = o0 + j->chunk < j->out ? o0 + j->chunk : j->out;
-#ifdef HAVE_X86
-    if (j->avx512) {
-        cols_avx512(j->Y, j->X, j->W, j->bf16, j->n, j->in, j->out, o0, o1);
-        return;
+/* AVX2: two vectors per panel row, up to 6 rows (12 accumulators). */
+#define G256 6
+AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const float *xt, const int R, size_t kb,
+                          size_t ke, int valid, const char *pf) {
+    const size_t rb = bf16 ? 32 : 64;
+    __m256 lo[G256], hi[G256];
+    for (size_t k0 = kb; k0 < ke; k0 += KB) {
+        size_t k1 = k0 + KB < ke ? k0 + KB : ke;
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+        for (size_t k = k0; k < k1; k++) {
+            __m256 wl, wh;
+            if (bf16) {
+                __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k * PANEL));
+                wl = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+                wh = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+            } else {
+                wl = _mm256_loadu_ps((const float *)w + k * PANEL);
+                wh = _mm256_loadu_ps((const float *)w + k * PANEL + 8);
+            }
+            _mm_prefetch(pf + k * rb, _MM_HINT_T0);
+            const float *x = xt + k * (size_t)R;
+#pragma GCC unroll 6
+            for (int r = 0; r < R; r++) {
+                __m256 b = _mm256_broadcast_ss(x + r);
+                lo[r] = _mm256_fmadd_ps(wl, b, lo[r]);
+                hi[r] = _mm256_fmadd_ps(wh, b, hi[r]);
+            }
+        }
+        /* the stores go through memory lane by lane at the panel's edge */
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            float *yr = y + (size_t)r * ldy, t[16];
+            _mm256_storeu_ps(t, lo[r]);
+            _mm256_storeu_ps(t + 8, hi[r]);
+            if (valid == 16 && k0) {
+                _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), lo[r]));
+                _mm256_storeu_ps(yr + 8, _mm256_add_ps(_mm256_loadu_ps(yr + 8), hi[r]));
+            } else if (valid == 16) {
+                _mm256_storeu_ps(yr, lo[r]);
+                _mm256_storeu_ps(yr + 8, hi[r]);
+            } else {
+                for (int j = 0; j < valid; j++) yr[j] = k0 ? yr[j] + t[j] : t[j];
+            }
+        }
     }
+}
+
+/* One function per group size, so that every loop over r is unrolled and
+ * the accumulators are registers. */
+typedef void (*panel_fn)(float *, size_t, const void *, int, const float *, int, size_t, size_t, int, const char *);
+#define DEF512(R) \
+    AVX512 static void p512_##R(float *y, size_t ldy, const void *w, int bf16, const float *xt, int r_, size_t kb, \
+                                size_t ke, int valid, const char *pf) {                                         \
+        (void)r_;                                                                                               \
+        if (bf16) panel512(y, ldy, w, 1, xt, R, kb, ke, valid, pf);                                             \
+        else panel512(y, ldy, w, 0, xt, R, kb, ke, valid, pf);                                                  \
+    }
+#define DEF256(R) \
+    AVX2 static void p256_##R(float *y, size_t ldy, const void *w, int bf16, const float *xt, int r_, size_t kb, \
+                              size_t ke, int valid, const char *pf) {                                         \
+        (void)r_;                                                                                             \
+        if (bf16) panel256(y, ldy, w, 1, xt, R, kb, ke, valid, pf);                                           \
+        else panel256(y, ldy, w, 0, xt, R, kb, ke, valid, pf);                                                \
+    }
+DEF512(1) DEF512(2) DEF512(3) DEF512(4) DEF512(5) DEF512(6) DEF512(7) DEF512(8)
+DEF512(9) DEF512(10) DEF512(11) DEF512(12) DEF512(13) DEF512(14) DEF512(15) DEF512(16)
+DEF256(1) DEF256(2) DEF256(3) DEF256(4) DEF256(5) DEF256(6)
+static const panel_fn K512[G512 + 1] = {NULL, p512_1, p512_2, p512_3, p512_4, p512_5, p512_6, p512_7, p512_8,
+                                        p512_9, p512_10, p512_11, p512_12, p512_13, p512_14, p512_15, p512_16};
+static const panel_fn K256[G256 + 1] = {NULL, p256_1, p256_2, p256_3, p256_4, p256_5, p256_6};
 #endif
-    cols_generic(j->Y, j->X, j->W, j->bf16, j->n, j->in, j->out, o0, o1);
+
+static void scalar_fn(float *y, size_t ldy, const void *w, int bf16, const float *xt, int R, size_t kb, size_t ke,
+                      int valid, const char *pf) {
+    panel_scalar(y, ldy, w, bf16, xt, R, kb, ke, valid, pf);
 }
 
 int eng__cpu_avx512(void) {
@@ -180,53 +219,90 @@ int eng__cpu_avx512(void) {
 #endif
 }
 
-void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
-    if (!W->bf16) {
-        memcpy(dst, (const float *)W->p + r * (size_t)in, (size_t)in * sizeof *dst);
-        return;
-    }
-    st_to_f32(ST_BF16, (const uint8_t *)W->p + r * (size_t)in * 2, dst, (size_t)in);
+static int isa_forced = -1;
+void eng__matmul_isa(int isa) { isa_forced = isa; }
+
+static int isa_best(void) {
+    if (isa_forced >= 0) return isa_forced;
+#ifdef HAVE_X86
+    if (eng__cpu_avx512()) return ENG__ISA_AVX512;
+    static int avx2 = -1;
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2) return ENG__ISA_AVX2;
+#endif
+    return ENG__ISA_SCALAR;
 }
 
-/* BF16 weights and many rows: widen a slab of weight rows to F32, then
- * sgemm on it (the conversion is paid once per slab for all rows). */
-enum { SLAB = 256 };
+/* ---- driver ---------------------------------------------------------------- */
+typedef struct {
+    float *Y;
+    const float *X;
+    float *xt;
+    const void *W;
+    int bf16, isa, n, G, in, out, chunk; /* chunk: panels per task */
+} mm_job;
 
-static void matmul_bf16_sgemm(float *Y, const float *X, const eng__mat *W, int n, int in, int out) {
-    float *slab = malloc((size_t)SLAB * (size_t)in * sizeof *slab);
-    if (!slab) { /* no memory for the slab: the kernel, slower but exact */
-        mm_job j = {Y, X, W->p, 1, n, out, out, (size_t)in, eng__cpu_avx512()};
-        mm_task(&j, 0, 0);
-        return;
-    }
-    for (int o = 0; o < out; o += SLAB) {
-        int m = out - o < SLAB ? out - o : SLAB;
-        for (int r = 0; r < m; r++) eng__mat_row(W, (size_t)(o + r), in, slab + (size_t)r * in);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, in, 1.0f, X, in, slab, in, 0.0f, Y + o, out);
-    }
-    free(slab);
+static panel_fn kernel_for(int isa, int R) {
+#ifdef HAVE_X86
+    if (isa == ENG__ISA_AVX512) return K512[R];
+    if (isa == ENG__ISA_AVX2) return K256[R];
+#endif
+    (void)isa; (void)R;
+    return scalar_fn;
 }
 
-int eng__matmul_own(const eng__mat *W, int n) { return n <= SMALL_MAX && (W->bf16 || eng__cpu_avx512()); }
+/* Pack rows [g*G, g*G + R) of X as [k][R]. */
+static void pack_task(void *ctx, int g, int thread) {
+    (void)thread;
+    const mm_job *j = ctx;
+    int r0 = g * j->G, R = j->n - r0 < j->G ? j->n - r0 : j->G;
+    const float *x = j->X + (size_t)r0 * j->in;
+    float *t = j->xt + (size_t)r0 * j->in;
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < j->in; k++) t[(size_t)k * R + r] = x[(size_t)r * j->in + k];
+}
 
-void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, eng__pool *pool) {
-    if (W->bf16 && n > SMALL_MAX) {
-        matmul_bf16_sgemm(Y, X, W, n, in, out);
-        return;
+/* Panels [task * chunk, +chunk) for every group of rows. One group (decode):
+ * each panel in one pass, prefetching ahead in the stream of panels. More
+ * (prefill): each panel in slices of KC columns, every group passing over
+ * a slice while it is in L1; the slice of all groups' packed rows (n * KC
+ * floats) stays in L2 for the next panel. The k-blocks of an output still
+ * reach Y in order, so the arithmetic is that of one pass. */
+#define KC 256
+static void mm_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const mm_job *j = ctx;
+    int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
+    size_t esz = j->bf16 ? 2 : 4, pbytes = (size_t)PANEL * j->in * esz, in = (size_t)j->in;
+    for (int p = task * j->chunk; p < p1; p++) {
+        const char *w = (const char *)j->W + (size_t)p * pbytes;
+        int valid = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
+        float *y = j->Y + (size_t)p * PANEL;
+        if (j->n <= j->G) {
+            kernel_for(j->isa, j->n)(y, (size_t)j->out, w, j->bf16, j->xt, j->n, 0, in, valid, w + PF_AHEAD);
+            continue;
+        }
+        for (size_t k0 = 0; k0 < in; k0 += KC) {
+            size_t k1 = k0 + KC < in ? k0 + KC : in;
+            for (int r0 = 0; r0 < j->n; r0 += j->G) {
+                int R = j->n - r0 < j->G ? j->n - r0 : j->G;
+                /* the first group reads the slice from memory */
+                kernel_for(j->isa, R)(y + (size_t)r0 * j->out, (size_t)j->out, w, j->bf16, j->xt + (size_t)r0 * in, R,
+                                      k0, k1, valid, r0 ? w : w + PF_AHEAD);
+            }
+        }
     }
-    if (eng__matmul_own(W, n)) {
-        int threads = eng__pool_threads(pool);
-        /* about 8 chunks per thread, multiples of 4 columns */
-        int chunk = (out + threads * 8 - 1) / (threads * 8);
-        chunk = (chunk + 3) & ~3;
-        if (chunk < 16) chunk = 16;
-        mm_job j = {Y, X, W->p, W->bf16, n, out, chunk, (size_t)in, eng__cpu_avx512()};
-        eng__pool_run(pool, (out + chunk - 1) / chunk, mm_task, &j);
-        return;
-    }
-    const float *w = W->p;
-    if (n == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w, in, X, 1, 0.0f, Y, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, X, in, w, in, 0.0f, Y, out);
+}
+
+void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool) {
+    int isa = isa_best();
+    int G = isa == ENG__ISA_AVX512 ? 16 : isa == ENG__ISA_AVX2 ? 6 : 16;
+    mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0};
+    int groups = (n + G - 1) / G;
+    eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, groups, pack_task, &j);
+    /* about 8 tasks per thread, so that uneven progress evens out */
+    int P = (out + PANEL - 1) / PANEL, threads = eng__pool_threads(pool);
+    j.chunk = (P + threads * 8 - 1) / (threads * 8);
+    if (j.chunk < 1) j.chunk = 1;
+    eng__pool_run(pool, (P + j.chunk - 1) / j.chunk, mm_task, &j);
 }

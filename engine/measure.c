@@ -4,7 +4,9 @@
 #include "internal.h"
 
 #include <cblas.h>
+#include <pthread.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 
 double eng_measure_sgemm_gflops(int n, int n_threads) {
@@ -13,6 +15,7 @@ double eng_measure_sgemm_gflops(int n, int n_threads) {
     double best = 0;
     if (a && b && c) {
         for (size_t i = 0; i < (size_t)n * n; i++) { a[i] = (float)(i % 7) * 0.1f; b[i] = (float)(i % 5) * 0.1f; }
+        int was = openblas_get_num_threads();
         openblas_set_num_threads(n_threads);
         for (int r = 0; r < 5; r++) {
             double t0 = eng__now();
@@ -20,6 +23,7 @@ double eng_measure_sgemm_gflops(int n, int n_threads) {
             double dt = eng__now() - t0, g = 2.0 * n * (double)n * n / dt / 1e9;
             if (g > best) best = g;
         }
+        openblas_set_num_threads(was);
     }
     free(a); free(b); free(c);
     return best;
@@ -67,7 +71,33 @@ double eng_measure_read_gbps(size_t mbytes, int n_threads) {
     return best;
 }
 
+/* eng_dot_rows: slices of rows on a pool of its own (one thread per CPU,
+ * made on first use), single-threaded sgemv in each: bound by reading m. */
+static eng__pool *dot_pool;
+static pthread_once_t dot_once = PTHREAD_ONCE_INIT;
+static void dot_pool_init(void) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    dot_pool = eng__pool_new(cpus < 1 ? 1 : cpus > 16 ? 16 : (int)cpus);
+}
+
+typedef struct {
+    const float *m, *q;
+    float *out;
+    size_t n, dim, per;
+} dot_job;
+
+static void dot_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const dot_job *j = ctx;
+    size_t r0 = (size_t)task * j->per, r1 = r0 + j->per < j->n ? r0 + j->per : j->n;
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)(r1 - r0), (int)j->dim, 1.0f, j->m + r0 * j->dim, (int)j->dim, j->q,
+                1, 0.0f, j->out + r0, 1);
+}
+
 void eng_dot_rows(const float *m, size_t n, size_t dim, const float *q, float *out) {
     if (n == 0) return;
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)n, (int)dim, 1.0f, m, (int)dim, q, 1, 0.0f, out, 1);
+    pthread_once(&dot_once, dot_pool_init);
+    dot_job j = {m, q, out, n, dim, 4096};
+    /* small tables on the caller alone */
+    eng__pool_run(n * dim >= (1u << 18) ? dot_pool : NULL, (int)((n + j.per - 1) / j.per), dot_task, &j);
 }

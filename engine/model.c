@@ -187,16 +187,16 @@ static int mat_to_bf16(eng__weights *w, eng__mat *m, size_t n) {
 }
 
 int eng__weights_to_bf16(eng__weights *w, const eng_config *c) {
-    size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
-    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    int H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size;
+    int QD = c->n_heads * c->head_dim, KD = c->n_kv_heads * c->head_dim;
     int tied = w->lm_head.p == w->embed.p;
-    if (mat_to_bf16(w, &w->embed, V * H)) return ENG_ENOMEM;
+    if (mat_to_bf16(w, &w->embed, eng__mat_elems(V, H))) return ENG_ENOMEM;
     if (tied) w->lm_head = w->embed;
-    else if (mat_to_bf16(w, &w->lm_head, V * H)) return ENG_ENOMEM;
+    else if (mat_to_bf16(w, &w->lm_head, eng__mat_elems(V, H))) return ENG_ENOMEM;
     for (int l = 0; l < c->n_layers; l++) {
         eng__layer *L = &w->layers[l];
-        if (mat_to_bf16(w, &L->wqkv, (QD + 2 * KD) * H) || mat_to_bf16(w, &L->wo, H * QD) ||
-            mat_to_bf16(w, &L->w13, 2 * F * H) || mat_to_bf16(w, &L->w2, H * F))
+        if (mat_to_bf16(w, &L->wqkv, eng__mat_elems(QD + 2 * KD, H)) || mat_to_bf16(w, &L->wo, eng__mat_elems(H, QD)) ||
+            mat_to_bf16(w, &L->w13, eng__mat_elems(2 * F, H)) || mat_to_bf16(w, &L->w2, eng__mat_elems(H, F)))
             return ENG_ENOMEM;
     }
 #ifdef __GLIBC__
@@ -213,7 +213,7 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
     if (rc) goto out;
     const int64_t H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size;
     const int64_t QD = (int64_t)c->n_heads * c->head_dim, KD = (int64_t)c->n_kv_heads * c->head_dim;
-    w->embed.p = walloc(w, (size_t)(V * H));
+    w->embed.p = walloc(w, eng__mat_elems((int)V, (int)H));
     w->norm = walloc(w, (size_t)H);
     w->layers = calloc((size_t)c->n_layers, sizeof *w->layers);
     if (!w->embed.p || !w->norm || !w->layers) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights"); goto out; }
@@ -222,7 +222,7 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
     if (c->tie_embeddings) {
         w->lm_head = w->embed;
     } else {
-        if (!(w->lm_head.p = walloc(w, (size_t)(V * H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
+        if (!(w->lm_head.p = walloc(w, eng__mat_elems((int)V, (int)H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
         if ((rc = load_tensor(&s, "lm_head.weight", V, H, eng__f32(&w->lm_head), c, err, errlen))) goto out;
     }
     for (int l = 0; l < c->n_layers; l++) {
@@ -230,10 +230,10 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
         char n[128];
         L->attn_norm = walloc(w, (size_t)H);
         L->ffn_norm = walloc(w, (size_t)H);
-        L->wqkv.p = walloc(w, (size_t)((QD + 2 * KD) * H));
-        L->wo.p = walloc(w, (size_t)(H * QD));
-        L->w13.p = walloc(w, (size_t)(2 * F * H));
-        L->w2.p = walloc(w, (size_t)(H * F));
+        L->wqkv.p = walloc(w, eng__mat_elems((int)(QD + 2 * KD), (int)H));
+        L->wo.p = walloc(w, eng__mat_elems((int)H, (int)QD));
+        L->w13.p = walloc(w, eng__mat_elems((int)(2 * F), (int)H));
+        L->w2.p = walloc(w, eng__mat_elems((int)H, (int)F));
         if (!L->attn_norm || !L->ffn_norm || !L->wqkv.p || !L->wo.p || !L->w13.p || !L->w2.p) {
             rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights");
             goto out;
@@ -251,6 +251,17 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
         LOAD("mlp.up_proj.weight", F, H, eng__f32(&L->w13) + F * H);
         LOAD("mlp.down_proj.weight", H, F, eng__f32(&L->w2));
 #undef LOAD
+        /* loaded row-major; the kernels read panels */
+        if (eng__mat_pack(&L->wqkv, (int)(QD + 2 * KD), (int)H) || eng__mat_pack(&L->wo, (int)H, (int)QD) ||
+            eng__mat_pack(&L->w13, (int)(2 * F), (int)H) || eng__mat_pack(&L->w2, (int)H, (int)F)) {
+            rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
+            goto out;
+        }
+    }
+    if (eng__mat_pack(&w->embed, (int)V, (int)H) ||
+        (w->lm_head.p != w->embed.p && eng__mat_pack(&w->lm_head, (int)V, (int)H))) {
+        rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
+        goto out;
     }
 out:
     wset_free(&s);
@@ -258,10 +269,10 @@ out:
     return rc;
 }
 
-/* Config fields plus every 64th value of every weight matrix: cheap, and
+/* Config fields plus every 61st value of every weight matrix: cheap, and
  * any other model (shape or weights) gives another value. */
 static uint64_t fp_add(uint64_t h, const float *x, size_t n) {
-    for (size_t i = 0; i < n; i += 64) h = eng__hash64(&x[i], sizeof(float), h);
+    for (size_t i = 0; i < n; i += 61) h = eng__hash64(&x[i], sizeof(float), h); /* 61: every lane of the panels */
     return eng__hash64(&n, sizeof n, h);
 }
 
@@ -274,17 +285,17 @@ static uint64_t fingerprint(const eng_model *m) {
     h = eng__hash64(fl, sizeof fl, h);
     size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
     size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
-    h = fp_add(h, eng__f32(&m->w.embed), V * H);
+    h = fp_add(h, eng__f32(&m->w.embed), eng__mat_elems((int)V, (int)H));
     h = fp_add(h, m->w.norm, H);
-    if (m->w.lm_head.p != m->w.embed.p) h = fp_add(h, eng__f32(&m->w.lm_head), V * H);
+    if (m->w.lm_head.p != m->w.embed.p) h = fp_add(h, eng__f32(&m->w.lm_head), eng__mat_elems((int)V, (int)H));
     for (int l = 0; l < c->n_layers; l++) {
         const eng__layer *L = &m->w.layers[l];
         h = fp_add(h, L->attn_norm, H);
-        h = fp_add(h, eng__f32(&L->wqkv), (QD + 2 * KD) * H);
-        h = fp_add(h, eng__f32(&L->wo), H * QD);
+        h = fp_add(h, eng__f32(&L->wqkv), eng__mat_elems((int)(QD + 2 * KD), (int)H));
+        h = fp_add(h, eng__f32(&L->wo), eng__mat_elems((int)H, (int)QD));
         h = fp_add(h, L->ffn_norm, H);
-        h = fp_add(h, eng__f32(&L->w13), 2 * F * H);
-        h = fp_add(h, eng__f32(&L->w2), H * F);
+        h = fp_add(h, eng__f32(&L->w13), eng__mat_elems((int)(2 * F), (int)H));
+        h = fp_add(h, eng__f32(&L->w2), eng__mat_elems((int)H, (int)F));
     }
     int prec[2] = {m->opt.bf16_weights != 0, m->opt.kv_f16 != 0}; /* another precision computes other logits */
     return eng__hash64(prec, sizeof prec, h);
@@ -346,7 +357,10 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights to BF16");
         goto fail;
     }
-    openblas_set_num_threads(m->opt.n_threads);
+    /* The engine parallelises on its own threads, and OpenBLAS (attention
+     * products inside those tasks) runs single-threaded: its idle threads
+     * would otherwise spin in sched_yield against ours. */
+    openblas_set_num_threads(1);
     *out = m;
     return ENG_OK;
 fail:

@@ -449,61 +449,86 @@ static void test_sampler_filters(void) {
     CHECK(cnt[3] == 1000);
 }
 
-/* The matmul kernel against a float64 product, for F32 and BF16 weights and
- * shapes with tails (in and out not multiples of 16 or 4), and every row of
- * a batch bitwise equal to that row computed alone: a token's logits do not
- * depend on what else is in the batch. */
+/* The matmul kernel against a float64 product, for F32 and BF16 weights,
+ * shapes with tails (in and out not multiples of 16), batches of 1 to 40
+ * rows (several groups of rows), on every instruction set this CPU has.
+ * Every row of a batch is bitwise equal to that row computed alone (a
+ * token's logits do not depend on what else is in the batch), and the
+ * AVX-512, AVX2 and scalar paths agree bitwise. */
 static void test_matmul_kernel(void) {
     eng__pool *pool = eng__pool_new(2);
-    const int shapes[][2] = {{37, 13}, {64, 64}, {576, 23}, {16, 4}, {1, 5}, {100, 129}};
+    const int shapes[][2] = {{37, 13}, {64, 64}, {576, 23}, {16, 4}, {1, 5}, {100, 129}, {200, 48}};
+    int isas[3], n_isa = 0;
+    isas[n_isa++] = ENG__ISA_SCALAR;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas[n_isa++] = ENG__ISA_AVX2;
+    if (eng__cpu_avx512()) isas[n_isa++] = ENG__ISA_AVX512;
+#endif
+    CHECK_MSG(n_isa > 1, "only the scalar kernel runs on this CPU: the vector kernels are not tested");
     uint64_t x = 12345;
     for (size_t sh = 0; sh < sizeof shapes / sizeof *shapes; sh++) {
-        int in = shapes[sh][0], out = shapes[sh][1], nmax = 33; /* 33: past the kernel's limit, OpenBLAS */
+        int in = shapes[sh][0], out = shapes[sh][1], nmax = 40;
+        size_t elems = eng__mat_elems(out, in);
         float *W = malloc((size_t)out * in * sizeof *W), *X = malloc((size_t)nmax * in * sizeof *X);
         float *Y = malloc((size_t)nmax * out * sizeof *Y), *Y1 = malloc((size_t)out * sizeof *Y1);
-        uint16_t *Wh = malloc((size_t)out * in * sizeof *Wh);
+        float *Yref = malloc((size_t)nmax * out * sizeof *Yref), *xt = malloc((size_t)nmax * in * sizeof *xt);
+        float *Wp = malloc(elems * sizeof *Wp);
+        uint16_t *Wh = malloc(elems * sizeof *Wh);
         for (int i = 0; i < out * in; i++) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             W[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
-            uint32_t u;
-            memcpy(&u, &W[i], 4);
-            Wh[i] = (uint16_t)(u >> 16); /* truncation: any BF16 values will do */
         }
         for (int i = 0; i < nmax * in; i++) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             X[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
         }
+        eng__mat packed = {Wp, 0};
+        memcpy(Wp, W, (size_t)out * in * sizeof *W);
+        CHECK(eng__mat_pack(&packed, out, in) == ENG_OK);
+        for (size_t i = 0; i < elems; i++) { /* BF16 by truncation: any BF16 values will do */
+            uint32_t u;
+            memcpy(&u, &Wp[i], 4);
+            Wh[i] = (uint16_t)(u >> 16);
+        }
+        float row[700];
+        eng__mat_row(&packed, (size_t)out - 1, in, row); /* the layout keeps every row */
+        CHECK(!memcmp(row, W + (size_t)(out - 1) * in, (size_t)in * sizeof *row));
         for (int bf = 0; bf < 2; bf++) {
-            eng__mat m = {bf ? (void *)Wh : (void *)W, bf};
-            for (int n = 1; n <= nmax; n += n < 9 ? 1 : 8) {
-                eng__matmul(Y, X, &m, n, in, out, pool);
+            eng__mat m = {bf ? (void *)Wh : (void *)Wp, bf};
+            for (int n = 1; n <= nmax; n += n < 18 ? 1 : 11) {
+                for (int ii = 0; ii < n_isa; ii++) {
+                    eng__matmul_isa(isas[ii]);
+                    eng__matmul(Y, X, &m, n, in, out, xt, pool);
+                    if (ii == 0) memcpy(Yref, Y, (size_t)n * out * sizeof *Y);
+                    CHECK_MSG(!memcmp(Yref, Y, (size_t)n * out * sizeof *Y), "in %d out %d n %d %s: ISA %d differs from scalar",
+                              in, out, n, bf ? "BF16" : "F32", isas[ii]);
+                    int same = 1;
+                    for (int i = 0; i < n; i++) { /* bitwise the same as alone */
+                        eng__matmul(Y1, X + (size_t)i * in, &m, 1, in, out, xt, pool);
+                        same &= !memcmp(Y1, Y + (size_t)i * out, (size_t)out * sizeof *Y1);
+                    }
+                    CHECK_MSG(same, "in %d out %d n %d %s ISA %d: a row differs from the same row alone", in, out, n,
+                              bf ? "BF16" : "F32", isas[ii]);
+                }
                 double worst = 0;
-                int same = 1;
-                for (int i = 0; i < n; i++) {
+                for (int i = 0; i < n; i++)
                     for (int o = 0; o < out; o++) {
                         double ref = 0, mag = 0;
+                        float wr[700];
+                        eng__mat_row(&m, (size_t)o, in, wr);
                         for (int k = 0; k < in; k++) {
-                            uint32_t u = (uint32_t)Wh[(size_t)o * in + k] << 16;
-                            float wb;
-                            memcpy(&wb, &u, 4);
-                            double w = bf ? wb : W[(size_t)o * in + k];
+                            double w = wr[k];
                             ref += w * X[(size_t)i * in + k];
                             mag += fabs(w * X[(size_t)i * in + k]);
                         }
                         double e = fabs(Y[(size_t)i * out + o] - ref) / (mag + 1e-30);
                         if (e > worst) worst = e;
                     }
-                    if (eng__matmul_own(&m, n) && eng__matmul_own(&m, 1)) { /* bitwise the same as alone */
-                        eng__matmul(Y1, X + (size_t)i * in, &m, 1, in, out, pool);
-                        same &= !memcmp(Y1, Y + (size_t)i * out, (size_t)out * sizeof *Y1);
-                    }
-                }
                 CHECK_MSG(worst < 1e-6, "in %d out %d n %d %s: relative error %.2e", in, out, n, bf ? "BF16" : "F32", worst);
-                CHECK_MSG(same, "in %d out %d n %d %s: a row differs from the same row alone", in, out, n,
-                          bf ? "BF16" : "F32");
             }
         }
-        free(W); free(X); free(Y); free(Y1); free(Wh);
+        eng__matmul_isa(-1);
+        free(W); free(X); free(Y); free(Y1); free(Yref); free(xt); free(Wp); free(Wh);
     }
     eng__pool_free(pool);
 }
