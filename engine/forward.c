@@ -105,8 +105,57 @@ static void rope(float *v, const float *cs, int hd) {
     }
 }
 
+/* exp over 16 lanes: glibc's vector expf (libmvec, AVX-512 variant). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VEXP 1
+__m512 _ZGVeN16v_expf(__m512 x);
+
+/* row[0..n) <- softmax(row[0..n)), 16 lanes at a time. */
+__attribute__((target("avx512f"))) static void softmax512(float *row, int n) {
+    __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 16 <= n; p += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + p));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; p < n; p++) m = row[p] > m ? row[p] : m;
+    const __m512 vm = _mm512_set1_ps(m);
+    for (p = 0; p + 16 <= n; p += 16) {
+        __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(row + p), vm));
+        _mm512_storeu_ps(row + p, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (p < n) {
+        __mmask16 k = (__mmask16)((1u << (n - p)) - 1);
+        __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + p), vm));
+        _mm512_mask_storeu_ps(row + p, k, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (p = 0; p + 16 <= n; p += 16) _mm512_storeu_ps(row + p, _mm512_mul_ps(_mm512_loadu_ps(row + p), inv));
+    for (; p < n; p++) row[p] *= _mm512_cvtss_f32(inv);
+}
+
+/* o = silu(g) * u = g / (1 + exp(-g)) * u, 16 lanes at a time. */
+__attribute__((target("avx512f"))) static void silu_mul512(float *o, const float *g, const float *u, int n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int d = 0;
+    for (; d < n; d += 16) {
+        __mmask16 k = n - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - d)) - 1);
+        __m512 gv = _mm512_maskz_loadu_ps(k, g + d);
+        __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_mask_storeu_ps(o + d, k, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(k, u + d)));
+    }
+}
+#endif
+
 /* row[0..n) <- softmax(row[0..n)), in place. */
 static inline void softmax(float *row, int n) {
+#ifdef VEXP
+    if (eng__cpu_avx512()) {
+        softmax512(row, n);
+        return;
+    }
+#endif
     float mx = -INFINITY, sum = 0;
     for (int p = 0; p < n; p++) mx = row[p] > mx ? row[p] : mx;
     for (int p = 0; p < n; p++) {
@@ -115,6 +164,16 @@ static inline void softmax(float *row, int n) {
     }
     float inv = 1.0f / sum;
     for (int p = 0; p < n; p++) row[p] *= inv;
+}
+
+static void silu_mul(float *o, const float *g, const float *u, int n) {
+#ifdef VEXP
+    if (eng__cpu_avx512()) {
+        silu_mul512(o, g, u, n);
+        return;
+    }
+#endif
+    for (int d = 0; d < n; d++) o[d] = g[d] / (1.0f + expf(-g[d])) * u[d];
 }
 
 /* Hot loops are compiled for several instruction sets; the loader picks the
@@ -239,7 +298,6 @@ static void attend_run(fwd_scratch *s, const kv_pool *kv, const kv_table *t, int
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 /* 16 elements j*16.. of a KV row as floats (F16 rows widened by vcvtph2ps). */
 #define ROW16(row, j)                                                                                   \
     (f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(row) + (j) * 16))) \
@@ -372,9 +430,8 @@ static void rows_task(void *ctx, int task, int thread) {
             rmsnorm(xb, x, j->L->ffn_norm, H, c->rms_eps);
             break;
         case ROW_SILU: {
-            const float *g = s->hb + (size_t)i * 2 * F, *u = g + F;
-            float *o = s->hb2 + (size_t)i * F;
-            for (int d = 0; d < F; d++) o[d] = g[d] / (1.0f + expf(-g[d])) * u[d];
+            const float *g = s->hb + (size_t)i * 2 * F;
+            silu_mul(s->hb2 + (size_t)i * F, g, g + F, F);
             break;
         }
         case ROW_RESID:

@@ -300,9 +300,10 @@ void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int
     mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0};
     int groups = (n + G - 1) / G;
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, groups, pack_task, &j);
-    /* about 8 tasks per thread, so that uneven progress evens out */
-    int P = (out + PANEL - 1) / PANEL, threads = eng__pool_threads(pool);
-    j.chunk = (P + threads * 8 - 1) / (threads * 8);
-    if (j.chunk < 1) j.chunk = 1;
+    /* a few tasks per thread: long streams of panels for the prefetchers
+     * (decode is bound by reading them), yet some slack for a thread that
+     * falls behind (bench: 2 per thread for one group of rows, 4 for more) */
+    int P = (out + PANEL - 1) / PANEL, tasks = eng__pool_threads(pool) * (n <= G ? 2 : 4);
+    j.chunk = (P + tasks - 1) / tasks;
     eng__pool_run(pool, (P + j.chunk - 1) / j.chunk, mm_task, &j);
 }
