@@ -109,7 +109,7 @@ static void rope(float *v, const float *cs, int hd) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define VEXP 1
-__m512 _ZGVeN16v_expf(__m512 x);
+__attribute__((target("avx512f"))) __m512 _ZGVeN16v_expf(__m512 x);
 
 /* row[0..n) <- softmax(row[0..n)), 16 lanes at a time. */
 __attribute__((target("avx512f"))) static void softmax512(float *row, int n) {
