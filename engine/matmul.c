@@ -130,6 +130,52 @@ AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const
     }
 }
 
+/* AVX-512 for many rows (prefill): two adjacent panels, up to 12 rows (24
+ * accumulators): per k, two weight vectors and 12 broadcasts feed 24 FMAs,
+ * where one panel × 16 rows needs 17 loads for 16. Same order per output. */
+#define G512P 12
+AVX512 INLINE void pair512(float *y, size_t ldy, const void *w, size_t pstride, int bf16, const float *xt,
+                           const int R, size_t kb, size_t ke, int valid1, const char *pf) {
+    const __mmask16 vm1 = valid1 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid1) - 1);
+    const size_t rb = bf16 ? 32 : 64;
+    const void *w1 = (const char *)w + pstride;
+    __m512 a0[G512P], a1[G512P];
+    for (size_t k0 = kb; k0 < ke; k0 += KB) {
+        size_t k1 = k0 + KB < ke ? k0 + KB : ke;
+#pragma GCC unroll 12
+        for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+        for (size_t k = k0; k < k1; k++) {
+            __m512 v0, v1;
+            if (bf16) {
+                v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k * PANEL))), 16));
+                v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w1 + k * PANEL))), 16));
+            } else {
+                v0 = _mm512_loadu_ps((const float *)w + k * PANEL);
+                v1 = _mm512_loadu_ps((const float *)w1 + k * PANEL);
+            }
+            _mm_prefetch(pf + k * rb, _MM_HINT_T0);
+            _mm_prefetch(pf + pstride + k * rb, _MM_HINT_T0);
+            const float *x = xt + k * (size_t)R;
+#pragma GCC unroll 12
+            for (int r = 0; r < R; r++) {
+                __m512 b = _mm512_set1_ps(x[r]);
+                a0[r] = _mm512_fmadd_ps(v0, b, a0[r]);
+                a1[r] = _mm512_fmadd_ps(v1, b, a1[r]);
+            }
+        }
+#pragma GCC unroll 12
+        for (int r = 0; r < R; r++) {
+            float *yr = y + (size_t)r * ldy;
+            __m512 u0 = k0 ? _mm512_add_ps(_mm512_loadu_ps(yr), a0[r]) : a0[r];
+            __m512 u1 = k0 ? _mm512_add_ps(_mm512_maskz_loadu_ps(vm1, yr + 16), a1[r]) : a1[r];
+            _mm512_storeu_ps(yr, u0);
+            _mm512_mask_storeu_ps(yr + 16, vm1, u1);
+        }
+    }
+}
+
 /* AVX2: two vectors per panel row, up to 6 rows (12 accumulators). */
 #define G256 6
 AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const float *xt, const int R, size_t kb,
@@ -198,6 +244,19 @@ typedef void (*panel_fn)(float *, size_t, const void *, int, const float *, int,
 DEF512(1) DEF512(2) DEF512(3) DEF512(4) DEF512(5) DEF512(6) DEF512(7) DEF512(8)
 DEF512(9) DEF512(10) DEF512(11) DEF512(12) DEF512(13) DEF512(14) DEF512(15) DEF512(16)
 DEF256(1) DEF256(2) DEF256(3) DEF256(4) DEF256(5) DEF256(6)
+typedef void (*pair_fn)(float *, size_t, const void *, size_t, int, const float *, int, size_t, size_t, int,
+                        const char *);
+#define DEFPAIR(R) \
+    AVX512 static void q512_##R(float *y, size_t ldy, const void *w, size_t ps, int bf16, const float *xt, int r_, \
+                                size_t kb, size_t ke, int valid1, const char *pf) {                               \
+        (void)r_;                                                                                                 \
+        if (bf16) pair512(y, ldy, w, ps, 1, xt, R, kb, ke, valid1, pf);                                           \
+        else pair512(y, ldy, w, ps, 0, xt, R, kb, ke, valid1, pf);                                                \
+    }
+DEFPAIR(1) DEFPAIR(2) DEFPAIR(3) DEFPAIR(4) DEFPAIR(5) DEFPAIR(6)
+DEFPAIR(7) DEFPAIR(8) DEFPAIR(9) DEFPAIR(10) DEFPAIR(11) DEFPAIR(12)
+static const pair_fn Q512[G512P + 1] = {NULL, q512_1, q512_2, q512_3, q512_4, q512_5, q512_6,
+                                        q512_7, q512_8, q512_9, q512_10, q512_11, q512_12};
 static const panel_fn K512[G512 + 1] = {NULL, p512_1, p512_2, p512_3, p512_4, p512_5, p512_6, p512_7, p512_8,
                                         p512_9, p512_10, p512_11, p512_12, p512_13, p512_14, p512_15, p512_16};
 static const panel_fn K256[G256 + 1] = {NULL, p256_1, p256_2, p256_3, p256_4, p256_5, p256_6};
@@ -239,7 +298,8 @@ typedef struct {
     const float *X;
     float *xt;
     const void *W;
-    int bf16, isa, n, G, in, out, chunk; /* chunk: panels per task */
+    int bf16, isa, n, G, in, out, chunk; /* G: rows per group; chunk: panels per task */
+    int pairs;                           /* two panels per tile (AVX-512, several groups) */
 } mm_job;
 
 static panel_fn kernel_for(int isa, int R) {
@@ -274,11 +334,13 @@ static void mm_task(void *ctx, int task, int thread) {
     const mm_job *j = ctx;
     int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
     size_t esz = j->bf16 ? 2 : 4, pbytes = (size_t)PANEL * j->in * esz, in = (size_t)j->in;
-    for (int p = task * j->chunk; p < p1; p++) {
+    const int step = j->pairs ? 2 : 1; /* two panels per tile */
+    for (int p = task * j->chunk; p < p1; p += step) {
         const char *w = (const char *)j->W + (size_t)p * pbytes;
-        int valid = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
+        int two = step == 2 && p + 1 < p1;
+        int last = two ? p + 1 : p, valid = j->out - last * PANEL < PANEL ? j->out - last * PANEL : PANEL;
         float *y = j->Y + (size_t)p * PANEL;
-        if (j->n <= j->G) {
+        if (j->n <= j->G) { /* one group of rows: decode */
             kernel_for(j->isa, j->n)(y, (size_t)j->out, w, j->bf16, j->xt, j->n, 0, in, valid, w + PF_AHEAD);
             continue;
         }
@@ -286,9 +348,15 @@ static void mm_task(void *ctx, int task, int thread) {
             size_t k1 = k0 + KC < in ? k0 + KC : in;
             for (int r0 = 0; r0 < j->n; r0 += j->G) {
                 int R = j->n - r0 < j->G ? j->n - r0 : j->G;
-                /* the first group reads the slice from memory */
-                kernel_for(j->isa, R)(y + (size_t)r0 * j->out, (size_t)j->out, w, j->bf16, j->xt + (size_t)r0 * in, R,
-                                      k0, k1, valid, r0 ? w : w + PF_AHEAD);
+                const float *xt = j->xt + (size_t)r0 * in;
+                const char *pf = r0 ? w : w + PF_AHEAD; /* the first group reads the slice from memory */
+#ifdef HAVE_X86
+                if (two) {
+                    Q512[R](y + (size_t)r0 * j->out, (size_t)j->out, w, pbytes, j->bf16, xt, R, k0, k1, valid, pf);
+                    continue;
+                }
+#endif
+                kernel_for(j->isa, R)(y + (size_t)r0 * j->out, (size_t)j->out, w, j->bf16, xt, R, k0, k1, valid, pf);
             }
         }
     }
@@ -296,14 +364,19 @@ static void mm_task(void *ctx, int task, int thread) {
 
 void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool) {
     int isa = isa_best();
-    int G = isa == ENG__ISA_AVX512 ? 16 : isa == ENG__ISA_AVX2 ? 6 : 16;
-    mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0};
+    /* rows per group: all of them in one pass when they fit the registers
+     * (decode); else the widest tile's */
+    int one = isa == ENG__ISA_AVX2 ? 6 : 16;
+    int G = n <= one ? (n > 0 ? n : 1) : isa == ENG__ISA_AVX512 ? G512P : one;
+    mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0, n > one && isa == ENG__ISA_AVX512};
     int groups = (n + G - 1) / G;
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, groups, pack_task, &j);
     /* a few tasks per thread: long streams of panels for the prefetchers
      * (decode is bound by reading them), yet some slack for a thread that
-     * falls behind (bench: 2 per thread for one group of rows, 4 for more) */
+     * falls behind (bench: 2 per thread for one group of rows, 4 for more);
+     * an even number of panels per task for the pairs */
     int P = (out + PANEL - 1) / PANEL, tasks = eng__pool_threads(pool) * (n <= G ? 2 : 4);
     j.chunk = (P + tasks - 1) / tasks;
+    if (j.pairs) j.chunk += j.chunk & 1;
     eng__pool_run(pool, (P + j.chunk - 1) / j.chunk, mm_task, &j);
 }
