@@ -316,9 +316,23 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
     for (int g = 0; g < 4; g++)
         for (int d = 0; d < 4; d++) qv[g][d] = g < group ? _mm512_loadu_ps(q + g * 64 + d * 16) : _mm512_setzero_ps();
     const int f16 = kv->f16;
+    /* Software prefetch: a block's rows of one head are short strided runs
+     * (a few lines per row, the blocks scattered in the pool), too short for
+     * the hardware prefetcher, and a batch's KV is read from memory every
+     * step. While a block's keys are scored, the next block's keys and this
+     * block's values are fetched. */
+    const size_t row_bytes = 64 * kv->esz;
     for (int p0 = 0; p0 <= pos; p0 += B) {
         const void *K = kv_at(kv, kv_k(kv, t, layer, p0), (size_t)kvh * 64);
         int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
+        const char *nk = p0 + B <= pos ? kv_at(kv, kv_k(kv, t, layer, p0 + B), (size_t)kvh * 64) : NULL;
+        const char *cv = kv_at(kv, kv_v(kv, t, layer, p0), (size_t)kvh * 64);
+        int nend = p0 + 2 * B <= pos + 1 ? B : pos + 1 - p0 - B;
+        for (int i = 0; i < end; i++)
+            for (size_t l = 0; l < row_bytes; l += 64) _mm_prefetch(cv + (size_t)i * kvd * kv->esz + l, _MM_HINT_T0);
+        if (nk)
+            for (int i = 0; i < nend; i++)
+                for (size_t l = 0; l < row_bytes; l += 64) _mm_prefetch(nk + (size_t)i * kvd * kv->esz + l, _MM_HINT_T0);
         for (int i = 0; i < end; i++) {
             const void *k = kv_at(kv, K, (size_t)i * kvd);
             __m512 k0 = ROW16(k, 0), k1 = ROW16(k, 1), k2 = ROW16(k, 2), k3 = ROW16(k, 3);
