@@ -14,8 +14,10 @@
  * weight is read once from memory for all rows of the batch, the
  * accumulators never leave the registers, and nothing is reduced across
  * lanes. Rows of X are packed first as [k][r] per group, so the broadcasts
- * read one line per k. Decode (1-16 rows) is bound by reading W; bigger
- * batches and prefill by the multiply-adds.
+ * read one line per k. Decode (1-16 rows: one panel, all rows, one pass) is
+ * bound by reading W. More rows (prefill) are bound by the multiply-adds:
+ * two panels × 12 rows per tile (pair512), over slices of KC columns that
+ * stay in L1 while every group of rows passes (mm_task).
  *
  * Order of the arithmetic. Each output is an FMA chain over k in order,
  * restarted at every KB-th k, and the chains' partial sums are added into Y
