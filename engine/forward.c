@@ -387,9 +387,7 @@ typedef struct {
     int layer, nkv, group, hd, QD, QKV;
 } att_job;
 
-static void att_task(void *ctx, int task, int thread) {
-    const att_job *j = ctx;
-    int i = j->s->single[task / j->nkv], g = task % j->nkv;
+static void att_head(const att_job *j, int i, int g, int thread) {
     float *sc = j->s->scores + (size_t)thread * j->group * j->s->max_ctx;
     if (use_attend64(j->hd, j->group)) {
         attend64(j->s->att + (size_t)i * j->QD + (size_t)g * j->group * j->hd,
@@ -400,6 +398,14 @@ static void att_task(void *ctx, int task, int thread) {
     attend(j->s->att + (size_t)i * j->QD + (size_t)g * j->group * j->hd,
            j->s->qkv + (size_t)i * j->QKV + (size_t)g * j->group * j->hd, j->kv, &j->b->tables[j->b->seq[i]], j->layer,
            j->b->pos[i], g, j->hd, j->group, j->s->max_ctx, sc, j->s->rows + (size_t)thread * j->hd);
+}
+
+/* One attention task: token i, its KV heads one after another on the same
+ * thread (their keys and values share the blocks' rows: what one head's pass
+ * brings into cache around its slice, the next one uses). */
+static void att_task(void *ctx, int task, int thread) {
+    const att_job *j = ctx;
+    for (int g = 0; g < j->nkv; g++) att_head(j, j->s->single[task], g, thread);
 }
 
 /* The element-wise steps between the matrix products, a task per slice of
@@ -496,7 +502,7 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
             i = j;
         }
         att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV};
-        eng__pool_run(att_work > 262144 ? pool : NULL, n_single * nkv, att_task, &job);
+        eng__pool_run(att_work > 262144 ? pool : NULL, n_single, att_task, &job);
         eng__matmul(s->tmp, s->att, &L->wo, n, QD, H, s->xt, pool);
         rows_run(&rj, ROW_RESID_NORM_FFN, pool);
         eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, s->xt, pool);
