@@ -81,7 +81,7 @@ void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
 
 /* Scalar: the portable path and the definition of the order. */
 static void panel_scalar(float *y, size_t ldy, const void *w, int bf16, const float *xt, int R, size_t kb, size_t ke,
-                         int valid, const char *pf) {
+                         int add, int valid, const char *pf) {
     (void)pf;
     for (int r = 0; r < R; r++)
         for (int j = 0; j < valid; j++) {
@@ -93,7 +93,7 @@ static void panel_scalar(float *y, size_t ldy, const void *w, int bf16, const fl
                     float wv = bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
                     a = fmaf(wv, xt[k * (size_t)R + (size_t)r], a);
                 }
-                y[(size_t)r * ldy + (size_t)j] = k0 ? y[(size_t)r * ldy + (size_t)j] + a : a;
+                y[(size_t)r * ldy + (size_t)j] = k0 > kb || add ? y[(size_t)r * ldy + (size_t)j] + a : a;
             }
         }
 }
@@ -106,7 +106,7 @@ static void panel_scalar(float *y, size_t ldy, const void *w, int bf16, const fl
 /* AVX-512: one vector per panel row, up to 16 rows (16 accumulators). */
 #define G512 16
 AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const float *xt, const int R, size_t kb,
-                            size_t ke, int valid, const char *pf) {
+                            size_t ke, int add, int valid, const char *pf) {
     const __mmask16 vm = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
     const size_t rb = bf16 ? 32 : 64; /* bytes per panel row */
     __m512 acc[G512];
@@ -126,7 +126,7 @@ AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
             float *yr = y + (size_t)r * ldy;
-            __m512 v = k0 ? _mm512_add_ps(_mm512_maskz_loadu_ps(vm, yr), acc[r]) : acc[r];
+            __m512 v = k0 > kb || add ? _mm512_add_ps(_mm512_maskz_loadu_ps(vm, yr), acc[r]) : acc[r];
             _mm512_mask_storeu_ps(yr, vm, v);
         }
     }
@@ -137,7 +137,7 @@ AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const
  * where one panel × 16 rows needs 17 loads for 16. Same order per output. */
 #define G512P 12
 AVX512 INLINE void pair512(float *y, size_t ldy, const void *w, size_t pstride, int bf16, const float *xt,
-                           const int R, size_t kb, size_t ke, int valid1, const char *pf) {
+                           const int R, size_t kb, size_t ke, int add, int valid1, const char *pf) {
     const __mmask16 vm1 = valid1 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid1) - 1);
     const size_t rb = bf16 ? 32 : 64;
     const void *w1 = (const char *)w + pstride;
@@ -170,8 +170,8 @@ AVX512 INLINE void pair512(float *y, size_t ldy, const void *w, size_t pstride, 
 #pragma GCC unroll 12
         for (int r = 0; r < R; r++) {
             float *yr = y + (size_t)r * ldy;
-            __m512 u0 = k0 ? _mm512_add_ps(_mm512_loadu_ps(yr), a0[r]) : a0[r];
-            __m512 u1 = k0 ? _mm512_add_ps(_mm512_maskz_loadu_ps(vm1, yr + 16), a1[r]) : a1[r];
+            __m512 u0 = k0 > kb || add ? _mm512_add_ps(_mm512_loadu_ps(yr), a0[r]) : a0[r];
+            __m512 u1 = k0 > kb || add ? _mm512_add_ps(_mm512_maskz_loadu_ps(vm1, yr + 16), a1[r]) : a1[r];
             _mm512_storeu_ps(yr, u0);
             _mm512_mask_storeu_ps(yr + 16, vm1, u1);
         }
@@ -181,7 +181,7 @@ AVX512 INLINE void pair512(float *y, size_t ldy, const void *w, size_t pstride, 
 /* AVX2: two vectors per panel row, up to 6 rows (12 accumulators). */
 #define G256 6
 AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const float *xt, const int R, size_t kb,
-                          size_t ke, int valid, const char *pf) {
+                          size_t ke, int add, int valid, const char *pf) {
     const size_t rb = bf16 ? 32 : 64;
     __m256 lo[G256], hi[G256];
     for (size_t k0 = kb; k0 < ke; k0 += KB) {
@@ -213,14 +213,14 @@ AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const f
             float *yr = y + (size_t)r * ldy, t[16];
             _mm256_storeu_ps(t, lo[r]);
             _mm256_storeu_ps(t + 8, hi[r]);
-            if (valid == 16 && k0) {
+            if (valid == 16 && (k0 > kb || add)) {
                 _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), lo[r]));
                 _mm256_storeu_ps(yr + 8, _mm256_add_ps(_mm256_loadu_ps(yr + 8), hi[r]));
             } else if (valid == 16) {
                 _mm256_storeu_ps(yr, lo[r]);
                 _mm256_storeu_ps(yr + 8, hi[r]);
             } else {
-                for (int j = 0; j < valid; j++) yr[j] = k0 ? yr[j] + t[j] : t[j];
+                for (int j = 0; j < valid; j++) yr[j] = k0 > kb || add ? yr[j] + t[j] : t[j];
             }
         }
     }
@@ -228,32 +228,33 @@ AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const f
 
 /* One function per group size, so that every loop over r is unrolled and
  * the accumulators are registers. */
-typedef void (*panel_fn)(float *, size_t, const void *, int, const float *, int, size_t, size_t, int, const char *);
+typedef void (*panel_fn)(float *, size_t, const void *, int, const float *, int, size_t, size_t, int, int,
+                         const char *);
 #define DEF512(R) \
     AVX512 static void p512_##R(float *y, size_t ldy, const void *w, int bf16, const float *xt, int r_, size_t kb, \
-                                size_t ke, int valid, const char *pf) {                                         \
+                                size_t ke, int add, int valid, const char *pf) {                                \
         (void)r_;                                                                                               \
-        if (bf16) panel512(y, ldy, w, 1, xt, R, kb, ke, valid, pf);                                             \
-        else panel512(y, ldy, w, 0, xt, R, kb, ke, valid, pf);                                                  \
+        if (bf16) panel512(y, ldy, w, 1, xt, R, kb, ke, add, valid, pf);                                        \
+        else panel512(y, ldy, w, 0, xt, R, kb, ke, add, valid, pf);                                             \
     }
 #define DEF256(R) \
     AVX2 static void p256_##R(float *y, size_t ldy, const void *w, int bf16, const float *xt, int r_, size_t kb, \
-                              size_t ke, int valid, const char *pf) {                                         \
+                              size_t ke, int add, int valid, const char *pf) {                                \
         (void)r_;                                                                                             \
-        if (bf16) panel256(y, ldy, w, 1, xt, R, kb, ke, valid, pf);                                           \
-        else panel256(y, ldy, w, 0, xt, R, kb, ke, valid, pf);                                                \
+        if (bf16) panel256(y, ldy, w, 1, xt, R, kb, ke, add, valid, pf);                                      \
+        else panel256(y, ldy, w, 0, xt, R, kb, ke, add, valid, pf);                                           \
     }
 DEF512(1) DEF512(2) DEF512(3) DEF512(4) DEF512(5) DEF512(6) DEF512(7) DEF512(8)
 DEF512(9) DEF512(10) DEF512(11) DEF512(12) DEF512(13) DEF512(14) DEF512(15) DEF512(16)
 DEF256(1) DEF256(2) DEF256(3) DEF256(4) DEF256(5) DEF256(6)
-typedef void (*pair_fn)(float *, size_t, const void *, size_t, int, const float *, int, size_t, size_t, int,
+typedef void (*pair_fn)(float *, size_t, const void *, size_t, int, const float *, int, size_t, size_t, int, int,
                         const char *);
 #define DEFPAIR(R) \
     AVX512 static void q512_##R(float *y, size_t ldy, const void *w, size_t ps, int bf16, const float *xt, int r_, \
-                                size_t kb, size_t ke, int valid1, const char *pf) {                               \
+                                size_t kb, size_t ke, int add, int valid1, const char *pf) {                      \
         (void)r_;                                                                                                 \
-        if (bf16) pair512(y, ldy, w, ps, 1, xt, R, kb, ke, valid1, pf);                                           \
-        else pair512(y, ldy, w, ps, 0, xt, R, kb, ke, valid1, pf);                                                \
+        if (bf16) pair512(y, ldy, w, ps, 1, xt, R, kb, ke, add, valid1, pf);                                      \
+        else pair512(y, ldy, w, ps, 0, xt, R, kb, ke, add, valid1, pf);                                           \
     }
 DEFPAIR(1) DEFPAIR(2) DEFPAIR(3) DEFPAIR(4) DEFPAIR(5) DEFPAIR(6)
 DEFPAIR(7) DEFPAIR(8) DEFPAIR(9) DEFPAIR(10) DEFPAIR(11) DEFPAIR(12)
@@ -265,8 +266,8 @@ static const panel_fn K256[G256 + 1] = {NULL, p256_1, p256_2, p256_3, p256_4, p2
 #endif
 
 static void scalar_fn(float *y, size_t ldy, const void *w, int bf16, const float *xt, int R, size_t kb, size_t ke,
-                      int valid, const char *pf) {
-    panel_scalar(y, ldy, w, bf16, xt, R, kb, ke, valid, pf);
+                      int add, int valid, const char *pf) {
+    panel_scalar(y, ldy, w, bf16, xt, R, kb, ke, add, valid, pf);
 }
 
 int eng__cpu_avx512(void) {
@@ -337,28 +338,40 @@ static void mm_task(void *ctx, int task, int thread) {
     int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
     size_t esz = j->bf16 ? 2 : 4, pbytes = (size_t)PANEL * j->in * esz, in = (size_t)j->in;
     const int step = j->pairs ? 2 : 1; /* two panels per tile */
+    float wide[2 * KC * PANEL];         /* a BF16 slice of one or two panels, widened once for all groups */
     for (int p = task * j->chunk; p < p1; p += step) {
         const char *w = (const char *)j->W + (size_t)p * pbytes;
         int two = step == 2 && p + 1 < p1;
         int last = two ? p + 1 : p, valid = j->out - last * PANEL < PANEL ? j->out - last * PANEL : PANEL;
         float *y = j->Y + (size_t)p * PANEL;
         if (j->n <= j->G) { /* one group of rows: decode */
-            kernel_for(j->isa, j->n)(y, (size_t)j->out, w, j->bf16, j->xt, j->n, 0, in, valid, w + PF_AHEAD);
+            kernel_for(j->isa, j->n)(y, (size_t)j->out, w, j->bf16, j->xt, j->n, 0, in, 0, valid, w + PF_AHEAD);
             continue;
         }
         for (size_t k0 = 0; k0 < in; k0 += KC) {
-            size_t k1 = k0 + KC < in ? k0 + KC : in;
+            size_t k1 = k0 + KC < in ? k0 + KC : in, kb = k0, ke = k1, wstride = pbytes;
+            const char *ws = w;
+            int bf16 = j->bf16;
+            if (bf16) { /* widen the slice (exact), then the F32 kernel over it */
+                size_t len = (k1 - k0) * PANEL;
+                for (int q = 0; q <= two; q++)
+                    st_to_f32(ST_BF16, (const uint8_t *)w + q * pbytes + k0 * PANEL * 2, wide + (size_t)q * KC * PANEL,
+                              len);
+                ws = (const char *)wide, kb = 0, ke = k1 - k0, wstride = (size_t)KC * PANEL * 4, bf16 = 0;
+            }
             for (int r0 = 0; r0 < j->n; r0 += j->G) {
                 int R = j->n - r0 < j->G ? j->n - r0 : j->G;
-                const float *xt = j->xt + (size_t)r0 * in;
-                const char *pf = r0 ? w : w + PF_AHEAD; /* the first group reads the slice from memory */
+                /* this slice's columns of the group's packed rows */
+                const float *xt = j->xt + (size_t)r0 * in + (k0 - kb) * (size_t)R;
+                const char *pf = r0 || ws != w ? ws : ws + PF_AHEAD; /* the first group reads the slice from memory */
+                int add = k0 > 0;
 #ifdef HAVE_X86
                 if (two) {
-                    Q512[R](y + (size_t)r0 * j->out, (size_t)j->out, w, pbytes, j->bf16, xt, R, k0, k1, valid, pf);
+                    Q512[R](y + (size_t)r0 * j->out, (size_t)j->out, ws, wstride, bf16, xt, R, kb, ke, add, valid, pf);
                     continue;
                 }
 #endif
-                kernel_for(j->isa, R)(y + (size_t)r0 * j->out, (size_t)j->out, w, j->bf16, xt, R, k0, k1, valid, pf);
+                kernel_for(j->isa, R)(y + (size_t)r0 * j->out, (size_t)j->out, ws, bf16, xt, R, kb, ke, add, valid, pf);
             }
         }
     }
