@@ -378,11 +378,12 @@ static void mm_task(void *ctx, int task, int thread) {
 }
 
 void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool) {
+    if (n <= 0 || out <= 0) return;
     int isa = isa_best();
     /* rows per group: all of them in one pass when they fit the registers
      * (decode); else the widest tile's */
     int one = isa == ENG__ISA_AVX2 ? 6 : 16;
-    int G = n <= one ? (n > 0 ? n : 1) : isa == ENG__ISA_AVX512 ? G512P : one;
+    int G = n <= one ? n : isa == ENG__ISA_AVX512 ? G512P : one;
     mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0, n > one && isa == ENG__ISA_AVX512};
     int groups = (n + G - 1) / G;
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, groups, pack_task, &j);
