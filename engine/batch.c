@@ -444,7 +444,8 @@ int eng_engine_open(eng_engine **out, eng_model *m, const eng_engine_options *o,
     const eng_config *c = &m->cfg;
     int T = e->o.max_step_tokens;
     if (bp_init(&e->bp, e->o.n_blocks, e->o.block_tokens, c, m->opt.kv_f16) != ENG_OK ||
-        !(e->scratch = fwd_scratch_new(c, T, e->max_ctx)) || !(e->sampler = eng__sampler_new(c->vocab_size)) ||
+        !(e->scratch = fwd_scratch_new(c, T, e->max_ctx, eng__pool_threads(e->m->pool))) ||
+        !(e->sampler = eng__sampler_new(c->vocab_size)) ||
         !(e->logits = malloc((size_t)e->o.max_running * c->vocab_size * sizeof(float))) ||
         !(e->b_tok = malloc((size_t)T * sizeof(int32_t))) || !(e->b_pos = malloc((size_t)T * sizeof(int32_t))) ||
         !(e->b_seq = malloc((size_t)T * sizeof(int32_t))) || !(e->b_rows = malloc((size_t)T * sizeof(int32_t))) ||

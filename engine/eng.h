@@ -323,7 +323,8 @@ uint64_t eng_model_fingerprint(const eng_model *m);
 
 /* ---- vector similarity (for the RAG cache) ------------------------------ */
 /* out[i] = dot(m[i], q) for the n rows of the row-major n x dim matrix m
- * (cosine similarities when rows and q are normalised). OpenBLAS sgemv. */
+ * (cosine similarities when rows and q are normalised). Big matrices in
+ * slices on threads of its own. */
 void eng_dot_rows(const float *m, size_t n, size_t dim, const float *q, float *out);
 
 /* ---- machine limits (for benchmarks) ---------------------------------- */

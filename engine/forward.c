@@ -37,13 +37,14 @@ struct fwd_scratch {
 /* Rows per block of a prefill run's attention products. */
 #define RB 64
 
-fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
+fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx, int threads) {
     fwd_scratch *s = calloc(1, sizeof *s);
     if (!s) return NULL;
     size_t H = (size_t)c->hidden_size, QD = (size_t)c->n_heads * c->head_dim,
            KD = (size_t)c->n_kv_heads * c->head_dim, F = (size_t)c->intermediate_size;
     s->max_tokens = T;
     s->max_ctx = max_ctx;
+    size_t thr = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (size_t)threads; /* per-thread buffers */
     s->x = malloc((size_t)T * H * sizeof(float));
     s->xb = malloc((size_t)T * H * sizeof(float));
     s->qkv = malloc((size_t)T * (QD + 2 * KD) * sizeof(float));
@@ -53,13 +54,13 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx) {
     s->tmp = malloc((size_t)T * H * sizeof(float));
     size_t widest = H > QD ? H : QD;
     s->xt = malloc((size_t)T * (widest > F ? widest : F) * sizeof(float));
-    s->scores = malloc((size_t)MAX_THREADS * (size_t)(c->n_heads / c->n_kv_heads) * (size_t)max_ctx * sizeof(float));
+    s->scores = malloc(thr * (size_t)(c->n_heads / c->n_kv_heads) * (size_t)max_ctx * sizeof(float));
     size_t kvc = (size_t)c->n_kv_heads * (size_t)max_ctx * (size_t)c->head_dim;
     s->kc = malloc(kvc * sizeof(float));
     s->vc = malloc(kvc * sizeof(float));
-    s->sm = malloc((size_t)MAX_THREADS * RB * (size_t)max_ctx * sizeof(float)); /* virtual: touched as used */
+    s->sm = malloc(thr * RB * (size_t)max_ctx * sizeof(float));
     s->single = malloc((size_t)T * sizeof *s->single);
-    s->rows = malloc((size_t)MAX_THREADS * (size_t)c->head_dim * sizeof(float));
+    s->rows = malloc(thr * (size_t)c->head_dim * sizeof(float));
     if (!s->x || !s->xb || !s->qkv || !s->att || !s->hb || !s->hb2 || !s->tmp || !s->xt || !s->scores || !s->kc || !s->vc ||
         !s->sm || !s->single || !s->rows) {
         fwd_scratch_free(s);
@@ -106,7 +107,7 @@ static void rope(float *v, const float *cs, int hd) {
 }
 
 /* exp over 16 lanes: glibc's vector expf (libmvec, AVX-512 variant). */
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(KVSERVE_HAVE_MVEC)
 #include <immintrin.h>
 #define VEXP 1
 __attribute__((target("avx512f"))) __m512 _ZGVeN16v_expf(__m512 x);
@@ -385,6 +386,7 @@ typedef struct {
     const kv_pool *kv;
     fwd_scratch *s;
     int layer, nkv, group, hd, QD, QKV;
+    int per_head; /* a task per (token, KV head), else per token */
 } att_job;
 
 static void att_head(const att_job *j, int i, int g, int thread) {
@@ -405,6 +407,10 @@ static void att_head(const att_job *j, int i, int g, int thread) {
  * brings into cache around its slice, the next one uses). */
 static void att_task(void *ctx, int task, int thread) {
     const att_job *j = ctx;
+    if (j->per_head) {
+        att_head(j, j->s->single[task / j->nkv], task % j->nkv, thread);
+        return;
+    }
     for (int g = 0; g < j->nkv; g++) att_head(j, j->s->single[task], g, thread);
 }
 
@@ -475,6 +481,7 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
     const int H = c->hidden_size, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     const int QD = nh * hd, KD = nkv * hd, QKV = QD + 2 * KD, F = c->intermediate_size, V = c->vocab_size;
     const int n = b->n, group = nh / nkv;
+    if (n <= 0) return;
 
     long att_work = 0; /* multiply-adds of attention per layer */
     for (int i = 0; i < n; i++) att_work += (long)(b->pos[i] + 1) * nh * hd;
@@ -488,8 +495,10 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
         rows_run(&rj, ROW_ROPE_STORE, pool);
 
         /* attention: long runs of one sequence (prefill) as matrix
-         * products; the other tokens one by one, every (token, KV head)
-         * pair independent, on threads when there is enough work */
+         * products; the other tokens one by one on threads when there is
+         * enough work: a task per token (all its KV heads, which share the
+         * blocks' rows), or per (token, KV head) when there are fewer tokens
+         * than threads */
         int n_single = 0;
         for (int i = 0; i < n;) {
             int j = i + 1;
@@ -501,8 +510,8 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
             }
             i = j;
         }
-        att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV};
-        eng__pool_run(att_work > 262144 ? pool : NULL, n_single, att_task, &job);
+        att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV, n_single < eng__pool_threads(pool)};
+        eng__pool_run(att_work > 262144 ? pool : NULL, job.per_head ? n_single * nkv : n_single, att_task, &job);
         eng__matmul(s->tmp, s->att, &L->wo, n, QD, H, s->xt, pool);
         rows_run(&rj, ROW_RESID_NORM_FFN, pool);
         eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, s->xt, pool);

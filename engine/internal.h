@@ -196,7 +196,7 @@ typedef struct {
 } fwd_batch;
 
 typedef struct fwd_scratch fwd_scratch;
-fwd_scratch *fwd_scratch_new(const eng_config *c, int max_tokens, int max_ctx);
+fwd_scratch *fwd_scratch_new(const eng_config *c, int max_tokens, int max_ctx, int threads);
 void fwd_scratch_free(fwd_scratch *s);
 /* Run the transformer over the batch (b->n <= max_tokens). */
 void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv,
@@ -243,7 +243,7 @@ struct eng_model {
     int32_t *kv_ids;
     fwd_scratch *scratch;
     eng__sampler *sampler;
-    eng__pool *pool;     /* threads for attention (OpenBLAS has its own) */
+    eng__pool *pool;     /* the engine's threads (OpenBLAS runs single-threaded inside their tasks) */
     float *logits;       /* [max_batch_tokens][V] output rows of one forward call */
     int32_t *bpos, *bseq, *brows; /* max_batch_tokens each: batch description buffers */
     uint64_t fingerprint;  /* config + sampled weights, see eng_model_fingerprint */

@@ -14,8 +14,8 @@
  * weight is read once from memory for all rows of the batch, the
  * accumulators never leave the registers, and nothing is reduced across
  * lanes. Rows of X are packed first as [k][r] per group, so the broadcasts
- * read one line per k. Decode (1-16 rows: one panel, all rows, one pass) is
- * bound by reading W. More rows (prefill) are bound by the multiply-adds:
+ * read one line per k. Decode (up to 16 rows, 6 with AVX2: one panel, all
+ * rows, one pass) is bound by reading W. More rows (prefill) are bound by the multiply-adds:
  * two panels × 12 rows per tile (pair512), over slices of KC columns that
  * stay in L1 while every group of rows passes (mm_task).
  *
@@ -39,6 +39,11 @@
 
 #define PANEL 16
 #define KB 64          /* k-block: an FMA chain's length before its sum goes to Y */
+#define KC 256         /* k-slice of prefill (mm_task): whole k-blocks, so slicing keeps the order */
+_Static_assert(KC % KB == 0, "a k-slice is whole k-blocks");
+#define G512 16        /* rows per group: AVX-512, one panel */
+#define G512P 12       /* AVX-512, two panels */
+#define G256 6         /* AVX2 */
 #define PF_AHEAD 4096  /* bytes of the panel stream prefetched ahead of the loads */
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -104,7 +109,6 @@ static void panel_scalar(float *y, size_t ldy, const void *w, int bf16, const fl
 #define INLINE static inline __attribute__((always_inline))
 
 /* AVX-512: one vector per panel row, up to 16 rows (16 accumulators). */
-#define G512 16
 AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const float *xt, const int R, size_t kb,
                             size_t ke, int add, int valid, const char *pf) {
     const __mmask16 vm = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
@@ -135,7 +139,6 @@ AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const
 /* AVX-512 for many rows (prefill): two adjacent panels, up to 12 rows (24
  * accumulators): per k, two weight vectors and 12 broadcasts feed 24 FMAs,
  * where one panel × 16 rows needs 17 loads for 16. Same order per output. */
-#define G512P 12
 AVX512 INLINE void pair512(float *y, size_t ldy, const void *w, size_t pstride, int bf16, const float *xt,
                            const int R, size_t kb, size_t ke, int add, int valid1, const char *pf) {
     const __mmask16 vm1 = valid1 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid1) - 1);
@@ -179,7 +182,6 @@ AVX512 INLINE void pair512(float *y, size_t ldy, const void *w, size_t pstride, 
 }
 
 /* AVX2: two vectors per panel row, up to 6 rows (12 accumulators). */
-#define G256 6
 AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const float *xt, const int R, size_t kb,
                           size_t ke, int add, int valid, const char *pf) {
     const size_t rb = bf16 ? 32 : 64;
@@ -331,7 +333,6 @@ static void pack_task(void *ctx, int g, int thread) {
  * a slice while it is in L1; the slice of all groups' packed rows (n * KC
  * floats) stays in L2 for the next panel. The k-blocks of an output still
  * reach Y in order, so the arithmetic is that of one pass. */
-#define KC 256
 static void mm_task(void *ctx, int task, int thread) {
     (void)thread;
     const mm_job *j = ctx;
@@ -384,7 +385,10 @@ void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int
      * (decode); else the widest tile's */
     int one = isa == ENG__ISA_AVX2 ? 6 : 16;
     int G = n <= one ? n : isa == ENG__ISA_AVX512 ? G512P : one;
-    mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0, n > one && isa == ENG__ISA_AVX512};
+    mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0, 0};
+#ifdef HAVE_X86
+    j.pairs = n > one && isa == ENG__ISA_AVX512;
+#endif
     int groups = (n + G - 1) / G;
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, groups, pack_task, &j);
     /* a few tasks per thread: long streams of panels for the prefetchers

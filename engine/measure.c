@@ -1,5 +1,5 @@
 /* measure.c — the machine's limits, measured the way the engine uses it:
- * sgemm throughput (prefill is sgemm-bound) and streaming read bandwidth
+ * sgemm throughput (the compute ceiling of prefill) and streaming read bandwidth
  * (single-sequence decode reads every weight once per token). */
 #include "internal.h"
 

@@ -338,7 +338,7 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     int nb = (m->max_ctx + B - 1) / B;
     m->kv_ids = malloc((size_t)nb * sizeof *m->kv_ids);
     m->rope = fwd_rope_table(&m->cfg, m->max_ctx);
-    m->scratch = fwd_scratch_new(&m->cfg, m->opt.max_batch_tokens, m->max_ctx);
+    m->scratch = fwd_scratch_new(&m->cfg, m->opt.max_batch_tokens, m->max_ctx, m->opt.n_threads);
     m->sampler = eng__sampler_new(m->cfg.vocab_size);
     m->pool = eng__pool_new(m->opt.n_threads > 64 ? 64 : m->opt.n_threads);
     size_t T = (size_t)m->opt.max_batch_tokens;

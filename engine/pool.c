@@ -1,10 +1,10 @@
-/* pool.c — a small thread pool for the engine's own parallel loops
- * (attention, the small-batch matmul kernel). After a job a worker polls for
- * the next one for SPIN_US (a decode step runs ~120 jobs back to back, and a
- * futex wake-up per job cost a third of the second core), then sleeps on a
- * condition variable, so idle workers never compete with OpenBLAS's threads
- * for the cores (OpenMP's long-spinning workers did, and halved batched
- * decode). */
+/* pool.c — a small thread pool for the engine's own parallel loops (the
+ * matmul kernel, attention, the element-wise steps; OpenBLAS runs
+ * single-threaded inside them). After a job a worker polls for the next one
+ * for SPIN_US (a decode step runs ~200 jobs back to back, and a futex
+ * wake-up per job cost a third of the second core), then sleeps on a
+ * condition variable, so idle workers do not hold a core between requests
+ * (OpenMP's long-spinning workers did, and halved batched decode). */
 #include "internal.h"
 
 #include <pthread.h>
