@@ -84,6 +84,9 @@ void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
  * with k (ahead in the stream on a panel's first pass, else the line just
  * loaded). */
 
+typedef void (*panel_fn)(float *, size_t, const void *, int, const float *, int, size_t, size_t, int, int,
+                         const char *);
+
 /* Scalar: the portable path and the definition of the order. */
 static void panel_scalar(float *y, size_t ldy, const void *w, int bf16, const float *xt, int R, size_t kb, size_t ke,
                          int add, int valid, const char *pf) {
@@ -230,8 +233,6 @@ AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const f
 
 /* One function per group size, so that every loop over r is unrolled and
  * the accumulators are registers. */
-typedef void (*panel_fn)(float *, size_t, const void *, int, const float *, int, size_t, size_t, int, int,
-                         const char *);
 #define DEF512(R) \
     AVX512 static void p512_##R(float *y, size_t ldy, const void *w, int bf16, const float *xt, int r_, size_t kb, \
                                 size_t ke, int add, int valid, const char *pf) {                                \
@@ -371,6 +372,8 @@ static void mm_task(void *ctx, int task, int thread) {
                     Q512[R](y + (size_t)r0 * j->out, (size_t)j->out, ws, wstride, bf16, xt, R, kb, ke, add, valid, pf);
                     continue;
                 }
+#else
+                (void)wstride; /* pairs are AVX-512 only */
 #endif
                 kernel_for(j->isa, R)(y + (size_t)r0 * j->out, (size_t)j->out, ws, bf16, xt, R, kb, ke, add, valid, pf);
             }
