@@ -24,8 +24,8 @@
  * in order (Y = p0, Y += p1, ...). That bounds the rounding error like a
  * blocked sum (KB + in/KB roundings instead of in). The sequence is the same
  * whatever the number of rows, the group a row falls in, the thread, or the
- * instruction set (AVX-512, AVX2, scalar): a token's logits do not depend on
- * what else is in the batch, and the three paths agree bitwise. */
+ * instruction set (AVX-512, AVX2, scalar): a row of the product does not
+ * depend on what else is in the batch, and the three paths agree bitwise. */
 #include "internal.h"
 
 #include <math.h>
