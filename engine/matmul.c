@@ -141,28 +141,20 @@ AVX512 INLINE void panel512(float *y, size_t ldy, const void *w, int bf16, const
 
 /* AVX-512 for many rows (prefill): two adjacent panels, up to 12 rows (24
  * accumulators): per k, two weight vectors and 12 broadcasts feed 24 FMAs,
- * where one panel × 16 rows needs 17 loads for 16. Same order per output. */
-AVX512 INLINE void pair512(float *y, size_t ldy, const void *w, size_t pstride, int bf16, const float *xt,
-                           const int R, size_t kb, size_t ke, int add, int valid1, const char *pf) {
+ * where one panel × 16 rows needs 17 loads for 16. Same order per output.
+ * F32 only: mm_task widens BF16 slices before they get here. */
+AVX512 INLINE void pair512(float *y, size_t ldy, const float *w, size_t pstride, const float *xt, const int R,
+                           size_t kb, size_t ke, int add, int valid1, const char *pf) {
     const __mmask16 vm1 = valid1 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid1) - 1);
-    const size_t rb = bf16 ? 32 : 64;
-    const void *w1 = (const char *)w + pstride;
+    const size_t rb = 64;
+    const float *w1 = (const float *)((const char *)w + pstride);
     __m512 a0[G512P], a1[G512P];
     for (size_t k0 = kb; k0 < ke; k0 += KB) {
         size_t k1 = k0 + KB < ke ? k0 + KB : ke;
 #pragma GCC unroll 12
         for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
         for (size_t k = k0; k < k1; k++) {
-            __m512 v0, v1;
-            if (bf16) {
-                v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k * PANEL))), 16));
-                v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w1 + k * PANEL))), 16));
-            } else {
-                v0 = _mm512_loadu_ps((const float *)w + k * PANEL);
-                v1 = _mm512_loadu_ps((const float *)w1 + k * PANEL);
-            }
+            __m512 v0 = _mm512_loadu_ps(w + k * PANEL), v1 = _mm512_loadu_ps(w1 + k * PANEL);
             _mm_prefetch(pf + k * rb, _MM_HINT_T0);
             _mm_prefetch(pf + pstride + k * rb, _MM_HINT_T0);
             const float *x = xt + k * (size_t)R;
@@ -250,14 +242,13 @@ AVX2 INLINE void panel256(float *y, size_t ldy, const void *w, int bf16, const f
 DEF512(1) DEF512(2) DEF512(3) DEF512(4) DEF512(5) DEF512(6) DEF512(7) DEF512(8)
 DEF512(9) DEF512(10) DEF512(11) DEF512(12) DEF512(13) DEF512(14) DEF512(15) DEF512(16)
 DEF256(1) DEF256(2) DEF256(3) DEF256(4) DEF256(5) DEF256(6)
-typedef void (*pair_fn)(float *, size_t, const void *, size_t, int, const float *, int, size_t, size_t, int, int,
+typedef void (*pair_fn)(float *, size_t, const float *, size_t, const float *, int, size_t, size_t, int, int,
                         const char *);
 #define DEFPAIR(R) \
-    AVX512 static void q512_##R(float *y, size_t ldy, const void *w, size_t ps, int bf16, const float *xt, int r_, \
-                                size_t kb, size_t ke, int add, int valid1, const char *pf) {                      \
-        (void)r_;                                                                                                 \
-        if (bf16) pair512(y, ldy, w, ps, 1, xt, R, kb, ke, add, valid1, pf);                                      \
-        else pair512(y, ldy, w, ps, 0, xt, R, kb, ke, add, valid1, pf);                                           \
+    AVX512 static void q512_##R(float *y, size_t ldy, const float *w, size_t ps, const float *xt, int r_, size_t kb, \
+                                size_t ke, int add, int valid1, const char *pf) {                                   \
+        (void)r_;                                                                                                   \
+        pair512(y, ldy, w, ps, xt, R, kb, ke, add, valid1, pf);                                                     \
     }
 DEFPAIR(1) DEFPAIR(2) DEFPAIR(3) DEFPAIR(4) DEFPAIR(5) DEFPAIR(6)
 DEFPAIR(7) DEFPAIR(8) DEFPAIR(9) DEFPAIR(10) DEFPAIR(11) DEFPAIR(12)
@@ -368,8 +359,9 @@ static void mm_task(void *ctx, int task, int thread) {
                 const char *pf = r0 || ws != w ? ws : ws + PF_AHEAD; /* the first group reads the slice from memory */
                 int add = k0 > 0;
 #ifdef HAVE_X86
-                if (two) {
-                    Q512[R](y + (size_t)r0 * j->out, (size_t)j->out, ws, wstride, bf16, xt, R, kb, ke, add, valid, pf);
+                if (two) { /* F32 here: BF16 slices were widened above */
+                    Q512[R](y + (size_t)r0 * j->out, (size_t)j->out, (const float *)ws, wstride, xt, R, kb, ke, add,
+                            valid, pf);
                     continue;
                 }
 #else
