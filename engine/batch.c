@@ -233,6 +233,7 @@ struct eng_engine {
     int n_agents, cap_agents;
     ev_buf ev;
     uint64_t prefix_hits, preemptions;
+    int hold;               /* test hook: no sequence generates past this many tokens (-1 = off) */
 };
 
 static char *dupstr(const char *s) {
@@ -440,6 +441,7 @@ int eng_engine_open(eng_engine **out, eng_model *m, const eng_engine_options *o,
     e->m = m;
     e->max_ctx = m->max_ctx;
     e->next_id = 1;
+    e->hold = -1;
     pthread_mutex_init(&e->mu, NULL);
     const eng_config *c = &m->cfg;
     int T = e->o.max_step_tokens;
@@ -727,6 +729,7 @@ static int schedule(eng_engine *e, int *n_tokens) {
         for (seq *s = e->running.head, *n; s && budget > 0; s = n) {
             n = s->next;
             if (s->in_batch) continue;
+            if (e->hold >= 0 && s->n_tok - s->gen_start >= e->hold) continue; /* held (tests only) */
             int left = s->n_tok - s->n_cached;
             if ((pass == 0) != (left == 1)) continue;
             int chunk = left < budget ? left : budget;
@@ -804,6 +807,12 @@ int eng_step(eng_engine *e, eng_event_cb cb, void *ud) {
     }
     deliver(e, cb, ud);
     return n_tokens;
+}
+
+void eng_engine_hold(eng_engine *e, int n) {
+    pthread_mutex_lock(&e->mu);
+    e->hold = n < 0 ? -1 : n;
+    pthread_mutex_unlock(&e->mu);
 }
 
 void eng_stats_get(eng_engine *e, eng_stats *st) {

@@ -279,6 +279,14 @@ typedef void (*eng_event_cb)(void *ud, const eng_event *ev);
  * through cb. Returns the number of tokens computed (0 when idle). */
 int eng_step(eng_engine *e, eng_event_cb cb, void *ud);
 
+/* Test hook: while n >= 0, no request generates more than n tokens. A held
+ * sequence stays running with its blocks and simply sits out the steps;
+ * admission, cancellation (blocks freed at once) and event delivery go on.
+ * n < 0 lifts the hold. Tests use it to keep a request "running" for as long
+ * as they need, whatever the machine's speed (docs/testing.md). Costs one
+ * comparison per sequence per step when off. */
+void eng_engine_hold(eng_engine *e, int n);
+
 typedef struct eng_stats {
     int blocks_total, blocks_free, blocks_used, blocks_shared; /* shared: used by 2+ owners */
     int blocks_cached;     /* free but holding a reusable prefix */

@@ -52,6 +52,7 @@ static const char USAGE[] =
     "  --token-file FILE    lines \"TOKEN TENANT\": require bearer tokens\n"
     "  --grace S            seconds in-flight calls get on SIGTERM (10)\n"
     "  --redis URL          prompt cache on Redis (redis://host:port/db, unix:///path)\n"
+    "  --redis-timeout-ms MS  Redis connect and command timeout (200)\n"
     "  --cache-ttl S        default lifetime of cached completions (86400)\n"
     "  --metrics HOST:PORT  Prometheus /metrics and /metrics/cache/statistics over HTTP\n"
     "  --price-per-1k X     currency per 1k tokens for the cost-saved metric (0)\n"
@@ -439,7 +440,7 @@ static int cmd_serve(int argc, char **argv) {
         {"metrics", required_argument, 0, 'M'},      {"price-per-1k", required_argument, 0, 'P'},
         {"batch-max", required_argument, 0, 'X'},    {"batch-window-ms", required_argument, 0, 'W'},
         {"batch-queue", required_argument, 0, 'Q'},  {"weights", required_argument, 0, 'w'},
-        {"kv", required_argument, 0, 'V'},
+        {"kv", required_argument, 0, 'V'},          {"redis-timeout-ms", required_argument, 0, 'D'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o;
@@ -454,6 +455,7 @@ static int cmd_serve(int argc, char **argv) {
         case 'A': c.tls_client_ca = optarg; break;
         case 'T': c.token_file = optarg; break;
         case 'R': c.redis_url = optarg; break;
+        case 'D': if (parse_num(optarg, 1, 600000, &v, "--redis-timeout-ms")) return 2; c.redis_timeout_ms = (int)v; break;
         case 'M': c.metrics_listen = optarg; break;
         case 'P': if (parse_num(optarg, 0, 1e9, &v, "--price-per-1k")) return 2; c.price_per_1k = v; break;
         case 'L': if (parse_num(optarg, 1, 1e9, &v, "--cache-ttl")) return 2; c.cache_ttl_s = (int)v; break;

@@ -234,7 +234,7 @@ struct srv {
     uint64_t purged_keys;       /* superseded prompt-cache keys deleted (Invalidate purge + background) */
     int pending;                /* requests in the batcher */
     pthread_t writer;
-    struct cache_job *jobs;     /* cache writes waiting for the writer thread */
+    struct cache_job *jobs, *jobs_tail; /* cache writes and purges for the writer thread, oldest first */
     pthread_cond_t jobs_cv;
     int writer_stop, has_writer;
     uint64_t next_cached_id;
@@ -781,6 +781,15 @@ static cache_req *cache_prepare(srv *s, const char *tenant, const Kvserve__V1__G
     return q;
 }
 
+/* Queue a job for the writer (srv.mu held). First in, first out: a write is
+ * done before any job queued after it. */
+static void job_push(srv *s, cache_job *j) {
+    j->next = NULL;
+    if (s->jobs_tail) s->jobs_tail->next = j; else s->jobs = j;
+    s->jobs_tail = j;
+    pthread_cond_signal(&s->jobs_cv);
+}
+
 /* Engine thread (srv.mu held): hand a finished completion to the writer. */
 static void cache_enqueue(srv *s, cache_req *q, const eng_event *ev) {
     cache_job *j = calloc(1, sizeof *j);
@@ -802,9 +811,7 @@ static void cache_enqueue(srv *s, cache_req *q, const eng_event *ev) {
     j->comp.prompt_tokens = ev->usage.prompt_tokens;
     j->comp.cached_tokens = ev->usage.cached_tokens;
     j->comp.generated_tokens = ev->usage.generated_tokens;
-    j->next = s->jobs;
-    s->jobs = j;
-    pthread_cond_signal(&s->jobs_cv);
+    job_push(s, j);
 }
 
 /* Writes to Redis happen here, off the engine and completion-queue threads. */
@@ -816,6 +823,7 @@ static void *writer_loop(void *p) {
         cache_job *j = s->jobs;
         if (!j) break;
         s->jobs = j->next;
+        if (!s->jobs) s->jobs_tail = NULL;
         int stopping = s->writer_stop;
         pthread_mutex_unlock(&s->mu);
         int purged = 0;
@@ -1398,9 +1406,7 @@ static void h_invalidate(call *c) {
             cache_job *j = calloc(1, sizeof *j);
             if (j && (j->purge_tenant = strdup(c->tenant)) && (j->purge_ns = strdup(q->namespace_ ? q->namespace_ : ""))) {
                 pthread_mutex_lock(&s->mu);
-                j->next = s->jobs;
-                s->jobs = j;
-                pthread_cond_signal(&s->jobs_cv);
+                job_push(s, j);
                 pthread_mutex_unlock(&s->mu);
             } else if (j) {
                 free(j->purge_tenant);
@@ -2040,6 +2046,18 @@ static void *cq_loop(void *p) {
     return NULL;
 }
 
+/* Test hook (KVSERVE_TEST_HOLD_FILE, docs/testing.md): while the file exists,
+ * no request generates more tokens than the number written in it (0 if it
+ * holds none). Returns the hold, or -1 when the file is absent. */
+static int read_hold(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    int n = 0;
+    if (fscanf(f, "%d", &n) != 1 || n < 0) n = 0;
+    fclose(f);
+    return n;
+}
+
 static void *engine_loop(void *p) {
     srv *s = p;
     for (;;) {
@@ -2047,6 +2065,8 @@ static void *engine_loop(void *p) {
         int stop = s->stop_engine;
         pthread_mutex_unlock(&s->mu);
         if (stop) break;
+        int held = -1;
+        if (s->cfg.test_hold_file) eng_engine_hold(s->eng, held = read_hold(s->cfg.test_hold_file));
         int n = eng_step(s->eng, on_event, s);
         if (n > 0) srv_metrics_step(s->metrics, n);
         check_parked(s, 0);
@@ -2055,7 +2075,7 @@ static void *engine_loop(void *p) {
             if (!s->work && !s->stop_engine) {
                 struct timespec ts;
                 clock_gettime(CLOCK_REALTIME, &ts);
-                long wait_ns = s->parked ? 5000000L : 200000000L;
+                long wait_ns = s->parked || held >= 0 ? 5000000L : 200000000L; /* a held test polls its file */
                 ts.tv_nsec += wait_ns;
                 if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
                 pthread_cond_timedwait(&s->cv, &s->mu, &ts);
@@ -2177,6 +2197,7 @@ void srv_config_default(srv_config *c) {
     c->max_message_bytes = getenv_int("KVSERVE_MAX_MESSAGE_BYTES", 64 << 20);
     c->max_wait_ms = getenv_int("KVSERVE_MAX_WAIT_MS", 10000);
     c->redis_url = getenv("KVSERVE_REDIS_URL");
+    c->redis_timeout_ms = getenv_int("KVSERVE_REDIS_TIMEOUT_MS", 0);
     c->cache_ttl_s = getenv_int("KVSERVE_CACHE_TTL", 0);
     c->metrics_listen = getenv("KVSERVE_METRICS_LISTEN");
     c->price_per_1k = getenv("KVSERVE_PRICE_PER_1K") ? atof(getenv("KVSERVE_PRICE_PER_1K")) : 0;
@@ -2185,6 +2206,7 @@ void srv_config_default(srv_config *c) {
     c->batch_queue = getenv_int("KVSERVE_BATCH_QUEUE", 1024);
     c->bf16_weights = getenv("KVSERVE_WEIGHTS") && !strcmp(getenv("KVSERVE_WEIGHTS"), "bf16");
     c->kv_f16 = getenv("KVSERVE_KV") && !strcmp(getenv("KVSERVE_KV"), "f16");
+    c->test_hold_file = getenv("KVSERVE_TEST_HOLD_FILE");
 }
 
 static void *writer_loop(void *p);
@@ -2248,7 +2270,8 @@ int srv_run(const srv_config *cfg) {
 
     if (s->cfg.redis_url) { /* Redis may be down now: the cache is fail-open */
         char err[256];
-        kvc_redis_options ro = {.url = s->cfg.redis_url};
+        kvc_redis_options ro = {.url = s->cfg.redis_url, .connect_timeout_ms = s->cfg.redis_timeout_ms,
+                                .command_timeout_ms = s->cfg.redis_timeout_ms};
         kvc_prompt_options po = {.default_ttl_s = s->cfg.cache_ttl_s};
         if (kvc_redis_open(&s->redis, &ro, err, sizeof err) != KVC_OK ||
             kvc_prompt_open(&s->pcache, s->redis, &po) != KVC_OK || kvc_rag_open(&s->rag, s->redis, NULL) != KVC_OK) {
@@ -2348,6 +2371,9 @@ int srv_run(const srv_config *cfg) {
         if (eng_blas_note())
             LOG_INFO("BLAS: OpenBLAS would have run its %s kernels on this AVX-512 CPU; switched to %s "
                      "(KVSERVE_BLAS_CORE=keep to keep them)", eng_blas_note(), eng_blas_core());
+        if (s->cfg.test_hold_file)
+            LOG_WARN("test hook KVSERVE_TEST_HOLD_FILE=%s: while that file exists, requests are held at the "
+                     "number of tokens it holds", s->cfg.test_hold_file);
         pthread_create(&s->eng_thr, NULL, engine_loop, s);
         pthread_mutex_lock(&s->mu);
         s->ready = 1;
@@ -2364,10 +2390,14 @@ int srv_run(const srv_config *cfg) {
     pthread_mutex_lock(&s->mu);
     s->serving = 0;
     s->shutting_down = 1;
-    notify_watchers(s);
     pthread_mutex_unlock(&s->mu);
     cq_dispatch(NULL, on_shutdown, &s->t_shutdown);
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
+    /* watchers hear NOT_SERVING only once new calls are refused, so a client
+     * that has seen it can count on that */
+    pthread_mutex_lock(&s->mu);
+    notify_watchers(s);
+    pthread_mutex_unlock(&s->mu);
     double until = now_s() + s->cfg.grace_seconds;
     for (;;) {
         pthread_mutex_lock(&s->mu);

@@ -22,6 +22,7 @@ typedef struct srv_config {
     int max_message_bytes;       /* largest request accepted (0 = 64 MiB) */
     int max_wait_ms;             /* cap on Step's wait_ms (0 = 10000) */
     const char *redis_url;       /* enables the prompt cache: redis://host:port/db or unix:///path */
+    int redis_timeout_ms;        /* Redis connect and command timeout (0 = 200) */
     int cache_ttl_s;             /* default TTL of cached completions (0 = 86400) */
     const char *metrics_listen;  /* HOST:PORT for /metrics (Prometheus) and /metrics/cache/statistics */
     double price_per_1k;         /* currency per 1k tokens, for the cost-saved metric */
@@ -30,6 +31,7 @@ typedef struct srv_config {
     int batch_queue;             /* requests waiting at most; beyond: RESOURCE_EXHAUSTED */
     int bf16_weights;            /* keep the weight matrices in BF16 */
     int kv_f16;                  /* keep the KV cache in IEEE half */
+    const char *test_hold_file;  /* test hook (KVSERVE_TEST_HOLD_FILE, docs/testing.md); NULL in production */
 } srv_config;
 
 /* Fill defaults, then override from KVSERVE_* environment variables. */

@@ -2,6 +2,9 @@
 # The C client (kvctl) against a real server on a free loopback port:
 # streaming, submit/step/cancel, agents export/import, health, tokens, TLS.
 #   kvctl_test.sh KVSERVE KVCTL MODEL_DIR
+# Nothing here depends on the machine's speed: a request that must still be
+# running when it is cancelled is held by the test hook KVSERVE_TEST_HOLD_FILE
+# (docs/testing.md), and every wait polls a condition with a generous bound.
 set -u
 kvserve=$1 kvctl=$2 model=$3
 tmp=$(mktemp -d)
@@ -13,13 +16,26 @@ check() { # name, command...
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 start() { # extra server args...
   port=$(free_port)
-  "$kvserve" serve --model "$model" --listen "127.0.0.1:$port" "$@" 2>"$tmp/server.log" &
+  KVSERVE_TEST_HOLD_FILE=$tmp/hold "$kvserve" serve --model "$model" --listen "127.0.0.1:$port" "$@" \
+    2>"$tmp/server.log" &
   pid=$!
-  for _ in $(seq 100); do
-    "$kvctl" --addr "127.0.0.1:$port" "${client_args[@]}" --timeout 2 health >/dev/null 2>&1 && return 0
+  local until=$((SECONDS + 120))
+  while ((SECONDS < until)); do
+    "$kvctl" --addr "127.0.0.1:$port" "${client_args[@]}" --timeout 2 health 2>/dev/null | grep -qx SERVING && return 0
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
-  echo "server did not come up:"; cat "$tmp/server.log"; return 1
+  echo "server did not become SERVING within 120 s:"; cat "$tmp/server.log"; return 1
+}
+hold() { echo "$1" >"$tmp/hold.new" && mv "$tmp/hold.new" "$tmp/hold"; } # requests stop at $1 tokens
+release() { rm -f "$tmp/hold"; }
+step_until() { # ID PATTERN OUT: Step (long-polling) until OUT has a line matching PATTERN; 120 s at most
+  local until=$((SECONDS + 120))
+  while ((SECONDS < until)); do
+    "${K[@]}" step --wait 1000 "$1" >>"$3" 2>&1
+    grep -q "$2" "$3" && return 0
+  done
+  echo "no line matching '$2' for request $1 within 120 s:"; cat "$3"; return 1
 }
 stop() { kill -TERM "$pid"; wait "$pid"; }
 trap 'kill $pid 2>/dev/null; rm -rf "$tmp"' EXIT
@@ -33,14 +49,17 @@ check "generate streams text and usage" grep -q "finish length | prompt [0-9]* (
 "${K[@]}" generate -n 4 --ignore-eos --agent a1 " again" 2>"$tmp/err2" >/dev/null
 check "agent resume reports cached tokens" grep -q "(cached 1[0-9])" "$tmp/err2"
 id=$("${K[@]}" submit -n 8 --ignore-eos "Tell me")
-"${K[@]}" step --wait 2000 "$id" >"$tmp/step1"
-for _ in $(seq 50); do "${K[@]}" step --wait 200 "$id" >>"$tmp/step1"; grep -q "^done id=$id" "$tmp/step1" && break; done
+step_until "$id" "^done id=$id" "$tmp/step1"
 check "submit and step until done" grep -q "^done id=$id finish=length .* generated=8" "$tmp/step1"
 check "step of a collected id is NOT_FOUND" bash -c "! '${K[0]}' --addr 127.0.0.1:$port step $id 2>&1 | grep -qv NOT_FOUND"
+hold 2 # the next request generates 2 tokens, then waits (running, holding its blocks) until released
 id=$("${K[@]}" submit -n 480 --ignore-eos "x")
+step_until "$id" "^token id=$id index=1 " "$tmp/step2"
+check "the held request is running" bash -c "'${K[0]}' --addr 127.0.0.1:$port stats | grep -qx 'running 1'"
 check "cancel a running request" "${K[@]}" cancel "$id"
-"${K[@]}" step --wait 2000 "$id" >"$tmp/step2"
-check "the cancelled request completes as cancelled" grep -q "finish=cancelled" "$tmp/step2"
+step_until "$id" "^done id=$id" "$tmp/step2"
+check "the cancelled request completes as cancelled" grep -q "^done id=$id finish=cancelled .* generated=2 " "$tmp/step2"
+release
 check "export an agent" "${K[@]}" agents export a1 "$tmp/a1.bin"
 check "drop it" "${K[@]}" agents drop a1
 check "dropping again is NOT_FOUND" bash -c "'${K[0]}' --addr 127.0.0.1:$port agents drop a1 2>&1 | grep -q NOT_FOUND"

@@ -2,7 +2,9 @@
  * honoured, the queue is bounded, expired and removed items never reach
  * dispatch, close hands back what waits, and many producers lose nothing.
  * Waits below are bounded polls (they guard against hangs; nothing asserts
- * an upper bound on speed). */
+ * an upper bound on speed). Where a check needs this thread to have pushed
+ * several items within one window, it measures that it did and is skipped
+ * when a loaded machine kept it from doing so. */
 #include "kvc.h"
 #include "test.h"
 
@@ -70,9 +72,11 @@ static void on_drop(void *ctx, void *item, int reason) {
 
 #define ITEM(i) ((void *)(intptr_t)(i))
 
-/* Wait (at most 10 s) until the callbacks have seen `items` dispatched. */
+#define BOUND_S 120 /* the bound on every wait for a state */
+
+/* Wait (at most BOUND_S) until the callbacks have seen `items` dispatched. */
 static int wait_items(int items) {
-    double until = now_s() + 10;
+    double until = now_s() + BOUND_S;
     pthread_mutex_lock(&R.mu);
     while (R.items < items && now_s() < until) {
         pthread_mutex_unlock(&R.mu);
@@ -94,15 +98,17 @@ static kvc_batcher *open_b(int max_batch, int window_ms, int max_queue) {
 /* Fewer than max_batch: one dispatch of all of them, not before the window. */
 static void test_window_is_honoured(void) {
     reset();
-    kvc_batcher *b = open_b(8, 150, 64);
+    kvc_batcher *b = open_b(8, 300, 64);
     double t0 = now_s();
     for (int i = 1; i <= 3; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK);
+    double pushed = now_s() - t0;
     CHECK(wait_items(3));
-    CHECK(R.batches == 1 && R.sizes[0] == 3);
-    CHECK_MSG(R.first_dispatch - t0 >= 0.150 - 0.001, "dispatched after %.3f s, window 0.150 s", R.first_dispatch - t0);
+    if (pushed < 0.300) CHECK_MSG(R.batches == 1 && R.sizes[0] == 3, "%d batches", R.batches);
+    else fprintf(stderr, "  (pushing took %.3f s, longer than the window: one-window check skipped)\n", pushed);
+    CHECK_MSG(R.first_dispatch - t0 >= 0.300 - 0.001, "dispatched after %.3f s, window 0.300 s", R.first_dispatch - t0);
     kvc_batcher_stats st;
     kvc_batcher_stats_get(b, &st);
-    CHECK(st.pushed == 3 && st.batches == 1 && st.dispatched == 3 && st.queued == 0);
+    CHECK(st.pushed == 3 && st.batches == (uint64_t)R.batches && st.dispatched == 3 && st.queued == 0);
     kvc_batcher_close(b);
 }
 
@@ -112,7 +118,6 @@ static void test_max_batch_is_honoured(void) {
     kvc_batcher *b = open_b(4, 60000, 64);
     for (int i = 1; i <= 10; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK);
     CHECK(wait_items(8));
-    sleep_ms(50);
     kvc_batcher_stats st;
     kvc_batcher_stats_get(b, &st);
     CHECK_MSG(R.batches == 2 && R.sizes[0] == 4 && R.sizes[1] == 4, "batches %d", R.batches);
@@ -140,7 +145,7 @@ static void test_bounded_queue(void) {
     kvc_batcher *b = open_b(1, 0, 2);
     CHECK(kvc_batcher_push(b, ITEM(1), 0) == KVC_OK);
     pthread_mutex_lock(&R.mu); /* item 1 is in dispatch, held there */
-    double until = now_s() + 10;
+    double until = now_s() + BOUND_S;
     while (!R.in_dispatch && now_s() < until) {
         pthread_mutex_unlock(&R.mu);
         sleep_ms(1);
@@ -167,33 +172,39 @@ static void test_bounded_queue(void) {
 /* Past its deadline before the window closes: dropped, never dispatched. */
 static void test_expired_dropped(void) {
     reset();
-    kvc_batcher *b = open_b(8, 200, 64);
-    CHECK(kvc_batcher_push(b, ITEM(1), now_s() + 0.05) == KVC_OK);
-    CHECK(kvc_batcher_push(b, ITEM(2), now_s() + 60) == KVC_OK);
+    kvc_batcher *b = open_b(8, 300, 64);
+    double t0 = now_s();
+    CHECK(kvc_batcher_push(b, ITEM(1), now_s() + 0.05) == KVC_OK); /* dispatch is 0.3 s after it at the earliest */
+    CHECK(kvc_batcher_push(b, ITEM(2), now_s() + 3600) == KVC_OK);
     CHECK(kvc_batcher_push(b, ITEM(3), 0) == KVC_OK);
+    double pushed = now_s() - t0;
     CHECK(wait_items(2));
     CHECK(R.dropped[1] == KVC_DROP_EXPIRED && !R.seen[1]);
-    CHECK(R.seen[2] == 1 && R.seen[3] == 1 && R.sizes[0] == 2);
+    CHECK(R.seen[2] == 1 && R.seen[3] == 1);
+    if (pushed < 0.300) CHECK(R.sizes[0] == 2);
     kvc_batcher_stats st;
     kvc_batcher_stats_get(b, &st);
     CHECK(st.expired == 1 && st.dispatched == 2);
     kvc_batcher_close(b);
 }
 
-/* A removed (cancelled) item is out: not dispatched, not dropped, order kept. */
+/* A removed (cancelled) item is out: not dispatched, not dropped, order kept.
+ * (A window of a minute: only max_batch dispatches within the test.) */
 static void test_removed_never_dispatched(void) {
     reset();
-    kvc_batcher *b = open_b(8, 100, 64);
+    kvc_batcher *b = open_b(8, 60000, 64);
     for (int i = 1; i <= 4; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK);
     CHECK(kvc_batcher_remove(b, ITEM(2)) == 1);
     CHECK(kvc_batcher_remove(b, ITEM(2)) == 0);
     CHECK(kvc_batcher_remove(b, ITEM(99)) == 0);
-    CHECK(wait_items(3));
-    CHECK(!R.seen[2] && !R.dropped[2] && R.seen[1] && R.seen[3] && R.seen[4]);
+    for (int i = 5; i <= 9; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK); /* 8 waiting: dispatched */
+    CHECK(wait_items(8));
+    CHECK(!R.seen[2] && !R.dropped[2] && R.seen[1] && R.seen[3] && R.seen[4] && R.seen[9]);
+    CHECK(R.batches == 1 && R.sizes[0] == 8);
     CHECK(kvc_batcher_remove(b, ITEM(3)) == 0); /* dispatched already */
     kvc_batcher_stats st;
     kvc_batcher_stats_get(b, &st);
-    CHECK(st.removed == 1 && st.dispatched == 3);
+    CHECK(st.removed == 1 && st.dispatched == 8);
     kvc_batcher_close(b);
 }
 
