@@ -15,15 +15,20 @@ check() { # name, command...
 }
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 start() { # extra server args...
-  port=$(free_port)
-  KVSERVE_TEST_HOLD_FILE=$tmp/hold "$kvserve" serve --model "$model" --listen "127.0.0.1:$port" "$@" \
-    2>"$tmp/server.log" &
-  pid=$!
-  local until=$((SECONDS + 120))
-  while ((SECONDS < until)); do
-    "$kvctl" --addr "127.0.0.1:$port" "${client_args[@]}" --timeout 2 health 2>/dev/null | grep -qx SERVING && return 0
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
+  local attempt until
+  for attempt in 1 2 3 4 5; do # another process may take the "free" port first: then another one
+    port=$(free_port)
+    KVSERVE_TEST_HOLD_FILE=$tmp/hold "$kvserve" serve --model "$model" --listen "127.0.0.1:$port" "$@" \
+      2>"$tmp/server.log" &
+    pid=$!
+    until=$((SECONDS + 120))
+    while ((SECONDS < until)); do
+      "$kvctl" --addr "127.0.0.1:$port" "${client_args[@]}" --timeout 2 health 2>/dev/null | grep -qx SERVING &&
+        return 0
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.05
+    done
+    if kill -0 "$pid" 2>/dev/null || ! grep -q "cannot listen" "$tmp/server.log"; then break; fi
   done
   echo "server did not become SERVING within 120 s:"; cat "$tmp/server.log"; return 1
 }
