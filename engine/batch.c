@@ -11,7 +11,13 @@
  * Blocks: ref counts count owners (sequences, idle agents). A full block is
  * registered under the hash chain of its tokens so that a later sequence
  * with the same prefix can take it; a registered block whose last owner
- * leaves stays "cached" (LRU) until the allocator needs it. */
+ * leaves stays "cached" (LRU) until the allocator needs it.
+ *
+ * Isolation: a chain starts from its sharing scope (one per tenant, or one
+ * for all with share_prefix_across_tenants), so a tenant never takes another
+ * tenant's KV, nor learns from usage or timing that another sent a prefix.
+ * KV that the engine did not compute itself (an imported agent's) never
+ * enters the index, nor does any block computed after it. */
 #include "internal.h"
 
 #include <pthread.h>
@@ -31,6 +37,7 @@ typedef struct {
     uint8_t *registered;
     uint64_t *hash;         /* chain hash of the block's prefix */
     int32_t *parent;        /* block before it in the chain (-1 for the first) */
+    int32_t *scope;         /* sharing scope of the chain (its first block's) */
     int32_t *btok;          /* [n][B] the tokens it holds */
     int32_t *bucket, *chain; /* hash -> block lookup */
     size_t n_bucket;
@@ -58,25 +65,28 @@ static void unregister(bpool *p, int b) {
     p->registered[b] = 0;
 }
 
-static uint64_t chain_hash(const bpool *p, int parent, const int32_t *tok) {
-    uint64_t seed = parent >= 0 ? p->hash[parent] : 0x70726566697821ull;
+static uint64_t chain_hash(const bpool *p, int parent, int scope, const int32_t *tok) {
+    uint64_t seed = parent >= 0 ? p->hash[parent] : 0x70726566697821ull + (uint64_t)scope * 0x9e3779b97f4a7c15ull;
     return eng__hash64(tok, (size_t)p->B * sizeof *tok, seed);
 }
 
-/* A registered block holding tok after parent, or -1. */
-static int bp_lookup(const bpool *p, int parent, const int32_t *tok) {
-    uint64_t h = chain_hash(p, parent, tok);
+/* A registered block holding tok after parent in scope, or -1. (A child's
+ * scope is its parent's: only first blocks need the comparison.) */
+static int bp_lookup(const bpool *p, int parent, int scope, const int32_t *tok) {
+    uint64_t h = chain_hash(p, parent, scope, tok);
     for (int b = p->bucket[h & (p->n_bucket - 1)]; b >= 0; b = p->chain[b])
-        if (p->hash[b] == h && p->parent[b] == parent && memcmp(p->btok + (size_t)b * p->B, tok, (size_t)p->B * 4) == 0)
+        if (p->hash[b] == h && p->parent[b] == parent && p->scope[b] == scope &&
+            memcmp(p->btok + (size_t)b * p->B, tok, (size_t)p->B * 4) == 0)
             return b;
     return -1;
 }
 
 /* Register a full block unless an identical one is registered already. */
-static void bp_register(bpool *p, int b, int parent, const int32_t *tok) {
-    if (p->registered[b] || bp_lookup(p, parent, tok) >= 0) return;
-    p->hash[b] = chain_hash(p, parent, tok);
+static void bp_register(bpool *p, int b, int parent, int scope, const int32_t *tok) {
+    if (p->registered[b] || bp_lookup(p, parent, scope, tok) >= 0) return;
+    p->hash[b] = chain_hash(p, parent, scope, tok);
     p->parent[b] = parent;
+    p->scope[b] = scope;
     memcpy(p->btok + (size_t)b * p->B, tok, (size_t)p->B * 4);
     size_t k = p->hash[b] & (p->n_bucket - 1);
     p->chain[b] = p->bucket[k];
@@ -122,11 +132,12 @@ static int bp_init(bpool *p, int n, int B, const eng_config *c, int kv_f16) {
     p->registered = calloc((size_t)n, 1);
     p->hash = calloc((size_t)n, sizeof *p->hash);
     p->parent = malloc((size_t)n * sizeof *p->parent);
+    p->scope = malloc((size_t)n * sizeof *p->scope);
     p->btok = malloc((size_t)n * B * sizeof *p->btok);
     p->chain = malloc((size_t)n * sizeof *p->chain);
     p->bucket = malloc(p->n_bucket * sizeof *p->bucket);
     if (!p->ref || !p->free_stack || !p->lru_prev || !p->lru_next || !p->registered || !p->hash || !p->parent ||
-        !p->btok || !p->chain || !p->bucket)
+        !p->scope || !p->btok || !p->chain || !p->bucket)
         return ENG_ENOMEM;
     for (int i = 0; i < n; i++) {
         p->free_stack[i] = n - 1 - i;
@@ -141,7 +152,7 @@ static int bp_init(bpool *p, int n, int B, const eng_config *c, int kv_f16) {
 static void bp_free(bpool *p) {
     kv_pool_free(&p->kv);
     free(p->ref); free(p->free_stack); free(p->lru_prev); free(p->lru_next); free(p->registered);
-    free(p->hash); free(p->parent); free(p->btok); free(p->chain); free(p->bucket);
+    free(p->hash); free(p->parent); free(p->scope); free(p->btok); free(p->chain); free(p->bucket);
 }
 
 /* ---- sequences and agents ---------------------------------------------- */
@@ -149,6 +160,7 @@ typedef struct agent {
     char *tenant, *id;
     int32_t *tok;
     int n_tok, n_cached;
+    int n_foreign;          /* leading tokens whose KV was imported, not computed here */
     int32_t *blk;
     int n_blk;
     int busy;
@@ -165,6 +177,8 @@ typedef struct seq {
     int32_t *blk;
     int n_blk, cap_blk;
     int gen_start;          /* tok index of the first generated token */
+    int scope;              /* prefix-sharing scope (its tenant's, or 0 when tenants share) */
+    int n_foreign;          /* leading tokens whose KV was imported: their blocks are never shared */
     int max_tokens;
     eng_sampling sp;
     eng__rng rng;
@@ -234,6 +248,8 @@ struct eng_engine {
     ev_buf ev;
     uint64_t prefix_hits, preemptions;
     int hold;               /* test hook: no sequence generates past this many tokens (-1 = off) */
+    char **scopes;          /* tenant of each prefix-sharing scope (index + 1) */
+    int n_scopes, cap_scopes;
 };
 
 static char *dupstr(const char *s) {
@@ -276,6 +292,7 @@ static void agent_release_blocks(eng_engine *e, agent *a) {
     a->blk = NULL;
     a->n_blk = 0;
     a->n_cached = 0;
+    a->n_foreign = 0;
 }
 
 static void agent_destroy(eng_engine *e, int index) {
@@ -326,6 +343,7 @@ static void seq_release_blocks(eng_engine *e, seq *s) {
     for (int i = 0; i < s->n_blk; i++) bp_decref(&e->bp, s->blk[i]);
     s->n_blk = 0;
     s->n_cached = 0;
+    s->n_foreign = 0; /* what it computes again is its own */
 }
 
 /* ---- events ------------------------------------------------------------ */
@@ -388,6 +406,7 @@ static void seq_finish(eng_engine *e, seq *s, int finish, int error, const char 
         a->blk = s->blk;
         a->n_blk = s->n_blk;
         a->n_cached = s->n_cached;
+        a->n_foreign = s->n_foreign;
         a->busy = 0;
         a->last_used = eng__now();
         s->tok = NULL;
@@ -474,6 +493,8 @@ void eng_engine_close(eng_engine *e) {
         free(e->agents[i]);
     }
     free(e->agents);
+    for (int i = 0; i < e->n_scopes; i++) free(e->scopes[i]);
+    free(e->scopes);
     bp_free(&e->bp);
     fwd_scratch_free(e->scratch);
     eng__sampler_free(e->sampler);
@@ -484,6 +505,24 @@ void eng_engine_close(eng_engine *e) {
 }
 
 /* ---- submit / cancel ------------------------------------------------------ */
+/* The prefix-sharing scope of a tenant (e->mu held): 0 for everyone when
+ * tenants share, else one per tenant, numbered from 1 on first sight.
+ * -1 when out of memory. */
+static int scope_of(eng_engine *e, const char *tenant) {
+    if (e->o.share_prefix_across_tenants) return 0;
+    for (int i = 0; i < e->n_scopes; i++)
+        if (!strcmp(e->scopes[i], tenant)) return i + 1;
+    if (e->n_scopes == e->cap_scopes) {
+        int nc = e->cap_scopes ? e->cap_scopes * 2 : 8;
+        char **ns = realloc(e->scopes, (size_t)nc * sizeof *ns);
+        if (!ns) return -1;
+        e->scopes = ns;
+        e->cap_scopes = nc;
+    }
+    if (!(e->scopes[e->n_scopes] = dupstr(tenant))) return -1;
+    return ++e->n_scopes;
+}
+
 #define MAX_NAME 255
 
 int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, size_t errlen) {
@@ -551,6 +590,11 @@ int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, siz
         pthread_mutex_unlock(&e->mu);
         seq_free(s);
         return eng__fail(err, errlen, ENG_EQUEUE, "the queue is full (%d waiting)", e->o.max_queue);
+    }
+    if ((s->scope = scope_of(e, s->tenant)) < 0) {
+        pthread_mutex_unlock(&e->mu);
+        seq_free(s);
+        return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
     }
     s->id = e->next_id++;
     s->state = SQ_WAITING;
@@ -621,6 +665,7 @@ static int admit(eng_engine *e, seq *s) {
         s->blk = a->blk;
         s->n_blk = s->cap_blk = a->n_blk;
         s->n_cached = a->n_cached;
+        s->n_foreign = a->n_foreign;
         a->blk = NULL;
         a->n_blk = 0;
         a->n_cached = 0;
@@ -641,7 +686,7 @@ static int admit(eng_engine *e, seq *s) {
             s->cap_blk = nfull;
         }
         for (int k = 0; k < nfull; k++) {
-            int b = bp_lookup(&e->bp, parent, s->tok + (size_t)k * B);
+            int b = bp_lookup(&e->bp, parent, s->scope, s->tok + (size_t)k * B);
             if (b < 0) break;
             bp_incref(&e->bp, b);
             s->blk[s->n_blk++] = b;
@@ -706,13 +751,15 @@ static int ensure_blocks(eng_engine *e, seq *s, int upto) {
 /* Register the full blocks that tok[0..n_cached) completed. A chain is only
  * extended from a registered parent: a block that duplicates one registered
  * by a twin sequence stays unregistered, its hash is stale, and children
- * hashed from it could later match KV computed after another prefix. */
+ * hashed from it could later match KV computed after another prefix. A block
+ * holding imported KV is never registered, so neither is anything after it
+ * (its KV was computed from the imported one). */
 static void register_full(eng_engine *e, seq *s, int before) {
     int B = e->bp.B;
     for (int k = before / B; k < s->n_cached / B; k++) {
         int parent = k ? s->blk[k - 1] : -1;
-        if (parent >= 0 && !e->bp.registered[parent]) return;
-        bp_register(&e->bp, s->blk[k], parent, s->tok + (size_t)k * B);
+        if ((parent >= 0 && !e->bp.registered[parent]) || k * B < s->n_foreign) return;
+        bp_register(&e->bp, s->blk[k], parent, s->scope, s->tok + (size_t)k * B);
     }
 }
 
@@ -896,6 +943,7 @@ int eng_agent_fork(eng_engine *e, const char *tenant, const char *src, const cha
             b->n_tok = a->n_tok;
             b->n_blk = a->n_blk;
             b->n_cached = a->n_cached;
+            b->n_foreign = a->n_foreign;
         }
     }
     pthread_mutex_unlock(&e->mu);
@@ -1012,6 +1060,7 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
     a->blk = blk;
     a->n_blk = need;
     a->n_cached = (int)nc;
+    a->n_foreign = (int)nc; /* not our computation: never shared through the prefix index */
     tok = NULL;
     blk = NULL;
 out:

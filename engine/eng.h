@@ -196,9 +196,10 @@ int eng_score(eng_model *m, const int32_t *ids, size_t n, double *logprobs, doub
 /* ---- block-pool batch engine -------------------------------------------
  * Many sequences at once over one model. KV lives in one pool of fixed-size
  * blocks allocated at open; a sequence owns a block table; full blocks are
- * shared between sequences with the same prefix (reference counted, found
- * by a hash chain of their tokens, kept for reuse after their last owner
- * leaves until the space is needed). Requests are queued by eng_submit() and
+ * shared between sequences of the same tenant with the same prefix
+ * (reference counted, found by a hash chain of their tokens, kept for reuse
+ * after their last owner leaves until the space is needed). KV restored by
+ * eng_agent_import is never shared with other sequences. Requests are queued by eng_submit() and
  * advanced by eng_step(), one iteration of continuous batching.
  *
  * Thread-safety: eng_submit, eng_cancel, the agent calls and eng_stats may
@@ -216,6 +217,9 @@ typedef struct eng_engine_options {
     int max_step_tokens;   /* token budget of one step (0 = 512) */
     int max_running;       /* sequences running at once (0 = 64) */
     int max_queue;         /* waiting requests before ENG_EQUEUE (0 = 1024) */
+    int share_prefix_across_tenants; /* 0: a tenant only reuses KV blocks its own requests computed
+                                      * (no KV, usage or timing crosses tenants); 1: all tenants share
+                                      * the prefix index (for tenants that trust each other) */
 } eng_engine_options;
 
 /* Open an engine over a loaded model (the model must outlive it). */

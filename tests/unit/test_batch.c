@@ -735,6 +735,105 @@ static void test_hold(void) {
     eng_model_close(m);
 }
 
+/* Prefix sharing stays inside a tenant: the same prompt from another tenant
+ * reuses nothing (no KV, no cached_tokens to learn from); with
+ * share_prefix_across_tenants it does. Outputs equal the runtime alone. */
+static void test_prefix_per_tenant(void) {
+    eng_model *m = model("tiny");
+    if (!m) return;
+    int32_t p[40], want[6];
+    rand_ids(p, 40, 8801, 1024);
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    alone(m, p, 40, &sp, 6, want);
+    for (int share = 0; share < 2; share++) {
+        eng_engine_options o = {.n_blocks = 64, .block_tokens = 16, .max_step_tokens = 512, .max_running = 16,
+                                .max_queue = 64, .share_prefix_across_tenants = share};
+        eng_engine *e = NULL;
+        char err[256];
+        CHECK_MSG(eng_engine_open(&e, m, &o, err, sizeof err) == ENG_OK, "%s", err);
+        if (!e) break;
+        static results rs;
+        memset(&rs, 0, sizeof rs);
+        const char *who[3] = {"alice", "alice", "bob"};
+        for (int i = 0; i < 3; i++) {
+            eng_request r = req_ids(p, 40, 6);
+            r.tenant = who[i];
+            submit(e, &rs, &r);
+            run_all(e, &rs);
+            CHECK_MSG(!memcmp(rs.r[i].tok, want, sizeof want), "share %d request %d: output differs", share, i);
+        }
+        CHECK(rs.r[0].usage.cached_tokens == 0);
+        CHECK(rs.r[1].usage.cached_tokens == 32); /* alice's own two full blocks */
+        CHECK_MSG(rs.r[2].usage.cached_tokens == (share ? 32 : 0), "share %d: bob reused %d of alice's tokens", share,
+                  rs.r[2].usage.cached_tokens);
+        eng_stats st;
+        eng_stats_get(e, &st);
+        CHECK(st.prefix_hit_tokens == (uint64_t)(share ? 64 : 32));
+        eng_engine_close(e);
+    }
+    eng_model_close(m);
+}
+
+/* KV that comes from an import is not the engine's own computation: a forged
+ * export (tokens say one thing, KV another; checksum recomputed) must never
+ * reach another sequence through the prefix index, even once a later turn
+ * completes the block it started. */
+static void test_imported_kv_never_shared(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
+    if (!e) { eng_model_close(m); return; }
+    int32_t p[10], q[20], victim[24], want[6];
+    rand_ids(p, 10, 8811, 1024);
+    rand_ids(q, 20, 8812, 1024);
+    static results rs;
+    memset(&rs, 0, sizeof rs);
+    eng_request r = req_ids(p, 10, 1);
+    r.agent_id = "x";
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    char err[256];
+    CHECK(eng_agent_export(e, NULL, "x", &buf, &len, err, sizeof err) == ENG_OK);
+    if (!buf) goto out;
+    /* forge: triple every key and value, recompute the (unkeyed) checksum */
+    const eng_config *c = eng_model_config(m);
+    size_t kv0 = 36 + 11 * 4, nkv = (size_t)10 * c->n_layers * 2 * c->n_kv_heads * c->head_dim;
+    CHECK(len == kv0 + nkv * 4 + 8);
+    for (size_t i = 0; i < nkv; i++) {
+        float v;
+        memcpy(&v, buf + kv0 + 4 * i, 4);
+        v *= 3;
+        memcpy(buf + kv0 + 4 * i, &v, 4);
+    }
+    uint64_t sum = eng__hash64(buf, len - 8, 0);
+    memcpy(buf + len - 8, &sum, 8);
+    CHECK(eng_agent_drop(e, NULL, "x") == ENG_OK);
+    CHECK_MSG(eng_agent_import(e, NULL, "x", buf, len, err, sizeof err) == ENG_OK, "%s", err);
+    r = req_ids(q, 20, 2); /* completes block 0 (10 imported tokens + 6 of these) and block 1 */
+    r.agent_id = "x";
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    /* another sequence whose prompt starts with the agent's first 32 tokens */
+    memcpy(victim, p, 10 * sizeof *p);
+    victim[10] = rs.r[0].tok[0];
+    memcpy(victim + 11, q, 13 * sizeof *q);
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    alone(m, victim, 24, &sp, 6, want);
+    r = req_ids(victim, 24, 6);
+    submit(e, &rs, &r);
+    run_all(e, &rs);
+    CHECK_MSG(rs.r[2].usage.cached_tokens == 0, "the victim reused %d tokens of imported KV",
+              rs.r[2].usage.cached_tokens);
+    CHECK_MSG(!memcmp(rs.r[2].tok, want, sizeof want), "the victim's output was changed by an import");
+out:
+    free(buf);
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: test_batch MODELS_DIR\n"); return 2; }
     static const test_case tests[] = {
@@ -752,6 +851,8 @@ int main(int argc, char **argv) {
         {"submit_cancel_from_another_thread", test_threads},
         {"f16_kv_batch_preempt_fork_export", test_f16_kv},
         {"hold_keeps_requests_running_until_lifted", test_hold},
+        {"prefix_sharing_stays_inside_a_tenant", test_prefix_per_tenant},
+        {"imported_kv_never_enters_the_prefix_index", test_imported_kv_never_shared},
         {0, 0}};
     return run_tests(tests, argc, argv);
 }
