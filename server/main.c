@@ -50,6 +50,8 @@ static const char USAGE[] =
     "  --max-running N      sequences at once (64)               --max-queue N     waiting requests (1024)\n"
     "  --tls-cert PEM --tls-key PEM [--tls-client-ca PEM]        TLS, and mTLS with a client CA\n"
     "  --token-file FILE    lines \"TOKEN TENANT\": require bearer tokens\n"
+    "  --export-key FILE    key (32+ bytes) that signs agent exports; default: a new one per process\n"
+    "  --share-prefix-across-tenants  tenants reuse each other's cached prompt KV (they trust each other)\n"
     "  --grace S            seconds in-flight calls get on SIGTERM (10)\n"
     "  --redis URL          prompt cache on Redis (redis://host:port/db, unix:///path)\n"
     "  --redis-timeout-ms MS  Redis connect and command timeout (200)\n"
@@ -441,6 +443,7 @@ static int cmd_serve(int argc, char **argv) {
         {"batch-max", required_argument, 0, 'X'},    {"batch-window-ms", required_argument, 0, 'W'},
         {"batch-queue", required_argument, 0, 'Q'},  {"weights", required_argument, 0, 'w'},
         {"kv", required_argument, 0, 'V'},          {"redis-timeout-ms", required_argument, 0, 'D'},
+        {"export-key", required_argument, 0, 'E'},  {"share-prefix-across-tenants", no_argument, 0, 'S'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o;
@@ -454,6 +457,8 @@ static int cmd_serve(int argc, char **argv) {
         case 'K': c.tls_key = optarg; break;
         case 'A': c.tls_client_ca = optarg; break;
         case 'T': c.token_file = optarg; break;
+        case 'E': c.export_key_file = optarg; break;
+        case 'S': c.engine.share_prefix_across_tenants = 1; break;
         case 'R': c.redis_url = optarg; break;
         case 'D': if (parse_num(optarg, 1, 600000, &v, "--redis-timeout-ms")) return 2; c.redis_timeout_ms = (int)v; break;
         case 'M': c.metrics_listen = optarg; break;

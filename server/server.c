@@ -10,6 +10,7 @@
  * while either is taken by the engine (its callbacks run unlocked). */
 #include "srv.h"
 
+#include "agentauth.h"
 #include "kvc.h"
 #include "pbio.h"
 #include "metrics.h"
@@ -205,6 +206,7 @@ typedef struct {                /* one file of the embedded descriptor set */
 
 struct srv {
     srv_config cfg;
+    srv_agent_key akey;         /* signs agent exports, checks imports */
     grpc_server *server;
     grpc_completion_queue *cq;
     void **rm;
@@ -1598,6 +1600,11 @@ static void h_export_agent(call *c) {
         size_t len;
         char err[256];
         int rc = eng_agent_export(c->s->eng, c->tenant, q->agent_id, &buf, &len, err, sizeof err);
+        if (!rc && srv__agent_seal(&c->s->akey, eng_model_fingerprint(c->s->model), c->tenant, &buf, &len)) {
+            free(buf);
+            rc = ENG_ENOMEM;
+            snprintf(err, sizeof err, "out of memory");
+        }
         if (rc) finish_call(c, status_of(rc), err, NULL);
         else {
             Kvserve__V1__ExportAgentReply rep = KVSERVE__V1__EXPORT_AGENT_REPLY__INIT;
@@ -1614,7 +1621,13 @@ static void h_import_agent(call *c) {
     UNPACK(Kvserve__V1__ImportAgentRequest, kvserve__v1__import_agent_request__descriptor, c, q);
     if (!check_agent_id(c, q->agent_id)) {
         char err[256];
-        int rc = eng_agent_import(c->s->eng, c->tenant, q->agent_id, q->data.data, q->data.len, err, sizeof err);
+        size_t n = 0;
+        int rc = ENG_ECORRUPT;
+        if (srv__agent_verify(&c->s->akey, eng_model_fingerprint(c->s->model), c->tenant, q->data.data, q->data.len, &n))
+            snprintf(err, sizeof err, "not an export of this server for this tenant (its signature does not verify: "
+                                      "altered, truncated, another tenant's, or signed with another --export-key)");
+        else
+            rc = eng_agent_import(c->s->eng, c->tenant, q->agent_id, q->data.data, n, err, sizeof err);
         eng_agent_info info;
         if (rc) finish_errorf(c, status_of(rc), "data: %s", err);
         else if (eng_agent_get(c->s->eng, c->tenant, q->agent_id, &info) == ENG_OK) {
@@ -2193,6 +2206,8 @@ void srv_config_default(srv_config *c) {
     c->tls_key = getenv("KVSERVE_TLS_KEY");
     c->tls_client_ca = getenv("KVSERVE_TLS_CLIENT_CA");
     c->token_file = getenv("KVSERVE_TOKEN_FILE");
+    c->export_key_file = getenv("KVSERVE_EXPORT_KEY");
+    c->engine.share_prefix_across_tenants = getenv_int("KVSERVE_SHARE_PREFIX_ACROSS_TENANTS", 0) != 0;
     c->grace_seconds = getenv("KVSERVE_GRACE_SECONDS") ? atof(getenv("KVSERVE_GRACE_SECONDS")) : 10;
     c->max_message_bytes = getenv_int("KVSERVE_MAX_MESSAGE_BYTES", 64 << 20);
     c->max_wait_ms = getenv_int("KVSERVE_MAX_WAIT_MS", 10000);
@@ -2257,6 +2272,13 @@ int srv_run(const srv_config *cfg) {
         return 2;
     }
     if (s->cfg.token_file && load_tokens(s, s->cfg.token_file)) { free(s->tokens); free(s); return 2; }
+    char kerr[512];
+    if (srv__agent_key_init(&s->akey, s->cfg.export_key_file, kerr, sizeof kerr)) {
+        fprintf(stderr, "kvserve: %s\n", kerr);
+        free(s->tokens);
+        free(s);
+        return 2;
+    }
     if (load_descriptors(s)) { free(s); return 1; }
     s->metrics = srv_metrics_new(s->cfg.price_per_1k);
     if (s->cfg.metrics_listen && s->metrics && srv_metrics_listen(s->metrics, s->cfg.metrics_listen, metrics_source, s)) {
@@ -2371,6 +2393,9 @@ int srv_run(const srv_config *cfg) {
         if (eng_blas_note())
             LOG_INFO("BLAS: OpenBLAS would have run its %s kernels on this AVX-512 CPU; switched to %s "
                      "(KVSERVE_BLAS_CORE=keep to keep them)", eng_blas_note(), eng_blas_core());
+        if (s->akey.generated)
+            LOG_INFO("agent exports are signed with a key made at start: they import only into this process "
+                     "(--export-key FILE to keep one across restarts and replicas)");
         if (s->cfg.test_hold_file)
             LOG_WARN("test hook KVSERVE_TEST_HOLD_FILE=%s: while that file exists, requests are held at the "
                      "number of tokens it holds", s->cfg.test_hold_file);
