@@ -143,11 +143,15 @@ typedef struct kvc_rag_query {
 
 int kvc_rag_open(kvc_rag **out, kvc_redis *r, const kvc_rag_options *o);
 void kvc_rag_close(kvc_rag *g);
+/* 1 if the embedding can be compared: 1..65536 finite values, not all zero. */
+int kvc_rag_embedding_ok(const float *v, int dim);
 /* Store the caller's retrieval result for the query (value and TTL atomic).
- * KVC_EINVAL if the embedding's dimension differs from the group's. */
+ * KVC_EINVAL if the embedding is not usable (kvc_rag_embedding_ok) or its
+ * dimension differs from the group's. */
 int kvc_rag_store(kvc_rag *g, const kvc_rag_query *q, const uint8_t *result, size_t len, int ttl_s);
-/* KVC_OK with *result (malloc'd), *similarity and *exact; KVC_MISS; KVC_EINVAL
- * on a dimension mismatch; other errors count as misses. */
+/* KVC_OK with *result (malloc'd), *similarity (never NaN) and *exact;
+ * KVC_MISS; KVC_EINVAL on an unusable embedding or a dimension mismatch;
+ * other errors count as misses. */
 int kvc_rag_lookup(kvc_rag *g, const kvc_rag_query *q, float threshold, uint8_t **result, size_t *len,
                    float *similarity, int *exact);
 

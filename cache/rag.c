@@ -85,13 +85,26 @@ static void query_hash(const kvc_rag_query *q, char out[65]) {
     kvc__hash_hex(h, out, 32);
 }
 
+/* An embedding has a direction to compare: every value finite, not all zero.
+ * (In double, even subnormal values square to a positive norm.) */
+int kvc_rag_embedding_ok(const float *v, int dim) {
+    double ss = 0;
+    for (int i = 0; i < dim; i++) {
+        if (!isfinite(v[i])) return 0;
+        ss += (double)v[i] * v[i];
+    }
+    return ss > 0 && isfinite(ss);
+}
+
+/* v / |v| (v must pass kvc_rag_embedding_ok): divided in double, so the
+ * result is finite whatever the scale of v. */
 static float *normalised(const float *v, int dim) {
     float *o = malloc((size_t)dim * sizeof *o);
     if (!o) return NULL;
     double ss = 0;
     for (int i = 0; i < dim; i++) ss += (double)v[i] * v[i];
-    float inv = ss > 0 ? (float)(1.0 / sqrt(ss)) : 0.0f;
-    for (int i = 0; i < dim; i++) o[i] = v[i] * inv;
+    double norm = sqrt(ss);
+    for (int i = 0; i < dim; i++) o[i] = (float)((double)v[i] / norm);
     return o;
 }
 
@@ -142,6 +155,11 @@ static int parse_entry(const char *d, size_t n, int *dim, const float **v, const
     if (n < 4) return KVC_ECORRUPT;
     memcpy(&dm, d, 4);
     if (dm == 0 || dm > 65536 || n < 4 + (size_t)dm * 4) return KVC_ECORRUPT;
+    float probe;
+    for (uint32_t i = 0; i < dm; i++) { /* an entry written before embeddings were checked */
+        memcpy(&probe, d + 4 + 4 * (size_t)i, 4);
+        if (!isfinite(probe)) return KVC_ECORRUPT;
+    }
     *dim = (int)dm;
     *v = (const float *)(d + 4);
     *res = d + 4 + (size_t)dm * 4;
@@ -191,7 +209,7 @@ static int sync_group(kvc_rag *g, group *x) {
 }
 
 int kvc_rag_store(kvc_rag *g, const kvc_rag_query *q, const uint8_t *result, size_t len, int ttl_s) {
-    if (!q->embedding || q->dim <= 0 || q->dim > 65536) return KVC_EINVAL;
+    if (!q->embedding || q->dim <= 0 || q->dim > 65536 || !kvc_rag_embedding_ok(q->embedding, q->dim)) return KVC_EINVAL;
     char gid[17], qh[65], key[256], skey[160], vkey[160], ttl[32];
     group_id(q, gid);
     query_hash(q, qh);
@@ -272,7 +290,7 @@ int kvc_rag_lookup(kvc_rag *g, const kvc_rag_query *q, float threshold, uint8_t 
     *len = 0;
     *similarity = 0;
     *exact = 0;
-    if (!q->embedding || q->dim <= 0) return KVC_EINVAL;
+    if (!q->embedding || q->dim <= 0 || q->dim > 65536 || !kvc_rag_embedding_ok(q->embedding, q->dim)) return KVC_EINVAL;
     char gid[17], qh[65];
     group_id(q, gid);
     query_hash(q, qh);
@@ -296,11 +314,11 @@ int kvc_rag_lookup(kvc_rag *g, const kvc_rag_query *q, float threshold, uint8_t 
             if (v && sims) {
                 eng_dot_rows(x->m, x->n, (size_t)x->dim, v, sims);
                 /* best candidates first; a candidate that expired is dropped */
-                for (;;) {
+                for (;;) { /* (a NaN similarity never wins, nor hits) */
                     size_t best = 0;
                     for (size_t i = 1; i < x->n; i++)
-                        if (sims[i] > sims[best]) best = i;
-                    if (x->n == 0 || sims[best] < threshold) break;
+                        if (sims[i] > sims[best] || isnan(sims[best])) best = i;
+                    if (x->n == 0 || !(sims[best] >= threshold)) break;
                     int f = fetch(g, gid, x->q[best], x->dim, result, len);
                     if (f == KVC_OK) {
                         *similarity = sims[best];

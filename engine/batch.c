@@ -525,7 +525,9 @@ static int scope_of(eng_engine *e, const char *tenant) {
 
 #define MAX_NAME 255
 
-int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, size_t errlen) {
+/* Everything eng_submit checks before queueing; on ENG_OK *ids (malloc'd,
+ * *n of them) is the prompt as token ids, or NULL when ids is NULL. */
+static int validate(eng_engine *e, const eng_request *r, int32_t **ids_out, size_t *n_out, char *err, size_t errlen) {
     const eng_model *m = e->m;
     const eng_gen_params *p = &r->params;
     int has_agent = r->agent_id && r->agent_id[0];
@@ -570,6 +572,24 @@ int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, siz
         return eng__fail(err, errlen, ENG_EPOOL, "prompt + max_tokens need %zu KV blocks but the pool has %d", need,
                          e->bp.n);
     }
+    if (ids_out) *ids_out = ids; else free(ids);
+    *n_out = n;
+    return ENG_OK;
+}
+
+int eng_request_check(eng_engine *e, const eng_request *r, char *err, size_t errlen) {
+    size_t n;
+    return validate(e, r, NULL, &n, err, errlen);
+}
+
+int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, size_t errlen) {
+    const eng_model *m = e->m;
+    const eng_gen_params *p = &r->params;
+    int has_agent = r->agent_id && r->agent_id[0];
+    int32_t *ids;
+    size_t n;
+    int rc = validate(e, r, &ids, &n, err, errlen);
+    if (rc) return rc;
     seq *s = calloc(1, sizeof *s);
     if (!s) { free(ids); return eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); }
     s->tok = ids;

@@ -244,6 +244,10 @@ typedef struct eng_request {
  * ENG_ESAMPLING, ENG_EINVAL (bad agent option), ENG_EPOOL (can never fit)
  * or ENG_EQUEUE (queue full), each with a message. */
 int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, size_t errlen);
+/* The checks of eng_submit (every error but ENG_EQUEUE) without queueing:
+ * for callers that may answer a request from elsewhere (a cache) and must
+ * refuse what the engine would refuse. Text prompts are tokenized to check. */
+int eng_request_check(eng_engine *e, const eng_request *r, char *err, size_t errlen);
 
 /* Cancel a queued or running request. Its blocks are freed at once (or, if
  * the forward pass running right now uses them, as soon as it returns) and

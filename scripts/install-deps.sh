@@ -8,7 +8,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 pkgs=(
   build-essential cmake pkg-config git ca-certificates
   clang libclang-rt-14-dev            # libFuzzer + sanitizer runtimes
-  libopenblas-dev libcjson-dev libpcre2-dev libssl-dev
+  libopenblas-dev libcjson-dev libpcre2-dev libssl-dev libutf8proc-dev
   libgrpc-dev protobuf-compiler libprotobuf-c-dev protobuf-c-compiler   # RPC layer
   python3-grpcio python3-protobuf     # an independent gRPC client in tests
   openssl                             # test certificates

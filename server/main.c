@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <utf8proc.h>
 
 static const char USAGE[] =
     "usage: kvserve COMMAND [options]\n"
@@ -310,15 +311,47 @@ static char *read_stdin(size_t *len) {
 }
 
 /* Batch mode for tests and tools: one process, many texts. */
+/* Does the JSON text hold the escape \u0000 inside a string? cJSON's strings
+ * are C strings, so such a string would be cut there. */
+static int json_has_nul_escape(const char *in, size_t len) {
+    for (size_t i = 0; i + 5 < len; i++) {
+        if (in[i] != '\\') continue;
+        if (in[i + 1] == 'u' && !strncmp(in + i + 2, "0000", 4)) return 1;
+        i++; /* the escaped character (possibly a backslash) */
+    }
+    return 0;
+}
+
+/* Write bytes as a JSON string: invalid UTF-8 as U+FFFD (one per bad byte,
+ * as the streaming detokenizer does), control characters and NUL escaped. */
+static void put_json_string(FILE *o, const char *s, size_t n) {
+    putc('"', o);
+    for (size_t i = 0; i < n;) {
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i), &cp);
+        if (k <= 0 || cp < 0) { fputs("\xEF\xBF\xBD", o); i++; continue; }
+        if (cp == '"' || cp == '\\') fprintf(o, "\\%c", (char)cp);
+        else if (cp < 0x20) fprintf(o, "\\u%04x", (unsigned)cp);
+        else fwrite(s + i, 1, (size_t)k, o);
+        i += (size_t)k;
+    }
+    putc('"', o);
+}
+
 static int tokenize_json(const eng_tok *t, const cli *c, const char *in, size_t len) {
+    if (!c->decode && json_has_nul_escape(in, len)) {
+        fprintf(stderr, "kvserve: --json: a string holds U+0000 (\\u0000), which this tool cannot pass on\n");
+        return 1;
+    }
     cJSON *arr = cJSON_ParseWithLength(in, len), *res = cJSON_CreateArray(), *it;
-    int ret = 1;
+    int ret = 1, first = 1;
     if (!cJSON_IsArray(arr)) { fprintf(stderr, "kvserve: --json: stdin is not a JSON array\n"); goto out; }
+    if (c->decode) putchar('[');
     cJSON_ArrayForEach(it, arr) {
-        cJSON *r = NULL;
-        if (c->decode) {
+        if (c->decode) { /* decoded text may hold any bytes: written by hand, not through cJSON's C strings */
             int n = cJSON_GetArraySize(it), k = 0;
             int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+            if (!ids) goto out;
             const cJSON *x;
             cJSON_ArrayForEach(x, it) ids[k++] = cJSON_IsNumber(x) ? (int32_t)x->valuedouble : -1;
             char *text;
@@ -326,7 +359,9 @@ static int tokenize_json(const eng_tok *t, const cli *c, const char *in, size_t 
             int rc = eng_tok_decode(t, ids, (size_t)n, 0, &text, &tl);
             free(ids);
             if (rc) { fprintf(stderr, "kvserve: %s\n", eng_strerror(rc)); goto out; }
-            r = cJSON_CreateString(text);
+            if (!first) putchar(',');
+            first = 0;
+            put_json_string(stdout, text, tl);
             free(text);
         } else {
             if (!cJSON_IsString(it)) { fprintf(stderr, "kvserve: --json: expected strings\n"); goto out; }
@@ -334,14 +369,19 @@ static int tokenize_json(const eng_tok *t, const cli *c, const char *in, size_t 
             size_t n;
             int rc = eng_tok_encode(t, it->valuestring, strlen(it->valuestring), c->special, &ids, &n);
             if (rc) { fprintf(stderr, "kvserve: %s\n", eng_strerror(rc)); goto out; }
-            r = cJSON_CreateArray();
+            cJSON *r = cJSON_CreateArray();
             for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(r, cJSON_CreateNumber(ids[i]));
             free(ids);
+            cJSON_AddItemToArray(res, r);
         }
-        cJSON_AddItemToArray(res, r);
     }
-    char *o = cJSON_PrintUnformatted(res);
-    if (o) { fputs(o, stdout); putchar('\n'); free(o); ret = 0; }
+    if (c->decode) {
+        puts("]");
+        ret = 0;
+    } else {
+        char *o = cJSON_PrintUnformatted(res);
+        if (o) { fputs(o, stdout); putchar('\n'); free(o); ret = 0; }
+    }
 out:
     cJSON_Delete(arr);
     cJSON_Delete(res);

@@ -312,8 +312,15 @@ int srv_metrics_listen(srv_metrics *m, const char *hostport, srv_metrics_source 
     snprintf(host, sizeof host, "%.*s", (int)(colon - hostport), hostport);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) return -1;
-    m->httpd = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD, (uint16_t)port, NULL, NULL, on_http, m,
-                                MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa, MHD_OPTION_END);
+    /* The port needs no token, so it must not be a way to starve the server:
+     * idle or slow connections are closed after METRICS_TIMEOUT_S, at most
+     * METRICS_MAX_CONN are open (METRICS_MAX_PER_IP from one address), and
+     * epoll/poll rather than select, which fails past descriptor 1023. */
+    m->httpd = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO, (uint16_t)port, NULL, NULL, on_http,
+                                m, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+                                MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)METRICS_TIMEOUT_S,
+                                MHD_OPTION_CONNECTION_LIMIT, (unsigned int)METRICS_MAX_CONN,
+                                MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned int)METRICS_MAX_PER_IP, MHD_OPTION_END);
     return m->httpd ? 0 : -1;
 }
 

@@ -26,6 +26,10 @@ typedef struct {
 typedef void (*srv_metrics_source)(void *ud, srv_metrics_snapshot *s);
 
 srv_metrics *srv_metrics_new(double price_per_1k);
+/* Limits of the HTTP port (docs/operations.md). */
+#define METRICS_TIMEOUT_S 10   /* an idle or stalled connection is closed after this */
+#define METRICS_MAX_CONN 64    /* connections open at once */
+#define METRICS_MAX_PER_IP 8   /* ... from one client address */
 /* Serve HTTP on HOST:PORT (IPv4 literal). 0 or -1. */
 int srv_metrics_listen(srv_metrics *m, const char *hostport, srv_metrics_source src, void *ud);
 void srv_metrics_free(srv_metrics *m);

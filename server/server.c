@@ -12,6 +12,7 @@
 
 #include "agentauth.h"
 #include "kvc.h"
+#include "pbcheck.h"
 #include "pbio.h"
 #include "metrics.h"
 
@@ -21,6 +22,8 @@
 
 #include <errno.h>
 #include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <math.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
@@ -35,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -192,6 +196,7 @@ typedef struct parked {         /* a Step waiting for events */
 typedef struct {
     unsigned char hash[SHA256_DIGEST_LENGTH];
     char tenant[256];
+    int line;                   /* in the token file */
 } token_ent;
 
 typedef struct {                /* one file of the embedded descriptor set */
@@ -458,31 +463,52 @@ static void fail_call(call *c, grpc_status_code code, const char *msg) {
 }
 
 /* ---- authentication ----------------------------------------------------------- */
+/* The token file: one "TOKEN TENANT" per line (blank lines and lines starting
+ * with # aside). Anything else refuses start-up with the line's number: more
+ * or fewer fields, a token over 4096 bytes, a tenant over 255 bytes or not
+ * UTF-8, a token given twice. Nothing is cut to fit. */
 static int load_tokens(srv *s, const char *path) {
     FILE *f = fopen(path, "r");
     if (!f) {
         fprintf(stderr, "kvserve: token file %s: %s\n", path, strerror(errno));
         return -1;
     }
-    char line[1024];
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t got;
     int lineno = 0;
-    while (fgets(line, sizeof line, f)) {
+    const char *why = NULL;
+    while (!why && (got = getline(&line, &cap, f)) >= 0) {
         lineno++;
-        char tok[512], ten[256];
-        if (line[0] == '#' || sscanf(line, "%511s %255s", tok, ten) < 1) continue;
-        if (sscanf(line, "%511s %255s", tok, ten) != 2) {
-            fprintf(stderr, "kvserve: token file %s:%d: expected \"TOKEN TENANT\"\n", path, lineno);
-            fclose(f);
-            return -1;
-        }
+        if (memchr(line, 0, (size_t)got)) { why = "a NUL byte"; break; }
+        char *save = NULL, *tok = strtok_r(line, " \t\r\n", &save);
+        if (!tok || tok[0] == '#') continue;
+        char *ten = strtok_r(NULL, " \t\r\n", &save), *more = strtok_r(NULL, " \t\r\n", &save);
+        if (!ten || more) why = "expected \"TOKEN TENANT\"";
+        else if (strlen(tok) > 4096) why = "the token is longer than 4096 bytes";
+        else if (strlen(ten) > 255) why = "the tenant is longer than 255 bytes";
+        else if (*srv__utf8_problem((const uint8_t *)ten, strlen(ten))) why = "the tenant is not valid UTF-8";
+        if (why) break;
         token_ent *nt = realloc(s->tokens, (size_t)(s->n_tokens + 1) * sizeof *nt);
-        if (!nt) { fclose(f); return -1; }
+        if (!nt) { why = "out of memory"; break; }
         s->tokens = nt;
-        SHA256((const unsigned char *)tok, strlen(tok), s->tokens[s->n_tokens].hash);
-        snprintf(s->tokens[s->n_tokens].tenant, sizeof s->tokens[0].tenant, "%s", ten);
+        token_ent *t = &s->tokens[s->n_tokens];
+        SHA256((const unsigned char *)tok, strlen(tok), t->hash);
+        snprintf(t->tenant, sizeof t->tenant, "%s", ten);
+        t->line = lineno;
+        for (int k = 0; k < s->n_tokens && !why; k++)
+            if (!memcmp(s->tokens[k].hash, t->hash, sizeof t->hash)) {
+                fprintf(stderr, "kvserve: token file %s:%d: the token of line %d again\n", path, lineno,
+                        s->tokens[k].line);
+                why = ""; /* said */
+            }
         s->n_tokens++;
     }
+    free(line);
+    if (!why && ferror(f)) why = strerror(errno);
     fclose(f);
+    if (why && *why) fprintf(stderr, "kvserve: token file %s:%d: %s\n", path, lineno, why);
+    if (why) return -1;
     if (!s->n_tokens) {
         fprintf(stderr, "kvserve: token file %s holds no tokens\n", path);
         return -1;
@@ -667,10 +693,29 @@ static void on_event(void *ud, const eng_event *ev) {
 }
 
 /* ---- handlers ------------------------------------------------------------------------ */
+/* A request's message: NULL (and why in err) if the bytes do not decode as
+ * d, or a string field is not UTF-8 or holds a NUL, or an enum field holds a
+ * value the enum does not define. */
+static ProtobufCMessage *unpack_request(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb, char *err,
+                                        size_t errlen) {
+    grpc_byte_buffer_reader rd;
+    snprintf(err, errlen, "request is not a valid %s", d->name);
+    if (!bb || !grpc_byte_buffer_reader_init(&rd, bb)) return NULL;
+    grpc_slice sl = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    ProtobufCMessage *m = NULL;
+    if (srv__pb_check(d, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl), err, errlen) == 0 &&
+        !(m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(sl), GRPC_SLICE_START_PTR(sl))))
+        snprintf(err, errlen, "request is not a valid %s", d->name);
+    grpc_slice_unref(sl);
+    return m;
+}
+
 #define UNPACK(type, desc, c, var)                                                        \
-    type *var = (type *)srv_unpack(&desc, (c)->payload);                                  \
+    char var##_err[320];                                                                  \
+    type *var = (type *)unpack_request(&desc, (c)->payload, var##_err, sizeof var##_err); \
     if (!var) {                                                                           \
-        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "request is not a valid %s", desc.name); \
+        finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "%s", var##_err);                 \
         return;                                                                           \
     }
 
@@ -1139,6 +1184,12 @@ static void h_generate(call *c, int streaming) {
         return;
     }
     p->cq = s->pcache && cacheable(g) ? cache_prepare(s, c->tenant, g, &p->r) : NULL;
+    /* a request the cache may answer is checked now, as the engine would check it */
+    if (p->cq && (rc = eng_request_check(s->eng, &p->r, err, sizeof err)) != ENG_OK) {
+        pend_free(p);
+        finish_call(c, status_of(rc), err, NULL);
+        return;
+    }
     p->lookup = p->cq && !(g->cache && g->cache->mode == KVSERVE__V1__CACHE_POLICY__MODE__REFRESH);
     if (streaming) stream_begin(c); /* from here a client cancel is seen while it waits */
     pthread_mutex_lock(&s->mu); /* before the batcher's lock: remove() runs under srv.mu too */
@@ -1456,13 +1507,20 @@ static void h_cache_stats(call *c) {
 }
 
 /* Common checks of a RAG request; 0 when fine (else the call is answered). */
-static int rag_check(call *c, size_t dim, int top_k) {
+static int rag_check(call *c, const float *emb, size_t dim, int top_k) {
     if (!c->s->rag) {
         finish_errorf(c, GRPC_STATUS_FAILED_PRECONDITION, "the cache is not configured (--redis)");
         return -1;
     }
     if (dim == 0 || dim > 65536) {
         finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "embedding: give 1 to 65536 values (got %zu)", dim);
+        return -1;
+    }
+    if (!kvc_rag_embedding_ok(emb, (int)dim)) {
+        size_t bad = 0;
+        while (bad < dim && isfinite(emb[bad])) bad++;
+        if (bad < dim) finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "embedding: value %zu is not finite", bad);
+        else finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "embedding: all values are zero (it has no direction)");
         return -1;
     }
     if (top_k < 0) {
@@ -1474,7 +1532,7 @@ static int rag_check(call *c, size_t dim, int top_k) {
 
 static void h_rag_store(call *c) {
     UNPACK(Kvserve__V1__RagStoreRequest, kvserve__v1__rag_store_request__descriptor, c, q);
-    if (!rag_check(c, q->n_embedding, q->top_k)) {
+    if (!rag_check(c, q->embedding, q->n_embedding, q->top_k)) {
         kvc_rag_query rq = {.tenant = c->tenant, .ns = q->namespace_, .model = q->embedding_model, .top_k = q->top_k,
                             .query = q->query, .query_len = strlen(q->query), .embedding = q->embedding,
                             .dim = (int)q->n_embedding};
@@ -1496,7 +1554,7 @@ static void h_rag_lookup(call *c) {
     UNPACK(Kvserve__V1__RagLookupRequest, kvserve__v1__rag_lookup_request__descriptor, c, q);
     if (!(q->threshold >= 0 && q->threshold <= 1)) {
         finish_errorf(c, GRPC_STATUS_INVALID_ARGUMENT, "threshold: must be in [0, 1]");
-    } else if (!rag_check(c, q->n_embedding, q->top_k)) {
+    } else if (!rag_check(c, q->embedding, q->n_embedding, q->top_k)) {
         kvc_rag_query rq = {.tenant = c->tenant, .ns = q->namespace_, .model = q->embedding_model, .top_k = q->top_k,
                             .query = q->query, .query_len = strlen(q->query), .embedding = q->embedding,
                             .dim = (int)q->n_embedding};
@@ -1906,10 +1964,11 @@ static void on_reflection_recv(call *c, int ok) {
     if (!ok || !bb) { /* the client closed its side */
         stream_end(c, GRPC_STATUS_OK, "");
     } else {
-        Grpc__Reflection__V1__ServerReflectionRequest *q = (Grpc__Reflection__V1__ServerReflectionRequest *)srv_unpack(
-            &grpc__reflection__v1__server_reflection_request__descriptor, bb);
+        char why[320];
+        Grpc__Reflection__V1__ServerReflectionRequest *q = (Grpc__Reflection__V1__ServerReflectionRequest *)unpack_request(
+            &grpc__reflection__v1__server_reflection_request__descriptor, bb, why, sizeof why);
         grpc_byte_buffer_destroy(bb);
-        if (!q) stream_end(c, GRPC_STATUS_INVALID_ARGUMENT, "not a ServerReflectionRequest");
+        if (!q) stream_end(c, GRPC_STATUS_INVALID_ARGUMENT, why);
         else {
             reflection_answer(c, q);
             grpc__reflection__v1__server_reflection_request__free_unpacked(q, NULL);
@@ -2248,9 +2307,24 @@ static int early_exit(srv *s) {
     return 2;
 }
 
+/* Every connection is a descriptor: take all the process may have (the soft
+ * limit, often 1024, up to the hard one), so that clients run out of
+ * patience before the server runs out of descriptors. */
+static void raise_fd_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rlim_t was = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+            LOG_INFO("descriptor limit raised from %llu to %llu", (unsigned long long)was,
+                     (unsigned long long)rl.rlim_max);
+    }
+}
+
 int srv_run(const srv_config *cfg) {
     srv *s = calloc(1, sizeof *s);
     if (!s) return 1;
+    raise_fd_limit();
     s->cfg = *cfg;
     if (s->cfg.cq_threads <= 0) s->cfg.cq_threads = 2;
     if (s->cfg.grace_seconds < 0) s->cfg.grace_seconds = 10;
