@@ -54,6 +54,8 @@ static const char USAGE[] =
     "  --export-key FILE    key (32+ bytes) that signs agent exports; default: a new one per process\n"
     "  --share-prefix-across-tenants  tenants reuse each other's cached prompt KV (they trust each other)\n"
     "  --grace S            seconds in-flight calls get on SIGTERM (10)\n"
+    "  --max-results N      Submitted requests a tenant may leave uncollected by Step (1024)\n"
+    "  --result-ttl S       how long a finished request's result waits for Step (600)\n"
     "  --redis URL          prompt cache on Redis (redis://host:port/db, unix:///path)\n"
     "  --redis-timeout-ms MS  Redis connect and command timeout (200)\n"
     "  --cache-ttl S        default lifetime of cached completions (86400)\n"
@@ -484,6 +486,7 @@ static int cmd_serve(int argc, char **argv) {
         {"batch-queue", required_argument, 0, 'Q'},  {"weights", required_argument, 0, 'w'},
         {"kv", required_argument, 0, 'V'},          {"redis-timeout-ms", required_argument, 0, 'D'},
         {"export-key", required_argument, 0, 'E'},  {"share-prefix-across-tenants", no_argument, 0, 'S'},
+        {"max-results", required_argument, 0, 'N'}, {"result-ttl", required_argument, 0, 'Y'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o;
@@ -505,6 +508,8 @@ static int cmd_serve(int argc, char **argv) {
         case 'P': if (parse_num(optarg, 0, 1e9, &v, "--price-per-1k")) return 2; c.price_per_1k = v; break;
         case 'L': if (parse_num(optarg, 1, 1e9, &v, "--cache-ttl")) return 2; c.cache_ttl_s = (int)v; break;
         case 'g': if (parse_num(optarg, 0, 3600, &v, "--grace")) return 2; c.grace_seconds = v; break;
+        case 'N': if (parse_num(optarg, 1, 1 << 24, &v, "--max-results")) return 2; c.max_results = (int)v; break;
+        case 'Y': if (parse_num(optarg, 1, 86400 * 7, &v, "--result-ttl")) return 2; c.result_ttl_s = (int)v; break;
         case 't': if (parse_num(optarg, 1, 256, &v, "--threads")) return 2; c.threads = (int)v; break;
         case 'b': if (parse_num(optarg, 1, 1 << 24, &v, "--pool-blocks")) return 2; c.engine.n_blocks = (int)v; break;
         case 'B': if (parse_num(optarg, 1, 4096, &v, "--block-tokens")) return 2; c.engine.block_tokens = (int)v; break;

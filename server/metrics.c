@@ -232,6 +232,11 @@ static char *render_prometheus(srv_metrics *m) {
            "kvserve_batcher_queued %d\n",
        (unsigned long long)s.batch_rejected, (unsigned long long)s.batch_expired,
        (unsigned long long)s.batch_cancelled, (unsigned long long)s.batch_closed, s.batch_queued);
+    sb(&b, "# HELP kvserve_steps_parked Step calls waiting for events.\n# TYPE kvserve_steps_parked gauge\n"
+           "kvserve_steps_parked %d\n"
+           "# HELP kvserve_requests_known Requests known by id: running, or finished with a result not yet collected.\n"
+           "# TYPE kvserve_requests_known gauge\nkvserve_requests_known %d\n",
+       s.steps_parked, s.requests_known);
     sb(&b, "# HELP kvserve_kv_blocks KV pool blocks by state.\n# TYPE kvserve_kv_blocks gauge\n"
            "kvserve_kv_blocks{state=\"used\"} %d\nkvserve_kv_blocks{state=\"free\"} %d\n"
            "kvserve_kv_blocks{state=\"cached\"} %d\nkvserve_kv_blocks{state=\"shared\"} %d\n",

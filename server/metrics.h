@@ -22,6 +22,8 @@ typedef struct {
     /* the request batcher */
     uint64_t batch_rejected, batch_expired, batch_cancelled, batch_closed;
     int batch_queued;
+    int steps_parked;              /* Step calls waiting for events */
+    int requests_known;           /* requests known by id: running, or finished and not yet collected */
 } srv_metrics_snapshot;
 typedef void (*srv_metrics_source)(void *ud, srv_metrics_snapshot *s);
 

@@ -13,6 +13,7 @@
 #include "agentauth.h"
 #include "kvc.h"
 #include "pbcheck.h"
+#include "registry.h"
 #include "pbio.h"
 #include "metrics.h"
 
@@ -106,6 +107,7 @@ typedef struct {
     handler_fn fn;
     int auth;       /* needs a valid token when tokens are configured */
     int needs_model;
+    int drains;     /* still served while shutting down (Step, Cancel: they only touch existing requests) */
 } method;
 
 typedef struct outmsg {
@@ -171,7 +173,7 @@ typedef struct flight {
 } flight;
 
 typedef struct rec {
-    uint64_t id;
+    srv_reg_entry e;            /* id, tenant, lists (first member: a rec is its entry) */
     flight *flight;             /* the request leads a single-flight group */
     double t_start, t_last;     /* submission, last token: TTFT and inter-token latency */
     cache_req *cache;           /* write the completion to the prompt cache */
@@ -181,8 +183,6 @@ typedef struct rec {
     size_t n_tok, cap_tok;
     Kvserve__V1__Completion *comp;
     uint32_t index;
-    double done_at;
-    struct rec *next;
 } rec;
 
 typedef struct parked {         /* a Step waiting for events */
@@ -223,7 +223,7 @@ struct srv {
     pthread_cond_t cv;
     int work, stop_engine, shutting_down, ready, serving;
     pthread_t eng_thr;
-    rec *recs;
+    srv_reg *reg;               /* requests by id (Stream and Submit) */
     parked *parked;
     call *watchers;
     token_ent *tokens;
@@ -542,9 +542,8 @@ static int authenticate(call *c) {
 
 /* ---- request registry ------------------------------------------------------------- */
 static rec *rec_find(srv *s, uint64_t id, const char *tenant) {
-    for (rec *r = s->recs; r; r = r->next)
-        if (r->id == id) return strcmp(r->tenant, tenant) ? NULL : r;
-    return NULL;
+    srv_reg_entry *e = srv__reg_find(s->reg, id);
+    return e && !strcmp(e->tenant, tenant) ? (rec *)e : NULL;
 }
 
 static void cache_req_free(struct cache_req *q);
@@ -566,12 +565,34 @@ static void rec_free(rec *r) {
     free(r);
 }
 
-static void rec_unlink(srv *s, rec *r) {
-    for (rec **pp = &s->recs; *pp; pp = &(*pp)->next)
-        if (*pp == r) {
-            *pp = r->next;
-            return;
-        }
+static void rec_unlink(srv *s, rec *r) { srv__reg_remove(s->reg, &r->e); }
+
+/* ENG_EQUEUE with a message when the tenant already has --max-results
+ * requests whose results Step has not collected (srv.mu held); else ENG_OK. */
+static int results_full(srv *s, const char *tenant, char *err, size_t errlen) {
+    if (srv__reg_tenant_count(s->reg, tenant) < s->cfg.max_results) return ENG_OK;
+    snprintf(err, errlen, "%d requests of this tenant wait for Step to collect their results (--max-results); "
+                          "collect or cancel some first", s->cfg.max_results);
+    return ENG_EQUEUE;
+}
+
+/* A new record of a request (srv.mu held): NULL with *rc ENG_EQUEUE (see
+ * results_full) or ENG_ENOMEM and a message. A Stream's record is not
+ * counted against the bound: its call bounds it. */
+static rec *rec_new(srv *s, uint64_t id, const char *tenant, int streaming, int *rc, char *err, size_t errlen) {
+    if (!streaming && (*rc = results_full(s, tenant, err, errlen)) != ENG_OK) return NULL;
+    *rc = ENG_OK;
+    rec *x = calloc(1, sizeof *x);
+    if (x) {
+        x->e.id = id;
+        snprintf(x->e.tenant, sizeof x->e.tenant, "%s", tenant);
+        x->e.collected_by_step = !streaming;
+        if (srv__reg_add(s->reg, &x->e) == 0) return x;
+        free(x);
+    }
+    snprintf(err, errlen, "out of memory");
+    *rc = ENG_ENOMEM;
+    return NULL;
 }
 
 static char *dup_n(const char *p, size_t n) {
@@ -629,9 +650,7 @@ static void flight_done(srv *s, rec *r, const eng_event *ev);
 static void on_event(void *ud, const eng_event *ev) {
     srv *s = ud;
     pthread_mutex_lock(&s->mu);
-    rec *r = NULL;
-    for (rec *x = s->recs; x; x = x->next)
-        if (x->id == ev->id) { r = x; break; }
+    rec *r = (rec *)srv__reg_find(s->reg, ev->id);
     if (!r) { pthread_mutex_unlock(&s->mu); return; }
     if (ev->kind == ENG_EV_TOKEN) {
         double t_now = now_s();
@@ -687,7 +706,7 @@ static void on_event(void *ud, const eng_event *ev) {
             return;
         }
         r->comp = c;
-        r->done_at = now_s();
+        srv__reg_done(s->reg, &r->e, now_s()); /* kept for Step until --result-ttl */
     }
     pthread_mutex_unlock(&s->mu);
 }
@@ -918,7 +937,14 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
     /* token events: the detokenizer's deltas, clamped to the cached text */
     eng_detok *d = eng_detok_new(eng_model_tok(s->model));
     size_t emitted = 0;
-    rec *x = streaming ? NULL : calloc(1, sizeof *x);
+    rec *x = NULL;
+    char xerr[256] = "out of memory";
+    int xrc = ENG_ENOMEM;
+    if (!streaming) {
+        if (!mu_held) pthread_mutex_lock(&s->mu);
+        x = rec_new(s, comp.id, c->tenant, 0, &xrc, xerr, sizeof xerr);
+        if (!mu_held) pthread_mutex_unlock(&s->mu);
+    }
     if (streaming && !c->close_started) stream_begin(c);
     for (size_t i = 0; i < hit->n_tokens && d; i++) {
         const char *t;
@@ -961,7 +987,7 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
         call_unref(c);
         return;
     }
-    if (!x) { finish_errorf(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory"); return; }
+    if (!x) { finish_errorf(c, status_of(xrc), "%s", xerr); return; }
     Kvserve__V1__Completion *cp = malloc(sizeof *cp);
     Kvserve__V1__Usage *up = malloc(sizeof *up);
     if (cp && up) {
@@ -977,13 +1003,9 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
         free(up);
         cp = NULL;
     }
-    x->id = comp.id;
-    snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
-    x->comp = cp;
-    x->done_at = now_s();
     pthread_mutex_lock(&s->mu);
-    x->next = s->recs;
-    s->recs = x;
+    x->comp = cp;
+    srv__reg_done(s->reg, &x->e, now_s());
     pthread_mutex_unlock(&s->mu);
     Kvserve__V1__SubmitReply rep = KVSERVE__V1__SUBMIT_REPLY__INIT;
     rep.id = comp.id;
@@ -1062,8 +1084,10 @@ static void start_generation(srv *s, pend *p) {
                 return;
             }
     }
-    rec *x = calloc(1, sizeof *x);
-    int rc = x ? eng_submit(s->eng, &p->r, &id, err, sizeof err) : ENG_ENOMEM;
+    rec *x = NULL;
+    int rc = streaming ? ENG_OK : results_full(s, c->tenant, err, sizeof err);
+    if (!rc) rc = eng_submit(s->eng, &p->r, &id, err, sizeof err);
+    if (!rc && !(x = rec_new(s, id, c->tenant, streaming, &rc, err, sizeof err))) eng_cancel(s->eng, id);
     if (!rc && digest[0] && (x->flight = calloc(1, sizeof *x->flight))) {
         memcpy(x->flight->digest, digest, sizeof digest);
         x->flight->leader = id;
@@ -1071,9 +1095,7 @@ static void start_generation(srv *s, pend *p) {
         s->flights = x->flight;
     }
     if (!rc) {
-        x->id = id;
         x->t_start = c->t_start;
-        snprintf(x->tenant, sizeof x->tenant, "%s", c->tenant);
         x->cache = p->cq;
         p->cq = NULL;
         if (streaming) {
@@ -1084,11 +1106,7 @@ static void start_generation(srv *s, pend *p) {
             s->active_calls++;
             if (c->cancel_seen) eng_cancel(s->eng, id); /* the client left while it waited */
         }
-        x->next = s->recs;
-        s->recs = x;
         wake_engine(s);
-    } else {
-        free(x);
     }
     pthread_mutex_unlock(&s->mu);
     pend_free(p);
@@ -1328,7 +1346,7 @@ static void h_step(call *c) {
         }
     }
     uint32_t wait = q->wait_ms < (uint32_t)s->cfg.max_wait_ms ? q->wait_ms : (uint32_t)s->cfg.max_wait_ms;
-    if (wait == 0 || has_news(s, c->tenant, q->ids, q->n_ids) || s->shutting_down) {
+    if (wait == 0 || has_news(s, c->tenant, q->ids, q->n_ids)) {
         step_reply(s, c, q->ids, q->n_ids);
     } else {
         parked *p = calloc(1, sizeof *p);
@@ -1393,15 +1411,10 @@ static void check_parked(srv *s, int all) {
             pp = &p->next;
         }
     }
-    /* forget completed requests nobody collected for ten minutes */
-    for (rec **rp = &s->recs; *rp;) {
-        rec *r = *rp;
-        if (r->comp && t - r->done_at > 600) {
-            *rp = r->next;
-            rec_free(r);
-        } else {
-            rp = &r->next;
-        }
+    /* forget results nobody collected within --result-ttl (oldest first: O(1) when none is due) */
+    for (srv_reg_entry *e; (e = srv__reg_oldest_done_before(s->reg, t - s->cfg.result_ttl_s));) {
+        srv__reg_remove(s->reg, e);
+        rec_free((rec *)e);
     }
     pthread_mutex_unlock(&s->mu);
 }
@@ -1986,24 +1999,24 @@ static void h_reflection(call *c) {
 
 /* ---- method table and call dispatch ---------------------------------------------------- */
 static const method METHODS[] = {
-    {"/kvserve.v1.Generation/Submit", K_UNARY, h_submit, 1, 1},
-    {"/kvserve.v1.Generation/Step", K_UNARY, h_step, 1, 1},
-    {"/kvserve.v1.Generation/Stream", K_SSTREAM, h_stream, 1, 1},
-    {"/kvserve.v1.Generation/Cancel", K_UNARY, h_cancel, 1, 1},
-    {"/kvserve.v1.Generation/Stats", K_UNARY, h_stats, 1, 1},
-    {"/kvserve.v1.Agents/GetAgent", K_UNARY, h_get_agent, 1, 1},
-    {"/kvserve.v1.Agents/ListAgents", K_UNARY, h_list_agents, 1, 1},
-    {"/kvserve.v1.Agents/DropAgent", K_UNARY, h_drop_agent, 1, 1},
-    {"/kvserve.v1.Agents/ExportAgent", K_UNARY, h_export_agent, 1, 1},
-    {"/kvserve.v1.Agents/ImportAgent", K_UNARY, h_import_agent, 1, 1},
-    {"/kvserve.v1.Cache/Invalidate", K_UNARY, h_invalidate, 1, 1},
-    {"/kvserve.v1.Cache/Stats", K_UNARY, h_cache_stats, 1, 1},
-    {"/kvserve.v1.Cache/RagStore", K_UNARY, h_rag_store, 1, 0},
-    {"/kvserve.v1.Cache/RagLookup", K_UNARY, h_rag_lookup, 1, 0},
-    {"/grpc.health.v1.Health/Check", K_UNARY, h_health_check, 0, 0},
-    {"/grpc.health.v1.Health/Watch", K_SSTREAM, h_health_watch, 0, 0},
-    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0},
-    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0},
+    {"/kvserve.v1.Generation/Submit", K_UNARY, h_submit, 1, 1, 0},
+    {"/kvserve.v1.Generation/Step", K_UNARY, h_step, 1, 1, 1},
+    {"/kvserve.v1.Generation/Stream", K_SSTREAM, h_stream, 1, 1, 0},
+    {"/kvserve.v1.Generation/Cancel", K_UNARY, h_cancel, 1, 1, 1},
+    {"/kvserve.v1.Generation/Stats", K_UNARY, h_stats, 1, 1, 0},
+    {"/kvserve.v1.Agents/GetAgent", K_UNARY, h_get_agent, 1, 1, 0},
+    {"/kvserve.v1.Agents/ListAgents", K_UNARY, h_list_agents, 1, 1, 0},
+    {"/kvserve.v1.Agents/DropAgent", K_UNARY, h_drop_agent, 1, 1, 0},
+    {"/kvserve.v1.Agents/ExportAgent", K_UNARY, h_export_agent, 1, 1, 0},
+    {"/kvserve.v1.Agents/ImportAgent", K_UNARY, h_import_agent, 1, 1, 0},
+    {"/kvserve.v1.Cache/Invalidate", K_UNARY, h_invalidate, 1, 1, 0},
+    {"/kvserve.v1.Cache/Stats", K_UNARY, h_cache_stats, 1, 1, 0},
+    {"/kvserve.v1.Cache/RagStore", K_UNARY, h_rag_store, 1, 0, 0},
+    {"/kvserve.v1.Cache/RagLookup", K_UNARY, h_rag_lookup, 1, 0, 0},
+    {"/grpc.health.v1.Health/Check", K_UNARY, h_health_check, 0, 0, 0},
+    {"/grpc.health.v1.Health/Watch", K_SSTREAM, h_health_watch, 0, 0, 0},
+    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0, 0},
+    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", K_BIDI, h_reflection, 1, 0, 0},
 };
 #define N_METHODS ((int)(sizeof METHODS / sizeof *METHODS))
 
@@ -2043,6 +2056,8 @@ static void metrics_source(void *ud, srv_metrics_snapshot *m) {
     pthread_mutex_lock(&s->mu);
     m->singleflight_joined = s->singleflight_joined;
     m->purged_keys = s->purged_keys;
+    for (parked *p = s->parked; p; p = p->next) m->steps_parked++;
+    m->requests_known = s->reg ? (int)(srv__reg_size(s->reg)) : 0;
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -2075,7 +2090,7 @@ static void on_new_call(call *c, int ok) {
         finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "the model is still loading");
         return;
     }
-    if (m->needs_model && down) {
+    if (m->needs_model && down && !m->drains) {
         finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
         return;
     }
@@ -2270,6 +2285,8 @@ void srv_config_default(srv_config *c) {
     c->grace_seconds = getenv("KVSERVE_GRACE_SECONDS") ? atof(getenv("KVSERVE_GRACE_SECONDS")) : 10;
     c->max_message_bytes = getenv_int("KVSERVE_MAX_MESSAGE_BYTES", 64 << 20);
     c->max_wait_ms = getenv_int("KVSERVE_MAX_WAIT_MS", 10000);
+    c->max_results = getenv_int("KVSERVE_MAX_RESULTS", 1024);
+    c->result_ttl_s = getenv_int("KVSERVE_RESULT_TTL", 600);
     c->redis_url = getenv("KVSERVE_REDIS_URL");
     c->redis_timeout_ms = getenv_int("KVSERVE_REDIS_TIMEOUT_MS", 0);
     c->cache_ttl_s = getenv_int("KVSERVE_CACHE_TTL", 0);
@@ -2303,6 +2320,7 @@ static int early_exit(srv *s) {
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     pthread_cond_destroy(&s->jobs_cv);
+    srv__reg_free(s->reg);
     free(s);
     return 2;
 }
@@ -2330,36 +2348,48 @@ int srv_run(const srv_config *cfg) {
     if (s->cfg.grace_seconds < 0) s->cfg.grace_seconds = 10;
     if (s->cfg.max_wait_ms <= 0) s->cfg.max_wait_ms = 10000;
     if (s->cfg.max_message_bytes <= 0) s->cfg.max_message_bytes = 64 << 20;
+    if (s->cfg.max_results <= 0) s->cfg.max_results = 1024;
+    if (s->cfg.result_ttl_s <= 0) s->cfg.result_ttl_s = 600;
+    if (!(s->reg = srv__reg_new())) { free(s); return 1; }
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->jobs_cv, NULL);
     int rc = 1;
     if (!s->cfg.model_dir) {
         fprintf(stderr, "kvserve: give the model directory (--model DIR or KVSERVE_MODEL)\n");
+        srv__reg_free(s->reg);
         free(s);
         return 2;
     }
     if (s->cfg.batch_max < 1 || s->cfg.batch_window_ms < 0 || s->cfg.batch_queue < s->cfg.batch_max) {
         fprintf(stderr, "kvserve: batcher: need 1 <= --batch-max <= --batch-queue and --batch-window-ms >= 0 (got %d, %d, %d)\n",
                 s->cfg.batch_max, s->cfg.batch_queue, s->cfg.batch_window_ms);
+        srv__reg_free(s->reg);
         free(s);
         return 2;
     }
-    if (s->cfg.token_file && load_tokens(s, s->cfg.token_file)) { free(s->tokens); free(s); return 2; }
+    if (s->cfg.token_file && load_tokens(s, s->cfg.token_file)) {
+        free(s->tokens);
+        srv__reg_free(s->reg);
+        free(s);
+        return 2;
+    }
     char kerr[512];
     if (srv__agent_key_init(&s->akey, s->cfg.export_key_file, kerr, sizeof kerr)) {
         fprintf(stderr, "kvserve: %s\n", kerr);
         free(s->tokens);
+        srv__reg_free(s->reg);
         free(s);
         return 2;
     }
-    if (load_descriptors(s)) { free(s); return 1; }
+    if (load_descriptors(s)) { srv__reg_free(s->reg); free(s); return 1; }
     s->metrics = srv_metrics_new(s->cfg.price_per_1k);
     if (s->cfg.metrics_listen && s->metrics && srv_metrics_listen(s->metrics, s->cfg.metrics_listen, metrics_source, s)) {
         fprintf(stderr, "kvserve: --metrics %s: cannot listen (an IPv4 HOST:PORT, free)\n", s->cfg.metrics_listen);
         srv_metrics_free(s->metrics);
         free_files(s);
         free(s->tokens);
+        srv__reg_free(s->reg);
         free(s);
         return 2;
     }
@@ -2377,6 +2407,7 @@ int srv_run(const srv_config *cfg) {
             srv_metrics_free(s->metrics);
             free_files(s);
             free(s->tokens);
+            srv__reg_free(s->reg);
             free(s);
             return 2;
         }
@@ -2485,22 +2516,22 @@ int srv_run(const srv_config *cfg) {
         rc = 0;
     }
 
-    /* graceful shutdown: NOT_SERVING, stop accepting, let streams finish, cancel the rest */
+    /* Graceful shutdown. From here new generation, agent and cache-admin
+     * calls are refused (UNAVAILABLE; Step and Cancel go on), and only then
+     * do watchers hear NOT_SERVING, so
+     * that a client that has seen it can count on it. Streams, parked Steps,
+     * what waits in the batcher and Submitted requests get the grace to
+     * finish, and what finishes meanwhile stays collectable by Step. */
     pthread_mutex_lock(&s->mu);
     s->serving = 0;
     s->shutting_down = 1;
-    pthread_mutex_unlock(&s->mu);
-    cq_dispatch(NULL, on_shutdown, &s->t_shutdown);
-    grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
-    /* watchers hear NOT_SERVING only once new calls are refused, so a client
-     * that has seen it can count on that */
-    pthread_mutex_lock(&s->mu);
     notify_watchers(s);
     pthread_mutex_unlock(&s->mu);
-    double until = now_s() + s->cfg.grace_seconds;
+    double drain_start = now_s(), until = drain_start + s->cfg.grace_seconds;
     for (;;) {
         pthread_mutex_lock(&s->mu);
-        int busy = s->active_calls > 0 || s->parked || s->pending;
+        int busy = s->active_calls > 0 || s->parked || s->pending || srv__reg_running_steps(s->reg) > 0 ||
+                   srv__reg_newest_done_at(s->reg) >= drain_start;
         pthread_mutex_unlock(&s->mu);
         if (!busy || now_s() >= until) break;
         sleep_ms(20);
@@ -2508,33 +2539,36 @@ int srv_run(const srv_config *cfg) {
     kvc_batcher_close(s->batcher); /* what still waits is refused (UNAVAILABLE) */
     s->batcher = NULL;
     /* past the grace: cancel the engine requests first, so that each stream
-     * still gets its completion (finish CANCELLED) and status OK */
+     * still gets its completion (finish CANCELLED) and status OK, and each
+     * Submitted request a CANCELLED completion for Step */
     if (s->eng_thr) {
         pthread_mutex_lock(&s->mu);
         size_t n = 0, cap = 0;
         uint64_t *ids = NULL;
-        for (rec *r = s->recs; r; r = r->next) {
-            if (!r->stream) continue;
+        for (srv_reg_entry *e = srv__reg_first(s->reg); e; e = e->next) {
+            if (e->done) continue;
             if (n == cap) {
                 uint64_t *ni = realloc(ids, (cap = cap ? cap * 2 : 64) * sizeof *ni);
                 if (!ni) break;
                 ids = ni;
             }
-            ids[n++] = r->id;
+            ids[n++] = e->id;
         }
         pthread_mutex_unlock(&s->mu);
         for (size_t i = 0; i < n; i++) eng_cancel(s->eng, ids[i]);
         free(ids);
         wake_engine_locked(s);
-        check_parked(s, 1);
         for (int i = 0; i < 100; i++) { /* up to a second for those completions to go out */
             pthread_mutex_lock(&s->mu);
-            int left = s->active_calls;
+            int left = s->active_calls || srv__reg_running_steps(s->reg) > 0;
             pthread_mutex_unlock(&s->mu);
             if (!left) break;
             sleep_ms(10);
         }
+        check_parked(s, 1); /* parked Steps take what came, the CANCELLED completions included */
     }
+    cq_dispatch(NULL, on_shutdown, &s->t_shutdown);
+    grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
     grpc_server_cancel_all_calls(s->server);
     for (int i = 0; i < 500; i++) { /* the cancelled streams' completions come through the engine */
         pthread_mutex_lock(&s->mu);
@@ -2581,8 +2615,9 @@ int srv_run(const srv_config *cfg) {
     grpc_completion_queue_shutdown(s->cq);
     for (int i = 0; i < s->n_cq; i++) pthread_join(s->cq_thr[i], NULL);
     grpc_completion_queue_destroy(s->cq);
-    for (rec *r = s->recs, *n; r; r = n) {
-        n = r->next;
+    for (srv_reg_entry *e = srv__reg_first(s->reg), *n; e; e = n) {
+        rec *r = (rec *)e;
+        n = e->next;
         if (r->stream) call_unref(r->stream);
         rec_free(r);
     }
@@ -2600,6 +2635,8 @@ int srv_run(const srv_config *cfg) {
     free(s->tokens);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
+    srv__reg_free(s->reg);
+    OPENSSL_cleanse(&s->akey, sizeof s->akey);
     free(s);
     signal(SIGTERM, SIG_DFL);
     signal(SIGINT, SIG_DFL);

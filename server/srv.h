@@ -22,6 +22,8 @@ typedef struct srv_config {
     double grace_seconds;        /* on SIGTERM: time in-flight calls get to finish (0 = 10) */
     int max_message_bytes;       /* largest request accepted (0 = 64 MiB) */
     int max_wait_ms;             /* cap on Step's wait_ms (0 = 10000) */
+    int max_results;             /* Submitted requests per tenant not yet collected by Step (0 = 1024) */
+    int result_ttl_s;            /* how long a finished request's result waits for Step (0 = 600) */
     const char *redis_url;       /* enables the prompt cache: redis://host:port/db or unix:///path */
     int redis_timeout_ms;        /* Redis connect and command timeout (0 = 200) */
     int cache_ttl_s;             /* default TTL of cached completions (0 = 86400) */
