@@ -125,6 +125,9 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt,
 void eng_model_close(eng_model *m);
 
 const eng_config *eng_model_config(const eng_model *m);
+/* Something about a loaded model its user should hear (weights that are
+ * NaN or infinite, naming the first such tensor), or NULL. */
+const char *eng_model_warning(const eng_model *m);
 const eng_tok *eng_model_tok(const eng_model *m);
 /* Bytes of weights held in memory (F32 after conversion, or BF16 matrices
  * with bf16_weights). */

@@ -247,6 +247,7 @@ struct eng_model {
     float *logits;       /* [max_batch_tokens][V] output rows of one forward call */
     int32_t *bpos, *bseq, *brows; /* max_batch_tokens each: batch description buffers */
     uint64_t fingerprint;  /* config + sampled weights, see eng_model_fingerprint */
+    char warning[512];     /* eng_model_warning */
 };
 
 int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen);

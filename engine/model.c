@@ -27,6 +27,8 @@ typedef struct {
 typedef struct {
     wfile *f;
     int n;
+    char *warning;          /* the model's: the first tensor with values that are not finite */
+    size_t warning_len;
 } wset;
 
 static void wset_free(wset *s) {
@@ -73,7 +75,7 @@ static int wset_add(wset *s, const char *path, char *err, size_t errlen) {
 
 /* Find a tensor by name in any file of the set, check its shape, convert it
  * to F32 into dst. */
-static int load_tensor(const wset *s, const char *name, int64_t d0, int64_t d1, float *dst,
+static int load_tensor(wset *s, const char *name, int64_t d0, int64_t d1, float *dst,
                        eng_config *cfg, char *err, size_t errlen) {
     for (int i = 0; i < s->n; i++) {
         const st_tensor *t = st_find(&s->f[i].st, name);
@@ -91,7 +93,12 @@ static int load_tensor(const wset *s, const char *name, int64_t d0, int64_t d1, 
         }
         static const char *names[] = {"F32", "F16", "BF16"};
         snprintf(cfg->dtype, sizeof cfg->dtype, "%s", names[t->dtype]);
-        st_to_f32(t->dtype, t->data, dst, (size_t)d0 * (size_t)(d1 ? d1 : 1));
+        size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1), bad = 0;
+        st_to_f32(t->dtype, t->data, dst, n);
+        for (size_t k = 0; k < n; k++) bad += !isfinite(dst[k]);
+        if (bad && !s->warning[0]) /* it loads (the file is well formed), but its output will be garbage */
+            snprintf(s->warning, s->warning_len, "%s: tensor \"%s\": %zu of %zu values are not finite (NaN or "
+                     "infinite): the model will compute nonsense", s->f[i].path, name, bad, n);
         return ENG_OK;
     }
     return eng__fail(err, errlen, ENG_EFORMAT, "%s%s: tensor \"%s\" is missing", s->n ? s->f[0].path : "weights",
@@ -209,6 +216,8 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
     eng_config *c = &m->cfg;
     eng__weights *w = &m->w;
     wset s = {0};
+    s.warning = m->warning;
+    s.warning_len = sizeof m->warning;
     int rc = open_weight_files(&s, dir, err, errlen);
     if (rc) goto out;
     const int64_t H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size;
@@ -384,6 +393,8 @@ void eng_model_close(eng_model *m) {
     free(m->brows);
     free(m);
 }
+
+const char *eng_model_warning(const eng_model *m) { return m->warning[0] ? m->warning : NULL; }
 
 const eng_config *eng_model_config(const eng_model *m) { return &m->cfg; }
 const eng_tok *eng_model_tok(const eng_model *m) { return m->tok; }

@@ -102,7 +102,12 @@ int st_parse(const uint8_t *data, size_t size, const char *name, st_file *out,
         t->ndim = nd;
         double ob = cJSON_GetArrayItem(jo, 0)->valuedouble, oe = cJSON_GetArrayItem(jo, 1)->valuedouble;
         if (!cJSON_IsNumber(cJSON_GetArrayItem(jo, 0)) || !cJSON_IsNumber(cJSON_GetArrayItem(jo, 1)) ||
-            ob < 0 || oe < ob || ob != floor(ob) || oe != floor(oe) || oe > (double)dsize) {
+            ob != floor(ob) || oe != floor(oe)) {
+            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"%s\": data_offsets must be two whole numbers (got "
+                           "[%.17g, %.17g])", name, tn, ob, oe);
+            goto out;
+        }
+        if (ob < 0 || oe < ob || oe > (double)dsize) {
             rc = eng__fail(err, errlen, ENG_EFORMAT,
                            "%s: tensor \"%s\": data_offsets [%.0f, %.0f] lie outside the data section (%zu bytes)%s",
                            name, tn, ob, oe, dsize, oe > (double)dsize ? ": file truncated?" : "");

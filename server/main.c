@@ -205,6 +205,7 @@ static eng_model *open_model(const cli *c) {
         fprintf(stderr, "kvserve: %s\n", err);
         return NULL;
     }
+    if (eng_model_warning(m)) fprintf(stderr, "kvserve: warning: %s\n", eng_model_warning(m));
     return m;
 }
 

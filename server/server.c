@@ -2495,6 +2495,7 @@ int srv_run(const srv_config *cfg) {
                  now_s() - t0, eng_model_config(s->model)->dtype, s->cfg.bf16_weights ? "BF16" : "F32",
                  eng_model_weight_bytes(s->model) >> 20, st.blocks_total, s->cfg.kv_f16 ? "F16" : "F32",
                  st.block_tokens, eng_blas_core());
+        if (eng_model_warning(s->model)) LOG_WARN("%s", eng_model_warning(s->model));
         if (eng_blas_note())
             LOG_INFO("BLAS: OpenBLAS would have run its %s kernels on this AVX-512 CPU; switched to %s "
                      "(KVSERVE_BLAS_CORE=keep to keep them)", eng_blas_note(), eng_blas_core());

@@ -15,6 +15,7 @@ Regressions of issue 12's findings 3, 4, 5, 6 and 8. Harness: tests/rpc/harness.
 """
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -209,6 +210,36 @@ class TokenFile(unittest.TestCase):
             srv.stop()
         finally:
             srv.kill()
+
+
+class ModelFiles(unittest.TestCase):
+    def test_weights_that_are_not_finite_are_named_at_load(self):
+        d = os.path.join(TMP, "nan-model")
+        shutil.copytree(ARGS.model, d)
+        path = os.path.join(d, "model.safetensors")
+        with open(path, "r+b") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            name = next(k for k in header if k.endswith("mlp.down_proj.weight"))
+            t = header[name]
+            self.assertEqual(t["dtype"], "F32")
+            b, e = t["data_offsets"]
+            f.seek(8 + n + b)
+            f.write(struct.pack("<f", float("nan")) * ((e - b) // 4))
+        srv = Server("--threads", "1", model=d).start()  # it loads and serves: a warning, not a refusal
+        try:
+            warn = [l for l in srv.log().splitlines() if " warn " in l and "not finite" in l]
+            self.assertEqual(len(warn), 1, srv.log())
+            self.assertIn(f'tensor "{name}"', warn[0])
+            _, comps = srv.client().run_stream(greq(prompt="hi", max_tokens=2, ignore_eos=True))
+            self.assertEqual(len(comps), 1)
+            srv.stop()
+        finally:
+            srv.kill()
+        p = subprocess.run([ARGS.kvserve, "generate", "--model", d, "-n", "1", "hi"], capture_output=True,
+                           text=True, timeout=BOUND)
+        self.assertIn("kvserve: warning: ", p.stderr)
+        self.assertIn("not finite", p.stderr)
 
 
 class TokenizeJson(unittest.TestCase):

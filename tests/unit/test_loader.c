@@ -55,6 +55,8 @@ static void test_bad_headers(void) {
         {"{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", 8, ENG_EFORMAT, "bad shape"},
         {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1e15,1e15],\"data_offsets\":[0,8]}}", 8, ENG_EFORMAT, "\"a\""},
         {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2]}}", 8, ENG_EFORMAT, "data_offsets"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0.5,8.5]}}", 9, ENG_EFORMAT,
+         "data_offsets must be two whole numbers (got [0.5, 8.5])"},
         {"{\"a\":[1,2]}", 0, ENG_EFORMAT, "not an object"},
         {"[1,2,3]", 0, ENG_EFORMAT, "not a JSON object"},
         {"{\"a\":{\"dtype\":\"F32\",", 0, ENG_EFORMAT, "not a JSON object"},
