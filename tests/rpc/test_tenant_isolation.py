@@ -120,6 +120,9 @@ class Isolation(unittest.TestCase):
         wait_for(lambda: self.a.run_stream(req)[1][0].cached, "alice's completion cached")
         _, comps = self.b.run_stream(req)
         self.assertFalse(comps[0].cached, "bob got alice's cached completion")
+        inv = unary(self.a.ch, "/kvserve.v1.Cache/Invalidate", pb.InvalidateRequest, pb.InvalidateReply)
+        inv(pb.InvalidateRequest(namespace="", purge=True), timeout=BOUND, metadata=self.b.md)  # bob's own ""
+        self.assertTrue(self.a.run_stream(req)[1][0].cached, "bob's Invalidate dropped alice's entry")
         # the RAG cache
         store = unary(self.a.ch, "/kvserve.v1.Cache/RagStore", pb.RagStoreRequest, pb.RagStoreReply)
         look = unary(self.a.ch, "/kvserve.v1.Cache/RagLookup", pb.RagLookupRequest, pb.RagLookupReply)
