@@ -426,6 +426,27 @@ def scrape(mport):
     return got
 
 
+class RedisServerCase(unittest.TestCase):
+    """Tests sharing one Redis and one server started with it (and server_args, which may use cls)."""
+
+    @classmethod
+    def server_args(cls):
+        return ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.redis = Redis().start()
+        cls.srv = Server("--redis", cls.redis.url(), "--threads", "1", *cls.server_args()).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.srv.stop()
+        finally:
+            cls.srv.kill()
+            cls.redis.stop()
+
+
 # ---- arguments and messages, at import -------------------------------------------------
 def _parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -48,21 +48,12 @@ def fnum(msg, name):
     return msg.DESCRIPTOR.fields_by_name[name].number
 
 
-class Server1(unittest.TestCase):
+class Server1(RedisServerCase):
     @classmethod
     def setUpClass(cls):
-        cls.redis = Redis().start()
-        cls.srv = Server("--redis", cls.redis.url(), "--threads", "1").start()
+        super().setUpClass()
         cls.c = cls.srv.client()
         cls.ch = cls.srv.channel()
-
-    @classmethod
-    def tearDownClass(cls):
-        try:
-            cls.srv.stop()
-        finally:
-            cls.srv.kill()
-            cls.redis.stop()
 
     def raw(self, path, data):
         """Send raw bytes to a unary method: (code, details)."""

@@ -38,22 +38,17 @@ def key_file(name, byte):
     return path
 
 
-class Isolation(unittest.TestCase):
+class Isolation(RedisServerCase):
     """One server with two tenants and a Redis, shared by the tests below."""
 
     @classmethod
-    def setUpClass(cls):
-        cls.redis = Redis().start()
-        cls.srv = Server("--token-file", TOKENS, "--redis", cls.redis.url(), "--threads", "1").start()
-        cls.a, cls.b = cls.srv.client(ALICE), cls.srv.client(BOB)
+    def server_args(cls):
+        return ("--token-file", TOKENS)
 
     @classmethod
-    def tearDownClass(cls):
-        try:
-            cls.srv.stop()
-        finally:
-            cls.srv.kill()
-            cls.redis.stop()
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.a, cls.b = cls.srv.client(ALICE), cls.srv.client(BOB)
 
     def usage(self, c, req):
         toks, comps = c.run_stream(req)
