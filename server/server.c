@@ -576,23 +576,19 @@ static int results_full(srv *s, const char *tenant, char *err, size_t errlen) {
     return ENG_EQUEUE;
 }
 
-/* A new record of a request (srv.mu held): NULL with *rc ENG_EQUEUE (see
- * results_full) or ENG_ENOMEM and a message. A Stream's record is not
- * counted against the bound: its call bounds it. */
-static rec *rec_new(srv *s, uint64_t id, const char *tenant, int streaming, int *rc, char *err, size_t errlen) {
-    if (!streaming && (*rc = results_full(s, tenant, err, errlen)) != ENG_OK) return NULL;
-    *rc = ENG_OK;
-    rec *x = calloc(1, sizeof *x);
-    if (x) {
-        x->e.id = id;
-        snprintf(x->e.tenant, sizeof x->e.tenant, "%s", tenant);
-        x->e.collected_by_step = !streaming;
-        if (srv__reg_add(s->reg, &x->e) == 0) return x;
-        free(x);
-    }
+/* Make x (calloc'd, filled or to be filled under srv.mu) known by id (srv.mu
+ * held): ENG_OK, or ENG_EQUEUE (see results_full) or ENG_ENOMEM with a
+ * message, x untouched. A Stream's record is not counted against the bound:
+ * its call bounds it. */
+static int rec_register(srv *s, rec *x, uint64_t id, const char *tenant, int streaming, char *err, size_t errlen) {
+    int rc = streaming ? ENG_OK : results_full(s, tenant, err, errlen);
+    if (rc) return rc;
+    x->e.id = id;
+    snprintf(x->e.tenant, sizeof x->e.tenant, "%s", tenant);
+    x->e.collected_by_step = !streaming;
+    if (srv__reg_add(s->reg, &x->e) == 0) return ENG_OK;
     snprintf(err, errlen, "out of memory");
-    *rc = ENG_ENOMEM;
-    return NULL;
+    return ENG_ENOMEM;
 }
 
 static char *dup_n(const char *p, size_t n) {
@@ -937,14 +933,7 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
     /* token events: the detokenizer's deltas, clamped to the cached text */
     eng_detok *d = eng_detok_new(eng_model_tok(s->model));
     size_t emitted = 0;
-    rec *x = NULL;
-    char xerr[256] = "out of memory";
-    int xrc = ENG_ENOMEM;
-    if (!streaming) {
-        if (!mu_held) pthread_mutex_lock(&s->mu);
-        x = rec_new(s, comp.id, c->tenant, 0, &xrc, xerr, sizeof xerr);
-        if (!mu_held) pthread_mutex_unlock(&s->mu);
-    }
+    rec *x = streaming ? NULL : calloc(1, sizeof *x); /* made known by id once complete */
     if (streaming && !c->close_started) stream_begin(c);
     for (size_t i = 0; i < hit->n_tokens && d; i++) {
         const char *t;
@@ -987,7 +976,7 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
         call_unref(c);
         return;
     }
-    if (!x) { finish_errorf(c, status_of(xrc), "%s", xerr); return; }
+    if (!x) { finish_errorf(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory"); return; }
     Kvserve__V1__Completion *cp = malloc(sizeof *cp);
     Kvserve__V1__Usage *up = malloc(sizeof *up);
     if (cp && up) {
@@ -1003,10 +992,17 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
         free(up);
         cp = NULL;
     }
-    pthread_mutex_lock(&s->mu);
     x->comp = cp;
-    srv__reg_done(s->reg, &x->e, now_s());
+    char err[256];
+    pthread_mutex_lock(&s->mu);
+    int rc = rec_register(s, x, comp.id, c->tenant, 0, err, sizeof err);
+    if (!rc) srv__reg_done(s->reg, &x->e, now_s());
     pthread_mutex_unlock(&s->mu);
+    if (rc) {
+        rec_free(x);
+        finish_errorf(c, status_of(rc), "%s", err);
+        return;
+    }
     Kvserve__V1__SubmitReply rep = KVSERVE__V1__SUBMIT_REPLY__INIT;
     rep.id = comp.id;
     finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
@@ -1084,10 +1080,11 @@ static void start_generation(srv *s, pend *p) {
                 return;
             }
     }
-    rec *x = NULL;
-    int rc = streaming ? ENG_OK : results_full(s, c->tenant, err, sizeof err);
+    rec *x = calloc(1, sizeof *x);
+    int rc = !x ? ENG_ENOMEM : streaming ? ENG_OK : results_full(s, c->tenant, err, sizeof err);
+    if (!x) snprintf(err, sizeof err, "out of memory");
     if (!rc) rc = eng_submit(s->eng, &p->r, &id, err, sizeof err);
-    if (!rc && !(x = rec_new(s, id, c->tenant, streaming, &rc, err, sizeof err))) eng_cancel(s->eng, id);
+    if (!rc && (rc = rec_register(s, x, id, c->tenant, streaming, err, sizeof err))) eng_cancel(s->eng, id);
     if (!rc && digest[0] && (x->flight = calloc(1, sizeof *x->flight))) {
         memcpy(x->flight->digest, digest, sizeof digest);
         x->flight->leader = id;
@@ -1107,6 +1104,8 @@ static void start_generation(srv *s, pend *p) {
             if (c->cancel_seen) eng_cancel(s->eng, id); /* the client left while it waited */
         }
         wake_engine(s);
+    } else {
+        free(x);
     }
     pthread_mutex_unlock(&s->mu);
     pend_free(p);
