@@ -2567,6 +2567,18 @@ int srv_run(const srv_config *cfg) {
         }
         check_parked(s, 1); /* parked Steps take what came, the CANCELLED completions included */
     }
+    /* Health watchers end with a status after their NOT_SERVING, before the
+     * calls left are cancelled: a cancel could cut the message off the wire. */
+    pthread_mutex_lock(&s->mu);
+    for (call *w = s->watchers; w; w = w->next_watch) stream_end(w, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < 500; i++) { /* up to 5 s: each leaves the list once its client has the status */
+        pthread_mutex_lock(&s->mu);
+        int left = s->watchers != NULL;
+        pthread_mutex_unlock(&s->mu);
+        if (!left) break;
+        sleep_ms(10);
+    }
     cq_dispatch(NULL, on_shutdown, &s->t_shutdown);
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
     grpc_server_cancel_all_calls(s->server);
