@@ -376,6 +376,48 @@ static void test_rag_exact_similar_tenants_replicas(void) {
     kvc_redis_close(r2);
 }
 
+/* Embeddings without a direction are refused; any finite scale works (norms
+ * in double: subnormal vectors keep their direction); similarities are finite. */
+static void test_rag_embeddings(void) {
+    kvc_redis *r = connect_redis(0);
+    kvc_rag *a;
+    kvc_rag_open(&a, r, NULL);
+    float e[DIM], q[DIM];
+    unit_vec(e, 3);
+    e[3] = NAN;
+    kvc_rag_query bad = rq("erin", "nan", e, DIM);
+    bad.ns = "embeddings";
+    CHECK(!kvc_rag_embedding_ok(e, DIM));
+    CHECK(kvc_rag_store(a, &bad, (const uint8_t *)"x", 1, 0) == KVC_EINVAL);
+    uint8_t *out = NULL;
+    size_t len;
+    float sim;
+    int exact;
+    CHECK(kvc_rag_lookup(a, &bad, 0.95f, &out, &len, &sim, &exact) == KVC_EINVAL && !out);
+    e[3] = INFINITY;
+    CHECK(!kvc_rag_embedding_ok(e, DIM) && kvc_rag_store(a, &bad, (const uint8_t *)"x", 1, 0) == KVC_EINVAL);
+    memset(e, 0, sizeof e);
+    CHECK(!kvc_rag_embedding_ok(e, DIM) && kvc_rag_store(a, &bad, (const uint8_t *)"x", 1, 0) == KVC_EINVAL);
+    /* the smallest subnormal float on two axes: direction (1, 1) */
+    uint32_t one = 1;
+    float tiny;
+    memcpy(&tiny, &one, 4);
+    e[3] = e[4] = tiny;
+    CHECK(kvc_rag_embedding_ok(e, DIM));
+    kvc_rag_query sub = rq("erin", "subnormal", e, DIM);
+    sub.ns = "embeddings";
+    CHECK(kvc_rag_store(a, &sub, (const uint8_t *)"s", 1, 0) == KVC_OK);
+    memset(q, 0, sizeof q);
+    q[3] = q[4] = 1e30f;
+    kvc_rag_query big = rq("erin", "huge", q, DIM);
+    big.ns = "embeddings";
+    CHECK(kvc_rag_lookup(a, &big, 0.95f, &out, &len, &sim, &exact) == KVC_OK);
+    CHECK_MSG(isfinite(sim) && fabsf(sim - 1) < 1e-5f && !exact, "similarity %g", (double)sim);
+    free(out);
+    kvc_rag_close(a);
+    kvc_redis_close(r);
+}
+
 static void test_rag_expiry(void) {
     kvc_redis *r = connect_redis(0);
     kvc_rag *a;
@@ -461,6 +503,7 @@ int main(int argc, char **argv) {
         {"threads", test_threads},
         {"rag_exact_similar_tenants_replicas_dims", test_rag_exact_similar_tenants_replicas},
         {"rag_expiry", test_rag_expiry},
+        {"rag_embeddings_finite_with_a_direction", test_rag_embeddings},
         {0, 0}};
     int rc = run_tests(tests, argc, argv);
     redis_stop();
