@@ -52,9 +52,10 @@ const char *eng_strerror(int code);
 /* ---- tokenizer --------------------------------------------------------- */
 typedef struct eng_tok eng_tok;
 
-/* Load a Hugging Face tokenizer.json (byte-level BPE only). Other model
- * types (Unigram, WordPiece, ...) and unsupported normalizers, pre-tokenizers
- * or decoders are refused with ENG_EUNSUPPORTED and a message. */
+/* Load a Hugging Face tokenizer.json: BPE, byte-level or SentencePiece-style
+ * (byte fallback), with the normalizers, pre-tokenizers and decoders listed
+ * in docs/engine.md. Other model types (Unigram, WordPiece, ...) and other
+ * steps are refused with ENG_EUNSUPPORTED and a message naming them. */
 int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen);
 void eng_tok_close(eng_tok *tok);
 

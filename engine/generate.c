@@ -31,12 +31,17 @@ struct eng_detok {
     const eng_tok *tok;
     unsigned char pend[8];  /* bytes of an unfinished character */
     size_t npend;
+    int strip;              /* leading spaces still to strip (the decoder's, at the start of the text) */
+    int started;            /* a token has been pushed (the first decodes differently with a Metaspace decoder) */
     bytes out;
 };
 
 eng_detok *eng_detok_new(const eng_tok *tok) {
     eng_detok *d = calloc(1, sizeof *d);
-    if (d) d->tok = tok;
+    if (d) {
+        d->tok = tok;
+        d->strip = eng__tok_strip_start(tok);
+    }
     return d;
 }
 
@@ -58,7 +63,9 @@ static int detok_feed(eng_detok *d, const unsigned char *src, size_t n) {
             if (k == 0) break; /* valid so far, incomplete */
             int rc;
             if (k < 0) { rc = bytes_add(&d->out, REPLACEMENT, 3); k = 1; }
+            else if (d->strip > 0 && k == 1 && d->pend[0] == ' ') { rc = ENG_OK; d->strip--; }
             else rc = bytes_add(&d->out, (const char *)d->pend, (size_t)k);
+            d->strip = k == 1 && d->pend[0] == ' ' ? d->strip : 0; /* only at the very start */
             if (rc) return rc;
             memmove(d->pend, d->pend + k, d->npend - (size_t)k);
             d->npend -= (size_t)k;
@@ -72,9 +79,11 @@ int eng_detok_push(eng_detok *d, int32_t token, const char **out, size_t *len) {
     *out = "";
     *len = 0;
     size_t n;
-    const char *p = eng_tok_piece(d->tok, token, &n);
+    int special = eng__tok_is_special(d->tok, token);
+    const char *p = eng__tok_piece_at(d->tok, token, !special && !d->started, &n);
     if (!p) return ENG_ETOKEN;
-    if (!eng__tok_is_special(d->tok, token)) {
+    if (!special) {
+        d->started = 1;
         int rc = detok_feed(d, (const unsigned char *)p, n);
         if (rc) return rc;
     }

@@ -230,6 +230,27 @@ const char *eng__gen_text(eng__gen *g, size_t *len);
 void eng__gen_flush(eng__gen *g, const char **delta, size_t *dlen);
 
 int eng__tok_is_special(const eng_tok *t, int32_t id);
+/* Leading spaces the decoder strips from a decoded text (0, or 1 for
+ * SentencePiece-style tokenizers whose encoder prepends one). */
+int eng__tok_strip_start(const eng_tok *t);
+/* A token's bytes, as the first token of a text (first) or anywhere else;
+ * they differ with a Metaspace decoder. NULL for a bad id. */
+const char *eng__tok_piece_at(const eng_tok *t, int32_t id, int first, size_t *len);
+
+/* A tokenizer.json regex (Rust syntax) compiled by PCRE2 (tokenizer.c); NULL
+ * and why in msg if it does not compile. Free with pcre2_code_free. */
+struct pcre2_real_code_8;
+struct pcre2_real_code_8 *eng__re_compile(const char *pat, size_t len, char *msg, size_t msglen);
+
+/* ---- normalizers (normalize.c) ----------------------------------------- */
+struct cJSON;
+typedef struct eng__norm eng__norm;
+/* Load tokenizer.json's "normalizer" (NULL or null: *out NULL, none). Refuses
+ * the kinds it does not know with ENG_EUNSUPPORTED naming them. */
+int eng__norm_open(eng__norm **out, const struct cJSON *j, const char *path, char *err, size_t errlen);
+void eng__norm_free(eng__norm *z);
+/* Normalize valid UTF-8: *out malloc'd, NUL-terminated. */
+int eng__norm_apply(const eng__norm *z, const char *s, size_t n, char **out, size_t *out_len);
 
 /* ---- model ------------------------------------------------------------- */
 struct eng_model {

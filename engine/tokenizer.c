@@ -1,14 +1,24 @@
-/* tokenizer.c — byte-level BPE from a Hugging Face tokenizer.json.
+/* tokenizer.c — BPE from a Hugging Face tokenizer.json: byte-level (GPT-2
+ * style: Llama 3, Qwen, SmolLM) and SentencePiece-style (characters with
+ * byte fallback: Llama 2, Mistral, Gemma).
  *
  * Encode follows the Hugging Face pipeline step by step:
- *   1. split the text on added tokens (leftmost-longest match);
- *   2. pre-tokenize each remaining span: the configured Split / Digits /
- *      ByteLevel steps, regexes through PCRE2 (UTF + Unicode properties);
- *   3. map each piece's bytes to the GPT-2 byte alphabet and run BPE: merge
- *      the adjacent pair of lowest rank (leftmost on ties) until none is left,
+ *   1. split the text on added tokens (leftmost-longest match, a byte trie);
+ *   2. normalize each remaining span (normalize.c: NFC, Replace, Prepend, ...);
+ *   3. pre-tokenize it: the configured Split / Digits / ByteLevel / Metaspace
+ *      steps, regexes through PCRE2 (UTF + Unicode properties);
+ *   4. run BPE on each piece: byte-level pieces start from the GPT-2 byte
+ *      alphabet, others from their characters (a character not in the vocab
+ *      becomes its <0xXX> byte tokens with byte_fallback, else the unknown
+ *      token, fused with its neighbours with fuse_unk); then merge the
+ *      adjacent pair of lowest rank (leftmost on ties) until none is left,
  *      exactly as tokenizers' Word::merge_all does (a heap with lazy deletion);
- *   4. the post-processor's BOS when asked.
- * Only byte-level BPE is supported; anything else is refused at open. */
+ *   5. the post-processor's BOS when asked.
+ * Decoding maps each token to its bytes once, at open: the ByteLevel
+ * decoder's byte alphabet, or the Replace / ByteFallback / Fuse / Strip /
+ * Metaspace decoders' rules. Unigram, WordPiece and WordLevel models, and the
+ * normalizers, pre-tokenizers and decoders not named here, are refused at
+ * open with a message naming them. */
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "internal.h"
 
@@ -22,14 +32,28 @@
 static const char GPT2_PATTERN[] =
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
-enum step_kind { STEP_SPLIT, STEP_BYTELEVEL };
+enum step_kind { STEP_SPLIT, STEP_BYTELEVEL, STEP_METASPACE };
+enum merge_with { MW_NONE, MW_PREVIOUS, MW_NEXT }; /* Split's MergedWithPrevious / MergedWithNext */
+enum prepend_scheme { PREPEND_ALWAYS, PREPEND_FIRST, PREPEND_NEVER };
 typedef struct {
     enum step_kind kind;
     pcre2_code *re;      /* NULL: no split */
     int keep_match;      /* matches become pieces */
     int keep_gap;        /* the text between matches becomes pieces */
+    enum merge_with merge; /* or: each match joins the piece before / after it */
     int add_prefix_space;
+    char repl[8];        /* Metaspace: the replacement of ' ' (UTF-8) */
+    size_t repl_len;
+    enum prepend_scheme prepend; /* Metaspace */
 } pre_step;
+
+typedef struct {            /* a byte trie of the added tokens' contents */
+    uint64_t *key;          /* (node << 8 | byte) + 1; 0 = empty slot */
+    int32_t *child;
+    size_t cap;
+    int32_t *term;          /* [node]: the added token ending here, -1 */
+    int32_t n_nodes, cap_nodes;
+} trie;
 
 typedef struct {
     char *content;
@@ -58,7 +82,18 @@ struct eng_tok {
     int n_steps;
     added_tok *added;
     int n_added;
-    int32_t byte_id[256];   /* id of the single-byte token for each byte, -1 if none */
+    trie at;                /* the added tokens, for leftmost-longest matching */
+    eng__norm *norm;        /* NULL: none */
+    int byte_level;         /* a ByteLevel pre-tokenizer: pieces are bytes of the GPT-2 alphabet */
+    int32_t byte_id[256];   /* byte-level: id of the single-byte token for each byte, -1 if none */
+    int byte_fallback, fuse_unk;
+    int32_t unk;            /* the model's unk_token, -1 if none */
+    int32_t fallback_id[256]; /* byte_fallback: id of "<0xXX>" for each byte, -1 if none */
+    int strip_start;        /* the Strip decoder strips this many leading spaces of the text */
+    char meta[8];           /* the Metaspace decoder's replacement when it prepends: then in the first token */
+    size_t meta_len;        /* of a text every replacement is dropped (not turned into a space) */
+    char **first_bytes;     /* [id]: bytes of the token as the text's first, NULL: as bytes[id] */
+    uint32_t *first_len;
     int bos;
 };
 
@@ -120,17 +155,91 @@ static void merge_put(eng_tok *t, int32_t a, int32_t b, int32_t rank, int32_t id
     t->merges[i] = (merge_ent){key, rank, id};
 }
 
+/* ---- the added tokens' trie ---------------------------------------------- */
+static int32_t trie_child(const trie *r, int32_t node, unsigned char c) {
+    uint64_t key = ((uint64_t)node << 8 | c) + 1;
+    for (size_t i = mix64(key) & (r->cap - 1); r->key[i]; i = (i + 1) & (r->cap - 1))
+        if (r->key[i] == key) return r->child[i];
+    return -1;
+}
+
+static int trie_add(trie *r, const char *s, size_t n, int32_t index) {
+    int32_t node = 0;
+    for (size_t k = 0; k < n; k++) {
+        int32_t c = trie_child(r, node, (unsigned char)s[k]);
+        if (c < 0) {
+            if (r->n_nodes == r->cap_nodes) return ENG_ENOMEM; /* sized at build */
+            c = r->n_nodes++;
+            r->term[c] = -1;
+            uint64_t key = ((uint64_t)node << 8 | (unsigned char)s[k]) + 1;
+            size_t i = mix64(key) & (r->cap - 1);
+            while (r->key[i]) i = (i + 1) & (r->cap - 1);
+            r->key[i] = key;
+            r->child[i] = c;
+        }
+        node = c;
+    }
+    if (r->term[node] < 0) r->term[node] = index; /* the first of duplicates wins */
+    return ENG_OK;
+}
+
+static int trie_build(eng_tok *t) {
+    trie *r = &t->at;
+    size_t total = 1;
+    for (int k = 0; k < t->n_added; k++) total += t->added[k].len;
+    r->cap = 16;
+    while (r->cap < total * 2) r->cap <<= 1;
+    r->cap_nodes = (int32_t)total;
+    r->key = calloc(r->cap, sizeof *r->key);
+    r->child = malloc(r->cap * sizeof *r->child);
+    r->term = malloc(total * sizeof *r->term);
+    if (!r->key || !r->child || !r->term) return ENG_ENOMEM;
+    r->n_nodes = 1;
+    r->term[0] = -1;
+    for (int k = 0; k < t->n_added; k++) {
+        int rc = trie_add(r, t->added[k].content, t->added[k].len, k);
+        if (rc) return rc;
+    }
+    return ENG_OK;
+}
+
 /* ---- loading ----------------------------------------------------------- */
-static int compile_re(const char *pat, size_t len, pcre2_code **out, const char *path, char *err, size_t errlen) {
+/* Compile a tokenizer.json regex (Rust regex syntax) with PCRE2 (UTF, Unicode
+ * properties). Rust's \s is the White_Space property; PCRE2's also matches
+ * U+180E, so \s and \S are spelled as the property. NULL with a message on
+ * failure. */
+pcre2_code *eng__re_compile(const char *pat, size_t len, char *msg, size_t msglen) {
+    if (len == PCRE2_ZERO_TERMINATED) len = strlen(pat);
+    char *p = malloc(len * 8 + 1), *o = p;
+    if (!p) { snprintf(msg, msglen, "out of memory"); return NULL; }
+    for (size_t i = 0; i < len; i++) {
+        if (pat[i] == '\\' && i + 1 < len && (pat[i + 1] == 's' || pat[i + 1] == 'S')) {
+            o += sprintf(o, "\\%c{White_Space}", pat[i + 1] == 's' ? 'p' : 'P');
+            i++;
+        } else if (pat[i] == '\\' && i + 1 < len) {
+            *o++ = pat[i++];
+            *o++ = pat[i];
+        } else {
+            *o++ = pat[i];
+        }
+    }
     int ec;
     PCRE2_SIZE off;
-    *out = pcre2_compile((PCRE2_SPTR)pat, len, PCRE2_UTF | PCRE2_UCP, &ec, &off, NULL);
-    if (!*out) {
-        PCRE2_UCHAR msg[256];
-        pcre2_get_error_message(ec, msg, sizeof msg);
-        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: pre-tokenizer regex does not compile at offset %zu: %s",
-                         path, (size_t)off, (char *)msg);
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)p, (size_t)(o - p), PCRE2_UTF | PCRE2_UCP, &ec, &off, NULL);
+    free(p);
+    if (!re) {
+        PCRE2_UCHAR m[256];
+        pcre2_get_error_message(ec, m, sizeof m);
+        snprintf(msg, msglen, "does not compile: %s", (char *)m);
     }
+    return re;
+}
+
+static int compile_re(const char *pat, size_t len, pcre2_code **out, const char *path, char *err, size_t errlen) {
+    char why[320];
+    if (!(*out = eng__re_compile(pat, len, why, sizeof why)))
+        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: pre-tokenizer regex %.*s %s", path, (int)(len < 80 ? len : 80),
+                         pat, why);
     return ENG_OK;
 }
 
@@ -187,15 +296,19 @@ static int add_step(eng_tok *t, const cJSON *pt, const char *path, char *err, si
         const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
         const cJSON *st = cJSON_GetObjectItemCaseSensitive(pat, "String");
         const cJSON *beh = cJSON_GetObjectItemCaseSensitive(pt, "behavior");
-        if (!cJSON_IsString(beh) || (strcmp(beh->valuestring, "Isolated") && strcmp(beh->valuestring, "Removed")))
-            return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: Split behavior %s is not supported (Isolated, Removed)",
-                             path, cJSON_IsString(beh) ? beh->valuestring : "(none)");
-        /* The behavior applies to the delimiters: the matches, or with
-         * invert the text between them. Removed drops the delimiters. */
-        int removed = strcmp(beh->valuestring, "Removed") == 0;
+        const char *b = cJSON_IsString(beh) ? beh->valuestring : "(none)";
         int invert = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(pt, "invert"));
+        int merged = !strcmp(b, "MergedWithPrevious") || !strcmp(b, "MergedWithNext");
+        if ((strcmp(b, "Isolated") && strcmp(b, "Removed") && !merged) || (merged && invert))
+            return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: Split behavior %s%s is not supported (Isolated, Removed, "
+                             "MergedWithPrevious, MergedWithNext)", path, b, invert ? " with invert" : "");
+        /* The behavior applies to the delimiters: the matches, or with
+         * invert the text between them. Removed drops the delimiters; the
+         * Merged ones join each match to the piece before or after it. */
+        int removed = strcmp(b, "Removed") == 0;
         s->keep_match = !(removed && !invert);
         s->keep_gap = !(removed && invert);
+        s->merge = !merged ? MW_NONE : !strcmp(b, "MergedWithPrevious") ? MW_PREVIOUS : MW_NEXT;
         int rc;
         if (cJSON_IsString(rx)) {
             rc = compile_re(rx->valuestring, strlen(rx->valuestring), &s->re, path, err, errlen);
@@ -208,9 +321,33 @@ static int add_step(eng_tok *t, const cJSON *pt, const char *path, char *err, si
             return eng__fail(err, errlen, ENG_EFORMAT, "%s: Split pre-tokenizer without a Regex or String pattern", path);
         }
         if (rc) return rc;
+    } else if (strcmp(type, "Metaspace") == 0) {
+        s->kind = STEP_METASPACE;
+        const cJSON *r = cJSON_GetObjectItemCaseSensitive(pt, "replacement");
+        const cJSON *ps = cJSON_GetObjectItemCaseSensitive(pt, "prepend_scheme");
+        const cJSON *ap = cJSON_GetObjectItemCaseSensitive(pt, "add_prefix_space"); /* before prepend_scheme existed */
+        const cJSON *sp = cJSON_GetObjectItemCaseSensitive(pt, "split");
+        const char *rs = cJSON_IsString(r) ? r->valuestring : "\xE2\x96\x81";
+        if (!rs[0] || strlen(rs) >= sizeof s->repl)
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: Metaspace replacement must be one character", path);
+        s->repl_len = strlen(rs);
+        memcpy(s->repl, rs, s->repl_len);
+        if (cJSON_IsString(ps))
+            s->prepend = !strcmp(ps->valuestring, "first") ? PREPEND_FIRST
+                       : !strcmp(ps->valuestring, "never") ? PREPEND_NEVER : PREPEND_ALWAYS;
+        else s->prepend = ap && cJSON_IsFalse(ap) ? PREPEND_NEVER : PREPEND_ALWAYS;
+        if (!sp || cJSON_IsTrue(sp)) { /* split before each replacement character, which starts its piece */
+            char *q = re_quote(s->repl);
+            if (!q) return ENG_ENOMEM;
+            int rc = compile_re(q, strlen(q), &s->re, path, err, errlen);
+            free(q);
+            if (rc) return rc;
+            s->keep_match = s->keep_gap = 1;
+            s->merge = MW_NEXT;
+        }
     } else {
         return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: pre-tokenizer type %s is not supported "
-                         "(Sequence, Split, Digits, ByteLevel)", path, type);
+                         "(Sequence, Split, Digits, ByteLevel, Metaspace)", path, type);
     }
     t->n_steps++;
     return ENG_OK;
@@ -256,6 +393,148 @@ static int set_token(eng_tok *t, int32_t id, const char *s, size_t len) {
     return ENG_OK;
 }
 
+/* What the decoder does to one token, short of Fuse (concatenation) and
+ * Strip/Metaspace at the start of the text (t->strip_start). */
+typedef struct {
+    int byte_level;          /* the ByteLevel decoder */
+    int byte_fallback;       /* ByteFallback: "<0xXX>" is that byte */
+    struct { char *from, *to; } rep[4];  /* Replace (String patterns), in order; Metaspace's replacement */
+    int n_rep;
+} decoder;
+
+static void decoder_free(decoder *d) {
+    for (int i = 0; i < d->n_rep; i++) { free(d->rep[i].from); free(d->rep[i].to); }
+}
+
+static int add_rep(decoder *d, const char *from, const char *to, const char *path, char *err, size_t errlen) {
+    if (d->n_rep == 4) return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: more than 4 Replace decoders", path);
+    if (!(d->rep[d->n_rep].from = strdup(from)) || !(d->rep[d->n_rep].to = strdup(to))) {
+        free(d->rep[d->n_rep].from);
+        return ENG_ENOMEM;
+    }
+    d->n_rep++;
+    return ENG_OK;
+}
+
+static int load_decoder(eng_tok *t, decoder *d, const cJSON *j, const char *path, char *err, size_t errlen) {
+    if (!j || cJSON_IsNull(j)) return ENG_OK;
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(j, "type");
+    const char *k = cJSON_IsString(ty) ? ty->valuestring : "?";
+    if (!strcmp(k, "Sequence")) {
+        const cJSON *it;
+        cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(j, "decoders")) {
+            int rc = load_decoder(t, d, it, path, err, errlen);
+            if (rc) return rc;
+        }
+        return ENG_OK;
+    }
+    if (!strcmp(k, "ByteLevel")) d->byte_level = 1;
+    else if (!strcmp(k, "ByteFallback")) d->byte_fallback = 1;
+    else if (!strcmp(k, "Fuse")) {}
+    else if (!strcmp(k, "Replace")) {
+        const cJSON *st = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(j, "pattern"), "String");
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "content");
+        if (!cJSON_IsString(st) || !st->valuestring[0] || !cJSON_IsString(c))
+            return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: a Replace decoder needs a String pattern and content", path);
+        return add_rep(d, st->valuestring, c->valuestring, path, err, errlen);
+    } else if (!strcmp(k, "Strip")) {
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "content"), *a = cJSON_GetObjectItemCaseSensitive(j, "start");
+        const cJSON *z = cJSON_GetObjectItemCaseSensitive(j, "stop");
+        if (!cJSON_IsString(c) || strcmp(c->valuestring, " ") || (cJSON_IsNumber(z) && z->valuedouble != 0) ||
+            !cJSON_IsNumber(a) || a->valuedouble < 0 || a->valuedouble > 8)
+            return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: only a Strip decoder of leading spaces is supported", path);
+        t->strip_start = (int)a->valuedouble;
+    } else if (!strcmp(k, "Metaspace")) {
+        const cJSON *r = cJSON_GetObjectItemCaseSensitive(j, "replacement");
+        const cJSON *ps = cJSON_GetObjectItemCaseSensitive(j, "prepend_scheme");
+        const cJSON *ap = cJSON_GetObjectItemCaseSensitive(j, "add_prefix_space");
+        int never = cJSON_IsString(ps) ? !strcmp(ps->valuestring, "never") : ap && cJSON_IsFalse(ap);
+        const char *rs = cJSON_IsString(r) ? r->valuestring : "\xE2\x96\x81";
+        if (!rs[0] || strlen(rs) >= sizeof t->meta)
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: Metaspace replacement must be one character", path);
+        if (!never) { /* as the Rust crate does: in the first token every replacement goes, not only the leading one */
+            t->meta_len = strlen(rs);
+            memcpy(t->meta, rs, t->meta_len);
+        }
+        return add_rep(d, rs, " ", path, err, errlen);
+    } else {
+        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: decoder %s is not supported (ByteLevel, Replace, ByteFallback, "
+                         "Fuse, Strip, Metaspace, Sequence)", path, k);
+    }
+    return ENG_OK;
+}
+
+/* "<0xXX>": the byte, else -1. */
+static int fallback_byte(const char *s, size_t n) {
+    unsigned v;
+    char tail;
+    if (n != 6 || strncmp(s, "<0x", 3) || s[5] != '>' || sscanf(s + 3, "%2X%c", &v, &tail) != 2 || tail != '>') return -1;
+    return (int)v;
+}
+
+/* Decoded bytes of a token under a decoder of pieces: ByteFallback's byte,
+ * or the text with the Replace rules applied in order. */
+static int make_piece_bytes(eng_tok *t, int32_t id, const decoder *d) {
+    const char *s = t->str[id];
+    size_t n = t->str_len[id];
+    int b = d->byte_fallback ? fallback_byte(s, n) : -1;
+    char *o;
+    size_t k;
+    if (b >= 0) {
+        if (!(o = malloc(2))) return ENG_ENOMEM;
+        o[0] = (char)b;
+        k = 1;
+    } else {
+        size_t cap = n + 1;
+        for (int r = 0; r < d->n_rep; r++) cap = cap * (strlen(d->rep[r].to) + 1) + 1; /* generous */
+        if (!(o = malloc(cap))) return ENG_ENOMEM;
+        memcpy(o, s, n);
+        k = n;
+        for (int r = 0; r < d->n_rep; r++) {
+            const char *f = d->rep[r].from, *to = d->rep[r].to;
+            size_t fl = strlen(f), tl = strlen(to), w = 0;
+            char *x = malloc(cap);
+            if (!x) { free(o); return ENG_ENOMEM; }
+            for (size_t i = 0; i < k;) {
+                if (i + fl <= k && !memcmp(o + i, f, fl)) { memcpy(x + w, to, tl); w += tl; i += fl; }
+                else x[w++] = o[i++];
+            }
+            free(o);
+            o = x;
+            k = w;
+        }
+    }
+    o[k] = 0;
+    t->bytes[id] = o;
+    t->bytes_len[id] = (uint32_t)k;
+    return ENG_OK;
+}
+
+/* With a Metaspace decoder that prepends: each token's bytes when it comes
+ * first in a text, its replacement characters dropped (then the decoder's
+ * other rules), for the tokens that hold one. */
+static int make_first_bytes(eng_tok *t, const decoder *d) {
+    t->first_bytes = calloc((size_t)t->n_ids, sizeof *t->first_bytes);
+    t->first_len = calloc((size_t)t->n_ids, sizeof *t->first_len);
+    if (!t->first_bytes || !t->first_len) return ENG_ENOMEM;
+    for (int32_t id = 0; id < t->n_ids; id++) {
+        const char *s = t->str[id];
+        if (!s || !strstr(s, t->meta) || (d->byte_fallback && fallback_byte(s, t->str_len[id]) >= 0)) continue;
+        char *o = malloc(t->str_len[id] + 1);
+        if (!o) return ENG_ENOMEM;
+        size_t k = 0;
+        for (size_t i = 0; i < t->str_len[id];) {
+            if (!strncmp(s + i, t->meta, t->meta_len)) { i += t->meta_len; continue; }
+            o[k++] = s[i++];
+        }
+        o[k] = 0;
+        /* the other Replace rules (none, with a Metaspace decoder, in the files seen) do not apply to what is left */
+        t->first_bytes[id] = o;
+        t->first_len[id] = (uint32_t)k;
+    }
+    return ENG_OK;
+}
+
 /* Decoded bytes of a token, as the ByteLevel decoder does it: every char
  * mapped back to its byte if all are in the byte alphabet, else the raw text. */
 static int make_bytes(eng_tok *t, int32_t id, const int char_byte[0x200]) {
@@ -289,7 +568,9 @@ int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
     free(text);
     eng_tok *t = calloc(1, sizeof *t);
     if (!t) { cJSON_Delete(root); return ENG_ENOMEM; }
-    t->bos = -1;
+    t->bos = t->unk = -1;
+    decoder dcd;
+    memset(&dcd, 0, sizeof dcd);
     if (!cJSON_IsObject(root)) { rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: not a JSON object", path); goto fail; }
 
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
@@ -297,43 +578,30 @@ int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (cJSON_IsString(mty) && strcmp(mty->valuestring, "BPE") != 0) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: tokenizer model type %s is not supported (only byte-level BPE)",
-                       path, mty->valuestring);
+        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: %s tokenizers are not supported (only BPE: byte-level or with "
+                       "byte fallback)", path, mty->valuestring);
         goto fail;
     }
     if (!cJSON_IsObject(vocab) || !cJSON_IsArray(merges)) {
         rc = eng__fail(err, errlen, cJSON_IsArray(vocab) ? ENG_EUNSUPPORTED : ENG_EFORMAT,
-                       "%s: model needs a vocab object and a merges list (only byte-level BPE is supported)", path);
+                       "%s: model needs a vocab object and a merges list (a vocab list is a Unigram tokenizer's, "
+                       "which is not supported)", path);
         goto fail;
     }
-    const cJSON *norm = cJSON_GetObjectItemCaseSensitive(root, "normalizer");
-    if (norm && !cJSON_IsNull(norm)) {
-        const cJSON *nt = cJSON_GetObjectItemCaseSensitive(norm, "type");
-        int empty_seq = cJSON_IsString(nt) && strcmp(nt->valuestring, "Sequence") == 0 &&
-                        cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(norm, "normalizers")) == 0;
-        if (!empty_seq) {
-            rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: normalizer %s is not supported", path,
-                           cJSON_IsString(nt) ? nt->valuestring : "?");
-            goto fail;
-        }
-    }
+    if ((rc = eng__norm_open(&t->norm, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), path, err, errlen)))
+        goto fail;
     const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
-    const cJSON *dty = cJSON_GetObjectItemCaseSensitive(dec, "type");
-    if (dec && !cJSON_IsNull(dec) && !(cJSON_IsString(dty) && strcmp(dty->valuestring, "ByteLevel") == 0)) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: decoder %s is not supported (only ByteLevel)", path,
-                       cJSON_IsString(dty) ? dty->valuestring : "?");
-        goto fail;
-    }
-    const cJSON *byte_fb = cJSON_GetObjectItemCaseSensitive(model, "byte_fallback");
+    if ((rc = load_decoder(t, &dcd, dec, path, err, errlen))) goto fail;
     const cJSON *cont = cJSON_GetObjectItemCaseSensitive(model, "continuing_subword_prefix");
     const cJSON *eow = cJSON_GetObjectItemCaseSensitive(model, "end_of_word_suffix");
-    if (cJSON_IsTrue(byte_fb) || (cJSON_IsString(cont) && cont->valuestring[0]) ||
-        (cJSON_IsString(eow) && eow->valuestring[0])) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: BPE with byte_fallback or subword prefixes/suffixes is not "
-                       "supported (only byte-level BPE)", path);
+    if ((cJSON_IsString(cont) && cont->valuestring[0]) || (cJSON_IsString(eow) && eow->valuestring[0])) {
+        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: BPE with a continuing_subword_prefix or end_of_word_suffix "
+                       "(WordPiece-style subwords) is not supported", path);
         goto fail;
     }
     t->ignore_merges = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "ignore_merges"));
+    t->byte_fallback = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "byte_fallback"));
+    t->fuse_unk = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "fuse_unk"));
 
     /* ids */
     const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens"), *it;
@@ -399,13 +667,26 @@ int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
     byte_map(cp);
     for (int i = 0; i < 0x200; i++) char_byte[i] = -1;
     for (int b = 0; b < 256; b++) {
-        char u[4];
+        char u[8];
         int l = utf8_put(u, cp[b]);
         char_byte[cp[b]] = b;
         t->byte_id[b] = eng__strmap_get(&t->vocab, u, (size_t)l);
+        snprintf(u, sizeof u, "<0x%02X>", b);
+        t->fallback_id[b] = eng__strmap_get(&t->vocab, u, 6);
     }
+    /* pre-tokenizer: a ByteLevel step makes the pieces byte-level */
+    const cJSON *pt = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
+    if (pt && !cJSON_IsNull(pt) && (rc = add_step(t, pt, path, err, errlen))) goto fail;
+    for (int i = 0; i < t->n_steps; i++) t->byte_level |= t->steps[i].kind == STEP_BYTELEVEL;
+    int bl_bytes = dcd.byte_level || (t->byte_level && (!dec || cJSON_IsNull(dec)));
     for (int32_t id = 0; id < t->n_ids; id++)
-        if (t->str[id] && (rc = make_bytes(t, id, char_byte))) goto fail;
+        if (t->str[id] && (rc = bl_bytes ? make_bytes(t, id, char_byte) : make_piece_bytes(t, id, &dcd))) goto fail;
+    if (t->meta_len && (rc = make_first_bytes(t, &dcd))) goto fail;
+    const cJSON *unk = cJSON_GetObjectItemCaseSensitive(model, "unk_token");
+    if (cJSON_IsString(unk) && (t->unk = eng__strmap_get(&t->vocab, unk->valuestring, strlen(unk->valuestring))) < 0) {
+        rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: unk_token \"%s\" is not in the vocab", path, unk->valuestring);
+        goto fail;
+    }
 
     /* merges: "a b" strings or ["a", "b"] pairs */
     t->merge_cap = 16;
@@ -453,26 +734,20 @@ int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
     }
     free(buf);
 
-    /* pre-tokenizer */
-    const cJSON *pt = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
-    if (pt && !cJSON_IsNull(pt) && (rc = add_step(t, pt, path, err, errlen))) goto fail;
-    int has_bl = 0;
-    for (int i = 0; i < t->n_steps; i++) has_bl |= t->steps[i].kind == STEP_BYTELEVEL;
-    if (!has_bl) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: no ByteLevel pre-tokenizer: only byte-level BPE is supported", path);
-        goto fail;
-    }
-    for (int b = 0; b < 256; b++)
+    for (int b = 0; t->byte_level && b < 256; b++)
         if (t->byte_id[b] < 0) {
             rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: the vocab lacks the byte-level token for byte 0x%02x", path, b);
             goto fail;
         }
+    if ((rc = trie_build(t))) goto fail;
     t->bos = find_bos(cJSON_GetObjectItemCaseSensitive(root, "post_processor"), t);
+    decoder_free(&dcd);
     cJSON_Delete(root);
     *out = t;
     return ENG_OK;
 fail:
     if (rc == ENG_ENOMEM) eng__fail(err, errlen, rc, "%s: out of memory", path);
+    decoder_free(&dcd);
     cJSON_Delete(root);
     eng_tok_close(t);
     return rc;
@@ -483,7 +758,10 @@ void eng_tok_close(eng_tok *t) {
     for (int i = 0; i < t->n_ids; i++) {
         if (t->str) free(t->str[i]);
         if (t->bytes) free(t->bytes[i]);
+        if (t->first_bytes) free(t->first_bytes[i]);
     }
+    free(t->first_bytes);
+    free(t->first_len);
     free(t->str); free(t->str_len); free(t->bytes); free(t->bytes_len); free(t->special);
     eng__strmap_free(&t->vocab);
     free(t->merges);
@@ -491,6 +769,8 @@ void eng_tok_close(eng_tok *t) {
     free(t->steps);
     for (int i = 0; i < t->n_added; i++) free(t->added[i].content);
     free(t->added);
+    free(t->at.key); free(t->at.child); free(t->at.term);
+    eng__norm_free(t->norm);
     free(t);
 }
 
@@ -589,6 +869,8 @@ static int try_push(const eng_tok *t, bpe_work *w, int32_t pos, int32_t a, int32
     return m ? heap_push(w, (struct mrg){m->rank, pos, m->id}) : ENG_OK;
 }
 
+static int bpe_merge(const eng_tok *t, bpe_work *w, size_t n, ids_buf *out);
+
 /* BPE over one pre-tokenized piece of raw bytes. The hot loop of encoding. */
 static int bpe_piece(const eng_tok *t, const unsigned char *s, size_t n, bpe_work *w, ids_buf *out) {
     if (t->ignore_merges) {
@@ -615,6 +897,48 @@ static int bpe_piece(const eng_tok *t, const unsigned char *s, size_t n, bpe_wor
     }
     for (size_t i = 0; i < n; i++)
         w->sym[i] = (struct sym){t->byte_id[s[i]], (int32_t)i - 1, i + 1 < n ? (int32_t)i + 1 : -1, 1};
+    return bpe_merge(t, w, n, out);
+}
+
+/* BPE over one piece of characters (no ByteLevel step): each character is
+ * its vocab token, or with byte_fallback its "<0xXX>" tokens, or the unknown
+ * token (one for a run of them with fuse_unk; dropped when there is none). */
+static int bpe_chars(const eng_tok *t, const unsigned char *s, size_t n, bpe_work *w, ids_buf *out) {
+    if (t->ignore_merges) {
+        int32_t id = eng__strmap_get(&t->vocab, (const char *)s, n);
+        if (id >= 0) return ids_push(out, id);
+    }
+    if (n > w->cap) { /* at most one symbol per byte */
+        struct sym *ns = realloc(w->sym, n * sizeof *ns);
+        if (!ns) return ENG_ENOMEM;
+        w->sym = ns;
+        w->cap = n;
+    }
+    size_t k = 0;
+    int prev_unk = 0;
+    for (size_t i = 0; i < n;) {
+        size_t l = (size_t)eng__utf8_seq(s + i, n - i); /* the text is valid UTF-8 */
+        int32_t id = eng__strmap_get(&t->vocab, (const char *)s + i, l);
+        int fb = id < 0 && t->byte_fallback;
+        for (size_t b = 0; fb && b < l; b++) fb = t->fallback_id[s[i + b]] >= 0;
+        if (id >= 0 || fb) {
+            for (size_t b = 0; b < (id >= 0 ? 1 : l); b++, k++)
+                w->sym[k] = (struct sym){id >= 0 ? id : t->fallback_id[s[i + b]], (int32_t)k - 1, (int32_t)k + 1, 1};
+            prev_unk = 0;
+        } else if (t->unk >= 0 && !(t->fuse_unk && prev_unk)) {
+            w->sym[k] = (struct sym){t->unk, (int32_t)k - 1, (int32_t)k + 1, 1};
+            k++;
+            prev_unk = 1;
+        }
+        i += l;
+    }
+    if (!k) return ENG_OK;
+    w->sym[k - 1].next = -1;
+    return bpe_merge(t, w, k, out);
+}
+
+/* Merge the n symbols of w->sym (linked in order) by rank and emit their ids. */
+static int bpe_merge(const eng_tok *t, bpe_work *w, size_t n, ids_buf *out) {
     w->hn = 0;
     int rc;
     for (size_t i = 0; i + 1 < n; i++)
@@ -639,11 +963,12 @@ static int bpe_piece(const eng_tok *t, const unsigned char *s, size_t n, bpe_wor
     return ENG_OK;
 }
 
-/* Split each span of `in` by the regex into matches and the gaps between
- * them, keeping either or both as pieces. */
-static int split_re(const pcre2_code *re, int keep_match, int keep_gap, const char *arena, const span_buf *in, span_buf *out,
-                    pcre2_match_data *md) {
-    int rc;
+/* Split each span of `in` by the step's regex into matches and the gaps
+ * between them, keeping either or both as pieces, or joining each match to
+ * the piece before or after it. */
+static int split_re(const pre_step *st, const char *arena, const span_buf *in, span_buf *out, pcre2_match_data *md) {
+    const pcre2_code *re = st->re;
+    int keep_match = st->keep_match, keep_gap = st->keep_gap, rc;
     for (size_t i = 0; i < in->n; i++) {
         size_t off = in->v[i].off, len = in->v[i].len, last = 0, start = 0;
         const PCRE2_SPTR subj = (PCRE2_SPTR)(arena + off);
@@ -658,11 +983,22 @@ static int split_re(const pcre2_code *re, int keep_match, int keep_gap, const ch
                 while (start < len && ((unsigned char)subj[start] & 0xC0) == 0x80) start++;
                 continue;
             }
+            if (st->merge == MW_PREVIOUS) { /* the gap and the match after it */
+                if ((rc = span_push(out, off + last, me - last))) return rc;
+                last = start = me;
+                continue;
+            }
+            if (st->merge == MW_NEXT) { /* the match starts the next piece */
+                if ((rc = span_push(out, off + last, ms - last))) return rc;
+                last = ms;
+                start = me;
+                continue;
+            }
             if (keep_gap && (rc = span_push(out, off + last, ms - last))) return rc;
             if (keep_match && (rc = span_push(out, off + ms, me - ms))) return rc;
             last = start = me;
         }
-        if (keep_gap && (rc = span_push(out, off + last, len - last))) return rc;
+        if ((keep_gap || st->merge != MW_NONE) && (rc = span_push(out, off + last, len - last))) return rc;
     }
     return ENG_OK;
 }
@@ -693,15 +1029,48 @@ typedef struct {
     pcre2_match_data *md;
 } enc_ctx;
 
-/* Pre-tokenize and BPE one span of text that holds no added token. */
-static int encode_span(const eng_tok *t, enc_ctx *c, const char *s, size_t n, ids_buf *out) {
+/* Metaspace: every ' ' of each piece becomes the replacement, which is then
+ * also prepended (always, or to the input's first piece only) unless the
+ * piece starts with it. Pieces are rewritten at the end of the arena. */
+static int metaspace(const pre_step *st, enc_ctx *c, int first) {
+    int rc;
+    for (size_t i = 0; i < c->a.n; i++) {
+        span *p = &c->a.v[i];
+        size_t old = p->off, len = p->len, start = c->ar.n, tmp;
+        /* (checked after the replacement: a piece that starts with a space starts with it too) */
+        int pre = (st->prepend == PREPEND_ALWAYS || (st->prepend == PREPEND_FIRST && first && i == 0)) &&
+                  !(len && c->ar.arena[old] == ' ') &&
+                  !(len >= st->repl_len && !memcmp(c->ar.arena + old, st->repl, st->repl_len));
+        if (pre && (rc = arena_add(&c->ar, st->repl, st->repl_len, &tmp))) return rc;
+        for (size_t k = 0; k < len; k++) {
+            char ch = c->ar.arena[old + k]; /* (the arena may move as it grows) */
+            if ((rc = ch == ' ' ? arena_add(&c->ar, st->repl, st->repl_len, &tmp) : arena_add(&c->ar, &ch, 1, &tmp)))
+                return rc;
+        }
+        p->off = start;
+        p->len = c->ar.n - start;
+    }
+    return ENG_OK;
+}
+
+/* Normalize, pre-tokenize and BPE one span of text that holds no added
+ * token; `first`: it starts the input. */
+static int encode_span(const eng_tok *t, enc_ctx *c, const char *s, size_t n, int first, ids_buf *out) {
     int rc;
     size_t off;
     c->ar.n = 0;
     c->a.n = 0;
-    if ((rc = arena_add(&c->ar, s, n, &off)) || (rc = span_push(&c->a, off, n))) return rc;
+    char *norm = NULL;
+    if (t->norm) {
+        if ((rc = eng__norm_apply(t->norm, s, n, &norm, &n))) return rc;
+        s = norm;
+    }
+    rc = arena_add(&c->ar, s, n, &off);
+    free(norm);
+    if (rc || (rc = span_push(&c->a, off, n))) return rc;
     for (int k = 0; k < t->n_steps; k++) {
         const pre_step *st = &t->steps[k];
+        if (st->kind == STEP_METASPACE && (rc = metaspace(st, c, first))) return rc;
         if (st->kind == STEP_BYTELEVEL && st->add_prefix_space) {
             for (size_t i = 0; i < c->a.n; i++) {
                 span *p = &c->a.v[i];
@@ -716,14 +1085,16 @@ static int encode_span(const eng_tok *t, enc_ctx *c, const char *s, size_t n, id
         }
         if (!st->re) continue;
         c->b.n = 0;
-        if ((rc = split_re(st->re, st->keep_match, st->keep_gap, c->ar.arena, &c->a, &c->b, c->md))) return rc;
+        if ((rc = split_re(st, c->ar.arena, &c->a, &c->b, c->md))) return rc;
         span_buf tmp = c->a;
         c->a = c->b;
         c->b = tmp;
     }
-    for (size_t i = 0; i < c->a.n; i++)
-        if ((rc = bpe_piece(t, (const unsigned char *)c->ar.arena + c->a.v[i].off, c->a.v[i].len, &c->w, out)))
+    for (size_t i = 0; i < c->a.n; i++) {
+        const unsigned char *p = (const unsigned char *)c->ar.arena + c->a.v[i].off;
+        if ((rc = t->byte_level ? bpe_piece(t, p, c->a.v[i].len, &c->w, out) : bpe_chars(t, p, c->a.v[i].len, &c->w, out)))
             return rc;
+    }
     return ENG_OK;
 }
 
@@ -735,10 +1106,11 @@ static int is_space(unsigned char c) { return c == ' ' || c == '\t' || c == '\n'
 static int find_added(const eng_tok *t, const char *s, size_t n, size_t pos, size_t *ms, size_t *me) {
     for (size_t i = pos; i < n; i++) {
         int best = -1;
-        for (int k = 0; k < t->n_added; k++) {
-            const added_tok *a = &t->added[k];
-            if (a->len > n - i || (best >= 0 && a->len <= t->added[best].len)) continue;
-            if (memcmp(s + i, a->content, a->len) != 0) continue;
+        for (int32_t node = 0, j = (int32_t)i; (size_t)j < n && (node = trie_child(&t->at, node, (unsigned char)s[j])) >= 0;) {
+            j++;
+            int k = t->at.term[node];
+            if (k < 0) continue;
+            const added_tok *a = &t->added[k]; /* longer than any found before: the trie walks longer and longer */
             if (a->single_word && ((i > 0 && is_word_char((unsigned char)s[i - 1])) ||
                                    (i + a->len < n && is_word_char((unsigned char)s[i + a->len]))))
                 continue;
@@ -773,7 +1145,7 @@ int eng_tok_encode(const eng_tok *t, const char *text, size_t len, int add_speci
         size_t ms = len, me = len;
         int k = t->n_added ? find_added(t, text, len, pos, &ms, &me) : -1;
         if (k < 0) ms = me = len;
-        if (ms > pos && (rc = encode_span(t, &c, text + pos, ms - pos, &out))) goto done;
+        if (ms > pos && (rc = encode_span(t, &c, text + pos, ms - pos, pos == 0, &out))) goto done;
         if (k >= 0 && (rc = ids_push(&out, t->added[k].id))) goto done;
         pos = me;
     }
@@ -797,15 +1169,34 @@ int eng_tok_decode(const eng_tok *t, const int32_t *ids, size_t n, int skip_spec
     char *o = malloc(total + 1);
     if (!o) return ENG_ENOMEM;
     size_t k = 0;
+    int first = 1;
     for (size_t i = 0; i < n; i++) {
         if (skip_special && t->special[ids[i]]) continue;
-        if (t->bytes[ids[i]]) memcpy(o + k, t->bytes[ids[i]], t->bytes_len[ids[i]]);
-        k += t->bytes_len[ids[i]];
+        size_t pl;
+        const char *p = eng__tok_piece_at(t, ids[i], first, &pl);
+        if (p) memcpy(o + k, p, pl);
+        k += p ? pl : 0;
+        first = 0;
     }
     o[k] = 0;
+    size_t cut = 0; /* the decoders' Strip / Metaspace: the leading spaces the encoder added */
+    while ((int)cut < t->strip_start && cut < k && o[cut] == ' ') cut++;
+    if (cut) memmove(o, o + cut, k - cut + 1);
     *text = o;
-    *len = k;
+    *len = k - cut;
     return ENG_OK;
+}
+
+int eng__tok_strip_start(const eng_tok *t) { return t->strip_start; }
+
+const char *eng__tok_piece_at(const eng_tok *t, int32_t id, int first, size_t *len) {
+    if (id < 0 || id >= t->n_ids || !t->bytes[id]) return NULL;
+    if (first && t->first_bytes && t->first_bytes[id]) {
+        *len = t->first_len[id];
+        return t->first_bytes[id];
+    }
+    *len = t->bytes_len[id];
+    return t->bytes[id];
 }
 
 int eng__tok_is_special(const eng_tok *t, int32_t id) { return id >= 0 && id < t->n_ids && t->special[id]; }

@@ -34,7 +34,13 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-if [[ -f $here/tests/js/package.json && ! -d $here/tests/js/node_modules ]]; then
-  echo "install-deps: npm ci (tests/js)"
-  (cd "$here/tests/js" && npm ci --no-audit --no-fund --loglevel=error)
+# npm ci again whenever package-lock.json changed since the last install
+js=$here/tests/js
+if [[ -f $js/package-lock.json ]]; then
+  want=$(sha256sum "$js/package-lock.json" | cut -d' ' -f1)
+  if [[ ! -d $js/node_modules || $(cat "$js/node_modules/.kvserve-lock" 2>/dev/null) != "$want" ]]; then
+    echo "install-deps: npm ci (tests/js)"
+    (cd "$js" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$want" >"$js/node_modules/.kvserve-lock"
+  fi
 fi

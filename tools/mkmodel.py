@@ -156,8 +156,8 @@ def make_config(cfg, tied, dtype):
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
+        "bos_token_id": cfg.get("bos_token_id", 0),
+        "eos_token_id": cfg.get("eos_token_id", 0),
         "head_dim": cfg["head_dim"],
         "hidden_act": "silu",
         "hidden_size": cfg["hidden_size"],
@@ -238,11 +238,30 @@ def main(argv=None):
     ap.add_argument("--untied", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", help="directory to cache trained tokenizers in")
+    ap.add_argument("--tokenizer", help="use this real tokenizer.json (and NAME.tokenizer_config.json beside it, if "
+                                        "any) instead of training one; the vocab size follows it")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    cfg = PRESETS[args.preset]
+    cfg = dict(PRESETS[args.preset])
+    tok_text = tok_config = None
+    if args.tokenizer:
+        with open(args.tokenizer, encoding="utf-8") as f:
+            tok_text = f.read()
+        tj = json.loads(tok_text)
+        ids = list(tj["model"]["vocab"].values()) + [a["id"] for a in tj.get("added_tokens", [])]
+        cfg["vocab_size"] = max(ids) + 1
+        side = args.tokenizer[:-len("tokenizer.json")] + "tokenizer_config.json"
+        if args.tokenizer.endswith("tokenizer.json") and os.path.isfile(side):
+            with open(side, encoding="utf-8") as f:
+                tok_config = json.load(f)
+        added = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+        for key in ("bos_token", "eos_token"):
+            v = (tok_config or {}).get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if v in added:
+                cfg[key + "_id"] = added[v]
     tied = not args.untied
     n_tensors = len(tensor_specs(cfg, tied))
     if not 1 <= args.shards <= n_tensors:
@@ -254,16 +273,18 @@ def main(argv=None):
             os.remove(os.path.join(args.out, fn))
 
     t0 = time.time()
-    tok_text = bpe_train.build_tokenizer_json_text(cfg["vocab_size"], args.cache, log=log)
+    if tok_text is None:
+        tok_text = bpe_train.build_tokenizer_json_text(cfg["vocab_size"], args.cache, log=log)
     with open(os.path.join(args.out, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(tok_text)
     t1 = time.time()
     log("tokenizer.json: %.1fs" % (t1 - t0))
 
     write_json(os.path.join(args.out, "config.json"), make_config(cfg, tied, args.dtype))
-    write_json(os.path.join(args.out, "tokenizer_config.json"), make_tokenizer_config(cfg))
+    write_json(os.path.join(args.out, "tokenizer_config.json"), tok_config or make_tokenizer_config(cfg))
     write_json(os.path.join(args.out, "generation_config.json"),
-               {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 0,
+               {"_from_model_config": True, "bos_token_id": cfg.get("bos_token_id", 0),
+                "eos_token_id": cfg.get("eos_token_id", 0),
                 "transformers_version": "4.42.3"})
     total, nparams = write_weights(args.out, cfg, tied, args.dtype, args.shards, args.seed, log)
     t2 = time.time()

