@@ -1016,7 +1016,7 @@ static int arena_add(arena_buf *a, const char *s, size_t n, size_t *off) {
         a->arena = na;
         a->cap = nc;
     }
-    memcpy(a->arena + a->n, s, n);
+    if (n) memcpy(a->arena + a->n, s, n);
     *off = a->n;
     a->n += n;
     return ENG_OK;
