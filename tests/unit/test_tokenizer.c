@@ -236,6 +236,11 @@ static void test_sentencepiece_style(void) {
         CHECK(eng_detok_push(d, 12, &p, &pl) == ENG_OK && pl == 1 && p[0] == ' '); /* the stream strips alike */
         CHECK(eng_detok_push(d, 5, &p, &pl) == ENG_OK && pl == 1 && p[0] == 'a');
         eng_detok_free(d);
+        d = eng_detok_new(t); /* byte-fallback tokens: nothing until the character is whole */
+        CHECK(eng_detok_push(d, 4, &p, &pl) == ENG_OK && pl == 0);   /* "▁": the stripped leading space */
+        CHECK(eng_detok_push(d, 15, &p, &pl) == ENG_OK && pl == 0);  /* <0xC3>: half of é */
+        CHECK(eng_detok_push(d, 16, &p, &pl) == ENG_OK && pl == 2 && !memcmp(p, "\xC3\xA9", 2));
+        eng_detok_free(d);
         eng_tok_close(t);
     }
     const char *strip_norm = "{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Strip\",\"strip_left\":true,"
