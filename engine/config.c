@@ -4,6 +4,7 @@
 #include <cjson/cJSON.h>
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 /* Read an integer field; missing -> def (or error if def < -1). */
@@ -52,6 +53,41 @@ static int get_tok_id(const cJSON *o, const char *key, int vocab, int *out, cons
     return ENG_OK;
 }
 
+/* rope_scaling: null, {"rope_type" (or "type"): "default" | "linear" | "llama3", ...}. */
+static int rope_scaling(const cJSON *o, eng_config *cfg, const char *name, char *err, size_t errlen) {
+    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(o, "rope_scaling");
+    if (!rs || cJSON_IsNull(rs)) return ENG_OK;
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
+    if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
+    const char *t = cJSON_IsString(ty) ? ty->valuestring : "?";
+    if (!strcmp(t, "default")) return ENG_OK;
+    if (strcmp(t, "linear") && strcmp(t, "llama3"))
+        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: rope_scaling type \"%s\" is not supported (linear, llama3)",
+                         name, t);
+    double d;
+    int rc;
+    const char *rname = "rope_scaling";
+    if ((rc = get_num(rs, "factor", 0, 1e-3, 1e6, &d, rname, err, errlen))) return rc;
+    if (!(d > 0)) return eng__fail(err, errlen, ENG_EFORMAT, "%s: rope_scaling needs a positive factor", name);
+    cfg->rope_factor = (float)d;
+    cfg->rope_scaling = ENG_ROPE_LINEAR;
+    if (!strcmp(t, "llama3")) {
+        long om;
+        double lo, hi;
+        if ((rc = get_num(rs, "low_freq_factor", 1.0, 1e-6, 1e6, &lo, rname, err, errlen)) ||
+            (rc = get_num(rs, "high_freq_factor", 4.0, 1e-6, 1e6, &hi, rname, err, errlen)) ||
+            (rc = get_int(rs, "original_max_position_embeddings", 8192, 1, 1L << 24, &om, rname, err, errlen)))
+            return rc;
+        if (!(hi > lo))
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: rope_scaling needs high_freq_factor > low_freq_factor", name);
+        cfg->rope_scaling = ENG_ROPE_LLAMA3;
+        cfg->rope_low_freq_factor = (float)lo;
+        cfg->rope_high_freq_factor = (float)hi;
+        cfg->rope_original_max = (int)om;
+    }
+    return ENG_OK;
+}
+
 int eng__config_parse(const char *json, size_t len, const char *name, eng_config *cfg,
                       char *err, size_t errlen) {
     memset(cfg, 0, sizeof *cfg);
@@ -62,29 +98,31 @@ int eng__config_parse(const char *json, size_t len, const char *name, eng_config
     }
     int rc = ENG_OK;
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(o, "model_type");
-    if (cJSON_IsString(mt) && strcmp(mt->valuestring, "llama") != 0) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: model_type \"%s\" is not supported (only \"llama\")",
-                       name, mt->valuestring);
+    const char *type = cJSON_IsString(mt) ? mt->valuestring : "llama";
+    if (strcmp(type, "llama") && strcmp(type, "mistral") && strcmp(type, "qwen2") && strcmp(type, "qwen3")) {
+        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: model_type \"%s\" is not supported (llama, mistral, qwen2, "
+                       "qwen3)", name, type);
         goto out;
     }
+    snprintf(cfg->model_type, sizeof cfg->model_type, "%s", type);
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(o, "hidden_act");
     if (cJSON_IsString(act) && strcmp(act->valuestring, "silu") != 0) {
         rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: hidden_act \"%s\" is not supported (only \"silu\")",
                        name, act->valuestring);
         goto out;
     }
-    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(o, "rope_scaling");
-    if (rs && !cJSON_IsNull(rs)) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: rope_scaling is not supported", name);
+    if ((rc = rope_scaling(o, cfg, name, err, errlen))) goto out;
+    int qwen2 = !strcmp(type, "qwen2"), qwen3 = !strcmp(type, "qwen3");
+    int abias = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "attention_bias"));
+    cfg->qkv_bias = qwen2 || abias;  /* Qwen2: q, k, v biases, none on o */
+    cfg->o_bias = !qwen2 && abias;
+    cfg->mlp_bias = !qwen2 && !qwen3 && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "mlp_bias"));
+    cfg->qk_norm = qwen3;
+    /* sliding windows: Qwen's use_sliding_window, Mistral's sliding_window (a window no shorter
+     * than the context slides nothing) */
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "use_sliding_window"))) {
+        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: use_sliding_window = true is not supported", name);
         goto out;
-    }
-    const char *bias_keys[] = {"attention_bias", "mlp_bias"};
-    for (int i = 0; i < 2; i++) {
-        const cJSON *b = cJSON_GetObjectItemCaseSensitive(o, bias_keys[i]);
-        if (cJSON_IsTrue(b)) {
-            rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: %s = true is not supported", name, bias_keys[i]);
-            goto out;
-        }
     }
 
     long v;
@@ -124,6 +162,15 @@ int eng__config_parse(const char *json, size_t len, const char *name, eng_config
     cfg->tie_embeddings = cJSON_IsTrue(tie);
     if ((rc = get_tok_id(o, "bos_token_id", cfg->vocab_size, &cfg->bos_id, name, err, errlen)) != ENG_OK) goto out;
     if ((rc = get_tok_id(o, "eos_token_id", cfg->vocab_size, &cfg->eos_id, name, err, errlen)) != ENG_OK) goto out;
+    if (!strcmp(type, "mistral") || !strcmp(type, "qwen2") || !strcmp(type, "qwen3")) {
+        const cJSON *sw = cJSON_GetObjectItemCaseSensitive(o, "sliding_window");
+        int used = !strcmp(type, "mistral") || cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "use_sliding_window"));
+        if (used && cJSON_IsNumber(sw) && sw->valuedouble < cfg->max_position) {
+            rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: sliding_window %.0f shorter than the context (%d) is not "
+                           "supported", name, sw->valuedouble, cfg->max_position);
+            goto out;
+        }
+    }
 out:
     cJSON_Delete(o);
     return rc;

@@ -97,7 +97,18 @@ typedef struct eng_config {
     int bos_id;             /* -1 if none */
     int eos_id;             /* -1 if none */
     char dtype[8];          /* dtype of the weight files: "F32", "F16", "BF16" */
+    char model_type[24];    /* "llama", "mistral", "qwen2", "qwen3" */
+    int qkv_bias;           /* q, k and v projections have biases (qwen2; llama attention_bias) */
+    int o_bias;             /* the output projection has a bias (llama attention_bias) */
+    int mlp_bias;           /* gate, up and down projections have biases (llama mlp_bias) */
+    int qk_norm;            /* RMSNorm over each head of q and k before RoPE (qwen3) */
+    int rope_scaling;       /* ENG_ROPE_* */
+    float rope_factor;      /* linear and llama3 scaling */
+    float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
+    int rope_original_max;  /* llama3: original_max_position_embeddings */
 } eng_config;
+
+enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3 };
 
 typedef struct eng_options {
     int n_threads;          /* compute threads; 0 = number of online CPUs */

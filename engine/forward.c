@@ -3,6 +3,8 @@
  * Read top to bottom like the equations:
  *   x = embed[token]
  *   per layer:  h = x + Wo · attn(rope(Wq·n1(x)), rope(Wk·n1(x)), Wv·n1(x))
+ *               (+ the biases of the projections that have them, and with
+ *               qk_norm an RMSNorm over each head of q and k before RoPE)
  *               x = h + W2 · (silu(W1·n2(h)) ⊙ W3·n2(h))
  *   logits = Wlm · norm(x)
  * The matrix products run over all tokens of the batch at once (matmul.c,
@@ -76,13 +78,29 @@ void fwd_scratch_free(fwd_scratch *s) {
     free(s);
 }
 
+/* The rotation frequency of pair j, with rope_scaling applied: linear divides
+ * every frequency by the factor; llama3 divides the low ones (wavelength
+ * beyond original_max / low_freq_factor), keeps the high ones (below
+ * original_max / high_freq_factor) and blends in between. */
+static double rope_freq(const eng_config *c, int j) {
+    double inv = pow((double)c->rope_theta, -2.0 * j / c->head_dim);
+    if (c->rope_scaling == ENG_ROPE_LINEAR) return inv / c->rope_factor;
+    if (c->rope_scaling != ENG_ROPE_LLAMA3) return inv;
+    const double pi = 3.14159265358979323846, om = c->rope_original_max, f = c->rope_factor;
+    const double lo = c->rope_low_freq_factor, hi = c->rope_high_freq_factor, wavelen = 2 * pi / inv;
+    if (wavelen < om / hi) return inv;
+    if (wavelen > om / lo) return inv / f;
+    double smooth = (om / wavelen - lo) / (hi - lo);
+    return (1 - smooth) * inv / f + smooth * inv;
+}
+
 float *fwd_rope_table(const eng_config *c, int max_ctx) {
     int half = c->head_dim / 2;
     float *t = malloc((size_t)max_ctx * (size_t)half * 2 * sizeof(float));
     if (!t) return NULL;
     for (int p = 0; p < max_ctx; p++)
         for (int j = 0; j < half; j++) {
-            double inv = pow((double)c->rope_theta, -2.0 * j / c->head_dim), a = p * inv;
+            double inv = rope_freq(c, j), a = p * inv;
             t[((size_t)p * half + j) * 2] = (float)cos(a);
             t[((size_t)p * half + j) * 2 + 1] = (float)sin(a);
         }
@@ -441,9 +459,15 @@ static void rows_task(void *ctx, int task, int thread) {
         case ROW_NORM_ATTN:
             rmsnorm(xb, x, j->L->attn_norm, H, c->rms_eps);
             break;
-        case ROW_ROPE_STORE: { /* RoPE on q and k, then k and v into the sequence's blocks */
+        case ROW_ROPE_STORE: { /* [biases, q/k norms,] RoPE on q and k, then k and v into the sequence's blocks */
             float *q = s->qkv + (size_t)i * QKV, *k = q + QD, *v = k + KD;
             const float *cs = j->rope_t + (size_t)j->b->pos[i] * half * 2;
+            if (j->L->bqkv)
+                for (int d = 0; d < QKV; d++) q[d] += j->L->bqkv[d];
+            if (j->L->q_norm) {
+                for (int h = 0; h < nh; h++) rmsnorm(q + h * hd, q + h * hd, j->L->q_norm, hd, c->rms_eps);
+                for (int h = 0; h < nkv; h++) rmsnorm(k + h * hd, k + h * hd, j->L->k_norm, hd, c->rms_eps);
+            }
             for (int h = 0; h < nh; h++) rope(q + h * hd, cs, hd);
             for (int h = 0; h < nkv; h++) rope(k + h * hd, cs, hd);
             const kv_table *t = &j->b->tables[j->b->seq[i]];
@@ -452,15 +476,21 @@ static void rows_task(void *ctx, int task, int thread) {
             break;
         }
         case ROW_RESID_NORM_FFN:
+            if (j->L->bo)
+                for (int d = 0; d < H; d++) tmp[d] += j->L->bo[d];
             for (int d = 0; d < H; d++) x[d] += tmp[d];
             rmsnorm(xb, x, j->L->ffn_norm, H, c->rms_eps);
             break;
         case ROW_SILU: {
-            const float *g = s->hb + (size_t)i * 2 * F;
+            float *g = s->hb + (size_t)i * 2 * F;
+            if (j->L->b13)
+                for (int d = 0; d < 2 * F; d++) g[d] += j->L->b13[d];
             silu_mul(s->hb2 + (size_t)i * F, g, g + F, F);
             break;
         }
         case ROW_RESID:
+            if (j->L->b2)
+                for (int d = 0; d < H; d++) tmp[d] += j->L->b2[d];
             for (int d = 0; d < H; d++) x[d] += tmp[d];
             break;
         }

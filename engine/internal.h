@@ -93,6 +93,11 @@ typedef struct {
     float *ffn_norm;   /* [H] */
     eng__mat w13;      /* [2F][H]: gate then up stacked */
     eng__mat w2;       /* [H][F] */
+    float *bqkv;       /* [nh*hd + 2*nkv*hd] q, k, v biases, or NULL (cfg.qkv_bias) */
+    float *bo;         /* [H] or NULL (cfg.o_bias) */
+    float *b13;        /* [2F] gate, up biases, or NULL (cfg.mlp_bias) */
+    float *b2;         /* [H] or NULL (cfg.mlp_bias) */
+    float *q_norm, *k_norm; /* [hd] each, or NULL (cfg.qk_norm) */
 } eng__layer;
 
 typedef struct {

@@ -155,6 +155,7 @@ void eng__free_weights(eng__weights *w, const eng_config *c) {
         for (int l = 0; l < c->n_layers; l++) {
             eng__layer *L = &w->layers[l];
             free(L->attn_norm); free(L->wqkv.p); free(L->wo.p); free(L->ffn_norm); free(L->w13.p); free(L->w2.p);
+            free(L->bqkv); free(L->bo); free(L->b13); free(L->b2); free(L->q_norm); free(L->k_norm);
         }
     if (w->lm_head.p != w->embed.p) free(w->lm_head.p);
     free(w->embed.p);
@@ -259,6 +260,35 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
         LOAD("mlp.gate_proj.weight", F, H, eng__f32(&L->w13));
         LOAD("mlp.up_proj.weight", F, H, eng__f32(&L->w13) + F * H);
         LOAD("mlp.down_proj.weight", H, F, eng__f32(&L->w2));
+        /* the optional parts of the LLaMA relatives */
+        if (c->qkv_bias) {
+            if (!(L->bqkv = walloc(w, (size_t)(QD + 2 * KD)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
+            LOAD("self_attn.q_proj.bias", QD, 0, L->bqkv);
+            LOAD("self_attn.k_proj.bias", KD, 0, L->bqkv + QD);
+            LOAD("self_attn.v_proj.bias", KD, 0, L->bqkv + QD + KD);
+        }
+        if (c->o_bias) {
+            if (!(L->bo = walloc(w, (size_t)H))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
+            LOAD("self_attn.o_proj.bias", H, 0, L->bo);
+        }
+        if (c->mlp_bias) {
+            if (!(L->b13 = walloc(w, (size_t)(2 * F))) || !(L->b2 = walloc(w, (size_t)H))) {
+                rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+                goto out;
+            }
+            LOAD("mlp.gate_proj.bias", F, 0, L->b13);
+            LOAD("mlp.up_proj.bias", F, 0, L->b13 + F);
+            LOAD("mlp.down_proj.bias", H, 0, L->b2);
+        }
+        if (c->qk_norm) {
+            const int64_t hd = c->head_dim;
+            if (!(L->q_norm = walloc(w, (size_t)hd)) || !(L->k_norm = walloc(w, (size_t)hd))) {
+                rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+                goto out;
+            }
+            LOAD("self_attn.q_norm.weight", hd, 0, L->q_norm);
+            LOAD("self_attn.k_norm.weight", hd, 0, L->k_norm);
+        }
 #undef LOAD
         /* loaded row-major; the kernels read panels */
         if (eng__mat_pack(&L->wqkv, (int)(QD + 2 * KD), (int)H) || eng__mat_pack(&L->wo, (int)H, (int)QD) ||
@@ -288,8 +318,9 @@ static uint64_t fp_add(uint64_t h, const float *x, size_t n) {
 static uint64_t fingerprint(const eng_model *m) {
     const eng_config *c = &m->cfg;
     int dims[] = {c->vocab_size, c->hidden_size, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
-                  c->intermediate_size, c->tie_embeddings};
-    float fl[] = {c->rope_theta, c->rms_eps};
+                  c->intermediate_size, c->tie_embeddings, c->qkv_bias, c->o_bias, c->mlp_bias, c->qk_norm,
+                  c->rope_scaling, c->rope_original_max};
+    float fl[] = {c->rope_theta, c->rms_eps, c->rope_factor, c->rope_low_freq_factor, c->rope_high_freq_factor};
     uint64_t h = eng__hash64(dims, sizeof dims, 0x6b76736572766531ull);
     h = eng__hash64(fl, sizeof fl, h);
     size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
@@ -305,6 +336,12 @@ static uint64_t fingerprint(const eng_model *m) {
         h = fp_add(h, L->ffn_norm, H);
         h = fp_add(h, eng__f32(&L->w13), eng__mat_elems((int)(2 * F), (int)H));
         h = fp_add(h, eng__f32(&L->w2), eng__mat_elems((int)H, (int)F));
+        if (L->bqkv) h = fp_add(h, L->bqkv, QD + 2 * KD);
+        if (L->bo) h = fp_add(h, L->bo, H);
+        if (L->b13) h = fp_add(h, L->b13, 2 * F);
+        if (L->b2) h = fp_add(h, L->b2, H);
+        if (L->q_norm) h = fp_add(h, L->q_norm, (size_t)c->head_dim);
+        if (L->k_norm) h = fp_add(h, L->k_norm, (size_t)c->head_dim);
     }
     int prec[2] = {m->opt.bf16_weights != 0, m->opt.kv_f16 != 0}; /* another precision computes other logits */
     return eng__hash64(prec, sizeof prec, h);

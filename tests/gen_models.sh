@@ -31,6 +31,11 @@ gen tiny-sharded  --preset tiny --shards 3
 gen tiny-untied   --preset tiny --untied
 gen tiny-untied-bf16 --preset tiny --untied --dtype bf16
 gen tiny-llama2tok --preset tiny --tokenizer "$out/hf/llama2.tokenizer.json" # SentencePiece-style BPE, byte fallback
+gen tiny-qwen2      --preset tiny-qwen2       # q/k/v biases
+gen tiny-qwen3      --preset tiny-qwen3       # q/k norms, head_dim 32 with hidden 64
+gen tiny-llama31    --preset tiny-llama31     # llama3 RoPE scaling
+gen tiny-mistral    --preset tiny-mistral     # Mistral without a sliding window (v0.2 and later)
+gen tiny-llama-bias --preset tiny-llama-bias  # attention_bias + mlp_bias, linear RoPE scaling
 gen smollm2-135m   --preset smollm2-135m   # the reference shape (538 MB)
 
 echo "models ready in $out"

@@ -35,6 +35,26 @@ PRESETS = {
     "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=10000.0,
                  rms_norm_eps=1e-5, max_position_embeddings=512),
+    # the LLaMA relatives at the tiny size: Qwen2 (q/k/v biases), Qwen3 (q/k norms, head_dim apart
+    # from hidden/heads), Llama 3.1 (llama3 RoPE scaling), and Llama with every bias and linear scaling
+    "tiny-qwen2": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, max_position_embeddings=512, model_type="qwen2"),
+    "tiny-qwen3": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=32, intermediate_size=160, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, max_position_embeddings=512, model_type="qwen3"),
+    "tiny-llama31": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=512,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "tiny-mistral": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=1000000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=512, model_type="mistral"),
+    "tiny-llama-bias": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=10000.0,
+                            rms_norm_eps=1e-5, max_position_embeddings=512, attention_bias=True, mlp_bias=True,
+                            rope_scaling={"type": "linear", "factor": 2.0}),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          intermediate_size=1536, rope_theta=100000.0, rms_norm_eps=1e-5,
@@ -65,9 +85,26 @@ def tensor_specs(cfg, tied):
     V, H = cfg["vocab_size"], cfg["hidden_size"]
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     F = cfg["intermediate_size"]
+    mt = cfg.get("model_type", "llama")
+    qkv_bias = mt == "qwen2" or cfg.get("attention_bias", False)
+    o_bias = mt == "llama" and cfg.get("attention_bias", False)
+    mlp_bias = mt == "llama" and cfg.get("mlp_bias", False)
+    B = 0.5  # bias std: large enough to matter against projections of std ~1
     s = [("model.embed_tokens.weight", (V, H), "normal", EMBED_STD)]
     for i in range(cfg["num_hidden_layers"]):
         p = "model.layers.%d." % i
+        if qkv_bias:
+            s += [(p + "self_attn.q_proj.bias", (nh * hd,), "normal", B),
+                  (p + "self_attn.k_proj.bias", (nkv * hd,), "normal", B),
+                  (p + "self_attn.v_proj.bias", (nkv * hd,), "normal", B)]
+        if o_bias:
+            s += [(p + "self_attn.o_proj.bias", (H,), "normal", B)]
+        if mlp_bias:
+            s += [(p + "mlp.gate_proj.bias", (F,), "normal", B), (p + "mlp.up_proj.bias", (F,), "normal", B),
+                  (p + "mlp.down_proj.bias", (H,), "normal", B)]
+        if mt == "qwen3":
+            s += [(p + "self_attn.q_norm.weight", (hd,), "norm", 0.2),
+                  (p + "self_attn.k_norm.weight", (hd,), "norm", 0.2)]
         s += [
             (p + "input_layernorm.weight", (H,), "norm", NORM_NOISE),
             (p + "self_attn.q_proj.weight", (nh * hd, H), "normal", H ** -0.5),
@@ -152,6 +189,24 @@ def write_json(path, obj):
 
 
 def make_config(cfg, tied, dtype):
+    mt = cfg.get("model_type", "llama")
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[mt]
+    c = make_llama_config(cfg, tied, dtype)
+    c["architectures"] = [arch]
+    c["model_type"] = mt
+    c["attention_bias"] = bool(cfg.get("attention_bias", False))
+    c["mlp_bias"] = bool(cfg.get("mlp_bias", False))
+    c["rope_scaling"] = cfg.get("rope_scaling")
+    if mt != "llama":
+        for k in ("mlp_bias", "pretraining_tp"):
+            c.pop(k, None)
+        c.update({"sliding_window": None} if mt == "mistral" else
+                 {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg["num_hidden_layers"]})
+    return c
+
+
+def make_llama_config(cfg, tied, dtype):
     return {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,

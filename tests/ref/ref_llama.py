@@ -16,6 +16,15 @@ with the C engine:
     x      = x + (silu(h Wg^T) * (h Wu^T)) Wd^T
   logits   = (RMSNorm(x) * norm) W_lm^T           W_lm = lm_head or embed_tokens (tied)
 
+The relatives (each from its published description, HF transformers' convention):
+  - a projection with a bias adds it: qwen2 has q/k/v biases; llama's attention_bias gives
+    q/k/v/o biases and mlp_bias gate/up/down biases;
+  - qwen3: q and k are RMSNorm'ed per head (weights q_norm, k_norm over head_dim) before RoPE;
+  - rope_scaling "linear": every inverse frequency divided by the factor; "llama3" (Llama 3.1):
+    with L = original_max_position_embeddings, a frequency whose wavelength 2*pi/f exceeds
+    L/low_freq_factor is divided by the factor, one below L/high_freq_factor is kept, and in
+    between s = (L/wavelength - low)/(high - low) blends: (1 - s) f/factor + s f.
+
 `forward(ids)` recomputes the whole sequence (no cache). `IncrementalDecoder` is a separate
 KV-cached implementation used only to self-test the reference.
 
@@ -119,6 +128,9 @@ class LlamaRef:
         self.eps = float(c["rms_norm_eps"])
         self.theta = float(c.get("rope_theta", 10000.0))
         self.tied = bool(c.get("tie_word_embeddings", False))
+        self.model_type = c.get("model_type", "llama")
+        self.qk_norm = self.model_type == "qwen3"
+        self.inv_freq = self._inv_freq(c.get("rope_scaling"))
         w = load_weights(model_dir)
         if bf16_matrices:
             for k in list(w):
@@ -156,6 +168,45 @@ class LlamaRef:
             if self.w[k].shape != s:
                 raise ValueError("tensor %s has shape %s, expected %s" % (k, self.w[k].shape, s))
 
+    def _inv_freq(self, rs):
+        half = self.hd // 2
+        f = self.theta ** (-np.arange(half, dtype=np.float64) * 2.0 / self.hd)
+        kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
+        if kind == "default":
+            return f
+        factor = float(rs["factor"])
+        if kind == "linear":
+            return f / factor
+        if kind != "llama3":
+            raise ValueError("rope_scaling %r not in this reference" % kind)
+        L, lo, hi = float(rs["original_max_position_embeddings"]), float(rs["low_freq_factor"]), \
+            float(rs["high_freq_factor"])
+        out = []
+        for fj in f:
+            wl = 2 * np.pi / fj
+            if wl < L / hi:
+                out.append(fj)
+            elif wl > L / lo:
+                out.append(fj / factor)
+            else:
+                sm = (L / wl - lo) / (hi - lo)
+                out.append((1 - sm) * fj / factor + sm * fj)
+        return np.array(out)
+
+    def proj(self, i, name, h):
+        """h @ W^T (+ bias when the checkpoint has one) for layer i's projection `name`."""
+        p = "model.layers.%d.%s" % (i, name)
+        y = h @ self.w[p + ".weight"].T
+        b = self.w.get(p + ".bias")
+        return y if b is None else y + b
+
+    def qk(self, i, q, k):
+        """qwen3: RMSNorm over each head of q and k (before RoPE)."""
+        if not self.qk_norm:
+            return q, k
+        p = "model.layers.%d.self_attn." % i
+        return self.rmsnorm(q, self.w[p + "q_norm.weight"]), self.rmsnorm(k, self.w[p + "k_norm.weight"])
+
     def layer(self, i):
         p = "model.layers.%d." % i
         g = lambda n: self.w[p + n]
@@ -172,8 +223,7 @@ class LlamaRef:
         """x: [n, heads, hd]; positions: [n] ints."""
         hd = self.hd
         half = hd // 2
-        inv_freq = self.theta ** (-np.arange(half, dtype=np.float64) * 2.0 / hd)
-        ang = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # [n, half]
+        ang = np.asarray(positions, dtype=np.float64)[:, None] * self.inv_freq[None, :]  # [n, half]
         cos = np.cos(ang)[:, None, :]
         sin = np.sin(ang)[:, None, :]
         x1, x2 = x[..., :half], x[..., half:]
@@ -202,9 +252,10 @@ class LlamaRef:
         for i in range(self.L):
             w_in, wq, wk, wv, wo, w_post, wg, wu, wd = self.layer(i)
             h = self.rmsnorm(x, w_in)
-            q = self.rope((h @ wq.T).reshape(n, nh, hd), pos)
-            k = self.rope((h @ wk.T).reshape(n, nkv, hd), pos)
-            v = (h @ wv.T).reshape(n, nkv, hd)
+            q, k = self.qk(i, self.proj(i, "self_attn.q_proj", h).reshape(n, nh, hd),
+                           self.proj(i, "self_attn.k_proj", h).reshape(n, nkv, hd))
+            q, k = self.rope(q, pos), self.rope(k, pos)
+            v = self.proj(i, "self_attn.v_proj", h).reshape(n, nkv, hd)
             if self.kv_f16:
                 k = k.astype(np.float16).astype(np.float64)
                 v = v.astype(np.float16).astype(np.float64)
@@ -217,9 +268,10 @@ class LlamaRef:
                 p = np.exp(s)
                 p /= p.sum(axis=1, keepdims=True)
                 att[:, hh, :] = p @ v[:, g, :]
-            x = x + att.reshape(n, nh * hd) @ wo.T
+            x = x + self.proj(i, "self_attn.o_proj", att.reshape(n, nh * hd))
             h = self.rmsnorm(x, w_post)
-            x = x + (self.silu(h @ wg.T) * (h @ wu.T)) @ wd.T
+            x = x + self.proj(i, "mlp.down_proj",
+                              self.silu(self.proj(i, "mlp.gate_proj", h)) * self.proj(i, "mlp.up_proj", h))
         if last_only:
             x = x[-1:]
         x = self.rmsnorm(x, self.w["model.norm.weight"])
@@ -257,9 +309,11 @@ class IncrementalDecoder:
         for i in range(m.L):
             w_in, wq, wk, wv, wo, w_post, wg, wu, wd = m.layer(i)
             h = m.rmsnorm(x, w_in)
-            q = m.rope((wq @ h).reshape(1, m.nh, m.hd), [pos])[0]
-            k = m.rope((wk @ h).reshape(1, m.nkv, m.hd), [pos])
-            v = (wv @ h).reshape(1, m.nkv, m.hd)
+            q, k = m.qk(i, m.proj(i, "self_attn.q_proj", h).reshape(1, m.nh, m.hd),
+                        m.proj(i, "self_attn.k_proj", h).reshape(1, m.nkv, m.hd))
+            q = m.rope(q, [pos])[0]
+            k = m.rope(k, [pos])
+            v = m.proj(i, "self_attn.v_proj", h).reshape(1, m.nkv, m.hd)
             self.k[i] = np.concatenate([self.k[i], k])
             self.v[i] = np.concatenate([self.v[i], v])
             out = np.empty(m.nh * m.hd)
@@ -269,9 +323,9 @@ class IncrementalDecoder:
                 p = np.exp(s - s.max())
                 p /= p.sum()
                 out[hh * m.hd:(hh + 1) * m.hd] = p @ self.v[i][:, g, :]
-            x = x + wo @ out
+            x = x + m.proj(i, "self_attn.o_proj", out)
             h = m.rmsnorm(x, w_post)
-            x = x + wd @ (m.silu(wg @ h) * (wu @ h))
+            x = x + m.proj(i, "mlp.down_proj", m.silu(m.proj(i, "mlp.gate_proj", h)) * m.proj(i, "mlp.up_proj", h))
         return m.lm_head @ m.rmsnorm(x, m.w["model.norm.weight"])
 
 

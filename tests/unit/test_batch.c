@@ -54,6 +54,7 @@ static void on_event(void *ud, const eng_event *ev) {
 }
 
 static int g_kv_f16; /* open models with an F16 KV cache */
+static const char *g_model = "tiny"; /* the model of the tests run again for each architecture */
 
 static eng_model *model(const char *name) {
     char dir[1024], err[512];
@@ -134,7 +135,7 @@ static int free_blocks(eng_engine *e) {
 /* ---- tests -------------------------------------------------------------- */
 
 static void test_single_agent_fresh_and_resume(void) {
-    eng_model *m = model("tiny");
+    eng_model *m = model(g_model);
     eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
     if (!e) { eng_model_close(m); return; }
     int32_t p1[20], p2[7], hist[20 + 16 + 7];
@@ -190,7 +191,7 @@ static void test_single_agent_fresh_and_resume(void) {
 /* Three agents of different prompt lengths in one batch, and a mix of greedy
  * and seeded requests: each output equals the request run alone. */
 static void test_batch_equals_alone(void) {
-    eng_model *m = model("tiny");
+    eng_model *m = model(g_model);
     eng_engine *e = m ? engine(m, 256, 64, 64) : NULL;
     if (!e) { eng_model_close(m); return; }
     enum { N = 8 };
@@ -834,6 +835,50 @@ out:
     eng_model_close(m);
 }
 
+/* The LLaMA relatives (Qwen2 biases, Qwen3 q/k norms, Llama 3.1 RoPE scaling,
+ * Llama with every bias): batched = alone, agent resume = fresh, preemption
+ * exact, export -> import continues identically; the paged pool needs
+ * nothing of its own for them. */
+static void test_relatives(void) {
+    static const char *models[] = {"tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-llama-bias"};
+    for (size_t k = 0; k < sizeof models / sizeof *models; k++) {
+        g_model = models[k];
+        int before = t_failed_checks;
+        test_batch_equals_alone();
+        test_single_agent_fresh_and_resume();
+        eng_model *m = model(g_model);
+        eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
+        if (e) {
+            int32_t p[20], q[6];
+            rand_ids(p, 20, 4100 + k, 1024);
+            rand_ids(q, 6, 4200 + k, 1024);
+            static results rs;
+            memset(&rs, 0, sizeof rs);
+            eng_request r = req_ids(p, 20, 8);
+            r.agent_id = "x";
+            submit(e, &rs, &r);
+            run_all(e, &rs);
+            uint8_t *buf = NULL;
+            size_t len = 0;
+            char err[256];
+            CHECK(eng_agent_export(e, NULL, "x", &buf, &len, err, sizeof err) == ENG_OK);
+            CHECK(eng_agent_import(e, NULL, "y", buf, len, err, sizeof err) == ENG_OK);
+            free(buf);
+            r = req_ids(q, 6, 8);
+            r.agent_id = "x";
+            submit(e, &rs, &r);
+            r.agent_id = "y";
+            submit(e, &rs, &r);
+            run_all(e, &rs);
+            CHECK(rs.r[1].done && rs.r[2].done && !memcmp(rs.r[1].tok, rs.r[2].tok, 8 * sizeof(int32_t)));
+            eng_engine_close(e);
+        }
+        eng_model_close(m);
+        if (t_failed_checks != before) fprintf(stderr, "  (with %s)\n", g_model);
+    }
+    g_model = "tiny";
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: test_batch MODELS_DIR\n"); return 2; }
     static const test_case tests[] = {
@@ -853,6 +898,7 @@ int main(int argc, char **argv) {
         {"hold_keeps_requests_running_until_lifted", test_hold},
         {"prefix_sharing_stays_inside_a_tenant", test_prefix_per_tenant},
         {"imported_kv_never_enters_the_prefix_index", test_imported_kv_never_shared},
+        {"relatives_batched_resumed_exported_like_llama", test_relatives},
         {0, 0}};
     return run_tests(tests, argc, argv);
 }

@@ -98,15 +98,38 @@ static void test_config(void) {
               "\"tie_word_embeddings\":true,\"rope_theta\":500000}", &c, err, sizeof err) == ENG_OK);
     CHECK(c.head_dim == 16 && c.n_kv_heads == 2 && c.eos_id == 5 && c.bos_id == -1 && c.tie_embeddings);
     CHECK(c.rope_theta == 500000.0f && fabsf(c.rms_eps - 1e-6f) < 1e-12f && c.max_position == 2048);
+    CHECK(!strcmp(c.model_type, "llama") && !c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.qk_norm && !c.rope_scaling);
+    /* the relatives' switches */
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen2\",\"sliding_window\":32768,"
+              "\"use_sliding_window\":false}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.qk_norm);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen3\"}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.qk_norm && !c.qkv_bias);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"attention_bias\":true,\"mlp_bias\":true,\"rope_scaling\":{"
+              "\"rope_type\":\"llama3\",\"factor\":8,\"original_max_position_embeddings\":8192}}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.qkv_bias && c.o_bias && c.mlp_bias && c.rope_scaling == ENG_ROPE_LLAMA3 && c.rope_factor == 8.0f &&
+          c.rope_low_freq_factor == 1.0f && c.rope_high_freq_factor == 4.0f && c.rope_original_max == 8192);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"sliding_window\":null}", &c, err,
+              sizeof err) == ENG_OK);
     struct { const char *json; int code; const char *needle; } bad[] = {
         {"{" BASE "\"num_key_value_heads\":2}", ENG_EFORMAT, "intermediate_size"},
         {"{" BASE "\"intermediate_size\":128,\"num_key_value_heads\":3}", ENG_EFORMAT, "multiple"},
         {"{" BASE "\"intermediate_size\":-1}", ENG_EFORMAT, "intermediate_size"},
         {"{" BASE "\"intermediate_size\":1.5}", ENG_EFORMAT, "integer"},
         {"{" BASE "\"intermediate_size\":128,\"model_type\":\"gpt2\"}", ENG_EUNSUPPORTED, "gpt2"},
-        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"type\":\"llama3\"}}", ENG_EUNSUPPORTED, "rope_scaling"},
+        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"type\":\"llama3\"}}", ENG_EFORMAT, "positive factor"},
+        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"dynamic\",\"factor\":2}}", ENG_EUNSUPPORTED,
+         "rope_scaling type \"dynamic\" is not supported"},
+        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}}", ENG_EUNSUPPORTED,
+         "\"yarn\""},
+        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":4,"
+         "\"high_freq_factor\":1}}", ENG_EFORMAT, "high_freq_factor > low_freq_factor"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen2\",\"use_sliding_window\":true}", ENG_EUNSUPPORTED,
+         "use_sliding_window"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"max_position_embeddings\":32768,"
+         "\"sliding_window\":4096}", ENG_EUNSUPPORTED, "sliding_window 4096 shorter than the context (32768)"},
         {"{" BASE "\"intermediate_size\":128,\"eos_token_id\":100}", ENG_EFORMAT, "eos_token_id"},
-        {"{" BASE "\"intermediate_size\":128,\"attention_bias\":true}", ENG_EUNSUPPORTED, "attention_bias"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"gemma3_text\"}", ENG_EUNSUPPORTED, "gemma3_text"},
         {"not json", ENG_EFORMAT, "JSON"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
