@@ -389,6 +389,10 @@ static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, c
 /* Finish a sequence (not in the forward pass): DONE event, blocks back to
  * its agent or the pool, and onto the done list to be freed after delivery. */
 static void seq_finish(eng_engine *e, seq *s, int finish, int error, const char *msg) {
+    if (!s->admitted) { /* finished while it waited (cancelled, refused): nothing generated yet */
+        s->gen_start = s->n_tok;
+        s->usage.prompt_tokens = s->n_tok;
+    }
     s->finish = finish;
     s->usage.generated_tokens = s->n_tok - s->gen_start;
     size_t tl;

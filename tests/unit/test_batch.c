@@ -722,6 +722,15 @@ static void test_hold(void) {
     for (int i = 0; i < 3; i++) CHECK_MSG(rs.r[i].token_events == 3 && !rs.r[i].done, "request %d: %d tokens", i,
                                           rs.r[i].token_events);
     CHECK(eng_step(e, on_event, &rs) == 0); /* nothing to compute while held */
+    /* cancelled while it still waits (before any step admits it): nothing generated */
+    eng_request rq = req_ids(p[0], 12, 20);
+    uint64_t queued = submit(e, &rs, &rq);
+    CHECK(eng_cancel(e, queued) == ENG_OK);
+    eng_step(e, on_event, &rs);
+    result *qr = find_r(&rs, queued);
+    CHECK_MSG(qr && qr->done == 1 && qr->finish == ENG_FINISH_CANCELLED && qr->n_tok == 0 &&
+              qr->usage.generated_tokens == 0 && qr->usage.prompt_tokens == 12,
+              "a request cancelled before admission reported %d generated tokens", qr ? qr->n_tok : -1);
     CHECK(eng_cancel(e, id[1]) == ENG_OK);
     eng_step(e, on_event, &rs);
     CHECK(rs.r[1].done == 1 && rs.r[1].finish == ENG_FINISH_CANCELLED && rs.r[1].n_tok == 3);
