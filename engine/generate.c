@@ -6,26 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- growable byte buffer --------------------------------------------- */
-typedef struct {
-    char *p;
-    size_t n, cap;
-} bytes;
-
-static int bytes_add(bytes *b, const char *s, size_t n) {
-    if (b->n + n + 1 > b->cap) {
-        size_t nc = (b->n + n + 1) * 2;
-        char *np = realloc(b->p, nc);
-        if (!np) return ENG_ENOMEM;
-        b->p = np;
-        b->cap = nc;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-    return ENG_OK;
-}
-
 /* ---- incremental detokenizer ------------------------------------------ */
 struct eng_detok {
     const eng_tok *tok;
@@ -33,7 +13,7 @@ struct eng_detok {
     size_t npend;
     int strip;              /* leading spaces still to strip (the decoder's, at the start of the text) */
     int started;            /* a token has been pushed (the first decodes differently with a Metaspace decoder) */
-    bytes out;
+    eng__buf out;
 };
 
 eng_detok *eng_detok_new(const eng_tok *tok) {
@@ -62,9 +42,9 @@ static int detok_feed(eng_detok *d, const unsigned char *src, size_t n) {
             int k = eng__utf8_seq(d->pend, d->npend);
             if (k == 0) break; /* valid so far, incomplete */
             int rc;
-            if (k < 0) { rc = bytes_add(&d->out, REPLACEMENT, 3); k = 1; }
+            if (k < 0) { rc = eng__buf_add(&d->out, REPLACEMENT, 3); k = 1; }
             else if (d->strip > 0 && k == 1 && d->pend[0] == ' ') { rc = ENG_OK; d->strip--; }
-            else rc = bytes_add(&d->out, (const char *)d->pend, (size_t)k);
+            else rc = eng__buf_add(&d->out, (const char *)d->pend, (size_t)k);
             d->strip = k == 1 && d->pend[0] == ' ' ? d->strip : 0; /* only at the very start */
             if (rc) return rc;
             memmove(d->pend, d->pend + k, d->npend - (size_t)k);
@@ -94,7 +74,7 @@ int eng_detok_push(eng_detok *d, int32_t token, const char **out, size_t *len) {
 
 int eng_detok_flush(eng_detok *d, const char **out, size_t *len) {
     d->out.n = 0;
-    int rc = d->npend ? bytes_add(&d->out, REPLACEMENT, 3) : ENG_OK;
+    int rc = d->npend ? eng__buf_add(&d->out, REPLACEMENT, 3) : ENG_OK;
     d->npend = 0;
     *out = d->out.p ? d->out.p : "";
     *len = d->out.n;
@@ -108,7 +88,7 @@ struct eng__gen {
     size_t *stop_len;
     int n_stop;
     int max_tokens, ignore_eos, eos, n_gen;
-    bytes text;      /* all output text so far */
+    eng__buf text;   /* all output text so far */
     size_t emitted;  /* bytes of text already handed out */
 };
 
@@ -179,7 +159,7 @@ static void take(eng__gen *g, size_t upto, const char **delta, size_t *dlen) {
 void eng__gen_flush(eng__gen *g, const char **delta, size_t *dlen) {
     const char *tail;
     size_t tn;
-    if (eng_detok_flush(g->dt, &tail, &tn) == ENG_OK && tn) bytes_add(&g->text, tail, tn);
+    if (eng_detok_flush(g->dt, &tail, &tn) == ENG_OK && tn) eng__buf_add(&g->text, tail, tn);
     take(g, g->text.n, delta, dlen);
 }
 
@@ -194,7 +174,7 @@ int eng__gen_push(eng__gen *g, int32_t token, const char **delta, size_t *dlen) 
     const char *piece;
     size_t pn;
     size_t before = g->text.n;
-    if (eng_detok_push(g->dt, token, &piece, &pn) != ENG_OK || bytes_add(&g->text, piece, pn) != ENG_OK)
+    if (eng_detok_push(g->dt, token, &piece, &pn) != ENG_OK || eng__buf_add(&g->text, piece, pn) != ENG_OK)
         return ENG_FINISH_ERROR;
     if (g->n_stop && g->text.n > before) {
         long s = find_stop(g, before);

@@ -26,6 +26,14 @@ uint64_t eng__hash64(const void *p, size_t n, uint64_t seed);
 int eng__utf8_seq(const unsigned char *s, size_t n);
 bool eng__utf8_valid(const char *s, size_t n);
 
+/* A growable byte buffer, always NUL-terminated after its n bytes. */
+typedef struct {
+    char *p;
+    size_t n, cap;
+} eng__buf;
+/* Append n bytes: ENG_OK or ENG_ENOMEM (the buffer is unchanged then). */
+int eng__buf_add(eng__buf *b, const char *s, size_t n);
+
 /* ---- string -> int32 hash map (open addressing, keys not owned) -------- */
 typedef struct {
     const char **keys;

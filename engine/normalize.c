@@ -32,25 +32,6 @@ struct eng__norm {
     int n;
 };
 
-typedef struct {
-    char *p;
-    size_t n, cap;
-} obuf;
-
-static int put(obuf *b, const char *s, size_t n) {
-    if (b->n + n + 1 > b->cap) {
-        size_t nc = (b->n + n + 1) * 2;
-        char *np = realloc(b->p, nc);
-        if (!np) return ENG_ENOMEM;
-        b->p = np;
-        b->cap = nc;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-    return ENG_OK;
-}
-
 static int add(eng__norm *z, const cJSON *j, const char *path, char *err, size_t errlen) {
     const cJSON *ty = cJSON_GetObjectItemCaseSensitive(j, "type");
     if (!cJSON_IsString(ty)) return eng__fail(err, errlen, ENG_EFORMAT, "%s: normalizer without a type", path);
@@ -145,19 +126,19 @@ static int white(utf8proc_int32_t c) {
            c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
-static int unicode_form(const norm_step *st, const char *s, size_t n, obuf *o) {
+static int unicode_form(const norm_step *st, const char *s, size_t n, eng__buf *o) {
     static const utf8proc_option_t opts[] = {UTF8PROC_COMPOSE, UTF8PROC_DECOMPOSE, UTF8PROC_COMPOSE | UTF8PROC_COMPAT,
                                              UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT};
     utf8proc_uint8_t *r = NULL;
     utf8proc_ssize_t k = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &r,
                                       opts[st->kind] | UTF8PROC_STABLE);
     if (k < 0) return k == UTF8PROC_ERROR_NOMEM ? ENG_ENOMEM : ENG_EUTF8;
-    int rc = put(o, (const char *)r, (size_t)k);
+    int rc = eng__buf_add(o, (const char *)r, (size_t)k);
     free(r);
     return rc;
 }
 
-static int lower(const char *s, size_t n, obuf *o) {
+static int lower(const char *s, size_t n, eng__buf *o) {
     for (size_t i = 0; i < n;) {
         utf8proc_int32_t c;
         utf8proc_ssize_t k = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i), &c);
@@ -165,14 +146,14 @@ static int lower(const char *s, size_t n, obuf *o) {
         i += (size_t)k;
         utf8proc_uint8_t u[8];
         int rc;
-        if (c == 0x130) rc = put(o, "i\xCC\x87", 3); /* the one full lowercase mapping of two characters */
-        else rc = put(o, (const char *)u, (size_t)utf8proc_encode_char(utf8proc_tolower(c), u));
+        if (c == 0x130) rc = eng__buf_add(o, "i\xCC\x87", 3); /* the one full lowercase mapping of two characters */
+        else rc = eng__buf_add(o, (const char *)u, (size_t)utf8proc_encode_char(utf8proc_tolower(c), u));
         if (rc) return rc;
     }
     return ENG_OK;
 }
 
-static int strip(const norm_step *st, const char *s, size_t n, obuf *o) {
+static int strip(const norm_step *st, const char *s, size_t n, eng__buf *o) {
     size_t b = 0, e = n;
     while (st->left && b < e) {
         utf8proc_int32_t c;
@@ -187,10 +168,10 @@ static int strip(const norm_step *st, const char *s, size_t n, obuf *o) {
         if (utf8proc_iterate((const utf8proc_uint8_t *)s + p, (utf8proc_ssize_t)(e - p), &c) <= 0 || !white(c)) break;
         e = p;
     }
-    return put(o, s + b, e - b);
+    return eng__buf_add(o, s + b, e - b);
 }
 
-static int replace(const norm_step *st, const char *s, size_t n, obuf *o, pcre2_match_data *md) {
+static int replace(const norm_step *st, const char *s, size_t n, eng__buf *o, pcre2_match_data *md) {
     size_t last = 0, at = 0;
     int rc;
     for (;;) {
@@ -215,15 +196,15 @@ static int replace(const norm_step *st, const char *s, size_t n, obuf *o, pcre2_
             ms = (size_t)(f - s);
             me = ms + st->lit_len;
         }
-        if ((rc = put(o, s + last, ms - last)) || (rc = put(o, st->content, st->content_len))) return rc;
+        if ((rc = eng__buf_add(o, s + last, ms - last)) || (rc = eng__buf_add(o, st->content, st->content_len))) return rc;
         last = at = me;
     }
-    return put(o, s + last, n - last);
+    return eng__buf_add(o, s + last, n - last);
 }
 
 int eng__norm_apply(const eng__norm *z, const char *s, size_t n, char **out, size_t *out_len) {
-    obuf a = {0}, b = {0};
-    int rc = put(&a, s, n);
+    eng__buf a = {0}, b = {0};
+    int rc = eng__buf_add(&a, s, n);
     pcre2_match_data *md = pcre2_match_data_create(4, NULL);
     if (!md) rc = ENG_ENOMEM;
     for (int i = 0; !rc && i < z->n; i++) {
@@ -235,11 +216,11 @@ int eng__norm_apply(const eng__norm *z, const char *s, size_t n, char **out, siz
         case N_STRIP: rc = strip(st, a.p, a.n, &b); break;
         case N_REPLACE: rc = replace(st, a.p, a.n, &b, md); break;
         case N_PREPEND: /* only before something */
-            rc = put(&b, st->lit, a.n ? st->lit_len : 0);
-            if (!rc) rc = put(&b, a.p, a.n);
+            rc = eng__buf_add(&b, st->lit, a.n ? st->lit_len : 0);
+            if (!rc) rc = eng__buf_add(&b, a.p, a.n);
             break;
         }
-        obuf t = a;
+        eng__buf t = a;
         a = b;
         b = t;
     }

@@ -92,6 +92,20 @@ int eng__utf8_seq(const unsigned char *s, size_t n) {
     return need + 1;
 }
 
+int eng__buf_add(eng__buf *b, const char *s, size_t n) {
+    if (b->n + n + 1 > b->cap) {
+        size_t nc = (b->n + n + 1) * 2;
+        char *np = realloc(b->p, nc);
+        if (!np) return ENG_ENOMEM;
+        b->p = np;
+        b->cap = nc;
+    }
+    if (n) memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = 0;
+    return ENG_OK;
+}
+
 bool eng__utf8_valid(const char *s, size_t n) {
     const unsigned char *p = (const unsigned char *)s;
     size_t i = 0;
