@@ -850,7 +850,7 @@ int eng_step(eng_engine *e, eng_event_cb cb, void *ud) {
     fwd_batch b = {.n = t, .tokens = e->b_tok, .pos = e->b_pos, .seq = e->b_seq, .tables = e->tables,
                    .n_out = n_out, .out_rows = e->b_rows, .logits = e->logits};
     pthread_mutex_unlock(&e->mu);
-    fwd_run(&e->m->cfg, &e->m->w, &e->bp.kv, e->scratch, e->m->rope, e->m->pool, &b);
+    fwd_run(&e->m->cfg, &e->m->w, &e->bp.kv, e->scratch, (const float *const *)e->m->rope, e->m->pool, &b);
     pthread_mutex_lock(&e->mu);
 
     const size_t V = (size_t)e->m->cfg.vocab_size;

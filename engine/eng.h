@@ -97,7 +97,7 @@ typedef struct eng_config {
     int bos_id;             /* -1 if none */
     int eos_id;             /* -1 if none */
     char dtype[8];          /* dtype of the weight files: "F32", "F16", "BF16" */
-    char model_type[24];    /* "llama", "mistral", "qwen2", "qwen3" */
+    char model_type[24];    /* "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral" */
     int qkv_bias;           /* q, k and v projections have biases (qwen2; llama attention_bias) */
     int o_bias;             /* the output projection has a bias (llama attention_bias) */
     int mlp_bias;           /* gate, up and down projections have biases (llama mlp_bias) */
@@ -106,9 +106,25 @@ typedef struct eng_config {
     float rope_factor;      /* linear and llama3 scaling */
     float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
     int rope_original_max;  /* llama3: original_max_position_embeddings */
+    /* sliding-window attention: a layer marked ENG_LAYER_SLIDING attends to its last
+     * sliding_window positions (itself included); the others to the whole context */
+    int sliding_window;     /* 0 = no layer slides */
+    int n_sliding;          /* how many layers slide */
+    float rope_local_theta; /* RoPE base of the sliding layers (gemma3: rope_local_base_freq; no scaling) */
+    /* Gemma 3 */
+    int gemma;              /* RMSNorm weight 1 + w, embeddings scaled by sqrt(hidden), norms after
+                             * attention and after the MLP, GELU-tanh gate */
+    float attn_scale;       /* query scale: 1/sqrt(head_dim), or 1/sqrt(query_pre_attn_scalar) */
+    float final_softcap;    /* logits = cap * tanh(logits / cap); 0 = off */
+    /* mixture of experts (qwen3_moe, mixtral): layers marked ENG_LAYER_MOE route each token to
+     * n_experts_used of n_experts SwiGLU experts of moe_intermediate_size */
+    int n_experts, n_experts_used, moe_intermediate_size;
+    int moe_norm_topk;      /* renormalise the chosen experts' weights to sum to 1 */
+    unsigned char layer_flags[1024]; /* ENG_LAYER_* per layer */
 } eng_config;
 
 enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3 };
+enum { ENG_LAYER_SLIDING = 1, ENG_LAYER_MOE = 2 };
 
 typedef struct eng_options {
     int n_threads;          /* compute threads; 0 = number of online CPUs */

@@ -7,6 +7,11 @@
  *               qk_norm an RMSNorm over each head of q and k before RoPE)
  *               x = h + W2 · (silu(W1·n2(h)) ⊙ W3·n2(h))
  *   logits = Wlm · norm(x)
+ * The relatives change parts of it: biases, q/k norms, sliding-window layers
+ * that see only their last W positions (attend from lo = pos - W + 1), Gemma
+ * 3's norms after each sublayer, scaled embeddings and GELU-tanh gate, and
+ * mixture-of-experts layers whose MLP is the router's top-k experts, each
+ * expert run once per batch over the tokens routed to it (moe()).
  * The matrix products run over all tokens of the batch at once (matmul.c,
  * the same arithmetic per token at any batch size); attention reads K/V
  * straight from the sequence's KV blocks. Tokens of several sequences may share a batch. */
@@ -33,6 +38,13 @@ struct fwd_scratch {
     float *rows;     /* [threads][hd]: an F16 K or V row as floats */
     float *sm;       /* [threads][RB][max_ctx]: a block of a prefill run's scores */
     int *single;     /* [max_tokens]: rows attended token by token */
+    /* mixture of experts */
+    float *rl;       /* [T][E] router logits */
+    int32_t *pick;   /* [T][k] chosen experts */
+    float *pw;       /* [T][k] their weights */
+    int32_t *rows_e; /* [T] tokens routed to the expert being run */
+    float *we;       /* [T] their weights */
+    float *xe, *he, *he2, *ye; /* [T][H], [T][2Fe], [T][Fe], [T][H] */
 };
 
 #define MAX_THREADS 64
@@ -54,8 +66,25 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx, int thread
     s->hb = malloc((size_t)T * 2 * F * sizeof(float));
     s->hb2 = malloc((size_t)T * F * sizeof(float));
     s->tmp = malloc((size_t)T * H * sizeof(float));
-    size_t widest = H > QD ? H : QD;
-    s->xt = malloc((size_t)T * (widest > F ? widest : F) * sizeof(float));
+    size_t widest = H > QD ? H : QD, Fe = (size_t)c->moe_intermediate_size;
+    widest = widest > F ? widest : F;
+    s->xt = malloc((size_t)T * (widest > Fe ? widest : Fe) * sizeof(float));
+    if (c->n_experts) {
+        size_t E = (size_t)c->n_experts, k = (size_t)c->n_experts_used;
+        s->rl = malloc((size_t)T * E * sizeof(float));
+        s->pick = malloc((size_t)T * k * sizeof(int32_t));
+        s->pw = malloc((size_t)T * k * sizeof(float));
+        s->rows_e = malloc((size_t)T * sizeof(int32_t));
+        s->we = malloc((size_t)T * sizeof(float));
+        s->xe = malloc((size_t)T * H * sizeof(float));
+        s->he = malloc((size_t)T * 2 * Fe * sizeof(float));
+        s->he2 = malloc((size_t)T * Fe * sizeof(float));
+        s->ye = malloc((size_t)T * H * sizeof(float));
+        if (!s->rl || !s->pick || !s->pw || !s->rows_e || !s->we || !s->xe || !s->he || !s->he2 || !s->ye) {
+            fwd_scratch_free(s);
+            return NULL;
+        }
+    }
     s->scores = malloc(thr * (size_t)(c->n_heads / c->n_kv_heads) * (size_t)max_ctx * sizeof(float));
     size_t kvc = (size_t)c->n_kv_heads * (size_t)max_ctx * (size_t)c->head_dim;
     s->kc = malloc(kvc * sizeof(float));
@@ -75,6 +104,8 @@ void fwd_scratch_free(fwd_scratch *s) {
     if (!s) return;
     free(s->x); free(s->xb); free(s->qkv); free(s->att); free(s->hb); free(s->hb2); free(s->tmp); free(s->xt); free(s->scores);
     free(s->kc); free(s->vc); free(s->sm); free(s->single); free(s->rows);
+    free(s->rl); free(s->pick); free(s->pw); free(s->rows_e); free(s->we); free(s->xe); free(s->he); free(s->he2);
+    free(s->ye);
     free(s);
 }
 
@@ -82,8 +113,9 @@ void fwd_scratch_free(fwd_scratch *s) {
  * every frequency by the factor; llama3 divides the low ones (wavelength
  * beyond original_max / low_freq_factor), keeps the high ones (below
  * original_max / high_freq_factor) and blends in between. */
-static double rope_freq(const eng_config *c, int j) {
-    double inv = pow((double)c->rope_theta, -2.0 * j / c->head_dim);
+static double rope_freq(const eng_config *c, int j, int local) {
+    double inv = pow((double)(local ? c->rope_local_theta : c->rope_theta), -2.0 * j / c->head_dim);
+    if (local) return inv; /* the sliding layers' own base, never scaled (gemma3) */
     if (c->rope_scaling == ENG_ROPE_LINEAR) return inv / c->rope_factor;
     if (c->rope_scaling != ENG_ROPE_LLAMA3) return inv;
     const double pi = 3.14159265358979323846, om = c->rope_original_max, f = c->rope_factor;
@@ -94,13 +126,13 @@ static double rope_freq(const eng_config *c, int j) {
     return (1 - smooth) * inv / f + smooth * inv;
 }
 
-float *fwd_rope_table(const eng_config *c, int max_ctx) {
+float *fwd_rope_table(const eng_config *c, int max_ctx, int local) {
     int half = c->head_dim / 2;
     float *t = malloc((size_t)max_ctx * (size_t)half * 2 * sizeof(float));
     if (!t) return NULL;
     for (int p = 0; p < max_ctx; p++)
         for (int j = 0; j < half; j++) {
-            double inv = rope_freq(c, j), a = p * inv;
+            double inv = rope_freq(c, j, local), a = p * inv;
             t[((size_t)p * half + j) * 2] = (float)cos(a);
             t[((size_t)p * half + j) * 2 + 1] = (float)sin(a);
         }
@@ -185,6 +217,15 @@ static inline void softmax(float *row, int n) {
     for (int p = 0; p < n; p++) row[p] *= inv;
 }
 
+/* o = gelu_tanh(g) * u, GELU's tanh approximation (Gemma's gelu_pytorch_tanh). */
+static void gelu_tanh_mul(float *o, const float *g, const float *u, int n) {
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+    for (int d = 0; d < n; d++) {
+        float x = g[d];
+        o[d] = 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x))) * u[d];
+    }
+}
+
 static void silu_mul(float *o, const float *g, const float *u, int n) {
 #ifdef VEXP
     if (eng__cpu_avx512()) {
@@ -204,17 +245,17 @@ static void silu_mul(float *o, const float *g, const float *u, int n) {
 #endif
 
 /* Attention of the `group` query heads that share KV head kvh, for one token
- * at position pos, over positions 0..pos of its sequence. The hot loop of
- * attention: each K row and each V row is read once for the whole group,
- * block by block, straight from the KV pool. */
-HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int pos,
-                       int kvh, int hd, int group, int ctx, float *sc, float *row_buf) {
-    const float scale = 1.0f / sqrtf((float)hd);
+ * at position pos, over positions lo..pos of its sequence (lo > 0 in a
+ * sliding-window layer). The hot loop of attention: each K row and each V row
+ * is read once for the whole group, block by block, straight from the KV
+ * pool. Scores are kept at their absolute positions in sc. */
+HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int lo, int pos,
+                       int kvh, int hd, int group, int ctx, float scale, float *sc, float *row_buf) {
     const int B = kv->block_tokens, kvd = kv->kv_dim;
-    for (int p0 = 0; p0 <= pos; p0 += B) {
+    for (int p0 = lo - lo % B; p0 <= pos; p0 += B) {
         const void *K = kv_at(kv, kv_k(kv, t, layer, p0), (size_t)kvh * hd);
-        int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
-        for (int i = 0; i < end; i++) {
+        int i0 = p0 < lo ? lo - p0 : 0, end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
+        for (int i = i0; i < end; i++) {
             const float *k = kv_at(kv, K, (size_t)i * kvd);
             if (kv->f16) {
                 kv_get(kv, k, row_buf, hd);
@@ -230,13 +271,13 @@ HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_t
         }
     }
     for (int g = 0; g < group; g++) {
-        softmax(sc + (size_t)g * ctx, pos + 1);
+        softmax(sc + (size_t)g * ctx + lo, pos + 1 - lo);
     }
     memset(out, 0, (size_t)group * hd * sizeof(float));
-    for (int p0 = 0; p0 <= pos; p0 += B) {
+    for (int p0 = lo - lo % B; p0 <= pos; p0 += B) {
         const void *V = kv_at(kv, kv_v(kv, t, layer, p0), (size_t)kvh * hd);
-        int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
-        for (int i = 0; i < end; i++) {
+        int i0 = p0 < lo ? lo - p0 : 0, end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
+        for (int i = i0; i < end; i++) {
             const float *v = kv_at(kv, V, (size_t)i * kvd);
             if (kv->f16) {
                 kv_get(kv, v, row_buf, hd);
@@ -258,18 +299,23 @@ HOT static void attend(float *out, const float *q, const kv_pool *kv, const kv_t
  * sequence (rows i0.. of the batch), as matrix products. First each KV
  * head's keys and values are gathered from the blocks into contiguous
  * [ctx][hd] copies (a task per KV head); then a task per query head and
- * block of RB rows computes S = Q·Kᵀ/√hd (sgemm) over the positions the
- * block can see, a causal softmax per row, and O = S·V (sgemm). Within a
- * block the masked corner is computed and zeroed: a little more than the
- * causal half of the FLOPs, at sgemm's rate instead of one dot product at a
- * time. The tasks run on the engine's threads; OpenBLAS runs single-threaded
- * inside each (eng_model_open). */
+ * block of RB rows computes S = Q·Kᵀ·scale (sgemm) over the positions the
+ * block can see, a causal (and, in a sliding layer, windowed) softmax per
+ * row, and O = S·V (sgemm). Within a block the masked corners are computed
+ * and zeroed: a little more than the visible part of the FLOPs, at sgemm's
+ * rate instead of one dot product at a time. The tasks run on the engine's
+ * threads; OpenBLAS runs single-threaded inside each (eng_model_open). */
 typedef struct {
     fwd_scratch *s;
     const kv_pool *kv;
     const kv_table *t;
     int layer, i0, p0, m, group, hd, QD, QKV;
+    int window;  /* 0, or the sliding window: row at position p sees p - window + 1 .. p */
+    float scale;
 } run_job;
+
+/* First position a row at position p sees. */
+static inline int first_seen(int window, int p) { return window && p - window + 1 > 0 ? p - window + 1 : 0; }
 
 static void run_gather_task(void *ctx, int h, int thread) {
     (void)thread;
@@ -277,32 +323,34 @@ static void run_gather_task(void *ctx, int h, int thread) {
     const kv_pool *kv = j->kv;
     const int ctxn = j->p0 + j->m, B = kv->block_tokens, hd = j->hd;
     float *kc = j->s->kc + (size_t)h * j->s->max_ctx * hd, *vc = j->s->vc + (size_t)h * j->s->max_ctx * hd;
-    for (int p = 0; p < ctxn; p += B) {
-        int rows = p + B <= ctxn ? B : ctxn - p;
+    for (int p = first_seen(j->window, j->p0); p < ctxn;) { /* blocks before the window may be gone */
+        int rows = B - p % B < ctxn - p ? B - p % B : ctxn - p;
         const void *K = kv_at(kv, kv_k(kv, j->t, j->layer, p), (size_t)h * hd),
                    *V = kv_at(kv, kv_v(kv, j->t, j->layer, p), (size_t)h * hd);
         for (int r = 0; r < rows; r++) {
             kv_get(kv, kv_at(kv, K, (size_t)r * kv->kv_dim), kc + (size_t)(p + r) * hd, hd);
             kv_get(kv, kv_at(kv, V, (size_t)r * kv->kv_dim), vc + (size_t)(p + r) * hd, hd);
         }
+        p += rows;
     }
 }
 
 static void run_attend_task(void *ctx, int task, int thread) {
     const run_job *j = ctx;
     const int blocks = (j->m + RB - 1) / RB, qh = task / blocks, r0 = task % blocks * RB, hd = j->hd;
-    const int h = qh / j->group, r1 = r0 + RB < j->m ? r0 + RB : j->m, cb = j->p0 + r1, nr = r1 - r0;
-    const float *kc = j->s->kc + (size_t)h * j->s->max_ctx * hd, *vc = j->s->vc + (size_t)h * j->s->max_ctx * hd;
+    const int h = qh / j->group, r1 = r0 + RB < j->m ? r0 + RB : j->m, nr = r1 - r0;
+    /* rows [r0, r1) see positions c0 .. p0 + r1 - 1: the products skip what is masked for all of them */
+    const int c0 = first_seen(j->window, j->p0 + r0), cb = j->p0 + r1 - c0;
+    const float *kc = j->s->kc + ((size_t)h * j->s->max_ctx + (size_t)c0) * hd,
+                *vc = j->s->vc + ((size_t)h * j->s->max_ctx + (size_t)c0) * hd;
     float *sm = j->s->sm + (size_t)thread * RB * j->s->max_ctx;
-    /* rows [r0, r1) see positions 0 .. p0 + r1 - 1: the products skip the
-     * masked part beyond the block */
     const float *Q = j->s->qkv + (size_t)(j->i0 + r0) * j->QKV + (size_t)qh * hd;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr, cb, hd, 1.0f / sqrtf((float)hd), Q, j->QKV, kc, hd, 0.0f,
-                sm, cb);
-    for (int r = 0; r < nr; r++) { /* row r0 + r sees positions 0 .. p0 + r0 + r */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr, cb, hd, j->scale, Q, j->QKV, kc, hd, 0.0f, sm, cb);
+    for (int r = 0; r < nr; r++) { /* row r0 + r sees positions lo .. last */
         float *row = sm + (size_t)r * cb;
-        int last = j->p0 + r0 + r;
-        softmax(row, last + 1);
+        int last = j->p0 + r0 + r - c0, lo = first_seen(j->window, j->p0 + r0 + r) - c0;
+        for (int p = 0; p < lo; p++) row[p] = 0;
+        softmax(row + lo, last + 1 - lo);
         for (int p = last + 1; p < cb; p++) row[p] = 0;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nr, hd, cb, 1.0f, sm, cb, vc, hd, 0.0f,
@@ -310,8 +358,8 @@ static void run_attend_task(void *ctx, int task, int thread) {
 }
 
 static void attend_run(fwd_scratch *s, const kv_pool *kv, const kv_table *t, int layer, int i0, int p0, int m,
-                       int nkv, int group, int hd, int QD, int QKV, eng__pool *pool) {
-    run_job j = {s, kv, t, layer, i0, p0, m, group, hd, QD, QKV};
+                       int nkv, int group, int hd, int QD, int QKV, int window, float scale, eng__pool *pool) {
+    run_job j = {s, kv, t, layer, i0, p0, m, group, hd, QD, QKV, window, scale};
     eng__pool_run(pool, nkv, run_gather_task, &j);
     eng__pool_run(pool, nkv * group * ((m + RB - 1) / RB), run_attend_task, &j);
 }
@@ -327,9 +375,8 @@ static void attend_run(fwd_scratch *s, const kv_pool *kv, const kv_table *t, int
  * row is 4 vectors added into every head's 4 output accumulators. Same
  * operations per element for every token, batch or not. */
 __attribute__((target("avx512f"))) static void attend64(float *out, const float *q, const kv_pool *kv,
-                                                        const kv_table *t, int layer, int pos, int kvh, int group,
-                                                        int ctx, float *sc) {
-    const float scale = 1.0f / 8.0f; /* 1/sqrt(64) */
+                                                        const kv_table *t, int layer, int lo, int pos, int kvh,
+                                                        int group, int ctx, float scale, float *sc) {
     const int B = kv->block_tokens, kvd = kv->kv_dim;
     __m512 qv[4][4];
     for (int g = 0; g < 4; g++)
@@ -341,18 +388,18 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
      * step. While a block's keys are scored, the next block's keys and this
      * block's values are fetched. */
     const size_t row_bytes = 64 * kv->esz;
-    for (int p0 = 0; p0 <= pos; p0 += B) {
+    for (int p0 = lo - lo % B; p0 <= pos; p0 += B) {
         const void *K = kv_at(kv, kv_k(kv, t, layer, p0), (size_t)kvh * 64);
-        int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
+        int i0 = p0 < lo ? lo - p0 : 0, end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
         const char *nk = p0 + B <= pos ? kv_at(kv, kv_k(kv, t, layer, p0 + B), (size_t)kvh * 64) : NULL;
         const char *cv = kv_at(kv, kv_v(kv, t, layer, p0), (size_t)kvh * 64);
         int nend = p0 + 2 * B <= pos + 1 ? B : pos + 1 - p0 - B;
-        for (int i = 0; i < end; i++)
+        for (int i = i0; i < end; i++)
             for (size_t l = 0; l < row_bytes; l += 64) _mm_prefetch(cv + (size_t)i * kvd * kv->esz + l, _MM_HINT_T0);
         if (nk)
             for (int i = 0; i < nend; i++)
                 for (size_t l = 0; l < row_bytes; l += 64) _mm_prefetch(nk + (size_t)i * kvd * kv->esz + l, _MM_HINT_T0);
-        for (int i = 0; i < end; i++) {
+        for (int i = i0; i < end; i++) {
             const void *k = kv_at(kv, K, (size_t)i * kvd);
             __m512 k0 = ROW16(k, 0), k1 = ROW16(k, 1), k2 = ROW16(k, 2), k3 = ROW16(k, 3);
             for (int g = 0; g < group; g++) {
@@ -365,15 +412,15 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
         }
     }
     for (int g = 0; g < group; g++) {
-        softmax(sc + (size_t)g * ctx, pos + 1);
+        softmax(sc + (size_t)g * ctx + lo, pos + 1 - lo);
     }
     __m512 o[4][4];
     for (int g = 0; g < 4; g++)
         for (int d = 0; d < 4; d++) o[g][d] = _mm512_setzero_ps();
-    for (int p0 = 0; p0 <= pos; p0 += B) {
+    for (int p0 = lo - lo % B; p0 <= pos; p0 += B) {
         const void *V = kv_at(kv, kv_v(kv, t, layer, p0), (size_t)kvh * 64);
-        int end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
-        for (int i = 0; i < end; i++) {
+        int i0 = p0 < lo ? lo - p0 : 0, end = p0 + B <= pos + 1 ? B : pos + 1 - p0;
+        for (int i = i0; i < end; i++) {
             const void *v = kv_at(kv, V, (size_t)i * kvd);
             __m512 v0 = ROW16(v, 0), v1 = ROW16(v, 1), v2 = ROW16(v, 2), v3 = ROW16(v, 3);
             for (int g = 0; g < group; g++) {
@@ -391,9 +438,10 @@ __attribute__((target("avx512f"))) static void attend64(float *out, const float 
 
 static int use_attend64(int hd, int group) { return eng__cpu_avx512() && hd == 64 && group <= 4; }
 #else
-static void attend64(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int pos, int kvh,
-                     int group, int ctx, float *sc) {
-    (void)out; (void)q; (void)kv; (void)t; (void)layer; (void)pos; (void)kvh; (void)group; (void)ctx; (void)sc;
+static void attend64(float *out, const float *q, const kv_pool *kv, const kv_table *t, int layer, int lo, int pos,
+                     int kvh, int group, int ctx, float scale, float *sc) {
+    (void)out; (void)q; (void)kv; (void)t; (void)layer; (void)lo; (void)pos; (void)kvh; (void)group; (void)ctx;
+    (void)scale; (void)sc;
 }
 static int use_attend64(int hd, int group) { (void)hd; (void)group; return 0; }
 #endif
@@ -405,19 +453,22 @@ typedef struct {
     fwd_scratch *s;
     int layer, nkv, group, hd, QD, QKV;
     int per_head; /* a task per (token, KV head), else per token */
+    int window;   /* 0 or the layer's sliding window */
+    float scale;
 } att_job;
 
 static void att_head(const att_job *j, int i, int g, int thread) {
     float *sc = j->s->scores + (size_t)thread * j->group * j->s->max_ctx;
+    const int pos = j->b->pos[i], lo = first_seen(j->window, pos);
     if (use_attend64(j->hd, j->group)) {
         attend64(j->s->att + (size_t)i * j->QD + (size_t)g * j->group * j->hd,
                  j->s->qkv + (size_t)i * j->QKV + (size_t)g * j->group * j->hd, j->kv, &j->b->tables[j->b->seq[i]],
-                 j->layer, j->b->pos[i], g, j->group, j->s->max_ctx, sc);
+                 j->layer, lo, pos, g, j->group, j->s->max_ctx, j->scale, sc);
         return;
     }
     attend(j->s->att + (size_t)i * j->QD + (size_t)g * j->group * j->hd,
            j->s->qkv + (size_t)i * j->QKV + (size_t)g * j->group * j->hd, j->kv, &j->b->tables[j->b->seq[i]], j->layer,
-           j->b->pos[i], g, j->hd, j->group, j->s->max_ctx, sc, j->s->rows + (size_t)thread * j->hd);
+           lo, pos, g, j->hd, j->group, j->s->max_ctx, j->scale, sc, j->s->rows + (size_t)thread * j->hd);
 }
 
 /* One attention task: token i, its KV heads one after another on the same
@@ -440,9 +491,10 @@ typedef struct {
     const eng__layer *L;
     const kv_pool *kv;
     fwd_scratch *s;
-    const float *rope_t;
+    const float *const *rope_t; /* [0] the global table, [1] the sliding layers' */
     const fwd_batch *b;
     int op, layer, n, per;
+    int local;                  /* this layer uses rope_t[1] */
 } rows_job;
 
 static void rows_task(void *ctx, int task, int thread) {
@@ -461,7 +513,7 @@ static void rows_task(void *ctx, int task, int thread) {
             break;
         case ROW_ROPE_STORE: { /* [biases, q/k norms,] RoPE on q and k, then k and v into the sequence's blocks */
             float *q = s->qkv + (size_t)i * QKV, *k = q + QD, *v = k + KD;
-            const float *cs = j->rope_t + (size_t)j->b->pos[i] * half * 2;
+            const float *cs = j->rope_t[j->local] + (size_t)j->b->pos[i] * half * 2;
             if (j->L->bqkv)
                 for (int d = 0; d < QKV; d++) q[d] += j->L->bqkv[d];
             if (j->L->q_norm) {
@@ -478,6 +530,7 @@ static void rows_task(void *ctx, int task, int thread) {
         case ROW_RESID_NORM_FFN:
             if (j->L->bo)
                 for (int d = 0; d < H; d++) tmp[d] += j->L->bo[d];
+            if (j->L->post_attn_norm) rmsnorm(tmp, tmp, j->L->post_attn_norm, H, c->rms_eps);
             for (int d = 0; d < H; d++) x[d] += tmp[d];
             rmsnorm(xb, x, j->L->ffn_norm, H, c->rms_eps);
             break;
@@ -485,12 +538,14 @@ static void rows_task(void *ctx, int task, int thread) {
             float *g = s->hb + (size_t)i * 2 * F;
             if (j->L->b13)
                 for (int d = 0; d < 2 * F; d++) g[d] += j->L->b13[d];
-            silu_mul(s->hb2 + (size_t)i * F, g, g + F, F);
+            if (c->gemma) gelu_tanh_mul(s->hb2 + (size_t)i * F, g, g + F, F);
+            else silu_mul(s->hb2 + (size_t)i * F, g, g + F, F);
             break;
         }
         case ROW_RESID:
             if (j->L->b2)
                 for (int d = 0; d < H; d++) tmp[d] += j->L->b2[d];
+            if (j->L->post_ffn_norm) rmsnorm(tmp, tmp, j->L->post_ffn_norm, H, c->rms_eps);
             for (int d = 0; d < H; d++) x[d] += tmp[d];
             break;
         }
@@ -506,7 +561,67 @@ static void rows_run(rows_job *j, int op, eng__pool *pool) {
     eng__pool_run(j->n >= 4 ? pool : NULL, (j->n + j->per - 1) / j->per, rows_task, j);
 }
 
-void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_scratch *s, const float *rope_t,
+/* ---- mixture of experts ------------------------------------------------- */
+/* Route each token: softmax over the router's logits, the k largest (lowest
+ * index first on ties), renormalised to sum to 1 when configured. */
+static void route(const eng_config *c, fwd_scratch *s, int n) {
+    const int E = c->n_experts, k = c->n_experts_used;
+    for (int i = 0; i < n; i++) {
+        float *l = s->rl + (size_t)i * E, *w = s->pw + (size_t)i * k;
+        int32_t *pk = s->pick + (size_t)i * k;
+        softmax(l, E);
+        for (int r = 0; r < k; r++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int q = 0; q < r; q++) taken |= pk[q] == e;
+                if (!taken && (best < 0 || l[e] > l[best])) best = e;
+            }
+            pk[r] = best;
+            w[r] = l[best];
+        }
+        if (c->moe_norm_topk) {
+            float sum = 0;
+            for (int r = 0; r < k; r++) sum += w[r];
+            for (int r = 0; r < k; r++) w[r] /= sum;
+        }
+    }
+}
+
+/* The experts' MLP over the normalised rows xb -> tmp. Each expert runs once,
+ * over the tokens routed to it (its weights stream once per batch); a token's
+ * outputs are added in expert order, so its result is the same in any batch. */
+static void moe(const eng_config *c, const eng__layer *L, fwd_scratch *s, int n, eng__pool *pool) {
+    const int H = c->hidden_size, E = c->n_experts, k = c->n_experts_used, Fe = c->moe_intermediate_size;
+    eng__matmul(s->rl, s->xb, &L->router, n, H, E, s->xt, pool);
+    route(c, s, n);
+    memset(s->tmp, 0, (size_t)n * H * sizeof(float));
+    for (int e = 0; e < E; e++) {
+        int m = 0;
+        for (int i = 0; i < n; i++)
+            for (int r = 0; r < k; r++)
+                if (s->pick[(size_t)i * k + r] == e) {
+                    s->rows_e[m] = i;
+                    s->we[m] = s->pw[(size_t)i * k + r];
+                    memcpy(s->xe + (size_t)m * H, s->xb + (size_t)i * H, (size_t)H * sizeof(float));
+                    m++;
+                }
+        if (!m) continue;
+        eng__matmul(s->he, s->xe, &L->ew13[e], m, H, 2 * Fe, s->xt, pool);
+        for (int r = 0; r < m; r++) {
+            const float *g = s->he + (size_t)r * 2 * Fe;
+            silu_mul(s->he2 + (size_t)r * Fe, g, g + Fe, Fe);
+        }
+        eng__matmul(s->ye, s->he2, &L->ew2[e], m, Fe, H, s->xt, pool);
+        for (int r = 0; r < m; r++) {
+            float *o = s->tmp + (size_t)s->rows_e[r] * H, w = s->we[r];
+            const float *y = s->ye + (size_t)r * H;
+            for (int d = 0; d < H; d++) o[d] += w * y[d];
+        }
+    }
+}
+
+void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_scratch *s, const float *const *rope_t,
              eng__pool *pool, const fwd_batch *b) {
     const int H = c->hidden_size, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     const int QD = nh * hd, KD = nkv * hd, QKV = QD + 2 * KD, F = c->intermediate_size, V = c->vocab_size;
@@ -516,10 +631,15 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
     long att_work = 0; /* multiply-adds of attention per layer */
     for (int i = 0; i < n; i++) att_work += (long)(b->pos[i] + 1) * nh * hd;
     for (int i = 0; i < n; i++) eng__mat_row(&w->embed, (size_t)b->tokens[i], H, s->x + (size_t)i * H);
+    if (c->gemma) { /* Gemma scales the embeddings by sqrt(hidden) (in the weights' precision: F32 here) */
+        const float g = (float)sqrt((double)H);
+        for (size_t i = 0; i < (size_t)n * H; i++) s->x[i] *= g;
+    }
 
     for (int l = 0; l < c->n_layers; l++) {
         const eng__layer *L = &w->layers[l];
-        rows_job rj = {c, L, kv, s, rope_t, b, 0, l, n, 0};
+        const int window = c->layer_flags[l] & ENG_LAYER_SLIDING ? c->sliding_window : 0;
+        rows_job rj = {c, L, kv, s, rope_t, b, 0, l, n, 0, window && rope_t[1]};
         rows_run(&rj, ROW_NORM_ATTN, pool);
         eng__matmul(s->qkv, s->xb, &L->wqkv, n, H, QKV, s->xt, pool);
         rows_run(&rj, ROW_ROPE_STORE, pool);
@@ -534,19 +654,24 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
             int j = i + 1;
             while (j < n && b->seq[j] == b->seq[i] && b->pos[j] == b->pos[j - 1] + 1) j++;
             if (j - i >= RUN_MIN) {
-                attend_run(s, kv, &b->tables[b->seq[i]], l, i, b->pos[i], j - i, nkv, group, hd, QD, QKV, pool);
+                attend_run(s, kv, &b->tables[b->seq[i]], l, i, b->pos[i], j - i, nkv, group, hd, QD, QKV, window,
+                           c->attn_scale, pool);
             } else {
                 for (int k = i; k < j; k++) s->single[n_single++] = k;
             }
             i = j;
         }
-        att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV, n_single < eng__pool_threads(pool)};
+        att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV, n_single < eng__pool_threads(pool), window, c->attn_scale};
         eng__pool_run(att_work > 262144 ? pool : NULL, job.per_head ? n_single * nkv : n_single, att_task, &job);
         eng__matmul(s->tmp, s->att, &L->wo, n, QD, H, s->xt, pool);
         rows_run(&rj, ROW_RESID_NORM_FFN, pool);
-        eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, s->xt, pool);
-        rows_run(&rj, ROW_SILU, pool);
-        eng__matmul(s->tmp, s->hb2, &L->w2, n, F, H, s->xt, pool);
+        if (L->ew13) {
+            moe(c, L, s, n, pool);
+        } else {
+            eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, s->xt, pool);
+            rows_run(&rj, ROW_SILU, pool);
+            eng__matmul(s->tmp, s->hb2, &L->w2, n, F, H, s->xt, pool);
+        }
         rows_run(&rj, ROW_RESID, pool);
     }
 
@@ -554,4 +679,8 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
     for (int r = 0; r < b->n_out; r++)
         rmsnorm(s->xb + (size_t)r * H, s->x + (size_t)b->out_rows[r] * H, w->norm, H, c->rms_eps);
     eng__matmul(b->logits, s->xb, &w->lm_head, b->n_out, H, V, s->xt, pool);
+    if (c->final_softcap > 0) {
+        const float cap = c->final_softcap;
+        for (size_t i = 0; i < (size_t)b->n_out * V; i++) b->logits[i] = cap * tanhf(b->logits[i] / cap);
+    }
 }

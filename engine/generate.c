@@ -238,7 +238,7 @@ static void run_chunks(eng_model *m, const int32_t *ids, size_t n, size_t start,
             b.n_out = 1;
         }
         b.out_rows = rows;
-        fwd_run(&m->cfg, &m->w, &m->kv, m->scratch, m->rope, m->pool, &b);
+        fwd_run(&m->cfg, &m->w, &m->kv, m->scratch, (const float *const *)m->rope, m->pool, &b);
         if (b.n_out && cb) cb(ud, all_rows ? c0 : n - 1, (size_t)b.n_out, m->logits);
     }
 }

@@ -106,6 +106,11 @@ typedef struct {
     float *b13;        /* [2F] gate, up biases, or NULL (cfg.mlp_bias) */
     float *b2;         /* [H] or NULL (cfg.mlp_bias) */
     float *q_norm, *k_norm; /* [hd] each, or NULL (cfg.qk_norm) */
+    float *post_attn_norm, *post_ffn_norm; /* [H] each (gemma): on the sublayers' outputs */
+    /* a mixture-of-experts layer (cfg.layer_flags & ENG_LAYER_MOE) has no w13/w2 but: */
+    eng__mat router;   /* [E][H] */
+    eng__mat *ew13;    /* [E]: each [2 Fe][H] gate then up */
+    eng__mat *ew2;     /* [E]: each [H][Fe] */
 } eng__layer;
 
 typedef struct {
@@ -213,9 +218,10 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int max_tokens, int max_ctx, i
 void fwd_scratch_free(fwd_scratch *s);
 /* Run the transformer over the batch (b->n <= max_tokens). */
 void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv,
-             fwd_scratch *s, const float *rope, eng__pool *pool, const fwd_batch *b);
-/* cos/sin table [max_ctx][hd/2][2] for RoPE. */
-float *fwd_rope_table(const eng_config *c, int max_ctx);
+             fwd_scratch *s, const float *const *rope, eng__pool *pool, const fwd_batch *b);
+/* cos/sin table [max_ctx][hd/2][2] for RoPE: the model's (local = 0), or the
+ * sliding layers' own (rope_local_theta, unscaled). */
+float *fwd_rope_table(const eng_config *c, int max_ctx, int local);
 
 /* ---- sampling ---------------------------------------------------------- */
 typedef struct { uint64_t s[4]; } eng__rng;
@@ -271,7 +277,7 @@ struct eng_model {
     eng_options opt;
     eng__weights w;
     eng_tok *tok;
-    float *rope;
+    float *rope[2];      /* RoPE tables: [0] the model's, [1] the sliding layers' (gemma3) or NULL */
     int max_ctx;
     kv_pool kv;          /* single-sequence dense cache: blocks 0..n-1 */
     int32_t *kv_ids;

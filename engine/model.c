@@ -156,6 +156,10 @@ void eng__free_weights(eng__weights *w, const eng_config *c) {
             eng__layer *L = &w->layers[l];
             free(L->attn_norm); free(L->wqkv.p); free(L->wo.p); free(L->ffn_norm); free(L->w13.p); free(L->w2.p);
             free(L->bqkv); free(L->bo); free(L->b13); free(L->b2); free(L->q_norm); free(L->k_norm);
+            free(L->post_attn_norm); free(L->post_ffn_norm); free(L->router.p);
+            for (int e = 0; e < c->n_experts && L->ew13; e++) free(L->ew13[e].p);
+            for (int e = 0; e < c->n_experts && L->ew2; e++) free(L->ew2[e].p);
+            free(L->ew13); free(L->ew2);
         }
     if (w->lm_head.p != w->embed.p) free(w->lm_head.p);
     free(w->embed.p);
@@ -201,15 +205,147 @@ int eng__weights_to_bf16(eng__weights *w, const eng_config *c) {
     if (mat_to_bf16(w, &w->embed, eng__mat_elems(V, H))) return ENG_ENOMEM;
     if (tied) w->lm_head = w->embed;
     else if (mat_to_bf16(w, &w->lm_head, eng__mat_elems(V, H))) return ENG_ENOMEM;
+    int Fe = c->moe_intermediate_size;
     for (int l = 0; l < c->n_layers; l++) {
         eng__layer *L = &w->layers[l];
-        if (mat_to_bf16(w, &L->wqkv, eng__mat_elems(QD + 2 * KD, H)) || mat_to_bf16(w, &L->wo, eng__mat_elems(H, QD)) ||
-            mat_to_bf16(w, &L->w13, eng__mat_elems(2 * F, H)) || mat_to_bf16(w, &L->w2, eng__mat_elems(H, F)))
+        if (mat_to_bf16(w, &L->wqkv, eng__mat_elems(QD + 2 * KD, H)) || mat_to_bf16(w, &L->wo, eng__mat_elems(H, QD)))
             return ENG_ENOMEM;
+        if (L->w13.p && (mat_to_bf16(w, &L->w13, eng__mat_elems(2 * F, H)) || mat_to_bf16(w, &L->w2, eng__mat_elems(H, F))))
+            return ENG_ENOMEM;
+        for (int e = 0; L->ew13 && e < c->n_experts; e++) /* the router stays F32: it picks the experts */
+            if (mat_to_bf16(w, &L->ew13[e], eng__mat_elems(2 * Fe, H)) || mat_to_bf16(w, &L->ew2[e], eng__mat_elems(H, Fe)))
+                return ENG_ENOMEM;
     }
 #ifdef __GLIBC__
     malloc_trim(0); /* the freed halves of heap-allocated matrices go back to the system */
 #endif
+    return ENG_OK;
+}
+
+/* Gemma's RMSNorm scales by 1 + w: store it that way (the same float32 sum
+ * the published model computes), so every norm is x / rms(x) * w'. */
+static void plus_one(float *w, int64_t n) {
+    for (int64_t i = 0; i < n; i++) w[i] = 1.0f + w[i];
+}
+
+/* A [rows][cols] matrix to be packed, F32 while loading. */
+static int mat_alloc(eng__weights *w, eng__mat *m, int64_t rows, int64_t cols) {
+    m->p = walloc(w, eng__mat_elems((int)rows, (int)cols));
+    return m->p ? ENG_OK : ENG_ENOMEM;
+}
+
+/* One mixture-of-experts layer: the router and every expert's gate, up and
+ * down projections (qwen3_moe: mlp.gate, mlp.experts.E.{gate,up,down}_proj;
+ * mixtral: block_sparse_moe.gate, block_sparse_moe.experts.E.{w1,w3,w2}). */
+static int load_experts(wset *s, eng_model *m, int l, char *err, size_t errlen) {
+    eng_config *c = &m->cfg;
+    eng__weights *w = &m->w;
+    eng__layer *L = &w->layers[l];
+    const int64_t H = c->hidden_size, E = c->n_experts, Fe = c->moe_intermediate_size;
+    int mixtral = !strcmp(c->model_type, "mixtral");
+    const char *base = mixtral ? "block_sparse_moe" : "mlp";
+    const char *gate = mixtral ? "w1" : "gate_proj", *up = mixtral ? "w3" : "up_proj", *down = mixtral ? "w2" : "down_proj";
+    char n[160];
+    int rc;
+    L->ew13 = calloc((size_t)E, sizeof *L->ew13);
+    L->ew2 = calloc((size_t)E, sizeof *L->ew2);
+    if (!L->ew13 || !L->ew2 || mat_alloc(w, &L->router, E, H))
+        return eng__fail(err, errlen, ENG_ENOMEM, "out of memory for the experts");
+    snprintf(n, sizeof n, "model.layers.%d.%s.gate.weight", l, base);
+    if ((rc = load_tensor(s, n, E, H, eng__f32(&L->router), c, err, errlen))) return rc;
+    for (int64_t e = 0; e < E; e++) {
+        if (mat_alloc(w, &L->ew13[e], 2 * Fe, H) || mat_alloc(w, &L->ew2[e], H, Fe))
+            return eng__fail(err, errlen, ENG_ENOMEM, "out of memory for the experts");
+        snprintf(n, sizeof n, "model.layers.%d.%s.experts.%lld.%s.weight", l, base, (long long)e, gate);
+        if ((rc = load_tensor(s, n, Fe, H, eng__f32(&L->ew13[e]), c, err, errlen))) return rc;
+        snprintf(n, sizeof n, "model.layers.%d.%s.experts.%lld.%s.weight", l, base, (long long)e, up);
+        if ((rc = load_tensor(s, n, Fe, H, eng__f32(&L->ew13[e]) + Fe * H, c, err, errlen))) return rc;
+        snprintf(n, sizeof n, "model.layers.%d.%s.experts.%lld.%s.weight", l, base, (long long)e, down);
+        if ((rc = load_tensor(s, n, H, Fe, eng__f32(&L->ew2[e]), c, err, errlen))) return rc;
+        if (eng__mat_pack(&L->ew13[e], (int)(2 * Fe), (int)H) || eng__mat_pack(&L->ew2[e], (int)H, (int)Fe))
+            return eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
+    }
+    if (eng__mat_pack(&L->router, (int)E, (int)H)) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
+    return ENG_OK;
+}
+
+/* Layer l: norms, attention (q, k, v stacked), the MLP or the experts, and
+ * the optional parts of the LLaMA relatives. */
+static int load_layer(wset *s, eng_model *m, int l, char *err, size_t errlen) {
+    eng_config *c = &m->cfg;
+    eng__weights *w = &m->w;
+    eng__layer *L = &w->layers[l];
+    const int64_t H = c->hidden_size, F = c->intermediate_size, hd = c->head_dim;
+    const int64_t QD = (int64_t)c->n_heads * c->head_dim, KD = (int64_t)c->n_kv_heads * c->head_dim;
+    const int moe = c->layer_flags[l] & ENG_LAYER_MOE;
+    char n[128];
+    int rc;
+    L->attn_norm = walloc(w, (size_t)H);
+    L->ffn_norm = walloc(w, (size_t)H);
+    if (!L->attn_norm || !L->ffn_norm || mat_alloc(w, &L->wqkv, QD + 2 * KD, H) || mat_alloc(w, &L->wo, H, QD) ||
+        (!moe && (mat_alloc(w, &L->w13, 2 * F, H) || mat_alloc(w, &L->w2, H, F))))
+        return eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights");
+#define OPT(ptr, count) \
+    if (!((ptr) = walloc(w, (size_t)(count)))) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+#define LOAD(suffix, d0, d1, dst) \
+    snprintf(n, sizeof n, "model.layers.%d.%s", l, suffix); \
+    if ((rc = load_tensor(s, n, d0, d1, dst, c, err, errlen))) return rc;
+    LOAD("input_layernorm.weight", H, 0, L->attn_norm);
+    if (c->gemma) { /* post_attention_layernorm is on the attention's output; pre_feedforward on the MLP's input */
+        OPT(L->post_attn_norm, H);
+        OPT(L->post_ffn_norm, H);
+        LOAD("post_attention_layernorm.weight", H, 0, L->post_attn_norm);
+        LOAD("pre_feedforward_layernorm.weight", H, 0, L->ffn_norm);
+        LOAD("post_feedforward_layernorm.weight", H, 0, L->post_ffn_norm);
+    } else {
+        LOAD("post_attention_layernorm.weight", H, 0, L->ffn_norm);
+    }
+    LOAD("self_attn.q_proj.weight", QD, H, eng__f32(&L->wqkv));
+    LOAD("self_attn.k_proj.weight", KD, H, eng__f32(&L->wqkv) + QD * H);
+    LOAD("self_attn.v_proj.weight", KD, H, eng__f32(&L->wqkv) + (QD + KD) * H);
+    LOAD("self_attn.o_proj.weight", H, QD, eng__f32(&L->wo));
+    if (moe) {
+        if ((rc = load_experts(s, m, l, err, errlen))) return rc;
+    } else {
+        LOAD("mlp.gate_proj.weight", F, H, eng__f32(&L->w13));
+        LOAD("mlp.up_proj.weight", F, H, eng__f32(&L->w13) + F * H);
+        LOAD("mlp.down_proj.weight", H, F, eng__f32(&L->w2));
+    }
+    if (c->qkv_bias) {
+        OPT(L->bqkv, QD + 2 * KD);
+        LOAD("self_attn.q_proj.bias", QD, 0, L->bqkv);
+        LOAD("self_attn.k_proj.bias", KD, 0, L->bqkv + QD);
+        LOAD("self_attn.v_proj.bias", KD, 0, L->bqkv + QD + KD);
+    }
+    if (c->o_bias) {
+        OPT(L->bo, H);
+        LOAD("self_attn.o_proj.bias", H, 0, L->bo);
+    }
+    if (c->mlp_bias) {
+        OPT(L->b13, 2 * F);
+        OPT(L->b2, H);
+        LOAD("mlp.gate_proj.bias", F, 0, L->b13);
+        LOAD("mlp.up_proj.bias", F, 0, L->b13 + F);
+        LOAD("mlp.down_proj.bias", H, 0, L->b2);
+    }
+    if (c->qk_norm) {
+        OPT(L->q_norm, hd);
+        OPT(L->k_norm, hd);
+        LOAD("self_attn.q_norm.weight", hd, 0, L->q_norm);
+        LOAD("self_attn.k_norm.weight", hd, 0, L->k_norm);
+    }
+#undef LOAD
+#undef OPT
+    if (c->gemma) {
+        float *norms[] = {L->attn_norm, L->ffn_norm, L->post_attn_norm, L->post_ffn_norm};
+        for (int k = 0; k < 4; k++) plus_one(norms[k], H);
+        plus_one(L->q_norm, hd);
+        plus_one(L->k_norm, hd);
+    }
+    /* loaded row-major; the kernels read panels */
+    if (eng__mat_pack(&L->wqkv, (int)(QD + 2 * KD), (int)H) || eng__mat_pack(&L->wo, (int)H, (int)QD) ||
+        (!moe && (eng__mat_pack(&L->w13, (int)(2 * F), (int)H) || eng__mat_pack(&L->w2, (int)H, (int)F))))
+        return eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
     return ENG_OK;
 }
 
@@ -221,8 +357,7 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
     s.warning_len = sizeof m->warning;
     int rc = open_weight_files(&s, dir, err, errlen);
     if (rc) goto out;
-    const int64_t H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size;
-    const int64_t QD = (int64_t)c->n_heads * c->head_dim, KD = (int64_t)c->n_kv_heads * c->head_dim;
+    const int64_t H = c->hidden_size, V = c->vocab_size;
     w->embed.p = walloc(w, eng__mat_elems((int)V, (int)H));
     w->norm = walloc(w, (size_t)H);
     w->layers = calloc((size_t)c->n_layers, sizeof *w->layers);
@@ -235,68 +370,9 @@ int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
         if (!(w->lm_head.p = walloc(w, eng__mat_elems((int)V, (int)H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
         if ((rc = load_tensor(&s, "lm_head.weight", V, H, eng__f32(&w->lm_head), c, err, errlen))) goto out;
     }
-    for (int l = 0; l < c->n_layers; l++) {
-        eng__layer *L = &w->layers[l];
-        char n[128];
-        L->attn_norm = walloc(w, (size_t)H);
-        L->ffn_norm = walloc(w, (size_t)H);
-        L->wqkv.p = walloc(w, eng__mat_elems((int)(QD + 2 * KD), (int)H));
-        L->wo.p = walloc(w, eng__mat_elems((int)H, (int)QD));
-        L->w13.p = walloc(w, eng__mat_elems((int)(2 * F), (int)H));
-        L->w2.p = walloc(w, eng__mat_elems((int)H, (int)F));
-        if (!L->attn_norm || !L->ffn_norm || !L->wqkv.p || !L->wo.p || !L->w13.p || !L->w2.p) {
-            rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights");
-            goto out;
-        }
-#define LOAD(suffix, d0, d1, dst) \
-        snprintf(n, sizeof n, "model.layers.%d.%s", l, suffix); \
-        if ((rc = load_tensor(&s, n, d0, d1, dst, c, err, errlen))) goto out;
-        LOAD("input_layernorm.weight", H, 0, L->attn_norm);
-        LOAD("post_attention_layernorm.weight", H, 0, L->ffn_norm);
-        LOAD("self_attn.q_proj.weight", QD, H, eng__f32(&L->wqkv));
-        LOAD("self_attn.k_proj.weight", KD, H, eng__f32(&L->wqkv) + QD * H);
-        LOAD("self_attn.v_proj.weight", KD, H, eng__f32(&L->wqkv) + (QD + KD) * H);
-        LOAD("self_attn.o_proj.weight", H, QD, eng__f32(&L->wo));
-        LOAD("mlp.gate_proj.weight", F, H, eng__f32(&L->w13));
-        LOAD("mlp.up_proj.weight", F, H, eng__f32(&L->w13) + F * H);
-        LOAD("mlp.down_proj.weight", H, F, eng__f32(&L->w2));
-        /* the optional parts of the LLaMA relatives */
-        if (c->qkv_bias) {
-            if (!(L->bqkv = walloc(w, (size_t)(QD + 2 * KD)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
-            LOAD("self_attn.q_proj.bias", QD, 0, L->bqkv);
-            LOAD("self_attn.k_proj.bias", KD, 0, L->bqkv + QD);
-            LOAD("self_attn.v_proj.bias", KD, 0, L->bqkv + QD + KD);
-        }
-        if (c->o_bias) {
-            if (!(L->bo = walloc(w, (size_t)H))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
-            LOAD("self_attn.o_proj.bias", H, 0, L->bo);
-        }
-        if (c->mlp_bias) {
-            if (!(L->b13 = walloc(w, (size_t)(2 * F))) || !(L->b2 = walloc(w, (size_t)H))) {
-                rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
-                goto out;
-            }
-            LOAD("mlp.gate_proj.bias", F, 0, L->b13);
-            LOAD("mlp.up_proj.bias", F, 0, L->b13 + F);
-            LOAD("mlp.down_proj.bias", H, 0, L->b2);
-        }
-        if (c->qk_norm) {
-            const int64_t hd = c->head_dim;
-            if (!(L->q_norm = walloc(w, (size_t)hd)) || !(L->k_norm = walloc(w, (size_t)hd))) {
-                rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
-                goto out;
-            }
-            LOAD("self_attn.q_norm.weight", hd, 0, L->q_norm);
-            LOAD("self_attn.k_norm.weight", hd, 0, L->k_norm);
-        }
-#undef LOAD
-        /* loaded row-major; the kernels read panels */
-        if (eng__mat_pack(&L->wqkv, (int)(QD + 2 * KD), (int)H) || eng__mat_pack(&L->wo, (int)H, (int)QD) ||
-            eng__mat_pack(&L->w13, (int)(2 * F), (int)H) || eng__mat_pack(&L->w2, (int)H, (int)F)) {
-            rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
-            goto out;
-        }
-    }
+    for (int l = 0; l < c->n_layers; l++)
+        if ((rc = load_layer(&s, m, l, err, errlen))) goto out;
+    if (c->gemma) plus_one(w->norm, H);
     if (eng__mat_pack(&w->embed, (int)V, (int)H) ||
         (w->lm_head.p != w->embed.p && eng__mat_pack(&w->lm_head, (int)V, (int)H))) {
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
@@ -323,6 +399,16 @@ static uint64_t fingerprint(const eng_model *m) {
     float fl[] = {c->rope_theta, c->rms_eps, c->rope_factor, c->rope_low_freq_factor, c->rope_high_freq_factor};
     uint64_t h = eng__hash64(dims, sizeof dims, 0x6b76736572766531ull);
     h = eng__hash64(fl, sizeof fl, h);
+    /* the later architectures' fields (hashed only when used: the fingerprints of the
+     * models we ran before, and so their exported agents, stay valid) */
+    float fl2[] = {c->rope_local_theta, c->attn_scale, c->final_softcap};
+    int more[] = {c->sliding_window, c->gemma, c->n_experts, c->n_experts_used, c->moe_intermediate_size,
+                  c->moe_norm_topk};
+    if (c->sliding_window || c->gemma || c->n_experts) {
+        h = eng__hash64(fl2, sizeof fl2, h);
+        h = eng__hash64(more, sizeof more, h);
+        h = eng__hash64(c->layer_flags, (size_t)c->n_layers, h);
+    }
     size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
     size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
     h = fp_add(h, eng__f32(&m->w.embed), eng__mat_elems((int)V, (int)H));
@@ -334,8 +420,15 @@ static uint64_t fingerprint(const eng_model *m) {
         h = fp_add(h, eng__f32(&L->wqkv), eng__mat_elems((int)(QD + 2 * KD), (int)H));
         h = fp_add(h, eng__f32(&L->wo), eng__mat_elems((int)H, (int)QD));
         h = fp_add(h, L->ffn_norm, H);
-        h = fp_add(h, eng__f32(&L->w13), eng__mat_elems((int)(2 * F), (int)H));
-        h = fp_add(h, eng__f32(&L->w2), eng__mat_elems((int)H, (int)F));
+        if (L->w13.p) h = fp_add(h, eng__f32(&L->w13), eng__mat_elems((int)(2 * F), (int)H));
+        if (L->w2.p) h = fp_add(h, eng__f32(&L->w2), eng__mat_elems((int)H, (int)F));
+        if (L->post_attn_norm) h = fp_add(h, L->post_attn_norm, H);
+        if (L->post_ffn_norm) h = fp_add(h, L->post_ffn_norm, H);
+        if (L->router.p) h = fp_add(h, eng__f32(&L->router), eng__mat_elems(c->n_experts, (int)H));
+        for (int e = 0; L->ew13 && e < c->n_experts; e++) {
+            h = fp_add(h, eng__f32(&L->ew13[e]), eng__mat_elems(2 * c->moe_intermediate_size, (int)H));
+            h = fp_add(h, eng__f32(&L->ew2[e]), eng__mat_elems((int)H, c->moe_intermediate_size));
+        }
         if (L->bqkv) h = fp_add(h, L->bqkv, QD + 2 * KD);
         if (L->bo) h = fp_add(h, L->bo, H);
         if (L->b13) h = fp_add(h, L->b13, 2 * F);
@@ -383,7 +476,9 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     const int B = 16;
     int nb = (m->max_ctx + B - 1) / B;
     m->kv_ids = malloc((size_t)nb * sizeof *m->kv_ids);
-    m->rope = fwd_rope_table(&m->cfg, m->max_ctx);
+    m->rope[0] = fwd_rope_table(&m->cfg, m->max_ctx, 0);
+    if (m->cfg.n_sliding && m->cfg.rope_local_theta != m->cfg.rope_theta)
+        m->rope[1] = fwd_rope_table(&m->cfg, m->max_ctx, 1);
     m->scratch = fwd_scratch_new(&m->cfg, m->opt.max_batch_tokens, m->max_ctx, m->opt.n_threads);
     m->sampler = eng__sampler_new(m->cfg.vocab_size);
     m->pool = eng__pool_new(m->opt.n_threads > 64 ? 64 : m->opt.n_threads);
@@ -392,7 +487,7 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     m->bpos = malloc(T * sizeof(int32_t));
     m->bseq = calloc(T, sizeof(int32_t));
     m->brows = malloc(T * sizeof(int32_t));
-    if (!m->pool || !m->logits || !m->bpos || !m->bseq || !m->brows || !m->kv_ids || !m->rope || !m->scratch || !m->sampler ||
+    if (!m->pool || !m->logits || !m->bpos || !m->bseq || !m->brows || !m->kv_ids || !m->rope[0] || (m->cfg.n_sliding && m->cfg.rope_local_theta != m->cfg.rope_theta && !m->rope[1]) || !m->scratch || !m->sampler ||
         kv_pool_init(&m->kv, nb, B, m->cfg.n_layers, m->cfg.n_kv_heads * m->cfg.head_dim, m->opt.kv_f16) != ENG_OK) {
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for the KV cache and buffers");
         goto fail;
@@ -418,7 +513,8 @@ void eng_model_close(eng_model *m) {
     if (!m) return;
     eng__free_weights(&m->w, &m->cfg);
     eng_tok_close(m->tok);
-    free(m->rope);
+    free(m->rope[0]);
+    free(m->rope[1]);
     free(m->kv_ids);
     kv_pool_free(&m->kv);
     fwd_scratch_free(m->scratch);

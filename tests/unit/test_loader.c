@@ -111,6 +111,39 @@ static void test_config(void) {
           c.rope_low_freq_factor == 1.0f && c.rope_high_freq_factor == 4.0f && c.rope_original_max == 8192);
     CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"sliding_window\":null}", &c, err,
               sizeof err) == ENG_OK);
+    CHECK(c.sliding_window == 0 && c.n_sliding == 0);
+    /* sliding windows: every layer (mistral), from max_window_layers on (qwen), all but every
+     * sliding_window_pattern-th (gemma3), or as layer_types lists them; none when the window
+     * covers the context */
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"sliding_window\":8}", &c, err,
+              sizeof err) == ENG_OK);
+    CHECK(c.sliding_window == 8 && c.n_sliding == 2 && c.layer_flags[0] == ENG_LAYER_SLIDING && c.layer_flags[1] == ENG_LAYER_SLIDING);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"sliding_window\":4096,"
+              "\"max_position_embeddings\":4096}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.sliding_window == 0 && c.n_sliding == 0);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen2\",\"use_sliding_window\":true,"
+              "\"sliding_window\":8,\"max_window_layers\":1}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.sliding_window == 8 && c.n_sliding == 1 && !c.layer_flags[0] && c.layer_flags[1] == ENG_LAYER_SLIDING);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen2\",\"use_sliding_window\":false,"
+              "\"sliding_window\":8,\"max_window_layers\":0}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.n_sliding == 0);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"gemma3_text\",\"sliding_window\":8,"
+              "\"sliding_window_pattern\":2,\"query_pre_attn_scalar\":64,\"head_dim\":16}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.gemma && c.qk_norm && c.tie_embeddings && c.n_sliding == 1 && c.layer_flags[0] == ENG_LAYER_SLIDING &&
+          !c.layer_flags[1] && c.rope_theta == 1e6f && c.rope_local_theta == 1e4f && c.attn_scale == 0.125f);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"gemma3_text\",\"sliding_window\":8,"
+              "\"layer_types\":[\"full_attention\",\"sliding_attention\"]}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.n_sliding == 1 && !c.layer_flags[0] && c.layer_flags[1] == ENG_LAYER_SLIDING && c.head_dim == 256);
+    /* mixtures of experts */
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen3_moe\",\"num_experts\":8,"
+              "\"num_experts_per_tok\":2,\"moe_intermediate_size\":32,\"norm_topk_prob\":true,"
+              "\"mlp_only_layers\":[0]}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.n_experts == 8 && c.n_experts_used == 2 && c.moe_intermediate_size == 32 && c.moe_norm_topk && c.qk_norm &&
+          !c.layer_flags[0] && c.layer_flags[1] == ENG_LAYER_MOE);
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"mixtral\",\"num_local_experts\":4,"
+              "\"num_experts_per_tok\":2}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.n_experts == 4 && c.moe_intermediate_size == 128 && c.moe_norm_topk && !c.qk_norm &&
+          c.layer_flags[0] == ENG_LAYER_MOE && c.layer_flags[1] == ENG_LAYER_MOE);
     struct { const char *json; int code; const char *needle; } bad[] = {
         {"{" BASE "\"num_key_value_heads\":2}", ENG_EFORMAT, "intermediate_size"},
         {"{" BASE "\"intermediate_size\":128,\"num_key_value_heads\":3}", ENG_EFORMAT, "multiple"},
@@ -124,12 +157,24 @@ static void test_config(void) {
          "\"yarn\""},
         {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":4,"
          "\"high_freq_factor\":1}}", ENG_EFORMAT, "high_freq_factor > low_freq_factor"},
-        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen2\",\"use_sliding_window\":true}", ENG_EUNSUPPORTED,
-         "use_sliding_window"},
-        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"max_position_embeddings\":32768,"
-         "\"sliding_window\":4096}", ENG_EUNSUPPORTED, "sliding_window 4096 shorter than the context (32768)"},
         {"{" BASE "\"intermediate_size\":128,\"eos_token_id\":100}", ENG_EFORMAT, "eos_token_id"},
-        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"gemma3_text\"}", ENG_EUNSUPPORTED, "gemma3_text"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"sliding_window\":8,"
+         "\"layer_types\":[\"sliding_attention\"]}", ENG_EFORMAT, "layer_types must list num_hidden_layers (2)"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"sliding_window\":8,"
+         "\"layer_types\":[\"sliding_attention\",\"chunked_attention\"]}", ENG_EUNSUPPORTED,
+         "layer_types[1] \"chunked_attention\" is not supported"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"gemma3\",\"text_config\":{}}", ENG_EUNSUPPORTED,
+         "Gemma 3 with vision"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"gemma3_text\",\"hidden_activation\":\"gelu\"}",
+         ENG_EUNSUPPORTED, "hidden_activation \"gelu\""},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen3_moe\",\"num_experts\":4,"
+         "\"num_experts_per_tok\":5,\"moe_intermediate_size\":32}", ENG_EFORMAT, "num_experts_per_tok 5 exceeds"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen3_moe\",\"num_experts\":4,"
+         "\"num_experts_per_tok\":2}", ENG_EFORMAT, "moe_intermediate_size"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"qwen3_moe\",\"num_experts\":4,"
+         "\"num_experts_per_tok\":2,\"moe_intermediate_size\":32,\"mlp_only_layers\":[7]}", ENG_EFORMAT,
+         "mlp_only_layers holds 7"},
+        {"{" BASE "\"intermediate_size\":128,\"model_type\":\"mixtral\"}", ENG_EFORMAT, "num_local_experts"},
         {"not json", ENG_EFORMAT, "JSON"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
