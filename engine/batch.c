@@ -13,6 +13,12 @@
  * with the same prefix can take it; a registered block whose last owner
  * leaves stays "cached" (LRU) until the allocator needs it.
  *
+ * Sliding windows: when every layer of the model slides, a block whose
+ * positions all lie before the window of the next token to compute is given
+ * back at once (its entry in the block table becomes -1), so a sequence holds
+ * about window / block_tokens blocks however long it runs. Registered blocks
+ * given back stay cached for the prefix index like any other.
+ *
  * Isolation: a chain starts from its sharing scope (one per tenant, or one
  * for all with share_prefix_across_tenants), so a tenant never takes another
  * tenant's KV, nor learns from usage or timing that another sent a prefix.
@@ -248,6 +254,7 @@ struct eng_engine {
     ev_buf ev;
     uint64_t prefix_hits, preemptions;
     int hold;               /* test hook: no sequence generates past this many tokens (-1 = off) */
+    int window;             /* every layer slides over this many positions (0: keep all blocks) */
     char **scopes;          /* tenant of each prefix-sharing scope (index + 1) */
     int n_scopes, cap_scopes;
 };
@@ -287,7 +294,8 @@ static agent *agent_new(eng_engine *e, const char *tenant, const char *id) {
 }
 
 static void agent_release_blocks(eng_engine *e, agent *a) {
-    for (int i = 0; i < a->n_blk; i++) bp_decref(&e->bp, a->blk[i]);
+    for (int i = 0; i < a->n_blk; i++)
+        if (a->blk[i] >= 0) bp_decref(&e->bp, a->blk[i]);
     free(a->blk);
     a->blk = NULL;
     a->n_blk = 0;
@@ -340,7 +348,8 @@ static int seq_reserve_tok(seq *s, int n) {
 }
 
 static void seq_release_blocks(eng_engine *e, seq *s) {
-    for (int i = 0; i < s->n_blk; i++) bp_decref(&e->bp, s->blk[i]);
+    for (int i = 0; i < s->n_blk; i++)
+        if (s->blk[i] >= 0) bp_decref(&e->bp, s->blk[i]);
     s->n_blk = 0;
     s->n_cached = 0;
     s->n_foreign = 0; /* what it computes again is its own */
@@ -467,6 +476,7 @@ int eng_engine_open(eng_engine **out, eng_model *m, const eng_engine_options *o,
     e->hold = -1;
     pthread_mutex_init(&e->mu, NULL);
     const eng_config *c = &m->cfg;
+    e->window = c->n_sliding == c->n_layers ? c->sliding_window : 0;
     int T = e->o.max_step_tokens;
     if (bp_init(&e->bp, e->o.n_blocks, e->o.block_tokens, c, m->opt.kv_f16) != ENG_OK ||
         !(e->scratch = fwd_scratch_new(c, T, e->max_ctx, eng__pool_threads(e->m->pool))) ||
@@ -529,6 +539,29 @@ static int scope_of(eng_engine *e, const char *tenant) {
 
 #define MAX_NAME 255
 
+/* Blocks a sequence of n_tok tokens, n_prompt of them to prefill, may hold
+ * at once: all of them, or with every layer sliding, those of the window
+ * plus the largest chunk a step computes. */
+static long blocks_needed(const eng_engine *e, long n_prompt, long n_tok) {
+    long B = e->bp.B, all = (n_tok + B - 1) / B;
+    if (!e->window) return all;
+    long chunk = n_prompt < e->o.max_step_tokens ? n_prompt : e->o.max_step_tokens;
+    long slid = (e->window - 1 + chunk + B - 1) / B + 1;
+    return slid < all ? slid : all;
+}
+
+/* With every layer sliding: give back the blocks wholly before the window of
+ * the next position to compute (n_cached). */
+static void release_behind(eng_engine *e, seq *s) {
+    if (!e->window) return;
+    int keep_from = s->n_cached - e->window + 1, B = e->bp.B;
+    for (int k = 0; k < s->n_blk && (k + 1) * B <= keep_from; k++)
+        if (s->blk[k] >= 0) {
+            bp_decref(&e->bp, s->blk[k]);
+            s->blk[k] = -1;
+        }
+}
+
 /* Everything eng_submit checks before queueing; on ENG_OK *ids (malloc'd,
  * *n of them) is the prompt as token ids, or NULL when ids is NULL. */
 static int validate(eng_engine *e, const eng_request *r, int32_t **ids_out, size_t *n_out, char *err, size_t errlen) {
@@ -570,10 +603,10 @@ static int validate(eng_engine *e, const eng_request *r, int32_t **ids_out, size
         return eng__fail(err, errlen, ENG_ECONTEXT, "prompt (%zu tokens) + max_tokens (%d) exceeds the context of %d",
                          n, p->max_tokens, e->max_ctx);
     }
-    size_t need = (n + (size_t)p->max_tokens + (size_t)e->bp.B - 1) / (size_t)e->bp.B;
-    if (need > (size_t)e->bp.n) {
+    long need = blocks_needed(e, (long)n, (long)n + p->max_tokens);
+    if (need > e->bp.n) {
         free(ids);
-        return eng__fail(err, errlen, ENG_EPOOL, "prompt + max_tokens need %zu KV blocks but the pool has %d", need,
+        return eng__fail(err, errlen, ENG_EPOOL, "prompt + max_tokens need %ld KV blocks but the pool has %d", need,
                          e->bp.n);
     }
     if (ids_out) *ids_out = ids; else free(ids);
@@ -674,7 +707,7 @@ static int admit(eng_engine *e, seq *s) {
             seq_finish(e, s, ENG_FINISH_ERROR, ENG_ECONTEXT, msg);
             return -1;
         }
-        if ((total + s->max_tokens + e->bp.B - 1) / e->bp.B > e->bp.n) {
+        if (blocks_needed(e, total, total + s->max_tokens) > e->bp.n) {
             seq_finish(e, s, ENG_FINISH_ERROR, ENG_EPOOL, "agent history + prompt + max_tokens can never fit in the KV pool");
             return -1;
         }
@@ -782,7 +815,7 @@ static void register_full(eng_engine *e, seq *s, int before) {
     int B = e->bp.B;
     for (int k = before / B; k < s->n_cached / B; k++) {
         int parent = k ? s->blk[k - 1] : -1;
-        if ((parent >= 0 && !e->bp.registered[parent]) || k * B < s->n_foreign) return;
+        if ((k && (parent < 0 || !e->bp.registered[parent])) || k * B < s->n_foreign) return; /* (a parent given back ends it) */
         bp_register(&e->bp, s->blk[k], parent, s->scope, s->tok + (size_t)k * B);
     }
 }
@@ -861,6 +894,7 @@ int eng_step(eng_engine *e, eng_event_cb cb, void *ud) {
         s->n_cached += s->chunk;
         s->in_batch = 0;
         register_full(e, s, before);
+        release_behind(e, s);
         float *lg = has_row ? e->logits + (size_t)row++ * V : NULL;
         if (s->cancelled) {
             seq_finish(e, s, ENG_FINISH_CANCELLED, 0, NULL);
@@ -909,7 +943,7 @@ static void fill_info(const agent *a, eng_agent_info *info) {
     snprintf(info->agent_id, sizeof info->agent_id, "%s", a->id);
     info->n_tokens = a->n_tok;
     info->n_cached = a->n_cached;
-    info->n_blocks = a->n_blk;
+    for (int i = 0; i < a->n_blk; i++) info->n_blocks += a->blk[i] >= 0;
     info->busy = a->busy;
     info->idle_seconds = a->busy ? 0 : eng__now() - a->last_used;
 }
@@ -963,7 +997,8 @@ int eng_agent_fork(eng_engine *e, const char *tenant, const char *src, const cha
         } else {
             memcpy(b->tok, a->tok, (size_t)a->n_tok * sizeof *b->tok);
             memcpy(b->blk, a->blk, (size_t)a->n_blk * sizeof *b->blk);
-            for (int i = 0; i < a->n_blk; i++) bp_incref(&e->bp, a->blk[i]);
+            for (int i = 0; i < a->n_blk; i++)
+                if (a->blk[i] >= 0) bp_incref(&e->bp, a->blk[i]);
             b->n_tok = a->n_tok;
             b->n_blk = a->n_blk;
             b->n_cached = a->n_cached;
@@ -976,10 +1011,13 @@ int eng_agent_fork(eng_engine *e, const char *tenant, const char *src, const cha
 
 /* Export format (little-endian):
  *   "KVSAGENT" | u32 version | u64 model fingerprint | u32 n_layers | u32 kv_dim
- *   | u32 n_tokens | u32 n_cached | i32 tokens[n_tokens]
- *   | f32 kv[n_cached][n_layers][2][kv_dim] | u64 checksum of all bytes before it */
+ *   | u32 n_tokens | u32 n_cached | [version 2: u32 kv_from] | i32 tokens[n_tokens]
+ *   | f32 kv[n_cached - kv_from][n_layers][2][kv_dim] | u64 checksum of all bytes before it
+ * Version 1 holds the KV of every position (kv_from = 0). Version 2, written
+ * only when blocks behind a sliding window were given back, holds positions
+ * kv_from .. n_cached - 1. */
 #define EXPORT_MAGIC "KVSAGENT"
-#define EXPORT_VERSION 1u
+#define EXPORT_VERSION 2u
 #define EXPORT_HDR (8 + 4 + 8 + 4 * 4)
 
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -996,19 +1034,23 @@ int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, ui
     if (a->busy) { rc = eng__fail(err, errlen, ENG_EBUSY, "agent \"%s\" is running a request", agent_id); goto out; }
     const kv_pool *kv = &e->bp.kv;
     size_t L = (size_t)kv->n_layers, D = (size_t)kv->kv_dim;
-    size_t size = EXPORT_HDR + (size_t)a->n_tok * 4 + (size_t)a->n_cached * L * 2 * D * 4 + 8;
+    int from = 0; /* the first position whose block is held */
+    while (from < a->n_cached && a->blk[from / e->bp.B] < 0) from += e->bp.B;
+    if (from > a->n_cached) from = a->n_cached;
+    size_t size = EXPORT_HDR + (from ? 4 : 0) + (size_t)a->n_tok * 4 + (size_t)(a->n_cached - from) * L * 2 * D * 4 + 8;
     uint8_t *b = malloc(size), *p = b;
     if (!b) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory (%zu bytes)", size); goto out; }
     memcpy(p, EXPORT_MAGIC, 8); p += 8;
-    put32(p, EXPORT_VERSION); p += 4;
+    put32(p, from ? 2u : 1u); p += 4;
     memcpy(p, &e->m->fingerprint, 8); p += 8;
     put32(p, (uint32_t)L); p += 4;
     put32(p, (uint32_t)D); p += 4;
     put32(p, (uint32_t)a->n_tok); p += 4;
     put32(p, (uint32_t)a->n_cached); p += 4;
+    if (from) { put32(p, (uint32_t)from); p += 4; }
     memcpy(p, a->tok, (size_t)a->n_tok * 4); p += (size_t)a->n_tok * 4;
     kv_table t = {a->blk, a->n_blk};
-    for (int pos = 0; pos < a->n_cached; pos++)
+    for (int pos = from; pos < a->n_cached; pos++)
         for (size_t l = 0; l < L; l++) {
             kv_get(kv, kv_k(kv, &t, (int)l, pos), p, (int)D); p += D * 4; /* F32 in the format */
             kv_get(kv, kv_v(kv, &t, (int)l, pos), p, (int)D); p += D * 4;
@@ -1028,9 +1070,12 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
         return eng__fail(err, errlen, ENG_EINVAL, "agent_id must be 1..%d bytes", MAX_NAME);
     if (len < EXPORT_HDR + 8 || memcmp(buf, EXPORT_MAGIC, 8) != 0)
         return eng__fail(err, errlen, ENG_ECORRUPT, "not an exported agent (bad magic or too short: %zu bytes)", len);
-    if (get32(buf + 8) != EXPORT_VERSION)
-        return eng__fail(err, errlen, ENG_ECORRUPT, "export format version %u is not supported (this build reads %u)",
-                         get32(buf + 8), EXPORT_VERSION);
+    uint32_t version = get32(buf + 8);
+    if (version < 1 || version > EXPORT_VERSION)
+        return eng__fail(err, errlen, ENG_ECORRUPT, "export format version %u is not supported (this build reads 1..%u)",
+                         version, EXPORT_VERSION);
+    size_t hdr = EXPORT_HDR + (version >= 2 ? 4 : 0);
+    if (len < hdr + 8) return eng__fail(err, errlen, ENG_ECORRUPT, "too short for its header: %zu bytes", len);
     uint64_t sum;
     memcpy(&sum, buf + len - 8, 8);
     if (eng__hash64(buf, len - 8, 0) != sum)
@@ -1039,19 +1084,26 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
     memcpy(&fp, buf + 12, 8);
     const kv_pool *kv = &e->bp.kv;
     uint32_t L = get32(buf + 20), D = get32(buf + 24), nt = get32(buf + 28), nc = get32(buf + 32);
+    uint32_t from = version >= 2 ? get32(buf + 36) : 0;
     if (fp != e->m->fingerprint || L != (uint32_t)kv->n_layers || D != (uint32_t)kv->kv_dim)
         return eng__fail(err, errlen, ENG_EMODEL, "the agent was exported from another model");
-    if (nc > nt || nt > (uint32_t)e->max_ctx ||
-        len != EXPORT_HDR + (size_t)nt * 4 + (size_t)nc * L * 2 * D * 4 + 8)
+    if (nc > nt || nt > (uint32_t)e->max_ctx || from > nc ||
+        len != hdr + (size_t)nt * 4 + (size_t)(nc - from) * L * 2 * D * 4 + 8)
         return eng__fail(err, errlen, ENG_ECORRUPT, "sizes in the header do not match the data");
-    const uint8_t *tp = buf + EXPORT_HDR;
+    /* KV may start late only where nothing will look back that far */
+    long first_needed = e->window ? (long)nc - e->window + 1 : 0;
+    if (from && (long)from > (first_needed > 0 ? first_needed : 0))
+        return eng__fail(err, errlen, ENG_ECORRUPT, "the KV starts at position %u, but the next token sees from %ld",
+                         from, first_needed > 0 ? first_needed : 0);
+    const uint8_t *tp = buf + hdr;
     for (uint32_t i = 0; i < nt; i++) {
         int32_t v;
         memcpy(&v, tp + 4 * i, 4);
         if (v < 0 || v >= e->m->cfg.vocab_size) return eng__fail(err, errlen, ENG_ECORRUPT, "token %u out of range", i);
     }
-    int B = e->bp.B, need = ((int)nc + B - 1) / B;
-    if (need > e->bp.n) return eng__fail(err, errlen, ENG_EPOOL, "the agent needs %d blocks, the pool has %d", need, e->bp.n);
+    int B = e->bp.B, need = ((int)nc + B - 1) / B, skip = (int)from / B; /* blocks 0..skip-1 are not held */
+    if (need - skip > e->bp.n)
+        return eng__fail(err, errlen, ENG_EPOOL, "the agent needs %d blocks, the pool has %d", need - skip, e->bp.n);
     pthread_mutex_lock(&e->mu);
     int rc = ENG_OK;
     agent *a = NULL;
@@ -1065,15 +1117,23 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
     tok = malloc((size_t)(nt ? nt : 1) * sizeof *tok);
     if (!blk || !tok) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
     for (; got < need; got++) {
+        if (got < skip) { blk[got] = -1; continue; }
         int b = bp_alloc(&e->bp);
         while (b < 0 && evict_idle_agent(e)) b = bp_alloc(&e->bp);
-        if (b < 0) { rc = eng__fail(err, errlen, ENG_EPOOL, "no free KV blocks for the agent (%d needed)", need); goto out; }
+        if (b < 0) {
+            rc = eng__fail(err, errlen, ENG_EPOOL, "no free KV blocks for the agent (%d needed)", need - skip);
+            goto out;
+        }
         blk[got] = b;
     }
     memcpy(tok, tp, (size_t)nt * 4);
+    if (from % B && skip < need) { /* the first held block starts before the data: zero what came before it */
+        size_t bb = kv->block_elems * kv->esz;
+        memset((char *)kv->mem + (size_t)blk[skip] * bb, 0, bb);
+    }
     kv_table t = {blk, need};
     const uint8_t *p = tp + (size_t)nt * 4;
-    for (uint32_t pos = 0; pos < nc; pos++)
+    for (uint32_t pos = from; pos < nc; pos++)
         for (uint32_t l = 0; l < L; l++) {
             kv_put(kv, kv_k(kv, &t, (int)l, (int)pos), p, (int)D); p += (size_t)D * 4;
             kv_put(kv, kv_v(kv, &t, (int)l, (int)pos), p, (int)D); p += (size_t)D * 4;
@@ -1089,7 +1149,8 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
     blk = NULL;
 out:
     if (blk)
-        for (int i = 0; i < got; i++) bp_decref(&e->bp, blk[i]);
+        for (int i = 0; i < got; i++)
+            if (blk[i] >= 0) bp_decref(&e->bp, blk[i]);
     free(blk);
     free(tok);
     pthread_mutex_unlock(&e->mu);

@@ -55,6 +55,27 @@ PRESETS = {
                             num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=10000.0,
                             rms_norm_eps=1e-5, max_position_embeddings=512, attention_bias=True, mlp_bias=True,
                             rope_scaling={"type": "linear", "factor": 2.0}),
+    # sliding windows shorter than the tests' sequences (20-token prompts + 64 generated), with
+    # 16-token blocks: Mistral v0.1 (every layer slides), Gemma 3 (every 2nd layer global here,
+    # its own local RoPE base, linear scaling on the global layers, query_pre_attn_scalar apart
+    # from head_dim, final soft-capping on), and the mixtures of experts
+    "tiny-mistral-sw": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=1000000.0,
+                            rms_norm_eps=1e-5, max_position_embeddings=512, model_type="mistral", sliding_window=24),
+    "tiny-gemma3": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=32, intermediate_size=160, rope_theta=1000000.0,
+                        rms_norm_eps=1e-6, max_position_embeddings=512, model_type="gemma3_text", sliding_window=20,
+                        sliding_window_pattern=2, query_pre_attn_scalar=24, rope_local_base_freq=10000.0,
+                        final_logit_softcapping=30.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "tiny-qwen3-moe": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=1000000.0,
+                           rms_norm_eps=1e-6, max_position_embeddings=512, model_type="qwen3_moe", num_experts=8,
+                           num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                           mlp_only_layers=[1]),
+    "tiny-mixtral": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=48, rope_theta=1000000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=512, model_type="mixtral", num_local_experts=4,
+                         num_experts_per_tok=2),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          intermediate_size=1536, rope_theta=100000.0, rms_norm_eps=1e-5,
@@ -90,6 +111,12 @@ def tensor_specs(cfg, tied):
     o_bias = mt == "llama" and cfg.get("attention_bias", False)
     mlp_bias = mt == "llama" and cfg.get("mlp_bias", False)
     B = 0.5  # bias std: large enough to matter against projections of std ~1
+    gemma = mt == "gemma3_text"
+    moe_layers = set()
+    if mt == "mixtral":
+        moe_layers = set(range(cfg["num_hidden_layers"]))
+    elif mt == "qwen3_moe":
+        moe_layers = set(range(cfg["num_hidden_layers"])) - set(cfg.get("mlp_only_layers", []))
     s = [("model.embed_tokens.weight", (V, H), "normal", EMBED_STD)]
     for i in range(cfg["num_hidden_layers"]):
         p = "model.layers.%d." % i
@@ -102,23 +129,50 @@ def tensor_specs(cfg, tied):
         if mlp_bias:
             s += [(p + "mlp.gate_proj.bias", (F,), "normal", B), (p + "mlp.up_proj.bias", (F,), "normal", B),
                   (p + "mlp.down_proj.bias", (H,), "normal", B)]
-        if mt == "qwen3":
-            s += [(p + "self_attn.q_norm.weight", (hd,), "norm", 0.2),
-                  (p + "self_attn.k_norm.weight", (hd,), "norm", 0.2)]
+        # Gemma stores its norm weights as w in x / rms(x) * (1 + w): drawn around 0, not 1
+        norm = ("normal", NORM_NOISE) if gemma else ("norm", NORM_NOISE)
+        if mt in ("qwen3", "qwen3_moe") or gemma:
+            qk = ("normal", 0.2) if gemma else ("norm", 0.2)
+            s += [(p + "self_attn.q_norm.weight", (hd,)) + qk, (p + "self_attn.k_norm.weight", (hd,)) + qk]
         s += [
-            (p + "input_layernorm.weight", (H,), "norm", NORM_NOISE),
+            (p + "input_layernorm.weight", (H,)) + norm,
             (p + "self_attn.q_proj.weight", (nh * hd, H), "normal", H ** -0.5),
             (p + "self_attn.k_proj.weight", (nkv * hd, H), "normal", H ** -0.5),
             (p + "self_attn.v_proj.weight", (nkv * hd, H), "normal", H ** -0.5),
             (p + "self_attn.o_proj.weight", (H, nh * hd), "normal", OUT_GAIN * (nh * hd) ** -0.5),
-            (p + "post_attention_layernorm.weight", (H,), "norm", NORM_NOISE),
-            (p + "mlp.gate_proj.weight", (F, H), "normal", H ** -0.5),
-            (p + "mlp.up_proj.weight", (F, H), "normal", H ** -0.5),
-            (p + "mlp.down_proj.weight", (H, F), "normal", OUT_GAIN * F ** -0.5),
+            (p + "post_attention_layernorm.weight", (H,)) + ((("gain", NORM_NOISE)) if gemma else norm),
         ]
-    s.append(("model.norm.weight", (H,), "norm", NORM_NOISE))
+        if gemma:
+            s += [(p + "pre_feedforward_layernorm.weight", (H,)) + norm,
+                  (p + "post_feedforward_layernorm.weight", (H,), "gain", NORM_NOISE)]
+        if i in moe_layers:
+            s += expert_specs(cfg, p)
+        else:
+            s += [
+                (p + "mlp.gate_proj.weight", (F, H), "normal", H ** -0.5),
+                (p + "mlp.up_proj.weight", (F, H), "normal", H ** -0.5),
+                (p + "mlp.down_proj.weight", (H, F), "normal", OUT_GAIN * F ** -0.5),
+            ]
+    s.append(("model.norm.weight", (H,)) + (("normal", NORM_NOISE) if gemma else ("norm", NORM_NOISE)))
     if not tied:
         s.append(("lm_head.weight", (V, H), "normal", EMBED_STD))
+    return s
+
+
+def expert_specs(cfg, p):
+    """A mixture-of-experts layer's router and experts (qwen3_moe or mixtral names). The
+    router's scale makes the routing clear-cut (top-k well apart) but not one-hot."""
+    H = cfg["hidden_size"]
+    if cfg["model_type"] == "mixtral":
+        E, Fe, base, names = cfg["num_local_experts"], cfg["intermediate_size"], "block_sparse_moe", ("w1", "w3", "w2")
+    else:
+        E, Fe, base, names = cfg["num_experts"], cfg["moe_intermediate_size"], "mlp", ("gate_proj", "up_proj", "down_proj")
+    s = [(p + base + ".gate.weight", (E, H), "normal", 0.5)]
+    for e in range(E):
+        q = "%s%s.experts.%d." % (p, base, e)
+        s += [(q + names[0] + ".weight", (Fe, H), "normal", H ** -0.5),
+              (q + names[1] + ".weight", (Fe, H), "normal", H ** -0.5),
+              (q + names[2] + ".weight", (H, Fe), "normal", OUT_GAIN * Fe ** -0.5)]
     return s
 
 
@@ -129,6 +183,8 @@ def gen_tensor(seed, name, shape, kind, std):
     a *= np.float32(std)
     if kind == "norm":
         a += np.float32(1.0)
+    elif kind == "gain":  # Gemma's norms on the sublayers' outputs, (1 + w) ~ OUT_GAIN: see OUT_GAIN
+        a += np.float32(OUT_GAIN - 1.0)
     return a.reshape(shape)
 
 
@@ -191,7 +247,8 @@ def write_json(path, obj):
 def make_config(cfg, tied, dtype):
     mt = cfg.get("model_type", "llama")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}[mt]
+            "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[mt]
     c = make_llama_config(cfg, tied, dtype)
     c["architectures"] = [arch]
     c["model_type"] = mt
@@ -201,8 +258,23 @@ def make_config(cfg, tied, dtype):
     if mt != "llama":
         for k in ("mlp_bias", "pretraining_tp"):
             c.pop(k, None)
-        c.update({"sliding_window": None} if mt == "mistral" else
-                 {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg["num_hidden_layers"]})
+        if mt in ("mistral", "mixtral"):
+            c["sliding_window"] = cfg.get("sliding_window")
+        elif mt != "gemma3_text":
+            c.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg["num_hidden_layers"]})
+    if mt == "gemma3_text":
+        for k in ("hidden_act",):
+            c.pop(k)
+        c.update({"hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": None})
+        for k in ("sliding_window", "sliding_window_pattern", "query_pre_attn_scalar", "rope_local_base_freq",
+                  "final_logit_softcapping"):
+            c[k] = cfg[k]
+    for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers",
+              "num_local_experts"):
+        if k in cfg:
+            c[k] = cfg[k]
+    if mt == "qwen3_moe":
+        c["decoder_sparse_step"] = 1
     return c
 
 

@@ -25,6 +25,20 @@ The relatives (each from its published description, HF transformers' convention)
     L/low_freq_factor is divided by the factor, one below L/high_freq_factor is kept, and in
     between s = (L/wavelength - low)/(high - low) blends: (1 - s) f/factor + s f.
 
+  - sliding-window attention (Mistral's sliding_window on every layer; Qwen's use_sliding_window
+    from max_window_layers on; Gemma 3 all but every sliding_window_pattern-th layer, or as
+    layer_types lists them): the query at position q sees keys kv with q - W < kv <= q;
+  - gemma3_text: RMSNorm(x) * (1 + w) everywhere (q/k norms too); embeddings times
+    sqrt(hidden_size); x = x + post_attention_layernorm(attn(input_layernorm(x))),
+    x = x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))); the MLP's gate is
+    GELU's tanh approximation; scores scaled by query_pre_attn_scalar^-1/2; sliding layers rotate
+    with rope_local_base_freq and no scaling, global ones with rope_theta and rope_scaling;
+    logits soft-capped cap * tanh(logits / cap) when final_logit_softcapping is set;
+  - mixtures of experts (qwen3_moe, mixtral): p = softmax(h Wrouter^T); the k experts of the
+    largest p, their weights p_e (divided by their sum with norm_topk_prob, and always for
+    mixtral); out = sum_e p_e * down_e(silu(gate_e h) * up_e h). qwen3_moe layers in
+    mlp_only_layers (or off the decoder_sparse_step) keep a dense MLP.
+
 `forward(ids)` recomputes the whole sequence (no cache). `IncrementalDecoder` is a separate
 KV-cached implementation used only to self-test the reference.
 
@@ -128,9 +142,22 @@ class LlamaRef:
         self.eps = float(c["rms_norm_eps"])
         self.theta = float(c.get("rope_theta", 10000.0))
         self.tied = bool(c.get("tie_word_embeddings", False))
-        self.model_type = c.get("model_type", "llama")
-        self.qk_norm = self.model_type == "qwen3"
+        self.model_type = mt = c.get("model_type", "llama")
+        self.gemma = mt == "gemma3_text"
+        if self.gemma:
+            self.hd = c.get("head_dim") or 256
+            self.theta = float(c.get("rope_theta", 1000000.0))
+            self.tied = bool(c.get("tie_word_embeddings", True))
+        self.qk_norm = mt in ("qwen3", "qwen3_moe") or self.gemma
+        self.scale = float(c.get("query_pre_attn_scalar", self.hd)) ** -0.5 if self.gemma else 1.0 / np.sqrt(self.hd)
+        self.softcap = c.get("final_logit_softcapping") if self.gemma else None
         self.inv_freq = self._inv_freq(c.get("rope_scaling"))
+        self.inv_freq_local = self.inv_freq
+        if self.gemma:
+            th = float(c.get("rope_local_base_freq", 10000.0))
+            self.inv_freq_local = th ** (-np.arange(self.hd // 2, dtype=np.float64) * 2.0 / self.hd)
+        self.window = self._windows(c)
+        self.moe = self._moe_layers(c)
         w = load_weights(model_dir)
         if bf16_matrices:
             for k in list(w):
@@ -144,6 +171,33 @@ class LlamaRef:
             self.lm_head = w["lm_head.weight"]
         self._check_shapes()
 
+    def _windows(self, c):
+        """Per layer: the sliding window W, or None for full attention."""
+        mt, L, W = self.model_type, self.L, c.get("sliding_window")
+        if self.gemma:
+            W = W or 4096
+        if mt.startswith("qwen") and not c.get("use_sliding_window"):
+            W = None
+        if W is None or mt == "llama":
+            return [None] * L
+        if c.get("layer_types"):
+            return [W if t == "sliding_attention" else None for t in c["layer_types"]]
+        if self.gemma:
+            pat = c.get("sliding_window_pattern", 6)
+            return [W if (i + 1) % pat else None for i in range(L)]
+        if mt.startswith("qwen"):
+            return [W if i >= c.get("max_window_layers", L) else None for i in range(L)]
+        return [W] * L
+
+    def _moe_layers(self, c):
+        mt = self.model_type
+        if mt == "mixtral":
+            return set(range(self.L))
+        if mt == "qwen3_moe":
+            step = c.get("decoder_sparse_step", 1)
+            return {i for i in range(self.L) if (i + 1) % step == 0} - set(c.get("mlp_only_layers") or [])
+        return set()
+
     def _check_shapes(self):
         V, H, nh, nkv, hd, F = self.V, self.H, self.nh, self.nkv, self.hd, self.F
         exp = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
@@ -156,10 +210,10 @@ class LlamaRef:
                 p + "self_attn.v_proj.weight": (nkv * hd, H),
                 p + "self_attn.o_proj.weight": (H, nh * hd),
                 p + "post_attention_layernorm.weight": (H,),
-                p + "mlp.gate_proj.weight": (F, H),
-                p + "mlp.up_proj.weight": (F, H),
-                p + "mlp.down_proj.weight": (H, F),
             })
+            if i not in self.moe:
+                exp.update({p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
+                            p + "mlp.down_proj.weight": (H, F)})
         if not self.tied:
             exp["lm_head.weight"] = (V, H)
         for k, s in exp.items():
@@ -201,11 +255,45 @@ class LlamaRef:
         return y if b is None else y + b
 
     def qk(self, i, q, k):
-        """qwen3: RMSNorm over each head of q and k (before RoPE)."""
+        """qwen3, gemma3: RMSNorm over each head of q and k (before RoPE)."""
         if not self.qk_norm:
             return q, k
         p = "model.layers.%d.self_attn." % i
-        return self.rmsnorm(q, self.w[p + "q_norm.weight"]), self.rmsnorm(k, self.w[p + "k_norm.weight"])
+        return self.norm(q, self.w[p + "q_norm.weight"]), self.norm(k, self.w[p + "k_norm.weight"])
+
+    def norm(self, x, w):
+        """The model's RMSNorm: weight w, or 1 + w for Gemma."""
+        return self.rmsnorm(x, 1.0 + w if self.gemma else w)
+
+    def gate_act(self, x):
+        if self.gemma:  # GELU, tanh approximation
+            return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+        return self.silu(x)
+
+    def mlp(self, i, h):
+        """The feed-forward part of layer i on normalised rows h [n, H]."""
+        p = "model.layers.%d." % i
+        if i not in self.moe:
+            return self.proj(i, "mlp.down_proj", self.gate_act(self.proj(i, "mlp.gate_proj", h)) *
+                             self.proj(i, "mlp.up_proj", h))
+        mix = self.model_type == "mixtral"
+        base = p + ("block_sparse_moe." if mix else "mlp.")
+        names = ("w1", "w3", "w2") if mix else ("gate_proj", "up_proj", "down_proj")
+        k = self.cfg["num_experts_per_tok"]
+        renorm = mix or bool(self.cfg.get("norm_topk_prob"))
+        logits = h @ self.w[base + "gate.weight"].T
+        prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        prob /= prob.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(h)
+        for t in range(h.shape[0]):
+            top = np.argsort(-prob[t], kind="stable")[:k]
+            wts = prob[t, top] / (prob[t, top].sum() if renorm else 1.0)
+            for e, we in zip(top, wts):
+                q = base + "experts.%d." % e
+                g = h[t] @ self.w[q + names[0] + ".weight"].T
+                u = h[t] @ self.w[q + names[1] + ".weight"].T
+                out[t] += we * ((self.silu(g) * u) @ self.w[q + names[2] + ".weight"].T)
+        return out
 
     def layer(self, i):
         p = "model.layers.%d." % i
@@ -219,11 +307,12 @@ class LlamaRef:
     def rmsnorm(self, x, w):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * w
 
-    def rope(self, x, positions):
-        """x: [n, heads, hd]; positions: [n] ints."""
+    def rope(self, x, positions, local=False):
+        """x: [n, heads, hd]; positions: [n] ints. local: a Gemma sliding layer's own base."""
         hd = self.hd
         half = hd // 2
-        ang = np.asarray(positions, dtype=np.float64)[:, None] * self.inv_freq[None, :]  # [n, half]
+        f = self.inv_freq_local if local else self.inv_freq
+        ang = np.asarray(positions, dtype=np.float64)[:, None] * f[None, :]  # [n, half]
         cos = np.cos(ang)[:, None, :]
         sin = np.sin(ang)[:, None, :]
         x1, x2 = x[..., :half], x[..., half:]
@@ -247,14 +336,19 @@ class LlamaRef:
         group = nh // nkv
         pos = np.arange(n)
         causal = np.triu(np.ones((n, n), dtype=bool), k=1)  # True above the diagonal = masked
-        scale = 1.0 / np.sqrt(hd)
+        scale = self.scale
         x = self.embed[ids].copy()
+        if self.gemma:
+            x *= np.sqrt(self.H)
         for i in range(self.L):
-            w_in, wq, wk, wv, wo, w_post, wg, wu, wd = self.layer(i)
-            h = self.rmsnorm(x, w_in)
+            p_ = "model.layers.%d." % i
+            W = self.window[i]
+            mask = causal if W is None else causal | (pos[None, :] <= pos[:, None] - W)
+            h = self.norm(x, self.w[p_ + "input_layernorm.weight"])
             q, k = self.qk(i, self.proj(i, "self_attn.q_proj", h).reshape(n, nh, hd),
                            self.proj(i, "self_attn.k_proj", h).reshape(n, nkv, hd))
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            local = self.gemma and W is not None
+            q, k = self.rope(q, pos, local), self.rope(k, pos, local)
             v = self.proj(i, "self_attn.v_proj", h).reshape(n, nkv, hd)
             if self.kv_f16:
                 k = k.astype(np.float16).astype(np.float64)
@@ -263,19 +357,25 @@ class LlamaRef:
             for hh in range(nh):
                 g = hh // group
                 s = (q[:, hh, :] @ k[:, g, :].T) * scale            # [n, n]
-                s[causal] = -np.inf
+                s[mask] = -np.inf
                 s = s - s.max(axis=1, keepdims=True)
                 p = np.exp(s)
                 p /= p.sum(axis=1, keepdims=True)
                 att[:, hh, :] = p @ v[:, g, :]
-            x = x + self.proj(i, "self_attn.o_proj", att.reshape(n, nh * hd))
-            h = self.rmsnorm(x, w_post)
-            x = x + self.proj(i, "mlp.down_proj",
-                              self.silu(self.proj(i, "mlp.gate_proj", h)) * self.proj(i, "mlp.up_proj", h))
+            a = self.proj(i, "self_attn.o_proj", att.reshape(n, nh * hd))
+            if self.gemma:
+                x = x + self.norm(a, self.w[p_ + "post_attention_layernorm.weight"])
+                h = self.norm(x, self.w[p_ + "pre_feedforward_layernorm.weight"])
+                x = x + self.norm(self.mlp(i, h), self.w[p_ + "post_feedforward_layernorm.weight"])
+            else:
+                x = x + a
+                x = x + self.mlp(i, self.rmsnorm(x, self.w[p_ + "post_attention_layernorm.weight"]))
         if last_only:
             x = x[-1:]
-        x = self.rmsnorm(x, self.w["model.norm.weight"])
+        x = self.norm(x, self.w["model.norm.weight"])
         logits = x @ self.lm_head.T
+        if self.softcap:
+            logits = self.softcap * np.tanh(logits / self.softcap)
         return logits[0] if last_only else logits
 
     def greedy(self, ids, n_new):

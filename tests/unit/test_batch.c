@@ -12,7 +12,7 @@
 typedef struct {
     uint64_t id;
     int done, finish, error, n_tok, token_events;
-    int32_t tok[64];
+    int32_t tok[256];
     char text[1024];
     size_t text_n, streamed_n;
     char streamed[1024];
@@ -47,7 +47,7 @@ static void on_event(void *ud, const eng_event *ev) {
         r->error = ev->error;
         r->usage = ev->usage;
         r->n_tok = (int)ev->n_tokens;
-        memcpy(r->tok, ev->tokens, (ev->n_tokens < 64 ? ev->n_tokens : 64) * sizeof(int32_t));
+        memcpy(r->tok, ev->tokens, (ev->n_tokens < 256 ? ev->n_tokens : 256) * sizeof(int32_t));
         r->text_n = ev->text_len < sizeof r->text ? ev->text_len : sizeof r->text - 1;
         memcpy(r->text, ev->text, r->text_n);
     }
@@ -845,11 +845,13 @@ out:
 }
 
 /* The LLaMA relatives (Qwen2 biases, Qwen3 q/k norms, Llama 3.1 RoPE scaling,
- * Llama with every bias): batched = alone, agent resume = fresh, preemption
+ * Llama with every bias, Mistral with a sliding window, Gemma 3 with local and
+ * global layers, the mixtures of experts Qwen3-MoE and Mixtral): batched = alone, agent resume = fresh, preemption
  * exact, export -> import continues identically; the paged pool needs
  * nothing of its own for them. */
 static void test_relatives(void) {
-    static const char *models[] = {"tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-llama-bias"};
+    static const char *models[] = {"tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-llama-bias", "tiny-mistral-sw",
+                                   "tiny-gemma3", "tiny-qwen3-moe", "tiny-mixtral"};
     for (size_t k = 0; k < sizeof models / sizeof *models; k++) {
         g_model = models[k];
         int before = t_failed_checks;
@@ -888,10 +890,115 @@ static void test_relatives(void) {
     g_model = "tiny";
 }
 
+static eng_engine *engine_b(eng_model *m, int blocks, int block_tokens, int step_tokens) {
+    eng_engine_options o = {.n_blocks = blocks, .block_tokens = block_tokens, .max_step_tokens = step_tokens,
+                            .max_running = 16, .max_queue = 64};
+    eng_engine *e = NULL;
+    char err[256];
+    CHECK_MSG(eng_engine_open(&e, m, &o, err, sizeof err) == ENG_OK, "%s", err);
+    return e;
+}
+
+/* Every layer slides (window 24, blocks of 16): a sequence ten times the pool
+ * runs, holding a window's worth of blocks, with the single-sequence output;
+ * an agent given back its early blocks exports the window (format 2), imports
+ * into an engine of another block size and continues identically; a prefix
+ * whose blocks were given back is still found in the cache. */
+static void test_sliding_window_bounded(void) {
+    eng_model *m = model("tiny-mistral-sw");
+    eng_engine *e = m ? engine_b(m, 6, 16, 16) : NULL, *e2 = m ? engine_b(m, 12, 8, 32) : NULL;
+    if (!e || !e2) goto out;
+    enum { P = 40, G = 200 };
+    int32_t p[P], q[5], want[G], hist[P + G + 5], want2[10];
+    rand_ids(p, P, 5150, 1024);
+    rand_ids(q, 5, 5151, 1024);
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    alone(m, p, P, &sp, G, want);
+    static results rs;
+    memset(&rs, 0, sizeof rs);
+    eng_request r = req_ids(p, P, G); /* 240 tokens = 15 blocks, the pool has 6 */
+    r.agent_id = "long";
+    submit(e, &rs, &r);
+    int most = 0;
+    while (eng_step(e, on_event, &rs) > 0) {
+        eng_stats st;
+        eng_stats_get(e, &st);
+        if (st.blocks_used > most) most = st.blocks_used;
+    }
+    int diff_at = -1;
+    for (int i = 0; i < G && diff_at < 0; i++)
+        if (rs.r[0].tok[i] != want[i]) diff_at = i;
+    CHECK_MSG(rs.r[0].done && rs.r[0].finish == ENG_FINISH_LENGTH && diff_at < 0,
+              "the long sequence differs from the single-sequence runtime at token %d (n %d)", diff_at, rs.r[0].n_tok);
+    CHECK_MSG(most <= 4, "held up to %d blocks (window 24 + a step of 16 needs at most 4)", most);
+    eng_agent_info info;
+    CHECK(eng_agent_get(e, NULL, "long", &info) == ENG_OK && info.n_cached == P + G - 1 && info.n_blocks <= 3);
+    /* export the window, import it elsewhere, continue both */
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    char err[256];
+    CHECK_MSG(eng_agent_export(e, NULL, "long", &buf, &len, err, sizeof err) == ENG_OK, "%s", err);
+    if (!buf) goto out;
+    uint32_t version;
+    memcpy(&version, buf + 8, 4);
+    CHECK(version == 2);
+    CHECK_MSG(eng_agent_import(e2, NULL, "long", buf, len, err, sizeof err) == ENG_OK, "%s", err);
+    /* a forged start past the window is refused */
+    uint32_t from;
+    memcpy(&from, buf + 36, 4);
+    uint32_t late = from + 64;
+    memcpy(buf + 36, &late, 4);
+    uint64_t sum = eng__hash64(buf, len - 8, 0);
+    memcpy(buf + len - 8, &sum, 8);
+    CHECK(eng_agent_import(e2, NULL, "forged", buf, len, err, sizeof err) == ENG_ECORRUPT);
+    free(buf);
+    memcpy(hist, p, sizeof p);
+    memcpy(hist + P, want, sizeof want);
+    memcpy(hist + P + G, q, sizeof q);
+    alone(m, hist, P + G + 5, &sp, 10, want2);
+    static results r1, r2;
+    memset(&r1, 0, sizeof r1);
+    memset(&r2, 0, sizeof r2);
+    r = req_ids(q, 5, 10);
+    r.agent_id = "long";
+    submit(e, &r1, &r);
+    submit(e2, &r2, &r);
+    run_all(e, &r1);
+    run_all(e2, &r2);
+    CHECK_MSG(r1.r[0].done && !memcmp(r1.r[0].tok, want2, sizeof want2), "the follow-up differs from a fresh run");
+    CHECK_MSG(r2.r[0].done && !memcmp(r2.r[0].tok, want2, sizeof want2), "the imported agent's follow-up differs");
+    CHECK(r1.r[0].usage.cached_tokens == P + G - 1);
+    CHECK(eng_agent_drop(e, NULL, "long") == ENG_OK && eng_agent_drop(e2, NULL, "long") == ENG_OK);
+    CHECK(free_blocks(e) == 6 && free_blocks(e2) == 12);
+    /* prefix blocks given back behind the window stay findable */
+    int32_t a[64], b[64], wa[8], wb[8];
+    rand_ids(a, 64, 5152, 1024);
+    memcpy(b, a, 48 * sizeof *a);
+    rand_ids(b + 48, 16, 5153, 1024);
+    alone(m, a, 64, &sp, 8, wa);
+    alone(m, b, 64, &sp, 8, wb);
+    static results r3;
+    memset(&r3, 0, sizeof r3);
+    r = req_ids(a, 64, 8);
+    submit(e, &r3, &r);
+    run_all(e, &r3);
+    r = req_ids(b, 64, 8);
+    submit(e, &r3, &r);
+    run_all(e, &r3);
+    CHECK(!memcmp(r3.r[0].tok, wa, sizeof wa) && !memcmp(r3.r[1].tok, wb, sizeof wb));
+    CHECK_MSG(r3.r[1].usage.cached_tokens == 48, "cached %d", r3.r[1].usage.cached_tokens);
+out:
+    eng_engine_close(e);
+    eng_engine_close(e2);
+    eng_model_close(m);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: test_batch MODELS_DIR\n"); return 2; }
     static const test_case tests[] = {
         {"single_agent_fresh_and_resume", test_single_agent_fresh_and_resume},
+        {"sliding_window_memory_bounded_export_prefix", test_sliding_window_bounded},
         {"batch_equals_alone_three_agents_greedy_seeded", test_batch_equals_alone},
         {"ten_generations_then_drop_frees_all", test_ten_then_drop_frees_all},
         {"request_errors_distinct", test_request_errors},
