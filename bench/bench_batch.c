@@ -352,7 +352,7 @@ int main(int argc, char **argv) {
     double *ttft_a = malloc((size_t)na * sizeof(double)), *recon = malloc((size_t)na * sizeof(double));
     double *ttft_b = malloc((size_t)na * sizeof(double)), *ttft_c = malloc((size_t)na * sizeof(double));
     double *ttft_d = malloc((size_t)na * sizeof(double));
-    eng_usage *use_a = malloc((size_t)na * sizeof *use_a), use_c = {0, 0, 0}, use_d = {0, 0, 0};
+    eng_usage *use_a = malloc((size_t)na * sizeof *use_a), use_c = {0}, use_d = {0};
     run_state st;
     memset(&st, 0, sizeof st);
     if (!ids || !history || !ttft_a || !recon || !ttft_b || !ttft_c || !ttft_d || !use_a || run_alloc(&st, bmax) != 0) {

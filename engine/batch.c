@@ -190,7 +190,7 @@ typedef struct seq {
     eng__rng rng;
     eng__gen *gen;
     char *tenant, *agent_id;
-    int reset, admitted, cancelled, in_batch, chunk;
+    int reset, full_context, admitted, cancelled, in_batch, chunk;
     eng_usage usage;
     int finish, error;
     char msg[200];
@@ -634,10 +634,11 @@ int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, siz
     s->max_tokens = p->max_tokens;
     s->sp = p->sampling;
     eng__rng_seed(&s->rng, p->sampling.seed);
-    s->gen = eng__gen_new(m->tok, p, m->cfg.eos_id);
+    s->gen = eng__gen_new(m->tok, p, &m->cfg);
     s->tenant = dupstr(r->tenant);
     s->agent_id = has_agent ? dupstr(r->agent_id) : NULL;
     s->reset = r->reset;
+    s->full_context = has_agent && r->full_context;
     if (!s->gen || !s->tenant || (has_agent && !s->agent_id)) {
         seq_free(s);
         return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
@@ -684,6 +685,39 @@ int eng_cancel(eng_engine *e, uint64_t id) {
 }
 
 /* ---- scheduling ----------------------------------------------------------- */
+/* A full-context request on agent a (idle, e->mu held): keep the agent's
+ * history up to the longest common prefix with the prompt (leaving at least
+ * one prompt token to compute) and its KV as far as it is still right, and
+ * make s's prompt what follows. KV is kept only in blocks no one else can
+ * see: a block holding the cut that is shared or in the prefix index is
+ * recomputed from its start, as is everything when the cut falls behind a
+ * sliding window's given-back blocks. */
+static void keep_common_prefix(eng_engine *e, agent *a, seq *s) {
+    int lcp = 0, B = e->bp.B;
+    while (lcp < a->n_tok && lcp < s->n_tok - 1 && a->tok[lcp] == s->tok[lcp]) lcp++;
+    if (lcp < a->n_tok) s->usage.history_diverged = 1;
+    int keep = lcp < a->n_cached ? lcp : a->n_cached;
+    if (keep < a->n_cached && keep % B) {
+        int b = a->blk[keep / B];
+        if (b < 0 || e->bp.ref[b] > 1 || e->bp.registered[b]) keep -= keep % B;
+    }
+    int first_needed = e->window && keep - e->window + 1 > 0 ? keep - e->window + 1 : 0;
+    if (keep > 0 && a->blk[first_needed / B] < 0) keep = 0; /* the window reaches into given-back blocks */
+    if (keep == 0) {
+        agent_release_blocks(e, a);
+    } else {
+        int nb = (keep + B - 1) / B;
+        for (int i = nb; i < a->n_blk; i++)
+            if (a->blk[i] >= 0) bp_decref(&e->bp, a->blk[i]);
+        if (a->n_blk > nb) a->n_blk = nb;
+        a->n_cached = keep;
+        if (a->n_foreign > keep) a->n_foreign = keep;
+    }
+    a->n_tok = lcp;
+    memmove(s->tok, s->tok + lcp, (size_t)(s->n_tok - lcp) * sizeof *s->tok);
+    s->n_tok -= lcp;
+}
+
 /* Admit a waiting sequence: join its agent's context, take cached prefix
  * blocks. Returns 0 if admitted, 1 if it must wait (agent busy), -1 if it was
  * finished with an error. */
@@ -699,6 +733,7 @@ static int admit(eng_engine *e, seq *s) {
             agent_release_blocks(e, a);
             a->n_tok = 0;
         }
+        if (s->full_context) keep_common_prefix(e, a, s);
         long total = (long)a->n_tok + s->n_tok;
         if (total + s->max_tokens > e->max_ctx) {
             char msg[160];

@@ -53,6 +53,38 @@ static int get_tok_id(const cJSON *o, const char *key, int vocab, int *out, cons
     return ENG_OK;
 }
 
+/* Add the end-of-sequence ids of field "eos_token_id" (an id, a list of ids, or null). */
+static int eos_ids(const cJSON *o, eng_config *cfg, const char *name, char *err, size_t errlen) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "eos_token_id"), *it;
+    if (!v || cJSON_IsNull(v)) return ENG_OK;
+    if (!cJSON_IsArray(v) && !cJSON_IsNumber(v))
+        return eng__fail(err, errlen, ENG_EFORMAT, "%s: eos_token_id must be a token id or a list of them", name);
+    int single = cJSON_IsNumber(v);
+    for (it = single ? v : v->child; it; it = single ? NULL : it->next) {
+        if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble >= cfg->vocab_size ||
+            it->valuedouble != floor(it->valuedouble))
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: field \"eos_token_id\" must hold token ids below vocab_size %d",
+                             name, cfg->vocab_size);
+        int32_t id = (int32_t)it->valuedouble, seen = 0;
+        for (int i = 0; i < cfg->n_eos; i++) seen |= cfg->eos_ids[i] == id;
+        if (seen) continue;
+        if (cfg->n_eos == ENG_MAX_EOS)
+            return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: more than %d end-of-sequence ids", name, ENG_MAX_EOS);
+        cfg->eos_ids[cfg->n_eos++] = id;
+    }
+    if (cfg->eos_id < 0 && cfg->n_eos) cfg->eos_id = cfg->eos_ids[0];
+    return ENG_OK;
+}
+
+int eng__config_generation(const char *json, size_t len, const char *name, eng_config *cfg, char *err,
+                           size_t errlen) {
+    cJSON *o = cJSON_ParseWithLength(json, len);
+    int rc = cJSON_IsObject(o) ? eos_ids(o, cfg, name, err, errlen)
+                               : eng__fail(err, errlen, ENG_EFORMAT, "%s: not a JSON object", name);
+    cJSON_Delete(o);
+    return rc;
+}
+
 /* rope_scaling: null, {"rope_type" (or "type"): "default" | "linear" | "llama3", ...}. */
 static int rope_scaling(const cJSON *o, eng_config *cfg, const char *name, char *err, size_t errlen) {
     const cJSON *rs = cJSON_GetObjectItemCaseSensitive(o, "rope_scaling");
@@ -283,6 +315,7 @@ int eng__config_parse(const char *json, size_t len, const char *name, eng_config
     cfg->tie_embeddings = gemma && !tie ? 1 : cJSON_IsTrue(tie); /* Gemma ties unless told otherwise */
     if ((rc = get_tok_id(o, "bos_token_id", cfg->vocab_size, &cfg->bos_id, name, err, errlen)) != ENG_OK) goto out;
     if ((rc = get_tok_id(o, "eos_token_id", cfg->vocab_size, &cfg->eos_id, name, err, errlen)) != ENG_OK) goto out;
+    if ((rc = eos_ids(o, cfg, name, err, errlen)) != ENG_OK) goto out;
     if (gemma && (rc = gemma3(o, cfg, name, err, errlen))) goto out;
     if ((!strcmp(type, "qwen3_moe") || !strcmp(type, "mixtral")) && (rc = experts(o, cfg, type, name, err, errlen)))
         goto out;

@@ -82,6 +82,8 @@ const char *eng_tok_piece(const eng_tok *tok, int32_t id, size_t *len);
 /* ---- model ------------------------------------------------------------- */
 typedef struct eng_model eng_model;
 
+#define ENG_MAX_EOS 8 /* end-of-sequence ids a model may have */
+
 typedef struct eng_config {
     int vocab_size;
     int hidden_size;
@@ -95,7 +97,10 @@ typedef struct eng_config {
     float rms_eps;
     int tie_embeddings;
     int bos_id;             /* -1 if none */
-    int eos_id;             /* -1 if none */
+    int eos_id;             /* -1 if none; the first of eos_ids */
+    int32_t eos_ids[ENG_MAX_EOS]; /* every id that ends a generation: config.json's eos_token_id (an id or a
+                             * list) and generation_config.json's (chat models end turns with theirs) */
+    int n_eos;
     char dtype[8];          /* dtype of the weight files: "F32", "F16", "BF16" */
     char model_type[24];    /* "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral" */
     int qkv_bias;           /* q, k and v projections have biases (qwen2; llama attention_bias) */
@@ -267,6 +272,9 @@ typedef struct eng_request {
     const char *tenant;      /* scope of agent ids; NULL = "" */
     const char *agent_id;    /* NULL or "" = no agent */
     int reset;               /* agent: forget its history first */
+    int full_context;        /* agent: the prompt is the whole conversation, history included (a
+                              * rendered chat): the agent keeps its tokens and KV up to the longest
+                              * common prefix with it, and only the rest is computed */
     eng_gen_params params;   /* stop strings are copied */
 } eng_request;
 
@@ -293,6 +301,8 @@ typedef struct eng_usage {
     int prompt_tokens;     /* context processed as prompt: agent history + new prompt */
     int cached_tokens;     /* of those, reused from KV (agent blocks, shared prefixes) */
     int generated_tokens;
+    int history_diverged;  /* full_context: the agent's history was not a prefix of the prompt; its KV
+                            * from the first difference on was recomputed */
 } eng_usage;
 
 /* One event; pointers are valid only during the callback. */

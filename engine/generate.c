@@ -87,18 +87,21 @@ struct eng__gen {
     char **stop;
     size_t *stop_len;
     int n_stop;
-    int max_tokens, ignore_eos, eos, n_gen;
+    int max_tokens, ignore_eos, n_gen;
+    int32_t eos[ENG_MAX_EOS];
+    int n_eos;
     eng__buf text;   /* all output text so far */
     size_t emitted;  /* bytes of text already handed out */
 };
 
-eng__gen *eng__gen_new(const eng_tok *tok, const eng_gen_params *p, int eos_id) {
+eng__gen *eng__gen_new(const eng_tok *tok, const eng_gen_params *p, const eng_config *c) {
     eng__gen *g = calloc(1, sizeof *g);
     if (!g) return NULL;
     g->dt = eng_detok_new(tok);
     g->max_tokens = p->max_tokens;
     g->ignore_eos = p->ignore_eos;
-    g->eos = eos_id;
+    g->n_eos = c->n_eos;
+    memcpy(g->eos, c->eos_ids, sizeof g->eos);
     g->stop = calloc((size_t)p->n_stop + 1, sizeof *g->stop);
     g->stop_len = calloc((size_t)p->n_stop + 1, sizeof *g->stop_len);
     if (!g->dt || !g->stop || !g->stop_len) { eng__gen_free(g); return NULL; }
@@ -167,7 +170,9 @@ int eng__gen_push(eng__gen *g, int32_t token, const char **delta, size_t *dlen) 
     *delta = "";
     *dlen = 0;
     g->n_gen++;
-    if (token == g->eos && !g->ignore_eos) {
+    int eos = 0;
+    for (int i = 0; i < g->n_eos; i++) eos |= token == g->eos[i];
+    if (eos && !g->ignore_eos) {
         eng__gen_flush(g, delta, dlen);
         return ENG_FINISH_STOP;
     }
@@ -322,7 +327,7 @@ int eng_generate(eng_model *m, const int32_t *prompt, size_t n, const eng_gen_pa
 
     size_t cap = n + (size_t)p->max_tokens;
     int32_t *hist = malloc(cap * sizeof *hist);
-    eng__gen *g = eng__gen_new(m->tok, p, m->cfg.eos_id);
+    eng__gen *g = eng__gen_new(m->tok, p, &m->cfg);
     if (!hist || !g) {
         free(hist);
         eng__gen_free(g);

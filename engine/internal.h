@@ -50,6 +50,9 @@ int32_t eng__strmap_get(const eng__strmap *m, const char *k, size_t klen); /* -1
 /* Parse config.json text; name is used in messages. */
 int eng__config_parse(const char *json, size_t len, const char *name, eng_config *cfg,
                       char *err, size_t errlen);
+/* Add generation_config.json's eos_token_id (an id or a list) to cfg's end-of-sequence ids. */
+int eng__config_generation(const char *json, size_t len, const char *name, eng_config *cfg,
+                           char *err, size_t errlen);
 
 /* ---- safetensors ------------------------------------------------------- */
 enum st_dtype { ST_F32, ST_F16, ST_BF16 };
@@ -238,7 +241,7 @@ int32_t eng__sample(eng__sampler *s, const eng_sampling *p, eng__rng *rng, float
 
 /* ---- per-sequence generation state (stop strings, streaming text) ------ */
 typedef struct eng__gen eng__gen;
-eng__gen *eng__gen_new(const eng_tok *tok, const eng_gen_params *p, int eos_id);
+eng__gen *eng__gen_new(const eng_tok *tok, const eng_gen_params *p, const eng_config *c);
 void eng__gen_free(eng__gen *g);
 /* Feed a sampled token. Returns the finish reason (ENG_FINISH_NONE to go on)
  * and the newly emittable text in *delta, *dlen (valid until next call). */

@@ -462,6 +462,14 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     free(text);
     if (rc) goto fail;
 
+    snprintf(path, sizeof path, "%s/generation_config.json", dir); /* optional: chat models' end-of-turn ids */
+    if (access(path, F_OK) == 0) {
+        if ((rc = eng__read_file(path, &text, &len, err, errlen))) goto fail;
+        rc = eng__config_generation(text, len, path, &m->cfg, err, errlen);
+        free(text);
+        if (rc) goto fail;
+    }
+
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     if ((rc = eng_tok_open(&m->tok, path, err, errlen))) goto fail;
     if (eng_tok_vocab_size(m->tok) > m->cfg.vocab_size) {

@@ -890,6 +890,64 @@ static void test_relatives(void) {
     g_model = "tiny";
 }
 
+/* full_context (a rendered chat resent whole each turn): the agent keeps the
+ * KV of the longest common prefix; a divergence is reported and what follows
+ * it recomputed; the output always equals a fresh run of the whole prompt. */
+static void test_full_context(void) {
+    static const char *models[] = {"tiny", "tiny-mistral-sw"};
+    for (int k = 0; k < 2; k++) {
+        eng_model *m = model(models[k]);
+        eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
+        if (!e) { eng_model_close(m); continue; }
+        int32_t ctx[160], want[8];
+        rand_ids(ctx, 40, 6100, 1024);
+        eng_sampling sp;
+        eng_sampling_default(&sp);
+        static results rs;
+        memset(&rs, 0, sizeof rs);
+        eng_request r = req_ids(ctx, 40, 8);
+        r.agent_id = "c";
+        r.full_context = 1;
+        submit(e, &rs, &r);
+        run_all(e, &rs);
+        CHECK(rs.r[0].done && !rs.r[0].usage.history_diverged && rs.r[0].usage.cached_tokens == 0);
+        /* turn 2: history + 6 new tokens: only those (and the last generated one) computed */
+        memcpy(ctx + 40, rs.r[0].tok, 8 * sizeof *ctx);
+        rand_ids(ctx + 48, 6, 6101, 1024);
+        alone(m, ctx, 54, &sp, 8, want);
+        r = req_ids(ctx, 54, 8);
+        r.agent_id = "c";
+        r.full_context = 1;
+        submit(e, &rs, &r);
+        run_all(e, &rs);
+        CHECK_MSG(rs.r[1].done && !rs.r[1].usage.history_diverged && rs.r[1].usage.cached_tokens == 47 &&
+                  rs.r[1].usage.prompt_tokens == 54 && !memcmp(rs.r[1].tok, want, sizeof want),
+                  "%s turn 2: cached %d prompt %d", models[k], rs.r[1].usage.cached_tokens, rs.r[1].usage.prompt_tokens);
+        /* turn 3 diverges at 37 (an edited message): blocks 0-1 kept, the rest computed */
+        rand_ids(ctx + 37, 20, 6102, 1024);
+        alone(m, ctx, 57, &sp, 8, want);
+        r = req_ids(ctx, 57, 8);
+        r.agent_id = "c";
+        r.full_context = 1;
+        submit(e, &rs, &r);
+        run_all(e, &rs);
+        int keep = k ? 0 : 32; /* with a window of 24, block 0 went back: nothing to keep before 37 */
+        CHECK_MSG(rs.r[2].done && rs.r[2].usage.history_diverged && rs.r[2].usage.cached_tokens >= keep &&
+                  rs.r[2].usage.cached_tokens <= 37 && !memcmp(rs.r[2].tok, want, sizeof want),
+                  "%s turn 3: cached %d", models[k], rs.r[2].usage.cached_tokens);
+        /* turn 4: the same context again: one token recomputed for its logits */
+        r = req_ids(ctx, 57, 8);
+        r.agent_id = "c";
+        r.full_context = 1;
+        submit(e, &rs, &r);
+        run_all(e, &rs);
+        CHECK(rs.r[3].done && rs.r[3].usage.history_diverged && !memcmp(rs.r[3].tok, want, sizeof want));
+        CHECK(eng_agent_drop(e, NULL, "c") == ENG_OK && free_blocks(e) == 64);
+        eng_engine_close(e);
+        eng_model_close(m);
+    }
+}
+
 static eng_engine *engine_b(eng_model *m, int blocks, int block_tokens, int step_tokens) {
     eng_engine_options o = {.n_blocks = blocks, .block_tokens = block_tokens, .max_step_tokens = step_tokens,
                             .max_running = 16, .max_queue = 64};
@@ -999,6 +1057,7 @@ int main(int argc, char **argv) {
     static const test_case tests[] = {
         {"single_agent_fresh_and_resume", test_single_agent_fresh_and_resume},
         {"sliding_window_memory_bounded_export_prefix", test_sliding_window_bounded},
+        {"full_context_keeps_the_common_prefix", test_full_context},
         {"batch_equals_alone_three_agents_greedy_seeded", test_batch_equals_alone},
         {"ten_generations_then_drop_frees_all", test_ten_then_drop_frees_all},
         {"request_errors_distinct", test_request_errors},

@@ -97,6 +97,14 @@ static void test_config(void) {
     CHECK(cfg("{" BASE "\"intermediate_size\":128,\"num_key_value_heads\":2,\"eos_token_id\":[5,6],"
               "\"tie_word_embeddings\":true,\"rope_theta\":500000}", &c, err, sizeof err) == ENG_OK);
     CHECK(c.head_dim == 16 && c.n_kv_heads == 2 && c.eos_id == 5 && c.bos_id == -1 && c.tie_embeddings);
+    CHECK(c.n_eos == 2 && c.eos_ids[0] == 5 && c.eos_ids[1] == 6);
+    /* generation_config.json adds its end-of-turn ids (duplicates once) */
+    const char *gen = "{\"eos_token_id\": [6, 7, 9]}";
+    CHECK(eng__config_generation(gen, strlen(gen), "generation_config.json", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.n_eos == 4 && c.eos_ids[2] == 7 && c.eos_ids[3] == 9 && c.eos_id == 5);
+    gen = "{\"eos_token_id\": [100]}";
+    CHECK(eng__config_generation(gen, strlen(gen), "generation_config.json", &c, err, sizeof err) == ENG_EFORMAT &&
+          strstr(err, "generation_config.json") && strstr(err, "eos_token_id"));
     CHECK(c.rope_theta == 500000.0f && fabsf(c.rms_eps - 1e-6f) < 1e-12f && c.max_position == 2048);
     CHECK(!strcmp(c.model_type, "llama") && !c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.qk_norm && !c.rope_scaling);
     /* the relatives' switches */
