@@ -224,7 +224,7 @@ static void test_gen_state(void) {
     const char *stops[] = {"o w"};
     p.stop = stops;
     p.n_stop = 1;
-    eng__gen *g = eng__gen_new(t, &p, 0);
+    eng__gen *g = eng__gen_new(t, &p, eng_model_config(m)); /* the tiny model ends at id 0 */
     char out[64] = "";
     size_t on = 0;
     int fin = ENG_FINISH_NONE;
@@ -240,7 +240,7 @@ static void test_gen_state(void) {
     CHECK(fin == ENG_FINISH_STOP && strcmp(out, "Hell") == 0);
     eng__gen_free(g);
     p.n_stop = 0;
-    g = eng__gen_new(t, &p, 0);
+    g = eng__gen_new(t, &p, eng_model_config(m));
     const char *d;
     size_t dl;
     CHECK(eng__gen_push(g, ids[0], &d, &dl) == ENG_FINISH_NONE);
