@@ -37,6 +37,11 @@ typedef struct kvc_redis_options {
     int pool_size;              /* connections (0 = 4) */
     int breaker_failures;       /* consecutive failures that open the circuit (0 = 3) */
     int breaker_open_ms;        /* how long it stays open (0 = 1000) */
+    /* Told, once per change, what is wrong with Redis in its own words ("Connection refused",
+     * "WRONGPASS invalid username-password pair", "WRONGTYPE ...") and when it works again
+     * (msg "ok"). Called without the pool's lock, from the thread of the command. NULL: silent. */
+    void (*on_problem)(void *ud, const char *msg);
+    void *on_problem_ud;
 } kvc_redis_options;
 
 /* Parse the URL and prepare the pool. Connections are made lazily, so a
@@ -45,7 +50,9 @@ int kvc_redis_open(kvc_redis **out, const kvc_redis_options *o, char *err, size_
 void kvc_redis_close(kvc_redis *r);
 
 typedef struct kvc_redis_stats {
-    uint64_t commands, errors, reconnects, breaker_opens, skipped; /* skipped: refused while open */
+    /* errors: commands that failed, link failures (which count towards the circuit breaker) and error
+     * replies (which do not: Redis answered) alike; skipped: refused while open */
+    uint64_t commands, errors, reconnects, breaker_opens, skipped;
     int breaker_open;
 } kvc_redis_stats;
 void kvc_redis_stats_get(kvc_redis *r, kvc_redis_stats *s);
@@ -122,7 +129,7 @@ void kvc_prompt_stats_get(kvc_prompt *p, kvc_prompt_stats *s);
  * Entries are grouped by (tenant, namespace, embedding model, top_k). Lookup
  * tries the exact query text first, then cosine similarity of the query's
  * embedding against the group's stored embeddings (an in-process matrix of
- * normalised vectors, OpenBLAS). Redis is the source of truth: each store
+ * normalised vectors, scored by eng_dot_rows). Redis is the source of truth: each store
  * bumps the group's version, and a lookup that sees a new version reloads the
  * group's vectors; entries that expired in Redis are dropped when met. */
 typedef struct kvc_rag kvc_rag;

@@ -11,6 +11,10 @@
  * failure is counted). Free the reply with freeReplyObject. */
 redisReply *kvc__command_argv(kvc_redis *r, int argc, const char **argv, const size_t *lens);
 
+/* kvc__command_argv for a command whose reply does not matter: 0 if it
+ * succeeded, -1 if not (tests and maintenance). */
+int kvc__command_ok(kvc_redis *r, int argc, const char **argv, const size_t *lens);
+
 /* n commands pipelined on one connection: out[i] is each reply, or NULL for
  * an error reply or a failed link. 0 when every command succeeded. */
 typedef struct {

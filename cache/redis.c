@@ -25,7 +25,20 @@ struct kvc_redis {
     double open_until;       /* circuit open until (monotonic seconds) */
     int probing;             /* one request is probing a half-open circuit */
     kvc_redis_stats st;
+    char problem[256];       /* what on_problem was last told ("" = nothing yet, "ok") */
 };
+
+/* Tell on_problem about msg if it differs from what it heard last. */
+static void note(kvc_redis *r, const char *msg) {
+    if (!r->o.on_problem) return;
+    char copy[256];
+    pthread_mutex_lock(&r->mu);
+    int changed = strcmp(r->problem, msg) != 0 && !(!r->problem[0] && !strcmp(msg, "ok"));
+    if (changed) snprintf(r->problem, sizeof r->problem, "%s", msg);
+    snprintf(copy, sizeof copy, "%s", msg);
+    pthread_mutex_unlock(&r->mu);
+    if (changed) r->o.on_problem(r->o.on_problem_ud, copy);
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -140,23 +153,32 @@ static redisContext *dial(kvc_redis *r) {
     struct timeval ct = tv_ms(r->o.connect_timeout_ms);
     redisContext *c = r->unix_sock ? redisConnectUnixWithTimeout(r->path, ct) : redisConnectWithTimeout(r->host, r->port, ct);
     if (!c || c->err) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "cannot connect: %s", c ? c->errstr : "out of memory");
+        note(r, msg);
         if (c) redisFree(c);
         return NULL;
     }
     redisSetTimeout(c, tv_ms(r->o.command_timeout_ms));
     redisReply *rep = NULL;
+    const char *step = "AUTH";
     if (r->pass[0]) {
         rep = r->user[0] ? redisCommand(c, "AUTH %s %s", r->user, r->pass) : redisCommand(c, "AUTH %s", r->pass);
         if (!rep || rep->type == REDIS_REPLY_ERROR) goto fail;
         freeReplyObject(rep);
     }
+    step = "SELECT";
     if (r->db) {
         rep = redisCommand(c, "SELECT %d", r->db);
         if (!rep || rep->type == REDIS_REPLY_ERROR) goto fail;
         freeReplyObject(rep);
     }
     return c;
-fail:
+fail:;
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s failed: %s", step,
+             rep && rep->type == REDIS_REPLY_ERROR ? rep->str : c->errstr[0] ? c->errstr : "no reply");
+    note(r, msg);
     if (rep) freeReplyObject(rep);
     redisFree(c);
     return NULL;
@@ -183,11 +205,14 @@ static int acquire(kvc_redis *r) {
     return i;
 }
 
-static void release(kvc_redis *r, int i, int ok) {
+/* Give slot i back. link_ok: Redis was reached and answered (error replies
+ * included: they are the command's failure, not the link's). */
+static void release(kvc_redis *r, int i, int link_ok, int reply_errors) {
     pthread_mutex_lock(&r->mu);
     r->slots[i].busy = 0;
     r->st.commands++;
-    if (ok) {
+    r->st.errors += (uint64_t)reply_errors;
+    if (link_ok) {
         r->fails = 0;
         r->open_until = 0;
     } else {
@@ -226,13 +251,16 @@ int kvc__pipeline(kvc_redis *r, size_t n, const kvc__cmd *cmds, redisReply **out
         ok = redisGetReply(s->c, &rep) == REDIS_OK && rep;
         out[got] = rep;
     }
+    char msg[256] = "";
     if (!ok && s->c) { /* broken or timed out: the connection's state is unknown, reconnect next time */
+        snprintf(msg, sizeof msg, "command failed: %s", s->c->errstr[0] ? s->c->errstr : "no reply");
         redisFree(s->c);
         s->c = NULL;
     }
     int errors = 0;
     for (size_t k = 0; k < n; k++) /* an error reply is this command's failure, not the link's */
         if (out[k] && out[k]->type == REDIS_REPLY_ERROR) {
+            if (!msg[0]) snprintf(msg, sizeof msg, "%s", out[k]->str ? out[k]->str : "error reply");
             freeReplyObject(out[k]);
             out[k] = NULL;
             errors++;
@@ -240,7 +268,9 @@ int kvc__pipeline(kvc_redis *r, size_t n, const kvc__cmd *cmds, redisReply **out
     if (!ok)
         for (size_t k = 0; k < n; k++)
             if (out[k]) { freeReplyObject(out[k]); out[k] = NULL; }
-    release(r, i, ok && !errors);
+    release(r, i, ok, errors);
+    if (msg[0]) note(r, msg);
+    else if (ok) note(r, "ok");
     return ok && !errors ? 0 : -1;
 }
 
@@ -249,4 +279,11 @@ redisReply *kvc__command_argv(kvc_redis *r, int argc, const char **argv, const s
     redisReply *rep;
     kvc__pipeline(r, 1, &c, &rep);
     return rep;
+}
+
+int kvc__command_ok(kvc_redis *r, int argc, const char **argv, const size_t *lens) {
+    redisReply *rep = kvc__command_argv(r, argc, argv, lens);
+    if (!rep) return -1;
+    freeReplyObject(rep);
+    return 0;
 }

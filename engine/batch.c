@@ -356,8 +356,11 @@ static void seq_release_blocks(eng_engine *e, seq *s) {
 }
 
 /* ---- events ------------------------------------------------------------ */
-static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, const int32_t *toks, size_t nt) {
-    if (b->n == b->cap) {
+/* Room for `more` events in the array (not their text): reserved before
+ * anything can finish, so that no DONE is ever lost to a failed allocation
+ * (a Stream would wait for ever for its status). */
+static int ev_reserve(ev_buf *b, size_t more) {
+    while (b->n + more > b->cap) {
         size_t nc = b->cap ? b->cap * 2 : 64;
         eng_event *ne = realloc(b->ev, nc * sizeof *ne);
         size_t *to = realloc(b->text_off, nc * sizeof *to), *ko = to ? realloc(b->tok_off, nc * sizeof *ko) : NULL;
@@ -367,19 +370,30 @@ static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, c
         if (!ne || !to || !ko) return ENG_ENOMEM;
         b->cap = nc;
     }
-    if (b->text_n + tl + 1 > b->text_cap) {
-        size_t nc = (b->text_n + tl + 1) * 2;
-        char *nt = realloc(b->text, nc);
-        if (!nt) return ENG_ENOMEM;
-        b->text = nt;
-        b->text_cap = nc;
-    }
-    if (b->toks_n + nt > b->toks_cap) {
-        size_t nc = (b->toks_n + nt) * 2 + 16;
-        int32_t *nk = realloc(b->toks, nc * sizeof *nk);
-        if (!nk) return ENG_ENOMEM;
-        b->toks = nk;
-        b->toks_cap = nc;
+    return ENG_OK;
+}
+
+/* Grow an arena to hold `need` more units of `size` bytes. */
+static int arena_grow(void **p, size_t *cap, size_t used, size_t need, size_t size) {
+    if (used + need <= *cap) return ENG_OK;
+    size_t nc = (used + need) * 2 + 16;
+    void *np = realloc(*p, nc * size);
+    if (!np) return ENG_ENOMEM;
+    *p = np;
+    *cap = nc;
+    return ENG_OK;
+}
+
+/* Add an event. ENG_ENOMEM if there is no room for it at all; 1 if it went
+ * in without its text and tokens (no memory for them); else ENG_OK. */
+static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, const int32_t *toks, size_t nt) {
+    if (ev_reserve(b, 1)) return ENG_ENOMEM;
+    int degraded = 0;
+    if (arena_grow((void **)&b->text, &b->text_cap, b->text_n, tl + 1, 1) ||
+        arena_grow((void **)&b->toks, &b->toks_cap, b->toks_n, nt, sizeof *b->toks)) {
+        tl = nt = 0;
+        degraded = 1;
+        if (arena_grow((void **)&b->text, &b->text_cap, b->text_n, 1, 1)) return ENG_ENOMEM;
     }
     b->ev[b->n] = *ev;
     b->text_off[b->n] = b->text_n;
@@ -392,7 +406,7 @@ static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, c
     b->toks_n += nt;
     b->ev[b->n].n_tokens = nt;
     b->n++;
-    return ENG_OK;
+    return degraded;
 }
 
 /* Finish a sequence (not in the forward pass): DONE event, blocks back to
@@ -407,8 +421,13 @@ static void seq_finish(eng_engine *e, seq *s, int finish, int error, const char 
     size_t tl;
     const char *text = eng__gen_text(s->gen, &tl);
     eng_event ev = {.kind = ENG_EV_DONE, .id = s->id, .finish = finish, .usage = s->usage, .error = error};
-    ev_add(&e->ev, &ev, text, tl, s->tok + s->gen_start, (size_t)s->usage.generated_tokens);
     if (msg) snprintf(s->msg, sizeof s->msg, "%s", msg);
+    if (ev_add(&e->ev, &ev, text, tl, s->tok + s->gen_start, (size_t)s->usage.generated_tokens) == 1) {
+        /* (room for the event itself was reserved) no memory for the output: say so rather than lose it */
+        e->ev.ev[e->ev.n - 1].finish = ENG_FINISH_ERROR;
+        e->ev.ev[e->ev.n - 1].error = ENG_ENOMEM;
+        snprintf(s->msg, sizeof s->msg, "out of memory: the output (%d tokens) was lost", s->usage.generated_tokens);
+    }
     agent *a = s->agent_id && s->admitted ? agent_find(e, s->tenant, s->agent_id, NULL) : NULL;
     if (a) {
         /* the agent keeps the context and its blocks */
@@ -674,7 +693,9 @@ int eng_cancel(eng_engine *e, uint64_t id) {
     pthread_mutex_lock(&e->mu);
     seq *s = find_seq(e, id);
     int rc = ENG_ENOTFOUND;
-    if (s && !s->cancelled) {
+    if (s && !s->cancelled && !s->in_batch && ev_reserve(&e->ev, 1)) {
+        rc = ENG_ENOMEM; /* not cancelled: it still finishes by itself */
+    } else if (s && !s->cancelled) {
         s->cancelled = 1;
         /* not in the forward pass right now: free its blocks at once */
         if (!s->in_batch) seq_finish(e, s, ENG_FINISH_CANCELLED, 0, NULL);
@@ -898,6 +919,12 @@ static int schedule(eng_engine *e, int *n_tokens) {
 
 int eng_step(eng_engine *e, eng_event_cb cb, void *ud) {
     pthread_mutex_lock(&e->mu);
+    /* room for every event this step can make: a token and a DONE per running sequence, a DONE per
+     * waiting one refused at admission; without it, wait (nothing is lost, nothing runs) */
+    if (ev_reserve(&e->ev, 2 * (size_t)(e->running.n + e->o.max_running) + (size_t)e->waiting.n)) {
+        pthread_mutex_unlock(&e->mu);
+        return 0;
+    }
     int n_tokens = 0, nb = schedule(e, &n_tokens);
     if (nb == 0) {
         deliver(e, cb, ud);

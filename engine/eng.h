@@ -150,7 +150,8 @@ const char *eng_blas_core(void);
 const char *eng_blas_note(void);
 
 /* Load a model directory. Weights in F32, F16 or BF16 (single file or sharded
- * with model.safetensors.index.json) are converted to F32 on load. Every
+ * with model.safetensors.index.json) are converted to F32 on load (then the
+ * matrices to BF16 with opt->bf16_weights). Every
  * problem (missing file, unknown dtype, wrong shape, truncated file, lying
  * offsets) is reported with the file and tensor name. */
 int eng_model_open(eng_model **out, const char *dir, const eng_options *opt,
@@ -390,6 +391,39 @@ double eng_measure_sgemm_gflops(int n, int n_threads);
 /* Best-of-several read bandwidth, GB/s, summing a buffer of `mbytes` MiB with
  * n_threads threads (the pattern of streaming weights once per token). */
 double eng_measure_read_gbps(size_t mbytes, int n_threads);
+
+/* ---- chat templates ----------------------------------------------------- */
+/* A model's chat template (tokenizer_config.json's "chat_template", Jinja),
+ * rendered exactly as @huggingface/jinja renders it (docs/engine.md, "Chat
+ * templates", lists the subset). Read-only once open; render from any thread. */
+typedef struct eng_chat eng_chat;
+
+typedef struct eng_chat_msg {
+    const char *role;       /* "system", "user", "assistant", "tool", ... */
+    const char *content;    /* UTF-8; NULL renders as none */
+} eng_chat_msg;
+
+/* path: a model directory or its tokenizer_config.json. The template is
+ * "chat_template" (a string, or a list of {name, template}: "default"), else
+ * chat_template.jinja beside it; bos_token / eos_token are strings or
+ * {"content": ...}. ENG_EUNSUPPORTED ("... has no chat_template") when there
+ * is none; ENG_EFORMAT for bad JSON or a template that does not parse
+ * ("template line L:C: expected ..."); ENG_EIO. */
+int eng_chat_open(eng_chat **out, const char *path, char *err, size_t errlen);
+void eng_chat_close(eng_chat *c);
+
+/* Render n messages into *out (malloc'd, NUL-terminated, *len bytes). The
+ * template sees messages, add_generation_prompt, bos_token and eos_token.
+ * ENG_EINVAL with the template's raise_exception() message as it is, or
+ * "template line L:C: why" for anything else it cannot do; ENG_EUTF8. */
+int eng_chat_render(const eng_chat *c, const eng_chat_msg *msgs, size_t n, int add_generation_prompt,
+                    char **out, size_t *len, char *err, size_t errlen);
+/* The same from a whole JSON context object (json[0..json_len)): messages
+ * with tool_calls, tools, enable_thinking, ...; bos_token, eos_token and
+ * add_generation_prompt (false) are filled in when absent. ENG_EFORMAT if
+ * the JSON is malformed or not an object. */
+int eng_chat_render_json(const eng_chat *c, const char *json, size_t json_len, char **out, size_t *len,
+                         char *err, size_t errlen);
 
 /* ---- incremental detokenizer (streaming) ------------------------------ */
 typedef struct eng_detok eng_detok;

@@ -11,9 +11,11 @@ pkgs=(
   libopenblas-dev libcjson-dev libpcre2-dev libssl-dev libutf8proc-dev
   libgrpc-dev protobuf-compiler libprotobuf-c-dev protobuf-c-compiler   # RPC layer
   python3-grpcio python3-protobuf     # an independent gRPC client in tests
+  python3-jinja2                      # an independent chat-template renderer in tests
   openssl                             # test certificates
   libhiredis-dev redis-server         # caches (the tests start their own redis-server)
   libmicrohttpd-dev                   # metrics over HTTP
+  libedit-dev                         # kvctl chat: line editing and history
   python3 python3-numpy python3-regex # reference implementation, model generator
   nodejs npm                          # @huggingface/tokenizers, @grpc/grpc-js tests
 )

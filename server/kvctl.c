@@ -4,11 +4,13 @@
  *   kvctl submit [options] PROMPT | step [--wait MS] ID... | cancel ID | stats
  *   kvctl agents list | get ID | drop ID | export ID FILE | import ID FILE
  *   kvctl health [SERVICE] | load --concurrency N --requests M [options] PROMPT
+ *   kvctl chat [--system TEXT] [options]                    a multi-turn chat on an agent
  */
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvserve/v1/kvserve.pb-c.h"
 #include "pbio.h"
 
+#include <editline/readline.h>
 #include <errno.h>
 #include <getopt.h>
 #include <grpc/byte_buffer.h>
@@ -20,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static const char USAGE[] =
     "usage: kvctl [connection options] COMMAND [options]\n"
@@ -31,6 +34,8 @@ static const char USAGE[] =
     "  cancel ID                         cancel a request\n"
     "  stats                             engine figures (KV blocks, running, queued)\n"
     "  agents list | get ID | drop ID | export ID FILE | import ID FILE\n"
+    "  chat [--system TEXT] [gen options]  a chat with the model on an agent (its chat template); a line\n"
+    "                                    per turn, answers streamed; /reset forgets, /exit or end of input ends\n"
     "  health [SERVICE]                  grpc.health.v1 Check (exit 0 when SERVING)\n"
     "  load --concurrency N --requests M [--prompt-tokens N] [gen options] PROMPT\n"
     "                                    drive load (random prompts of N token ids if given), report throughput\n"
@@ -61,6 +66,7 @@ typedef struct {
     Kvserve__V1__Sampling sp;
     char *stops[16];
     int quiet, concurrency, requests, wait_ms, prompt_tokens, same;
+    const char *system;
 } genopts;
 
 /* Connection options are accepted before and after the command. */
@@ -251,6 +257,118 @@ static int cmd_generate(conn *c, genopts *g) {
     }
     int st = rpc_finish(&r);
     return st ? 1 : ret;
+}
+
+/* ---- chat ------------------------------------------------------------------ */
+typedef struct {
+    Kvserve__V1__ChatMessage **m;
+    size_t n, cap;
+} chat_log;
+
+static int chat_add(chat_log *l, const char *role, const char *content) {
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 16;
+        Kvserve__V1__ChatMessage **nm = realloc(l->m, nc * sizeof *nm);
+        if (!nm) return -1;
+        l->m = nm;
+        l->cap = nc;
+    }
+    Kvserve__V1__ChatMessage *m = malloc(sizeof *m);
+    if (!m) return -1;
+    kvserve__v1__chat_message__init(m);
+    m->role = strdup(role);
+    m->content = strdup(content);
+    if (!m->role || !m->content) { free(m->role); free(m->content); free(m); return -1; }
+    l->m[l->n++] = m;
+    return 0;
+}
+
+static void chat_clear(chat_log *l, size_t keep) {
+    for (size_t i = keep; i < l->n; i++) { free(l->m[i]->role); free(l->m[i]->content); free(l->m[i]); }
+    l->n = keep;
+}
+
+/* One turn: stream the answer to stdout; *answer (malloc'd) is its text. */
+static int chat_turn(conn *c, genopts *g, chat_log *l, char **answer) {
+    rpc r;
+    *answer = NULL;
+    g->req.messages = l->m;
+    g->req.n_messages = l->n;
+    if (rpc_start(c, &r, "/kvserve.v1.Generation/Stream", &g->req.base)) { /* status tells why */ }
+    Kvserve__V1__StreamEvent *ev;
+    int ret = 1;
+    while ((ev = (Kvserve__V1__StreamEvent *)rpc_recv(&r, &kvserve__v1__stream_event__descriptor))) {
+        if (ev->event_case == KVSERVE__V1__STREAM_EVENT__EVENT_TOKEN) {
+            fputs(ev->token->text, stdout);
+            fflush(stdout);
+        } else if (ev->event_case == KVSERVE__V1__STREAM_EVENT__EVENT_COMPLETION) {
+            Kvserve__V1__Completion *cp = ev->completion;
+            Kvserve__V1__Usage *u = cp->usage;
+            if (!g->quiet)
+                fprintf(stderr, "\n[prompt %d (cached %d%s) | generated %d | finish %s]", u ? u->prompt_tokens : 0,
+                        u ? u->cached_tokens : 0, u && u->history_diverged ? ", history recomputed" : "",
+                        u ? u->generated_tokens : 0, finish_name(cp->finish_reason));
+            fputc('\n', stdout);
+            *answer = strdup(cp->text ? cp->text : "");
+            ret = cp->finish_reason == KVSERVE__V1__FINISH_REASON__ERROR;
+        }
+        protobuf_c_message_free_unpacked(&ev->base, NULL);
+    }
+    int st = rpc_finish(&r);
+    return st ? 1 : ret;
+}
+
+/* A line of input: with line editing and history on a terminal. */
+static char *chat_read(int tty) {
+    if (tty) {
+        char *line = readline("you> ");
+        if (line && line[0]) add_history(line);
+        return line;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n = getline(&line, &cap, stdin);
+    if (n < 0) { free(line); return NULL; }
+    if (n && line[n - 1] == '\n') line[n - 1] = 0;
+    return line;
+}
+
+static int cmd_chat(conn *c, genopts *g) {
+    char agent[64];
+    int own = !g->req.agent_id; /* an agent of our own: dropped at the end */
+    if (own) {
+        snprintf(agent, sizeof agent, "kvctl-chat-%ld-%ld", (long)getpid(), (long)time(NULL));
+        g->req.agent_id = agent;
+    }
+    chat_log l = {0};
+    size_t base = 0;
+    if (g->system && (chat_add(&l, "system", g->system) || (base = 1, 0))) return 1;
+    int tty = isatty(0), ret = 0;
+    char *line;
+    while ((line = chat_read(tty))) {
+        if (!strcmp(line, "/exit")) { free(line); break; }
+        if (!strcmp(line, "/reset")) { chat_clear(&l, base); free(line); continue; }
+        if (!line[0]) { free(line); continue; }
+        char *answer = NULL;
+        int bad = chat_add(&l, "user", line);
+        free(line);
+        if (bad || chat_turn(c, g, &l, &answer) || !answer || chat_add(&l, "assistant", answer)) {
+            free(answer);
+            ret = 1;
+            break;
+        }
+        free(answer);
+    }
+    chat_clear(&l, 0);
+    free(l.m);
+    if (own) { /* forget the agent */
+        Kvserve__V1__AgentRequest q = KVSERVE__V1__AGENT_REQUEST__INIT;
+        q.agent_id = agent;
+        ProtobufCMessage *out;
+        if (!unary(c, "/kvserve.v1.Agents/DropAgent", &q.base, &kvserve__v1__drop_agent_reply__descriptor, &out) && out)
+            protobuf_c_message_free_unpacked(out, NULL);
+    }
+    return ret;
 }
 
 static int cmd_submit(conn *c, genopts *g) {
@@ -477,7 +595,8 @@ int main(int argc, char **argv) {
     g.req.sampling = &g.sp;
     g.req.stop = g.stops;
     enum { O_TEMP = O_TIMEOUT + 1, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_SEED,
-           O_STOP, O_IGNORE_EOS, O_AGENT, O_RESET, O_BOS, O_QUIET, O_CONC, O_REQS, O_WAIT, O_PTOK, O_SAME, O_HELP };
+           O_STOP, O_IGNORE_EOS, O_AGENT, O_RESET, O_BOS, O_QUIET, O_CONC, O_REQS, O_WAIT, O_PTOK, O_SAME, O_SYSTEM,
+           O_HELP };
     static const struct option opts[] = {
         {"addr", required_argument, 0, O_ADDR}, {"tls", no_argument, 0, O_TLS}, {"ca", required_argument, 0, O_CA},
         {"cert", required_argument, 0, O_CERT}, {"key", required_argument, 0, O_KEY},
@@ -490,7 +609,7 @@ int main(int argc, char **argv) {
         {"reset", no_argument, 0, O_RESET}, {"bos", no_argument, 0, O_BOS}, {"quiet", no_argument, 0, O_QUIET},
         {"concurrency", required_argument, 0, O_CONC}, {"requests", required_argument, 0, O_REQS},
         {"wait", required_argument, 0, O_WAIT}, {"prompt-tokens", required_argument, 0, O_PTOK},
-        {"same", no_argument, 0, O_SAME},
+        {"same", no_argument, 0, O_SAME}, {"system", required_argument, 0, O_SYSTEM},
         {"help", no_argument, 0, O_HELP}, {0, 0, 0, 0}};
     int o;
     /* options may come before or after the command */
@@ -528,6 +647,7 @@ int main(int argc, char **argv) {
         case O_WAIT: g.wait_ms = atoi(optarg); break;
         case O_PTOK: g.prompt_tokens = atoi(optarg); break;
         case O_SAME: g.same = 1; break;
+        case O_SYSTEM: g.system = optarg; break;
         case 'h': case O_HELP: fputs(USAGE, stdout); return 0;
         default: fputs("kvctl: see kvctl --help\n", stderr); return 2;
         }
@@ -541,7 +661,8 @@ int main(int argc, char **argv) {
         if (rest < 1) { fprintf(stderr, "kvctl: %s needs a prompt\n", cmd); goto out; }
         g.req.prompt = args[0];
         ret = !strcmp(cmd, "generate") ? cmd_generate(&c, &g) : !strcmp(cmd, "submit") ? cmd_submit(&c, &g) : cmd_load(&c, &g);
-    } else if (!strcmp(cmd, "step")) ret = cmd_step(&c, rest, args, g.wait_ms);
+    } else if (!strcmp(cmd, "chat")) ret = cmd_chat(&c, &g);
+    else if (!strcmp(cmd, "step")) ret = cmd_step(&c, rest, args, g.wait_ms);
     else if (!strcmp(cmd, "cancel")) {
         if (rest < 1) { fprintf(stderr, "kvctl: cancel ID\n"); goto out; }
         ret = cmd_cancel(&c, args[0]);

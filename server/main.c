@@ -1,4 +1,4 @@
-/* main.c — the kvserve command line: generate, score, tokenize, logits. */
+/* main.c — the kvserve command line: generate, score, tokenize, logits, chat-template. */
 #include "eng.h"
 #include "srv.h"
 
@@ -20,6 +20,7 @@ static const char USAGE[] =
     "  score    --model DIR TEXT                        per-token log-probabilities and perplexity\n"
     "  tokenize (--tokenizer FILE | --model DIR)        token ids of stdin (or --decode ids)\n"
     "  logits   --model DIR --ids \"1 2 3\" --out FILE    raw float32 logits for every position\n"
+    "  chat-template DIR|TOKENIZER_CONFIG [--json]      render the chat template for the JSON context on stdin\n"
     "\n"
     "model options:\n"
     "  --model DIR          Hugging Face model directory (config.json, *.safetensors, tokenizer.json)\n"
@@ -71,7 +72,10 @@ static const char USAGE[] =
     "  --decode             read ids from stdin, write the decoded bytes\n"
     "  --special            add the post-processor's BOS when encoding\n"
     "  --json               batch mode: stdin is a JSON array of strings (or, with --decode,\n"
-    "                       of id arrays); stdout the JSON array of results\n";
+    "                       of id arrays); stdout the JSON array of results\n"
+    "\n"
+    "chat-template: stdin is {\"messages\": [...], \"add_generation_prompt\": true, ...}; stdout the text,\n"
+    "  or with --json {\"text\": ...} / {\"error\": ...}. bos_token and eos_token come from the config.\n";
 
 enum {
     O_MODEL = 256, O_THREADS, O_CTX, O_BATCH, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_RPEN, O_RLAST, O_SEED, O_STOP,
@@ -439,6 +443,34 @@ out:
     return ret;
 }
 
+/* The rendered text, or with --json {"text": ...} / {"error": ...}; exit 1 on an error either way. */
+static int cmd_chat_template(int argc, char **argv) {
+    cli c;
+    if (parse_args(argc, argv, &c)) return 2;
+    const char *path = optind < argc ? argv[optind] : c.model;
+    if (!path) { fprintf(stderr, "kvserve: chat-template needs a model directory or a tokenizer_config.json\n"); return 2; }
+    char err[512];
+    eng_chat *chat;
+    int rc = eng_chat_open(&chat, path, err, sizeof err);
+    size_t len = 0, tl = 0;
+    char *in = rc ? NULL : read_stdin(&len), *text = NULL;
+    if (!rc && !in) { rc = ENG_EIO; snprintf(err, sizeof err, "cannot read stdin"); }
+    if (!rc) rc = eng_chat_render_json(chat, in, len, &text, &tl, err, sizeof err);
+    if (c.json) {
+        fputs(rc ? "{\"error\":" : "{\"text\":", stdout);
+        put_json_string(stdout, rc ? err : text, rc ? strlen(err) : tl);
+        puts("}");
+    } else if (rc) {
+        fprintf(stderr, "kvserve: chat template: %s\n", err);
+    } else {
+        fwrite(text, 1, tl, stdout);
+    }
+    free(text);
+    free(in);
+    eng_chat_close(chat);
+    return rc ? 1 : 0;
+}
+
 static int cmd_logits(int argc, char **argv) {
     cli c;
     if (parse_args(argc, argv, &c)) return 2;
@@ -542,6 +574,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "score")) return cmd_score(argc, argv);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
     if (!strcmp(cmd, "logits")) return cmd_logits(argc, argv);
+    if (!strcmp(cmd, "chat-template")) return cmd_chat_template(argc, argv);
     fprintf(stderr, "kvserve: unknown command '%s' (see kvserve --help)\n", cmd);
     return 2;
 }

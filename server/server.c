@@ -219,6 +219,8 @@ struct srv {
     int n_cq;
     eng_model *model;
     eng_engine *eng;
+    eng_chat *chat;             /* the model's chat template, or NULL if it has none */
+    char chat_why[256];         /* why there is none */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int work, stop_engine, shutting_down, ready, serving;
@@ -625,6 +627,7 @@ static Kvserve__V1__Completion *completion_of(const eng_event *ev) {
     u->prompt_tokens = ev->usage.prompt_tokens;
     u->cached_tokens = ev->usage.cached_tokens;
     u->generated_tokens = ev->usage.generated_tokens;
+    u->history_diverged = ev->usage.history_diverged != 0;
     c->usage = u;
     c->error = dup_n(ev->message ? ev->message : "", ev->message ? strlen(ev->message) : 0);
     return c;
@@ -694,7 +697,8 @@ static void on_event(void *ud, const eng_event *ev) {
                 stream_push(sc, &se.base);
             }
             free_completion(c);
-            stream_end(sc, GRPC_STATUS_OK, "");
+            if (c) stream_end(sc, GRPC_STATUS_OK, "");
+            else stream_end(sc, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory building the completion");
             rec_unlink(s, r);
             rec_free(r);
             pthread_mutex_unlock(&s->mu);
@@ -734,18 +738,63 @@ static ProtobufCMessage *unpack_request(const ProtobufCMessageDescriptor *d, grp
         return;                                                                           \
     }
 
-/* GenerateRequest -> eng_request (pointers into g). */
-static int to_engine_request(const Kvserve__V1__GenerateRequest *g, const char *tenant, eng_request *r, char *err,
-                             size_t errlen) {
+/* GenerateRequest.messages rendered with the model's chat template into
+ * *text (malloc'd). ENG_OK, or ENG_EINVAL with a message naming the field. */
+static int render_chat(srv *s, const Kvserve__V1__GenerateRequest *g, char **text, size_t *len, char *err,
+                       size_t errlen) {
+    if ((g->prompt && g->prompt[0]) || g->n_prompt_ids) {
+        snprintf(err, errlen, "messages: give prompt, prompt_ids or messages, not two of them");
+        return ENG_EINVAL;
+    }
+    if (!s->chat) {
+        snprintf(err, errlen, "messages: %s", s->chat_why);
+        return ENG_EINVAL;
+    }
+    if (g->n_messages > 4096) {
+        snprintf(err, errlen, "messages: at most 4096 messages (got %zu)", g->n_messages);
+        return ENG_EINVAL;
+    }
+    eng_chat_msg *m = calloc(g->n_messages, sizeof *m);
+    if (!m) {
+        snprintf(err, errlen, "out of memory");
+        return ENG_ENOMEM;
+    }
+    for (size_t i = 0; i < g->n_messages; i++) {
+        m[i].role = g->messages[i]->role ? g->messages[i]->role : "";
+        m[i].content = g->messages[i]->content ? g->messages[i]->content : "";
+        if (!m[i].role[0]) {
+            free(m);
+            snprintf(err, errlen, "messages[%zu].role is empty", i);
+            return ENG_EINVAL;
+        }
+    }
+    char why[400];
+    int rc = eng_chat_render(s->chat, m, g->n_messages, !g->no_generation_prompt, text, len, why, sizeof why);
+    free(m);
+    if (rc) {
+        snprintf(err, errlen, "messages: the chat template refused them: %s", why);
+        return ENG_EINVAL;
+    }
+    return ENG_OK;
+}
+
+/* GenerateRequest -> eng_request (pointers into g, or into chat: the
+ * rendered messages). */
+static int to_engine_request(const Kvserve__V1__GenerateRequest *g, const char *chat, size_t chat_len,
+                             const char *tenant, eng_request *r, char *err, size_t errlen) {
     memset(r, 0, sizeof *r);
-    if (g->prompt && g->prompt[0]) {
+    if (chat) {
+        r->text = chat;
+        r->text_len = chat_len;
+        r->full_context = 1; /* with an agent: the whole conversation each turn */
+    } else if (g->prompt && g->prompt[0]) {
         r->text = g->prompt;
         r->text_len = strlen(g->prompt);
     } else {
         r->ids = g->prompt_ids;
         r->n_ids = g->n_prompt_ids;
     }
-    r->add_special = g->add_special_tokens;
+    r->add_special = !chat && g->add_special_tokens; /* a template writes its own BOS */
     r->tenant = tenant;
     r->agent_id = g->agent_id;
     r->reset = g->reset;
@@ -1044,12 +1093,16 @@ typedef struct pend {
     int streaming;
     int lookup;                 /* look it up in the prompt cache first */
     Kvserve__V1__GenerateRequest *g;
+    char *chat;                 /* g's messages rendered, or NULL */
+    int32_t *ids;               /* the prompt tokenized before the server lock, or NULL */
     eng_request r;
     cache_req *cq;
 } pend;
 
 static void pend_free(pend *p) {
     cache_req_free(p->cq);
+    free(p->chat);
+    free(p->ids);
     kvserve__v1__generate_request__free_unpacked(p->g, NULL);
     free(p);
 }
@@ -1063,6 +1116,14 @@ static void start_generation(srv *s, pend *p) {
     uint64_t id = 0;
     char digest[65] = "";
     if (p->cq && streaming) kvc_prompt_key_digest(&p->cq->k, digest);
+    if (p->r.text) { /* tokenize outside the server lock: a long prompt must not stall the other calls */
+        size_t n = 0;
+        if (eng_tok_encode(eng_model_tok(s->model), p->r.text, p->r.text_len, p->r.add_special, &p->ids, &n) == ENG_OK) {
+            p->r.text = NULL;
+            p->r.ids = p->ids;
+            p->r.n_ids = n;
+        } /* else eng_submit says why */
+    }
     pthread_mutex_lock(&s->mu);
     c->pending = 0;
     s->pending--;
@@ -1194,7 +1255,9 @@ static void h_generate(call *c, int streaming) {
     p->g = g;
     p->streaming = streaming;
     c->pend_item = p;
-    int rc = to_engine_request(g, c->tenant, &p->r, err, sizeof err);
+    size_t chat_len = 0;
+    int rc = g->n_messages ? render_chat(s, g, &p->chat, &chat_len, err, sizeof err) : ENG_OK;
+    if (!rc) rc = to_engine_request(g, p->chat, chat_len, c->tenant, &p->r, err, sizeof err);
     if (rc) {
         pend_free(p);
         finish_call(c, status_of(rc), err, NULL);
@@ -1286,6 +1349,12 @@ static void step_reply(srv *s, call *c, const uint64_t *ids, size_t n) {
     }
     rep.tokens = malloc((nt ? nt : 1) * sizeof *rep.tokens);
     rep.completions = malloc((nc ? nc : 1) * sizeof *rep.completions);
+    if (!rep.tokens || !rep.completions) { /* nothing is taken: the client may Step again */
+        free(rep.tokens);
+        free(rep.completions);
+        finish_call(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory building the reply; Step again", NULL);
+        return;
+    }
     for (size_t i = 0; i < n; i++) {
         rec *r = rs[i];
         if (!r) continue;
@@ -1900,7 +1969,8 @@ static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionReq
     srv *s = c->s;
     Grpc__Reflection__V1__ServerReflectionResponse rep = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__INIT;
     Grpc__Reflection__V1__ListServiceResponse ls = GRPC__REFLECTION__V1__LIST_SERVICE_RESPONSE__INIT;
-    Grpc__Reflection__V1__ServiceResponse svc[7], *svcp[7];
+    enum { N_SERVICES = sizeof KNOWN_SERVICES / sizeof *KNOWN_SERVICES - 1 }; /* (the first is "": the server) */
+    Grpc__Reflection__V1__ServiceResponse svc[N_SERVICES], *svcp[N_SERVICES];
     Grpc__Reflection__V1__FileDescriptorResponse fd = GRPC__REFLECTION__V1__FILE_DESCRIPTOR_RESPONSE__INIT;
     Grpc__Reflection__V1__ErrorResponse er = GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT;
     ProtobufCBinaryData files[16];
@@ -1911,12 +1981,12 @@ static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionReq
     int found = -1;
     switch (q->message_request_case) {
     case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_LIST_SERVICES:
-        for (int i = 0; i < 6; i++) {
+        for (int i = 0; i < N_SERVICES; i++) {
             grpc__reflection__v1__service_response__init(&svc[i]);
             svc[i].name = (char *)KNOWN_SERVICES[i + 1];
             svcp[i] = &svc[i];
         }
-        ls.n_service = 6;
+        ls.n_service = N_SERVICES;
         ls.service = svcp;
         rep.message_response_case = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_LIST_SERVICES_RESPONSE;
         rep.list_services_response = &ls;
@@ -2301,6 +2371,13 @@ void srv_config_default(srv_config *c) {
 
 static void *writer_loop(void *p);
 
+/* The Redis pool's news, once per change: an operator sees "NOAUTH", "Connection refused", ... */
+static void redis_problem(void *ud, const char *msg) {
+    (void)ud;
+    if (!strcmp(msg, "ok")) LOG_INFO("redis: working again (the caches are back)");
+    else LOG_WARN("redis: %s (the caches fail open: requests go on without them)", msg);
+}
+
 /* Undo what srv_run set up before serving; exit code 2. */
 static int early_exit(srv *s) {
     if (s->has_writer) {
@@ -2394,12 +2471,16 @@ int srv_run(const srv_config *cfg) {
     }
 
     if (s->cfg.redis_url) { /* Redis may be down now: the cache is fail-open */
-        char err[256];
+        char err[256] = "";
         kvc_redis_options ro = {.url = s->cfg.redis_url, .connect_timeout_ms = s->cfg.redis_timeout_ms,
-                                .command_timeout_ms = s->cfg.redis_timeout_ms};
+                                .command_timeout_ms = s->cfg.redis_timeout_ms, .on_problem = redis_problem};
         kvc_prompt_options po = {.default_ttl_s = s->cfg.cache_ttl_s};
-        if (kvc_redis_open(&s->redis, &ro, err, sizeof err) != KVC_OK ||
-            kvc_prompt_open(&s->pcache, s->redis, &po) != KVC_OK || kvc_rag_open(&s->rag, s->redis, NULL) != KVC_OK) {
+        int bad = kvc_redis_open(&s->redis, &ro, err, sizeof err) != KVC_OK;
+        if (!bad && kvc_prompt_open(&s->pcache, s->redis, &po) != KVC_OK)
+            bad = snprintf(err, sizeof err, "out of memory opening the prompt cache") > 0;
+        if (!bad && kvc_rag_open(&s->rag, s->redis, NULL) != KVC_OK)
+            bad = snprintf(err, sizeof err, "out of memory opening the RAG cache") > 0;
+        if (bad) {
             kvc_prompt_close(s->pcache);
             fprintf(stderr, "kvserve: --redis: %s\n", err);
             kvc_redis_close(s->redis);
@@ -2411,6 +2492,10 @@ int srv_run(const srv_config *cfg) {
             return 2;
         }
         s->has_writer = pthread_create(&s->writer, NULL, writer_loop, s) == 0;
+        if (!s->has_writer) { /* queued writes would wait for ever */
+            fprintf(stderr, "kvserve: cannot start the cache writer thread: %s\n", strerror(errno));
+            return early_exit(s);
+        }
     }
 
     /* SIGTERM / SIGINT write to a pipe from whatever thread takes them (the
@@ -2466,7 +2551,13 @@ int srv_run(const srv_config *cfg) {
     grpc_server_start(s->server);
     s->n_cq = s->cfg.cq_threads;
     s->cq_thr = calloc((size_t)s->n_cq, sizeof *s->cq_thr);
-    for (int i = 0; i < s->n_cq; i++) pthread_create(&s->cq_thr[i], NULL, cq_loop, s);
+    for (int i = 0; s->cq_thr && i < s->n_cq; i++)
+        if (pthread_create(&s->cq_thr[i], NULL, cq_loop, s) != 0) {
+            LOG_WARN("could start only %d of %d completion-queue threads", i, s->n_cq);
+            s->n_cq = i; /* (shutdown joins those) */
+        }
+    if (!s->cq_thr) s->n_cq = 0;
+    if (s->n_cq == 0) LOG_WARN("no completion-queue thread could start: calls will not be served");
     for (int i = -1; i < N_METHODS; i++) request_call(s, i);
     LOG_INFO("listening on %s (port %d)%s%s; loading %s", s->cfg.listen, port, s->cfg.tls_cert ? ", TLS" : "",
              s->cfg.tls_client_ca ? " + client certificates" : "", s->cfg.model_dir);
@@ -2478,6 +2569,10 @@ int srv_run(const srv_config *cfg) {
     double t0 = now_s();
     int lrc = eng_model_open(&s->model, s->cfg.model_dir, &eo, err, sizeof err);
     if (!lrc) lrc = eng_engine_open(&s->eng, s->model, &s->cfg.engine, err, sizeof err);
+    if (!lrc && eng_chat_open(&s->chat, s->cfg.model_dir, s->chat_why, sizeof s->chat_why) != ENG_OK) {
+        LOG_INFO("no chat template: %s (requests with messages are refused)", s->chat_why);
+        s->chat = NULL;
+    }
     kvc_batcher_options bo = {s->cfg.batch_max, s->cfg.batch_window_ms, s->cfg.batch_queue};
     if (!lrc && kvc_batcher_open(&s->batcher, &bo, on_batch, on_batch_drop, s) != KVC_OK) {
         snprintf(err, sizeof err, "batcher: out of memory");
@@ -2504,16 +2599,22 @@ int srv_run(const srv_config *cfg) {
         if (s->cfg.test_hold_file)
             LOG_WARN("test hook KVSERVE_TEST_HOLD_FILE=%s: while that file exists, requests are held at the "
                      "number of tokens it holds", s->cfg.test_hold_file);
-        pthread_create(&s->eng_thr, NULL, engine_loop, s);
-        pthread_mutex_lock(&s->mu);
-        s->ready = 1;
-        s->serving = 1;
-        notify_watchers(s);
-        pthread_mutex_unlock(&s->mu);
-        unsigned char sig = 0;
-        while (read(sig_pipe[0], &sig, 1) < 0 && errno == EINTR) {}
-        LOG_INFO("signal %d: shutting down (grace %.1fs)", sig, s->cfg.grace_seconds);
-        rc = 0;
+        if (s->n_cq == 0 || pthread_create(&s->eng_thr, NULL, engine_loop, s) != 0) {
+            memset(&s->eng_thr, 0, sizeof s->eng_thr);
+            fprintf(stderr, "kvserve: cannot start the %s thread%s: %s\n", s->n_cq ? "engine" : "completion-queue",
+                    s->n_cq ? "" : "s", strerror(errno));
+            rc = 2; /* never SERVING */
+        } else {
+            pthread_mutex_lock(&s->mu);
+            s->ready = 1;
+            s->serving = 1;
+            notify_watchers(s);
+            pthread_mutex_unlock(&s->mu);
+            unsigned char sig = 0;
+            while (read(sig_pipe[0], &sig, 1) < 0 && errno == EINTR) {}
+            LOG_INFO("signal %d: shutting down (grace %.1fs)", sig, s->cfg.grace_seconds);
+            rc = 0;
+        }
     }
 
     /* Graceful shutdown. From here new generation, agent and cache-admin
@@ -2634,6 +2735,7 @@ int srv_run(const srv_config *cfg) {
         rec_free(r);
     }
     eng_engine_close(s->eng);
+    eng_chat_close(s->chat);
     eng_model_close(s->model);
     grpc_shutdown();
     free_files(s);

@@ -19,7 +19,7 @@ typedef struct srv_config {
     const char *tls_client_ca;   /* PEM CA: require and verify client certificates (mTLS) */
     const char *token_file;      /* lines "TOKEN TENANT": enables bearer-token auth */
     const char *export_key_file; /* HMAC key of agent exports (NULL: a random one per process) */
-    double grace_seconds;        /* on SIGTERM: time in-flight calls get to finish (0 = 10) */
+    double grace_seconds;        /* on SIGTERM: time in-flight calls get to finish (0: none, cancel at once) */
     int max_message_bytes;       /* largest request accepted (0 = 64 MiB) */
     int max_wait_ms;             /* cap on Step's wait_ms (0 = 10000) */
     int max_results;             /* Submitted requests per tenant not yet collected by Step (0 = 1024) */

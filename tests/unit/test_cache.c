@@ -3,6 +3,7 @@
  * namespace invalidation and purge, fail-open with the circuit breaker
  * when Redis dies and recovery when it returns, threads. */
 #include "kvc.h"
+#include "kvc_internal.h"
 #include "test.h"
 
 #include <arpa/inet.h>
@@ -304,6 +305,53 @@ static void test_fail_open_and_recovery(void) {
 /* ---- RAG cache ---------------------------------------------------------------- */
 #define DIM 384
 
+static char heard[8][256];
+static int n_heard;
+static void on_problem(void *ud, const char *msg) {
+    (void)ud;
+    snprintf(heard[n_heard++ % 8], sizeof heard[0], "%s", msg);
+}
+
+static int cmd3(kvc_redis *r, const char *a, const char *b, const char *c) {
+    const char *argv[3] = {a, b, c};
+    size_t lens[3] = {strlen(a), strlen(b), strlen(c)};
+    return kvc__command_ok(r, 3, argv, lens);
+}
+
+/* An error reply (WRONGTYPE) is the command's failure, not the link's: the
+ * breaker stays shut; the operator hears Redis's own words once per change,
+ * and that it works again; a refused AUTH names itself. */
+static void test_error_replies_and_problems(void) {
+    char url[96], err[256];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d/0", redis_port);
+    kvc_redis_options o = {.url = url, .on_problem = on_problem};
+    kvc_redis *r = NULL;
+    CHECK_MSG(kvc_redis_open(&r, &o, err, sizeof err) == KVC_OK, "%s", err);
+    if (!r) return;
+    n_heard = 0;
+    CHECK(cmd3(r, "SET", "kvtest:wrongtype", "v") == 0);
+    kvc_redis_stats before, after;
+    kvc_redis_stats_get(r, &before);
+    for (int i = 0; i < 6; i++) CHECK(cmd3(r, "LPUSH", "kvtest:wrongtype", "x") == -1);
+    kvc_redis_stats_get(r, &after);
+    CHECK_MSG(!after.breaker_open && after.breaker_opens == before.breaker_opens && after.skipped == before.skipped,
+              "error replies opened the breaker");
+    CHECK(after.errors == before.errors + 6);
+    CHECK_MSG(n_heard == 1 && strstr(heard[0], "WRONGTYPE"), "heard %d: %s", n_heard, n_heard ? heard[0] : "");
+    CHECK(cmd3(r, "SET", "kvtest:wrongtype", "w") == 0);
+    CHECK_MSG(n_heard == 2 && !strcmp(heard[1], "ok"), "heard %d", n_heard);
+    kvc_redis_close(r);
+    /* a password this Redis does not have */
+    snprintf(url, sizeof url, "redis://:not-the-password@127.0.0.1:%d/0", redis_port);
+    n_heard = 0;
+    CHECK(kvc_redis_open(&r, &o, err, sizeof err) == KVC_OK);
+    if (!r) return;
+    CHECK(cmd3(r, "SET", "kvtest:x", "v") == -1);
+    CHECK_MSG(n_heard == 1 && strstr(heard[0], "AUTH failed: ") && strstr(heard[0], "ERR"), "heard %d: %s", n_heard,
+              n_heard ? heard[0] : "");
+    kvc_redis_close(r);
+}
+
 static void unit_vec(float *v, int axis) {
     memset(v, 0, DIM * sizeof *v);
     v[axis] = 1;
@@ -500,6 +548,7 @@ int main(int argc, char **argv) {
         {"namespace_invalidate_and_purge", test_invalidate_and_purge},
         {"write_after_invalidate_and_get_many", test_write_after_invalidate_and_get_many},
         {"fail_open_breaker_and_recovery", test_fail_open_and_recovery},
+        {"error_replies_do_not_open_the_breaker_problems_told_once", test_error_replies_and_problems},
         {"threads", test_threads},
         {"rag_exact_similar_tenants_replicas_dims", test_rag_exact_similar_tenants_replicas},
         {"rag_expiry", test_rag_expiry},
