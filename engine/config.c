@@ -93,16 +93,16 @@ static int rope_scaling(const cJSON *o, eng_config *cfg, const char *name, char 
     if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
     const char *t = cJSON_IsString(ty) ? ty->valuestring : "?";
     if (!strcmp(t, "default")) return ENG_OK;
-    if (strcmp(t, "linear") && strcmp(t, "llama3"))
-        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: rope_scaling type \"%s\" is not supported (linear, llama3)",
-                         name, t);
+    if (strcmp(t, "linear") && strcmp(t, "llama3") && strcmp(t, "dynamic"))
+        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: rope_scaling type \"%s\" is not supported (linear, llama3, "
+                         "dynamic)", name, t);
     double d;
     int rc;
     const char *rname = "rope_scaling";
     if ((rc = get_num(rs, "factor", 0, 1e-3, 1e6, &d, rname, err, errlen))) return rc;
     if (!(d > 0)) return eng__fail(err, errlen, ENG_EFORMAT, "%s: rope_scaling needs a positive factor", name);
     cfg->rope_factor = (float)d;
-    cfg->rope_scaling = ENG_ROPE_LINEAR;
+    cfg->rope_scaling = !strcmp(t, "dynamic") ? ENG_ROPE_DYNAMIC : ENG_ROPE_LINEAR;
     if (!strcmp(t, "llama3")) {
         long om;
         double lo, hi;
@@ -301,6 +301,15 @@ int eng__config_parse(const char *json, size_t len, const char *name, eng_config
         goto out;
     }
     double d;
+    if (cfg->rope_scaling == ENG_ROPE_DYNAMIC) { /* NTK-aware: the context grows by the factor */
+        if (cfg->rope_factor < 1) {
+            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: dynamic rope_scaling needs a factor >= 1", name);
+            goto out;
+        }
+        cfg->rope_original_max = cfg->max_position;
+        double grown = (double)cfg->max_position * cfg->rope_factor;
+        cfg->max_position = grown > (double)(1 << 24) ? 1 << 24 : (int)grown;
+    }
     if ((rc = get_num(o, "rope_theta", gemma ? 1000000.0 : 10000.0, 1.0, 1e12, &d, name, err, errlen)) != ENG_OK) goto out;
     cfg->rope_theta = (float)d;
     cfg->rope_local_theta = cfg->rope_theta;

@@ -108,9 +108,10 @@ typedef struct eng_config {
     int mlp_bias;           /* gate, up and down projections have biases (llama mlp_bias) */
     int qk_norm;            /* RMSNorm over each head of q and k before RoPE (qwen3) */
     int rope_scaling;       /* ENG_ROPE_* */
-    float rope_factor;      /* linear and llama3 scaling */
+    float rope_factor;      /* linear, llama3 and dynamic scaling */
     float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
-    int rope_original_max;  /* llama3: original_max_position_embeddings */
+    int rope_original_max;  /* llama3: original_max_position_embeddings; dynamic: the trained context
+                             * (max_position_embeddings), which max_position then exceeds by the factor */
     /* sliding-window attention: a layer marked ENG_LAYER_SLIDING attends to its last
      * sliding_window positions (itself included); the others to the whole context */
     int sliding_window;     /* 0 = no layer slides */
@@ -128,7 +129,7 @@ typedef struct eng_config {
     unsigned char layer_flags[1024]; /* ENG_LAYER_* per layer */
 } eng_config;
 
-enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3 };
+enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3, ENG_ROPE_DYNAMIC };
 enum { ENG_LAYER_SLIDING = 1, ENG_LAYER_MOE = 2 };
 
 typedef struct eng_options {

@@ -109,12 +109,25 @@ void fwd_scratch_free(fwd_scratch *s) {
     free(s);
 }
 
-/* The rotation frequency of pair j, with rope_scaling applied: linear divides
- * every frequency by the factor; llama3 divides the low ones (wavelength
- * beyond original_max / low_freq_factor), keeps the high ones (below
- * original_max / high_freq_factor) and blends in between. */
-static double rope_freq(const eng_config *c, int j, int local) {
-    double inv = pow((double)(local ? c->rope_local_theta : c->rope_theta), -2.0 * j / c->head_dim);
+/* The rotation frequency of pair j at position pos, with rope_scaling
+ * applied: linear divides every frequency by the factor; llama3 divides the
+ * low ones (wavelength beyond original_max / low_freq_factor), keeps the high
+ * ones (below original_max / high_freq_factor) and blends in between;
+ * dynamic raises the base for positions past the trained context, each
+ * position as transformers rotates it when it is generated token by token
+ * (a position that arrives within a longer forward pass there takes that
+ * pass's length instead; here the rotation of a position never depends on
+ * how the context was cut into passes, so resumed = fresh and prefixes are
+ * shared). */
+static double rope_freq(const eng_config *c, int j, int local, int pos) {
+    double base = local ? c->rope_local_theta : c->rope_theta;
+    if (!local && c->rope_scaling == ENG_ROPE_DYNAMIC && pos + 1 > c->rope_original_max) {
+        /* NTK-aware dynamic scaling for a context of L = pos + 1 beyond the trained L0:
+         * base' = base * (factor * L / L0 - (factor - 1)) ^ (hd / (hd - 2)) */
+        const double f = c->rope_factor, L = pos + 1.0, L0 = c->rope_original_max, hd = c->head_dim;
+        base *= pow(f * L / L0 - (f - 1), hd / (hd - 2));
+    }
+    double inv = pow(base, -2.0 * j / c->head_dim);
     if (local) return inv; /* the sliding layers' own base, never scaled (gemma3) */
     if (c->rope_scaling == ENG_ROPE_LINEAR) return inv / c->rope_factor;
     if (c->rope_scaling != ENG_ROPE_LLAMA3) return inv;
@@ -132,7 +145,7 @@ float *fwd_rope_table(const eng_config *c, int max_ctx, int local) {
     if (!t) return NULL;
     for (int p = 0; p < max_ctx; p++)
         for (int j = 0; j < half; j++) {
-            double inv = rope_freq(c, j, local), a = p * inv;
+            double inv = rope_freq(c, j, local, p), a = p * inv;
             t[((size_t)p * half + j) * 2] = (float)cos(a);
             t[((size_t)p * half + j) * 2 + 1] = (float)sin(a);
         }

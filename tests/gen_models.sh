@@ -37,6 +37,7 @@ gen tiny-llama31    --preset tiny-llama31     # llama3 RoPE scaling
 gen tiny-mistral    --preset tiny-mistral     # Mistral without a sliding window (v0.2 and later)
 gen tiny-llama-bias --preset tiny-llama-bias  # attention_bias + mlp_bias, linear RoPE scaling
 gen tiny-qwen3chat  --preset tiny-qwen3 --tokenizer "$out/hf/qwen3.tokenizer.json" # Qwen 3's tokenizer and chat template
+gen tiny-llama-dynamic --preset tiny-llama-dynamic # dynamic (NTK-aware) RoPE: trained 64, context 256
 gen tiny-mistral-sw  --preset tiny-mistral-sw  # Mistral v0.1: every layer slides (window 24)
 gen tiny-gemma3     --preset tiny-gemma3      # Gemma 3: local (window 20) and global layers
 gen tiny-qwen3-moe  --preset tiny-qwen3-moe   # Qwen3-MoE: 8 experts, top 2, a dense layer between

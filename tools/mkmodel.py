@@ -55,6 +55,11 @@ PRESETS = {
                             num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=10000.0,
                             rms_norm_eps=1e-5, max_position_embeddings=512, attention_bias=True, mlp_bias=True,
                             rope_scaling={"type": "linear", "factor": 2.0}),
+    # dynamic (NTK-aware) RoPE scaling: trained context 64, grown 4x; the tests' 84-154 tokens go past it
+    "tiny-llama-dynamic": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=10000.0,
+                               rms_norm_eps=1e-5, max_position_embeddings=64,
+                               rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
     # sliding windows shorter than the tests' sequences (20-token prompts + 64 generated), with
     # 16-token blocks: Mistral v0.1 (every layer slides), Gemma 3 (every 2nd layer global here,
     # its own local RoPE base, linear scaling on the global layers, query_pre_attn_scalar apart

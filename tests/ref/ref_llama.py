@@ -20,6 +20,10 @@ The relatives (each from its published description, HF transformers' convention)
   - a projection with a bias adds it: qwen2 has q/k/v biases; llama's attention_bias gives
     q/k/v/o biases and mlp_bias gate/up/down biases;
   - qwen3: q and k are RMSNorm'ed per head (weights q_norm, k_norm over head_dim) before RoPE;
+  - rope_scaling "dynamic" (NTK-aware): position p, when p + 1 exceeds the trained context L0
+    (max_position_embeddings), rotates with the base raised to
+    base * (factor * (p + 1) / L0 - (factor - 1)) ^ (hd / (hd - 2)), and the context grows to
+    factor * L0;
   - rope_scaling "linear": every inverse frequency divided by the factor; "llama3" (Llama 3.1):
     with L = original_max_position_embeddings, a frequency whose wavelength 2*pi/f exceeds
     L/low_freq_factor is divided by the factor, one below L/high_freq_factor is kept, and in
@@ -226,7 +230,11 @@ class LlamaRef:
         half = self.hd // 2
         f = self.theta ** (-np.arange(half, dtype=np.float64) * 2.0 / self.hd)
         kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
+        self.dynamic = None
         if kind == "default":
+            return f
+        if kind == "dynamic":  # per position, in rope(): (factor, trained context L0)
+            self.dynamic = (float(rs["factor"]), float(self.cfg.get("max_position_embeddings", 2048)))
             return f
         factor = float(rs["factor"])
         if kind == "linear":
@@ -312,7 +320,18 @@ class LlamaRef:
         hd = self.hd
         half = hd // 2
         f = self.inv_freq_local if local else self.inv_freq
-        ang = np.asarray(positions, dtype=np.float64)[:, None] * f[None, :]  # [n, half]
+        pos = np.asarray(positions, dtype=np.float64)
+        if self.dynamic and not local:
+            # NTK-aware dynamic scaling (the "dynamic" rope_type): a context of length L beyond the
+            # trained L0 rotates with base * (factor * L / L0 - (factor - 1)) ^ (hd / (hd - 2)); each
+            # position p takes L = p + 1, as when the sequence is generated one token at a time
+            fac, L0 = self.dynamic
+            L = np.maximum(pos + 1, L0)
+            base = self.theta * (fac * L / L0 - (fac - 1)) ** (hd / (hd - 2))
+            f = base[:, None] ** (-np.arange(half, dtype=np.float64)[None, :] * 2.0 / hd)
+            ang = pos[:, None] * f
+        else:
+            ang = pos[:, None] * f[None, :]  # [n, half]
         cos = np.cos(ang)[:, None, :]
         sin = np.sin(ang)[:, None, :]
         x1, x2 = x[..., :half], x[..., half:]

@@ -851,7 +851,7 @@ out:
  * nothing of its own for them. */
 static void test_relatives(void) {
     static const char *models[] = {"tiny-qwen2", "tiny-qwen3", "tiny-llama31", "tiny-llama-bias", "tiny-mistral-sw",
-                                   "tiny-gemma3", "tiny-qwen3-moe", "tiny-mixtral"};
+                                   "tiny-gemma3", "tiny-qwen3-moe", "tiny-mixtral", "tiny-llama-dynamic"};
     for (size_t k = 0; k < sizeof models / sizeof *models; k++) {
         g_model = models[k];
         int before = t_failed_checks;

@@ -120,6 +120,10 @@ static void test_config(void) {
     CHECK(cfg("{" BASE "\"intermediate_size\":128,\"model_type\":\"mistral\",\"sliding_window\":null}", &c, err,
               sizeof err) == ENG_OK);
     CHECK(c.sliding_window == 0 && c.n_sliding == 0);
+    /* dynamic RoPE: the context grows by the factor past the trained one */
+    CHECK(cfg("{" BASE "\"intermediate_size\":128,\"max_position_embeddings\":4096,\"rope_scaling\":{\"type\":\"dynamic\","
+              "\"factor\":2}}", &c, err, sizeof err) == ENG_OK);
+    CHECK(c.rope_scaling == ENG_ROPE_DYNAMIC && c.rope_original_max == 4096 && c.max_position == 8192);
     /* sliding windows: every layer (mistral), from max_window_layers on (qwen), all but every
      * sliding_window_pattern-th (gemma3), or as layer_types lists them; none when the window
      * covers the context */
@@ -159,8 +163,10 @@ static void test_config(void) {
         {"{" BASE "\"intermediate_size\":1.5}", ENG_EFORMAT, "integer"},
         {"{" BASE "\"intermediate_size\":128,\"model_type\":\"gpt2\"}", ENG_EUNSUPPORTED, "gpt2"},
         {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"type\":\"llama3\"}}", ENG_EFORMAT, "positive factor"},
-        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"dynamic\",\"factor\":2}}", ENG_EUNSUPPORTED,
-         "rope_scaling type \"dynamic\" is not supported"},
+        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"longrope\",\"factor\":2}}", ENG_EUNSUPPORTED,
+         "rope_scaling type \"longrope\" is not supported"},
+        {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"dynamic\",\"factor\":0.5}}", ENG_EFORMAT,
+         "factor >= 1"},
         {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}}", ENG_EUNSUPPORTED,
          "\"yarn\""},
         {"{" BASE "\"intermediate_size\":128,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":4,"
