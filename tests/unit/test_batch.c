@@ -846,7 +846,8 @@ out:
 
 /* The LLaMA relatives (Qwen2 biases, Qwen3 q/k norms, Llama 3.1 RoPE scaling,
  * Llama with every bias, Mistral with a sliding window, Gemma 3 with local and
- * global layers, the mixtures of experts Qwen3-MoE and Mixtral): batched = alone, agent resume = fresh, preemption
+ * global layers, the mixtures of experts Qwen3-MoE and Mixtral, dynamic RoPE):
+ * prefix sharing, batched = alone, agent resume = fresh, preemption
  * exact, export -> import continues identically; the paged pool needs
  * nothing of its own for them. */
 static void test_relatives(void) {
@@ -882,6 +883,20 @@ static void test_relatives(void) {
             submit(e, &rs, &r);
             run_all(e, &rs);
             CHECK(rs.r[1].done && rs.r[2].done && !memcmp(rs.r[1].tok, rs.r[2].tok, 8 * sizeof(int32_t)));
+            /* prefix sharing: a second request with the same 40-token prompt reuses its two full
+             * blocks and answers as the first (and as the single-sequence runtime) did */
+            int32_t shared[40], want[8];
+            rand_ids(shared, 40, 4300 + k, 1024);
+            eng_sampling sp;
+            eng_sampling_default(&sp);
+            alone(m, shared, 40, &sp, 8, want);
+            r = req_ids(shared, 40, 8);
+            submit(e, &rs, &r);
+            run_all(e, &rs);
+            submit(e, &rs, &r);
+            run_all(e, &rs);
+            CHECK_MSG(rs.r[4].usage.cached_tokens == 32 && !memcmp(rs.r[3].tok, want, sizeof want) &&
+                      !memcmp(rs.r[4].tok, want, sizeof want), "prefix sharing: cached %d", rs.r[4].usage.cached_tokens);
             eng_engine_close(e);
         }
         eng_model_close(m);
