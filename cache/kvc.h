@@ -23,7 +23,6 @@ enum {
     KVC_EREDIS = -2,    /* Redis failed or the circuit is open: treated as a miss */
     KVC_ENOMEM = -3,
     KVC_ECORRUPT = -4,  /* a cached value that does not decode (treated as a miss) */
-    KVC_EFULL = -5,     /* the batcher's queue is full */
 };
 const char *kvc_strerror(int code);
 
@@ -129,7 +128,7 @@ void kvc_prompt_stats_get(kvc_prompt *p, kvc_prompt_stats *s);
  * Entries are grouped by (tenant, namespace, embedding model, top_k). Lookup
  * tries the exact query text first, then cosine similarity of the query's
  * embedding against the group's stored embeddings (an in-process matrix of
- * normalised vectors, scored by eng_dot_rows). Redis is the source of truth: each store
+ * normalised vectors, scanned on threads). Redis is the source of truth: each store
  * bumps the group's version, and a lookup that sees a new version reloads the
  * group's vectors; entries that expired in Redis are dropped when met. */
 typedef struct kvc_rag kvc_rag;
@@ -166,41 +165,5 @@ typedef struct kvc_rag_stats {
     uint64_t hits, exact_hits, misses, writes, errors, reloads;
 } kvc_rag_stats;
 void kvc_rag_stats_get(kvc_rag *g, kvc_rag_stats *s);
-
-/* ---- request batcher ------------------------------------------------------------ *
- * A bounded queue of opaque items and one thread that dispatches them in
- * windows: when `max_batch` wait, or `window_ms` after the oldest waiting
- * arrival, whichever comes first (window 0: at once, taking whatever
- * arrived meanwhile). Items past their deadline are dropped before
- * dispatch; removed items are never dispatched. Callbacks run on the
- * batcher's thread, no lock held. */
-typedef struct kvc_batcher kvc_batcher;
-
-typedef struct kvc_batcher_options {
-    int max_batch;              /* >= 1 */
-    int window_ms;              /* >= 0 */
-    int max_queue;              /* >= max_batch; a push beyond it is KVC_EFULL */
-} kvc_batcher_options;
-
-enum { KVC_DROP_EXPIRED = 1, KVC_DROP_CLOSED = 2 };
-typedef void (*kvc_batch_fn)(void *ctx, void **items, size_t n);   /* 1..max_batch items, arrival order */
-typedef void (*kvc_drop_fn)(void *ctx, void *item, int reason);    /* KVC_DROP_* */
-
-int kvc_batcher_open(kvc_batcher **out, const kvc_batcher_options *o, kvc_batch_fn dispatch, kvc_drop_fn drop,
-                     void *ctx);
-/* deadline: CLOCK_MONOTONIC seconds, 0 = none. KVC_OK or KVC_EFULL. */
-int kvc_batcher_push(kvc_batcher *b, void *item, double deadline);
-/* 1 if the item was still waiting and is now out (the caller owns it again). */
-int kvc_batcher_remove(kvc_batcher *b, void *item);
-/* Stop the thread; items still waiting go to drop(KVC_DROP_CLOSED). */
-void kvc_batcher_close(kvc_batcher *b);
-
-typedef struct kvc_batcher_stats {
-    uint64_t pushed, rejected;          /* accepted; refused because full */
-    uint64_t batches, dispatched;       /* windows dispatched and the items in them */
-    uint64_t expired, removed, closed;  /* dropped before dispatch */
-    size_t queued;                      /* waiting now */
-} kvc_batcher_stats;
-void kvc_batcher_stats_get(kvc_batcher *b, kvc_batcher_stats *s);
 
 #endif

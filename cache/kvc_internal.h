@@ -24,6 +24,11 @@ typedef struct {
 } kvc__cmd;
 int kvc__pipeline(kvc_redis *r, size_t n, const kvc__cmd *cmds, redisReply **out);
 
+/* out[i] = dot(m[i], q) for the n rows of the row-major n x dim matrix m
+ * (cosine similarities when rows and q are normalised): big matrices in
+ * slices on threads of their own. */
+void kvc__dot_rows(const float *m, size_t n, size_t dim, const float *q, float *out);
+
 /* SHA-256 over length-prefixed fields (no two inputs encode alike). */
 typedef struct evp_md_ctx_st kvc__hash;
 kvc__hash *kvc__hash_begin(const char *domain); /* NULL when out of memory */

@@ -12,7 +12,6 @@
  * expired is dropped from the matrix when it is met. */
 #include "kvc_internal.h"
 
-#include "eng.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -312,7 +311,7 @@ int kvc_rag_lookup(kvc_rag *g, const kvc_rag_query *q, float threshold, uint8_t 
             float *v = normalised(q->embedding, q->dim), *sims = malloc(x->n * sizeof *sims);
             rc = v && sims ? KVC_MISS : KVC_ENOMEM;
             if (v && sims) {
-                eng_dot_rows(x->m, x->n, (size_t)x->dim, v, sims);
+                kvc__dot_rows(x->m, x->n, (size_t)x->dim, v, sims);
                 /* best candidates first; a candidate that expired is dropped */
                 for (;;) { /* (a NaN similarity never wins, nor hits) */
                     size_t best = 0;

@@ -54,7 +54,6 @@ const char *kvc_strerror(int code) {
     case KVC_EREDIS: return "redis unavailable";
     case KVC_ENOMEM: return "out of memory";
     case KVC_ECORRUPT: return "corrupt cached value";
-    case KVC_EFULL: return "queue full";
     default: return "unknown error";
     }
 }

@@ -1,4 +1,5 @@
-/* blas.c — make OpenBLAS use its AVX-512 kernels where it would not.
+/* blas.c — every call into OpenBLAS: the products the engine hands it, its
+ * threads, and making it use its AVX-512 kernels where it would not.
  *
  * OpenBLAS (0.3.21 in Debian 12) chooses its kernels when the library loads:
  * from OPENBLAS_CORETYPE if set, else from the CPU models it knows. On CPUs
@@ -12,6 +13,7 @@
  * The second run sees KVSERVE_BLAS_CORE=keep, so it never loops. */
 #include "internal.h"
 
+#include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,4 +64,18 @@ void eng_blas_select(char **argv) {
     setenv("KVSERVE_BLAS_CORE", "keep", 1);
     execv("/proc/self/exe", argv);
     /* exec failed: carry on with the kernels we have */
+}
+
+/* C[m][n] = alpha * A[m][k] · op(B) (+ 0 · C), row-major; op(B) = Bᵀ with
+ * B [n][k] when b_trans, else B [k][n]. */
+void eng__sgemm(int b_trans, int m, int n, int k, float alpha, const float *A, int lda, const float *B, int ldb,
+                float *C, int ldc) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans, m, n, k, alpha, A, lda, B, ldb, 0.0f,
+                C, ldc);
+}
+
+int eng__blas_threads(int n) {
+    int was = openblas_get_num_threads();
+    if (n > 0) openblas_set_num_threads(n);
+    return was;
 }

@@ -380,12 +380,6 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
 /* 64-bit fingerprint of the model (config and weights). */
 uint64_t eng_model_fingerprint(const eng_model *m);
 
-/* ---- vector similarity (for the RAG cache) ------------------------------ */
-/* out[i] = dot(m[i], q) for the n rows of the row-major n x dim matrix m
- * (cosine similarities when rows and q are normalised). Big matrices in
- * slices on threads of its own. */
-void eng_dot_rows(const float *m, size_t n, size_t dim, const float *q, float *out);
-
 /* ---- machine limits (for benchmarks) ---------------------------------- */
 /* Best-of-several sgemm throughput, GFLOP/s, on n x n x n with n_threads. */
 double eng_measure_sgemm_gflops(int n, int n_threads);

@@ -17,8 +17,6 @@
  * straight from the sequence's KV blocks. Tokens of several sequences may share a batch. */
 #include "internal.h"
 
-#include <cblas.h>
-
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -358,7 +356,7 @@ static void run_attend_task(void *ctx, int task, int thread) {
                 *vc = j->s->vc + ((size_t)h * j->s->max_ctx + (size_t)c0) * hd;
     float *sm = j->s->sm + (size_t)thread * RB * j->s->max_ctx;
     const float *Q = j->s->qkv + (size_t)(j->i0 + r0) * j->QKV + (size_t)qh * hd;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nr, cb, hd, j->scale, Q, j->QKV, kc, hd, 0.0f, sm, cb);
+    eng__sgemm(1, nr, cb, hd, j->scale, Q, j->QKV, kc, hd, sm, cb);
     for (int r = 0; r < nr; r++) { /* row r0 + r sees positions lo .. last */
         float *row = sm + (size_t)r * cb;
         int last = j->p0 + r0 + r - c0, lo = first_seen(j->window, j->p0 + r0 + r) - c0;
@@ -366,8 +364,7 @@ static void run_attend_task(void *ctx, int task, int thread) {
         softmax(row + lo, last + 1 - lo);
         for (int p = last + 1; p < cb; p++) row[p] = 0;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nr, hd, cb, 1.0f, sm, cb, vc, hd, 0.0f,
-                j->s->att + (size_t)(j->i0 + r0) * j->QD + (size_t)qh * hd, j->QD);
+    eng__sgemm(0, nr, hd, cb, 1.0f, sm, cb, vc, hd, j->s->att + (size_t)(j->i0 + r0) * j->QD + (size_t)qh * hd, j->QD);
 }
 
 static void attend_run(fwd_scratch *s, const kv_pool *kv, const kv_table *t, int layer, int i0, int p0, int m,

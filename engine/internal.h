@@ -188,9 +188,14 @@ static inline const void *kv_at(const kv_pool *p, const void *row, size_t i) {
 void kv_put(const kv_pool *p, void *dst, const void *src, int n);
 void kv_get(const kv_pool *p, const void *src, void *dst, int n);
 
-/* ---- BLAS kernels (blas.c) ---------------------------------------------- */
+/* ---- BLAS (blas.c: the only file that calls OpenBLAS) ------------------ */
 /* The OpenBLAS core to force, or NULL to keep `current`. */
 const char *eng__blas_better_core(const char *current, int avx512);
+/* C[m][n] = alpha * A[m][k] · op(B), row-major; op(B) = Bᵀ (B [n][k]) when b_trans, else B [k][n]. */
+void eng__sgemm(int b_trans, int m, int n, int k, float alpha, const float *A, int lda, const float *B, int ldb,
+                float *C, int ldc);
+/* Set OpenBLAS's own threads to n (n > 0); returns how many it had. */
+int eng__blas_threads(int n);
 
 /* ---- thread pool (the engine's own parallel loops) --------------------- */
 eng__pool *eng__pool_new(int n_threads);   /* n_threads - 1 workers; the caller is the last */

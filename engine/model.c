@@ -1,7 +1,6 @@
 /* model.c — open a Hugging Face model directory: config, weights, tokenizer. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -509,7 +508,7 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     /* The engine parallelises on its own threads, and OpenBLAS (attention
      * products inside those tasks) runs single-threaded: its idle threads
      * would otherwise spin in sched_yield against ours. */
-    openblas_set_num_threads(1);
+    eng__blas_threads(1);
     *out = m;
     return ENG_OK;
 fail:

@@ -11,14 +11,14 @@ bash scripts/install-deps.sh
 
 models=$PWD/build/models
 echo "== build (RelWithDebInfo)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVSERVE_MODELS_DIR="$models" >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVSERVE_WERROR=ON -DKVSERVE_MODELS_DIR="$models" >/dev/null
 cmake --build build -j2
 echo "== tests"
 (cd build && ctest --output-on-failure)
 
 if [[ ${KVSERVE_SKIP_SANITIZE:-0} != 1 ]]; then
   echo "== build (ASan + UBSan)"
-  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVSERVE_SANITIZE=ON \
+  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVSERVE_SANITIZE=ON -DKVSERVE_WERROR=ON \
         -DKVSERVE_MODELS_DIR="$models" >/dev/null
   cmake --build build-asan -j2
   echo "== tests under ASan + UBSan"
@@ -29,7 +29,7 @@ fi
 secs=${KVSERVE_FUZZ_SECONDS:-30}
 if [[ $secs != 0 ]] && command -v clang >/dev/null; then
   echo "== libFuzzer (${secs}s)"
-  cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DKVSERVE_FUZZ=ON -DKVSERVE_SANITIZE=ON \
+  cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DKVSERVE_FUZZ=ON -DKVSERVE_SANITIZE=ON -DKVSERVE_WERROR=ON \
         -DKVSERVE_MODELS_DIR="$models" -DBUILD_TESTING=ON >/dev/null
   cmake --build build-fuzz -j2 --target fuzz_loader
   corpus=$(mktemp -d)

@@ -11,6 +11,7 @@
 #include "srv.h"
 
 #include "agentauth.h"
+#include "batcher.h"
 #include "kvc.h"
 #include "pbcheck.h"
 #include "registry.h"
@@ -239,7 +240,7 @@ struct srv {
     srv_metrics *metrics;
     flight *flights;
     uint64_t singleflight_joined;
-    kvc_batcher *batcher;       /* windows Submit/Stream before the cache and engine */
+    srv__batcher *batcher;       /* windows Submit/Stream before the cache and engine */
     uint64_t purged_keys;       /* superseded prompt-cache keys deleted (Invalidate purge + background) */
     int pending;                /* requests in the batcher */
     pthread_t writer;
@@ -1229,7 +1230,7 @@ static void on_batch_drop(void *ud, void *item, int reason) {
     call *c = p->c;
     unpend(s, c);
     pend_free(p);
-    if (reason == KVC_DROP_EXPIRED) fail_call(c, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed while queued");
+    if (reason == SRV__DROP_EXPIRED) fail_call(c, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed while queued");
     else fail_call(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
 }
 
@@ -1275,7 +1276,7 @@ static void h_generate(call *c, int streaming) {
     pthread_mutex_lock(&s->mu); /* before the batcher's lock: remove() runs under srv.mu too */
     c->pending = 1;
     s->pending++;
-    int full = kvc_batcher_push(s->batcher, p, mono_deadline(c)) != KVC_OK;
+    int full = srv__batcher_push(s->batcher, p, mono_deadline(c)) != 0;
     if (full) {
         c->pending = 0;
         s->pending--;
@@ -1307,7 +1308,7 @@ static void on_close(call *c, int ok) {
         if (c->pending && s->batcher) {
             /* find our pend: the batcher compares addresses only */
             p = c->pend_item;
-            if (!kvc_batcher_remove(s->batcher, p)) p = NULL;
+            if (!srv__batcher_remove(s->batcher, p)) p = NULL;
             else {
                 c->pending = 0;
                 s->pending--;
@@ -2114,8 +2115,8 @@ static void metrics_source(void *ud, srv_metrics_snapshot *m) {
         m->rag = (srv_cache_layer){gs.hits, gs.misses, gs.writes, 0, gs.errors};
     }
     if (s->batcher) {
-        kvc_batcher_stats bs;
-        kvc_batcher_stats_get(s->batcher, &bs);
+        srv__batcher_stats bs;
+        srv__batcher_stats_get(s->batcher, &bs);
         m->batch_rejected = bs.rejected;
         m->batch_expired = bs.expired;
         m->batch_cancelled = bs.removed;
@@ -2573,8 +2574,8 @@ int srv_run(const srv_config *cfg) {
         LOG_INFO("no chat template: %s (requests with messages are refused)", s->chat_why);
         s->chat = NULL;
     }
-    kvc_batcher_options bo = {s->cfg.batch_max, s->cfg.batch_window_ms, s->cfg.batch_queue};
-    if (!lrc && kvc_batcher_open(&s->batcher, &bo, on_batch, on_batch_drop, s) != KVC_OK) {
+    srv__batcher_options bo = {s->cfg.batch_max, s->cfg.batch_window_ms, s->cfg.batch_queue};
+    if (!lrc && srv__batcher_open(&s->batcher, &bo, on_batch, on_batch_drop, s) != 0) {
         snprintf(err, sizeof err, "batcher: out of memory");
         lrc = ENG_ENOMEM;
     }
@@ -2637,7 +2638,7 @@ int srv_run(const srv_config *cfg) {
         if (!busy || now_s() >= until) break;
         sleep_ms(20);
     }
-    kvc_batcher_close(s->batcher); /* what still waits is refused (UNAVAILABLE) */
+    srv__batcher_close(s->batcher); /* what still waits is refused (UNAVAILABLE) */
     s->batcher = NULL;
     /* past the grace: cancel the engine requests first, so that each stream
      * still gets its completion (finish CANCELLED) and status OK, and each

@@ -5,7 +5,7 @@
  * an upper bound on speed). Where a check needs this thread to have pushed
  * several items within one window, it measures that it did and is skipped
  * when a loaded machine kept it from doing so. */
-#include "kvc.h"
+#include "batcher.h"
 #include "test.h"
 
 #include <pthread.h>
@@ -88,62 +88,62 @@ static int wait_items(int items) {
     return ok;
 }
 
-static kvc_batcher *open_b(int max_batch, int window_ms, int max_queue) {
-    kvc_batcher *b = NULL;
-    kvc_batcher_options o = {max_batch, window_ms, max_queue};
-    CHECK(kvc_batcher_open(&b, &o, on_batch, on_drop, NULL) == KVC_OK);
+static srv__batcher *open_b(int max_batch, int window_ms, int max_queue) {
+    srv__batcher *b = NULL;
+    srv__batcher_options o = {max_batch, window_ms, max_queue};
+    CHECK(srv__batcher_open(&b, &o, on_batch, on_drop, NULL) == 0);
     return b;
 }
 
 /* Fewer than max_batch: one dispatch of all of them, not before the window. */
 static void test_window_is_honoured(void) {
     reset();
-    kvc_batcher *b = open_b(8, 300, 64);
+    srv__batcher *b = open_b(8, 300, 64);
     double t0 = now_s();
-    for (int i = 1; i <= 3; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK);
+    for (int i = 1; i <= 3; i++) CHECK(srv__batcher_push(b, ITEM(i), 0) == 0);
     double pushed = now_s() - t0;
     CHECK(wait_items(3));
     if (pushed < 0.300) CHECK_MSG(R.batches == 1 && R.sizes[0] == 3, "%d batches", R.batches);
     else fprintf(stderr, "  (pushing took %.3f s, longer than the window: one-window check skipped)\n", pushed);
     CHECK_MSG(R.first_dispatch - t0 >= 0.300 - 0.001, "dispatched after %.3f s, window 0.300 s", R.first_dispatch - t0);
-    kvc_batcher_stats st;
-    kvc_batcher_stats_get(b, &st);
+    srv__batcher_stats st;
+    srv__batcher_stats_get(b, &st);
     CHECK(st.pushed == 3 && st.batches == (uint64_t)R.batches && st.dispatched == 3 && st.queued == 0);
-    kvc_batcher_close(b);
+    srv__batcher_close(b);
 }
 
 /* max_batch waiting dispatch at once; the rest wait for their window. */
 static void test_max_batch_is_honoured(void) {
     reset();
-    kvc_batcher *b = open_b(4, 60000, 64);
-    for (int i = 1; i <= 10; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK);
+    srv__batcher *b = open_b(4, 60000, 64);
+    for (int i = 1; i <= 10; i++) CHECK(srv__batcher_push(b, ITEM(i), 0) == 0);
     CHECK(wait_items(8));
-    kvc_batcher_stats st;
-    kvc_batcher_stats_get(b, &st);
+    srv__batcher_stats st;
+    srv__batcher_stats_get(b, &st);
     CHECK_MSG(R.batches == 2 && R.sizes[0] == 4 && R.sizes[1] == 4, "batches %d", R.batches);
     CHECK(st.queued == 2);                          /* 9 and 10: their minute is not up */
     for (int i = 1; i <= 8; i++) CHECK(R.seen[i] == 1);
-    kvc_batcher_close(b);                           /* close hands them back */
-    CHECK(R.dropped[9] == KVC_DROP_CLOSED && R.dropped[10] == KVC_DROP_CLOSED && !R.seen[9] && !R.seen[10]);
+    srv__batcher_close(b);                           /* close hands them back */
+    CHECK(R.dropped[9] == SRV__DROP_CLOSED && R.dropped[10] == SRV__DROP_CLOSED && !R.seen[9] && !R.seen[10]);
     CHECK(R.items == 8);
 }
 
 /* A window of 0 dispatches at once: one item alone is not held. */
 static void test_zero_window(void) {
     reset();
-    kvc_batcher *b = open_b(16, 0, 64);
-    CHECK(kvc_batcher_push(b, ITEM(1), 0) == KVC_OK);
+    srv__batcher *b = open_b(16, 0, 64);
+    CHECK(srv__batcher_push(b, ITEM(1), 0) == 0);
     CHECK(wait_items(1));
     CHECK(R.batches == 1 && R.sizes[0] == 1);
-    kvc_batcher_close(b);
+    srv__batcher_close(b);
 }
 
 /* While dispatch is busy the queue fills to max_queue; more is refused. */
 static void test_bounded_queue(void) {
     reset();
     R.block = 1;
-    kvc_batcher *b = open_b(1, 0, 2);
-    CHECK(kvc_batcher_push(b, ITEM(1), 0) == KVC_OK);
+    srv__batcher *b = open_b(1, 0, 2);
+    CHECK(srv__batcher_push(b, ITEM(1), 0) == 0);
     pthread_mutex_lock(&R.mu); /* item 1 is in dispatch, held there */
     double until = now_s() + BOUND_S;
     while (!R.in_dispatch && now_s() < until) {
@@ -153,11 +153,11 @@ static void test_bounded_queue(void) {
     }
     CHECK(R.in_dispatch);
     pthread_mutex_unlock(&R.mu);
-    CHECK(kvc_batcher_push(b, ITEM(2), 0) == KVC_OK);
-    CHECK(kvc_batcher_push(b, ITEM(3), 0) == KVC_OK);
-    CHECK(kvc_batcher_push(b, ITEM(4), 0) == KVC_EFULL);
-    kvc_batcher_stats st;
-    kvc_batcher_stats_get(b, &st);
+    CHECK(srv__batcher_push(b, ITEM(2), 0) == 0);
+    CHECK(srv__batcher_push(b, ITEM(3), 0) == 0);
+    CHECK(srv__batcher_push(b, ITEM(4), 0) == SRV__EFULL);
+    srv__batcher_stats st;
+    srv__batcher_stats_get(b, &st);
     CHECK(st.rejected == 1 && st.queued == 2);
     pthread_mutex_lock(&R.mu);
     R.block = 0;
@@ -166,72 +166,72 @@ static void test_bounded_queue(void) {
     CHECK(wait_items(3));
     CHECK(R.seen[1] == 1 && R.seen[2] == 1 && R.seen[3] == 1 && !R.seen[4]);
     CHECK(R.max_seen == 1);
-    kvc_batcher_close(b);
+    srv__batcher_close(b);
 }
 
 /* Past its deadline before the window closes: dropped, never dispatched. */
 static void test_expired_dropped(void) {
     reset();
-    kvc_batcher *b = open_b(8, 300, 64);
+    srv__batcher *b = open_b(8, 300, 64);
     double t0 = now_s();
-    CHECK(kvc_batcher_push(b, ITEM(1), now_s() + 0.05) == KVC_OK); /* dispatch is 0.3 s after it at the earliest */
-    CHECK(kvc_batcher_push(b, ITEM(2), now_s() + 3600) == KVC_OK);
-    CHECK(kvc_batcher_push(b, ITEM(3), 0) == KVC_OK);
+    CHECK(srv__batcher_push(b, ITEM(1), now_s() + 0.05) == 0); /* dispatch is 0.3 s after it at the earliest */
+    CHECK(srv__batcher_push(b, ITEM(2), now_s() + 3600) == 0);
+    CHECK(srv__batcher_push(b, ITEM(3), 0) == 0);
     double pushed = now_s() - t0;
     CHECK(wait_items(2));
-    CHECK(R.dropped[1] == KVC_DROP_EXPIRED && !R.seen[1]);
+    CHECK(R.dropped[1] == SRV__DROP_EXPIRED && !R.seen[1]);
     CHECK(R.seen[2] == 1 && R.seen[3] == 1);
     if (pushed < 0.300) CHECK(R.sizes[0] == 2);
-    kvc_batcher_stats st;
-    kvc_batcher_stats_get(b, &st);
+    srv__batcher_stats st;
+    srv__batcher_stats_get(b, &st);
     CHECK(st.expired == 1 && st.dispatched == 2);
-    kvc_batcher_close(b);
+    srv__batcher_close(b);
 }
 
 /* A removed (cancelled) item is out: not dispatched, not dropped, order kept.
  * (A window of a minute: only max_batch dispatches within the test.) */
 static void test_removed_never_dispatched(void) {
     reset();
-    kvc_batcher *b = open_b(8, 60000, 64);
-    for (int i = 1; i <= 4; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK);
-    CHECK(kvc_batcher_remove(b, ITEM(2)) == 1);
-    CHECK(kvc_batcher_remove(b, ITEM(2)) == 0);
-    CHECK(kvc_batcher_remove(b, ITEM(99)) == 0);
-    for (int i = 5; i <= 9; i++) CHECK(kvc_batcher_push(b, ITEM(i), 0) == KVC_OK); /* 8 waiting: dispatched */
+    srv__batcher *b = open_b(8, 60000, 64);
+    for (int i = 1; i <= 4; i++) CHECK(srv__batcher_push(b, ITEM(i), 0) == 0);
+    CHECK(srv__batcher_remove(b, ITEM(2)) == 1);
+    CHECK(srv__batcher_remove(b, ITEM(2)) == 0);
+    CHECK(srv__batcher_remove(b, ITEM(99)) == 0);
+    for (int i = 5; i <= 9; i++) CHECK(srv__batcher_push(b, ITEM(i), 0) == 0); /* 8 waiting: dispatched */
     CHECK(wait_items(8));
     CHECK(!R.seen[2] && !R.dropped[2] && R.seen[1] && R.seen[3] && R.seen[4] && R.seen[9]);
     CHECK(R.batches == 1 && R.sizes[0] == 8);
-    CHECK(kvc_batcher_remove(b, ITEM(3)) == 0); /* dispatched already */
-    kvc_batcher_stats st;
-    kvc_batcher_stats_get(b, &st);
+    CHECK(srv__batcher_remove(b, ITEM(3)) == 0); /* dispatched already */
+    srv__batcher_stats st;
+    srv__batcher_stats_get(b, &st);
     CHECK(st.removed == 1 && st.dispatched == 8);
-    kvc_batcher_close(b);
+    srv__batcher_close(b);
 }
 
 static void test_bad_options(void) {
-    kvc_batcher *b = (kvc_batcher *)1;
-    kvc_batcher_options bad[] = {{0, 1, 8}, {4, -1, 8}, {8, 1, 4}};
+    srv__batcher *b = (srv__batcher *)1;
+    srv__batcher_options bad[] = {{0, 1, 8}, {4, -1, 8}, {8, 1, 4}};
     for (int i = 0; i < 3; i++) {
-        CHECK(kvc_batcher_open(&b, &bad[i], on_batch, on_drop, NULL) == KVC_EINVAL);
+        CHECK(srv__batcher_open(&b, &bad[i], on_batch, on_drop, NULL) == SRV__EINVAL);
         CHECK(b == NULL);
     }
 }
 
 /* Four producers, 4000 items, a 1 ms window: each dispatched exactly once. */
 static void *producer(void *arg) {
-    kvc_batcher *b = *(kvc_batcher **)arg;
+    srv__batcher *b = *(srv__batcher **)arg;
     static int next = 0;
     for (;;) {
         int i = __atomic_add_fetch(&next, 1, __ATOMIC_SEQ_CST);
         if (i > 4000) break;
-        while (kvc_batcher_push(b, ITEM(i), 0) == KVC_EFULL) sleep_ms(1);
+        while (srv__batcher_push(b, ITEM(i), 0) == SRV__EFULL) sleep_ms(1);
     }
     return NULL;
 }
 
 static void test_many_producers(void) {
     reset();
-    kvc_batcher *b = open_b(8, 1, 256);
+    srv__batcher *b = open_b(8, 1, 256);
     pthread_t th[4];
     for (int i = 0; i < 4; i++) pthread_create(&th[i], NULL, producer, &b);
     for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
@@ -240,7 +240,7 @@ static void test_many_producers(void) {
     for (int i = 1; i <= 4000; i++) once &= R.seen[i] == 1;
     CHECK(once);
     CHECK(R.max_seen <= 8);
-    kvc_batcher_close(b);
+    srv__batcher_close(b);
 }
 
 int main(int argc, char **argv) {

@@ -305,6 +305,36 @@ static void test_fail_open_and_recovery(void) {
 /* ---- RAG cache ---------------------------------------------------------------- */
 #define DIM 384
 
+/* kvc__dot_rows (the RAG cache's similarity search): small tables on the
+ * caller, big ones in slices on threads (with a partial last slice); both
+ * match a float64 product. */
+static void test_dot_rows(void) {
+    const size_t dims = 384, counts[] = {3, 5000};
+    uint64_t x = 99;
+    for (size_t c = 0; c < 2; c++) {
+        size_t n = counts[c];
+        float *m = malloc(n * dims * sizeof *m), *q = malloc(dims * sizeof *q), *out = malloc(n * sizeof *out);
+        for (size_t i = 0; i < n * dims; i++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            m[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
+        }
+        for (size_t i = 0; i < dims; i++) q[i] = (float)i / (float)dims - 0.5f;
+        kvc__dot_rows(m, n, dims, q, out);
+        double worst = 0;
+        for (size_t r = 0; r < n; r++) {
+            double ref = 0, mag = 0;
+            for (size_t k = 0; k < dims; k++) {
+                ref += (double)m[r * dims + k] * q[k];
+                mag += fabs((double)m[r * dims + k] * q[k]);
+            }
+            double e = fabs(out[r] - ref) / (mag + 1e-30);
+            if (e > worst) worst = e;
+        }
+        CHECK_MSG(worst < 1e-5, "%zu rows: relative error %.2e", n, worst);
+        free(m); free(q); free(out);
+    }
+}
+
 static char heard[8][256];
 static int n_heard;
 static void on_problem(void *ud, const char *msg) {
@@ -549,6 +579,7 @@ int main(int argc, char **argv) {
         {"write_after_invalidate_and_get_many", test_write_after_invalidate_and_get_many},
         {"fail_open_breaker_and_recovery", test_fail_open_and_recovery},
         {"error_replies_do_not_open_the_breaker_problems_told_once", test_error_replies_and_problems},
+        {"dot_rows_threads_match_float64", test_dot_rows},
         {"threads", test_threads},
         {"rag_exact_similar_tenants_replicas_dims", test_rag_exact_similar_tenants_replicas},
         {"rag_expiry", test_rag_expiry},

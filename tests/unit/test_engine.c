@@ -533,36 +533,6 @@ static void test_matmul_kernel(void) {
     eng__pool_free(pool);
 }
 
-/* eng_dot_rows (the RAG cache's similarity search): small tables on the
- * caller, big ones in slices on threads (with a partial last slice); both
- * match a float64 product. */
-static void test_dot_rows(void) {
-    const size_t dims = 384, counts[] = {3, 5000};
-    uint64_t x = 99;
-    for (size_t c = 0; c < 2; c++) {
-        size_t n = counts[c];
-        float *m = malloc(n * dims * sizeof *m), *q = malloc(dims * sizeof *q), *out = malloc(n * sizeof *out);
-        for (size_t i = 0; i < n * dims; i++) {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            m[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
-        }
-        for (size_t i = 0; i < dims; i++) q[i] = (float)i / (float)dims - 0.5f;
-        eng_dot_rows(m, n, dims, q, out);
-        double worst = 0;
-        for (size_t r = 0; r < n; r++) {
-            double ref = 0, mag = 0;
-            for (size_t k = 0; k < dims; k++) {
-                ref += (double)m[r * dims + k] * q[k];
-                mag += fabs((double)m[r * dims + k] * q[k]);
-            }
-            double e = fabs(out[r] - ref) / (mag + 1e-30);
-            if (e > worst) worst = e;
-        }
-        CHECK_MSG(worst < 1e-5, "%zu rows: relative error %.2e", n, worst);
-        free(m); free(q); free(out);
-    }
-}
-
 static void test_sampler_repetition_penalty(void) {
     eng__sampler *s = eng__sampler_new(3);
     eng__rng rng;
@@ -587,7 +557,6 @@ int main(int argc, char **argv) {
     static const test_case tests[] = {
         {"weights_f32_bf16_f16_sharded_untied", test_weight_formats},
         {"matmul_kernel_tails_and_batch_invariance", test_matmul_kernel},
-        {"dot_rows_threads_match_float64", test_dot_rows},
         {"chunked_prefill_matches_single_pass", test_chunked_prefill},
         {"kv_decode_matches_full_recompute", test_kv_decode_matches_recompute},
         {"seeded_sampling_reproducible", test_seeded_sampling},

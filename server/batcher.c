@@ -6,7 +6,7 @@
  * first; an item whose deadline passed is dropped before dispatch, and
  * a removed (cancelled) item is simply never dispatched. The callbacks run on
  * the batcher's thread with no lock held, so they may push again. */
-#include "kvc.h"
+#include "batcher.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -20,10 +20,10 @@ typedef struct {
     double deadline;            /* monotonic seconds; 0 = none */
 } slot;
 
-struct kvc_batcher {
-    kvc_batcher_options o;
-    kvc_batch_fn dispatch;
-    kvc_drop_fn drop;
+struct srv__batcher {
+    srv__batcher_options o;
+    srv__batch_fn dispatch;
+    srv__drop_fn drop;
     void *ctx;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -32,7 +32,7 @@ struct kvc_batcher {
     void **batch, **dead;       /* the thread's scratch: max_batch each */
     size_t head, n;
     int stop;
-    kvc_batcher_stats st;
+    srv__batcher_stats st;
 };
 
 static double mono_s(void) {
@@ -43,13 +43,13 @@ static double mono_s(void) {
 
 static void *run(void *p);
 
-int kvc_batcher_open(kvc_batcher **out, const kvc_batcher_options *o, kvc_batch_fn dispatch, kvc_drop_fn drop,
+int srv__batcher_open(srv__batcher **out, const srv__batcher_options *o, srv__batch_fn dispatch, srv__drop_fn drop,
                      void *ctx) {
     *out = NULL;
     if (!o || o->max_batch < 1 || o->window_ms < 0 || o->max_queue < o->max_batch || !dispatch || !drop)
-        return KVC_EINVAL;
-    kvc_batcher *b = calloc(1, sizeof *b);
-    if (!b) return KVC_ENOMEM;
+        return SRV__EINVAL;
+    srv__batcher *b = calloc(1, sizeof *b);
+    if (!b) return SRV__ENOMEM;
     b->o = *o;
     b->dispatch = dispatch;
     b->drop = drop;
@@ -70,31 +70,31 @@ int kvc_batcher_open(kvc_batcher **out, const kvc_batcher_options *o, kvc_batch_
         goto fail;
     }
     *out = b;
-    return KVC_OK;
+    return 0;
 fail:
     free(b->q);
     free(b->batch);
     free(b->dead);
     free(b);
-    return KVC_ENOMEM;
+    return SRV__ENOMEM;
 }
 
-int kvc_batcher_push(kvc_batcher *b, void *item, double deadline) {
+int srv__batcher_push(srv__batcher *b, void *item, double deadline) {
     pthread_mutex_lock(&b->mu);
     if (b->stop || b->n == (size_t)b->o.max_queue) {
         b->st.rejected++;
         pthread_mutex_unlock(&b->mu);
-        return KVC_EFULL;
+        return SRV__EFULL;
     }
     b->q[(b->head + b->n) % (size_t)b->o.max_queue] = (slot){item, mono_s(), deadline};
     b->n++;
     b->st.pushed++;
     pthread_cond_signal(&b->cv);
     pthread_mutex_unlock(&b->mu);
-    return KVC_OK;
+    return 0;
 }
 
-int kvc_batcher_remove(kvc_batcher *b, void *item) {
+int srv__batcher_remove(srv__batcher *b, void *item) {
     size_t cap = (size_t)b->o.max_queue;
     pthread_mutex_lock(&b->mu);
     size_t i = 0;
@@ -109,7 +109,7 @@ int kvc_batcher_remove(kvc_batcher *b, void *item) {
     return found;
 }
 
-void kvc_batcher_stats_get(kvc_batcher *b, kvc_batcher_stats *s) {
+void srv__batcher_stats_get(srv__batcher *b, srv__batcher_stats *s) {
     pthread_mutex_lock(&b->mu);
     *s = b->st;
     s->queued = b->n;
@@ -118,7 +118,7 @@ void kvc_batcher_stats_get(kvc_batcher *b, kvc_batcher_stats *s) {
 
 /* Take up to max_batch items off the queue (mu held); expired ones go to
  * `dead` instead. */
-static size_t take(kvc_batcher *b, void **batch, void **dead, size_t *n_dead, double now) {
+static size_t take(srv__batcher *b, void **batch, void **dead, size_t *n_dead, double now) {
     size_t n = 0, cap = (size_t)b->o.max_queue;
     *n_dead = 0;
     while (b->n && n < (size_t)b->o.max_batch) {
@@ -137,7 +137,7 @@ static size_t take(kvc_batcher *b, void **batch, void **dead, size_t *n_dead, do
 }
 
 static void *run(void *p) {
-    kvc_batcher *b = p;
+    srv__batcher *b = p;
     size_t max = (size_t)b->o.max_batch;
     void **batch = b->batch, **dead = b->dead;
     pthread_mutex_lock(&b->mu);
@@ -159,7 +159,7 @@ static void *run(void *p) {
         }
         size_t n_dead, n = take(b, batch, dead, &n_dead, now);
         pthread_mutex_unlock(&b->mu);
-        for (size_t i = 0; i < n_dead; i++) b->drop(b->ctx, dead[i], KVC_DROP_EXPIRED);
+        for (size_t i = 0; i < n_dead; i++) b->drop(b->ctx, dead[i], SRV__DROP_EXPIRED);
         if (n) b->dispatch(b->ctx, batch, n);
         pthread_mutex_lock(&b->mu);
     }
@@ -170,14 +170,14 @@ static void *run(void *p) {
         b->n--;
         b->st.closed++;
         pthread_mutex_unlock(&b->mu);
-        b->drop(b->ctx, it, KVC_DROP_CLOSED);
+        b->drop(b->ctx, it, SRV__DROP_CLOSED);
         pthread_mutex_lock(&b->mu);
     }
     pthread_mutex_unlock(&b->mu);
     return NULL;
 }
 
-void kvc_batcher_close(kvc_batcher *b) {
+void srv__batcher_close(srv__batcher *b) {
     if (!b) return;
     pthread_mutex_lock(&b->mu);
     b->stop = 1;
