@@ -12,6 +12,7 @@
 
 #include "agentauth.h"
 #include "batcher.h"
+#include "descindex.h"
 #include "kvc.h"
 #include "pbcheck.h"
 #include "registry.h"
@@ -200,15 +201,6 @@ typedef struct {
     int line;                   /* in the token file */
 } token_ent;
 
-typedef struct {                /* one file of the embedded descriptor set */
-    const uint8_t *data;
-    size_t len;
-    char name[256];
-    char **symbols;
-    int n_symbols;
-    int *deps;                  /* indices of dependencies */
-    int n_deps;
-} fdesc;
 
 struct srv {
     srv_config cfg;
@@ -231,8 +223,7 @@ struct srv {
     call *watchers;
     token_ent *tokens;
     int n_tokens;
-    fdesc *files;
-    int n_files;
+    srv__desc_index *desc;      /* the embedded descriptor set, for reflection */
     int active_calls;           /* generation calls in flight */
     kvc_redis *redis;
     kvc_prompt *pcache;
@@ -1837,135 +1828,6 @@ static void notify_watchers(srv *s) {
 }
 
 /* ---- reflection ---------------------------------------------------------------------- */
-/* Protobuf wire reading, enough to walk a FileDescriptorSet. */
-typedef struct {
-    const uint8_t *p, *end;
-} wire;
-
-static int wire_varint(wire *w, uint64_t *v) {
-    *v = 0;
-    for (int sh = 0; sh < 64 && w->p < w->end; sh += 7) {
-        uint8_t b = *w->p++;
-        *v |= (uint64_t)(b & 0x7f) << sh;
-        if (!(b & 0x80)) return 0;
-    }
-    return -1;
-}
-
-/* Next field: number, and for length-delimited fields the bytes. Skips others. */
-static int wire_next(wire *w, int *field, const uint8_t **data, size_t *len) {
-    uint64_t key, v;
-    if (w->p >= w->end || wire_varint(w, &key)) return -1;
-    *field = (int)(key >> 3);
-    *data = NULL;
-    *len = 0;
-    switch (key & 7) {
-    case 0: return wire_varint(w, &v);
-    case 1: if (w->end - w->p < 8) return -1; w->p += 8; return 0;
-    case 5: if (w->end - w->p < 4) return -1; w->p += 4; return 0;
-    case 2:
-        if (wire_varint(w, &v) || v > (uint64_t)(w->end - w->p)) return -1;
-        *data = w->p;
-        *len = (size_t)v;
-        w->p += v;
-        return 0;
-    default: return -1;
-    }
-}
-
-static void add_symbol(fdesc *f, const char *prefix, const uint8_t *name, size_t nlen) {
-    char **ns = realloc(f->symbols, (size_t)(f->n_symbols + 1) * sizeof *ns);
-    if (!ns) return;
-    f->symbols = ns;
-    size_t pl = strlen(prefix);
-    char *s = malloc(pl + nlen + 2);
-    if (!s) return;
-    snprintf(s, pl + nlen + 2, "%s%s%.*s", prefix, pl ? "." : "", (int)nlen, (const char *)name);
-    f->symbols[f->n_symbols++] = s;
-}
-
-/* Messages (with nested ones), enums, services and their methods. */
-static void walk_named(fdesc *f, const char *prefix, const uint8_t *d, size_t len, int kind) {
-    wire w = {d, d + len};
-    int fld;
-    const uint8_t *v;
-    size_t vl;
-    const uint8_t *name = NULL;
-    size_t nlen = 0;
-    while (!wire_next(&w, &fld, &v, &vl))
-        if (fld == 1 && v) { name = v; nlen = vl; break; }
-    if (!name) return;
-    add_symbol(f, prefix, name, nlen);
-    char full[512];
-    snprintf(full, sizeof full, "%s%s%.*s", prefix, prefix[0] ? "." : "", (int)nlen, (const char *)name);
-    w.p = d;
-    while (!wire_next(&w, &fld, &v, &vl)) {
-        if (!v) continue;
-        if (kind == 'm' && fld == 3) walk_named(f, full, v, vl, 'm');      /* nested_type */
-        else if (kind == 'm' && fld == 4) walk_named(f, full, v, vl, 'e'); /* enum_type */
-        else if (kind == 's' && fld == 2) walk_named(f, full, v, vl, 'x'); /* method */
-    }
-}
-
-static int load_descriptors(srv *s) {
-    wire w = {kvserve_descriptor_set, kvserve_descriptor_set + kvserve_descriptor_set_len};
-    int fld;
-    const uint8_t *v;
-    size_t vl;
-    while (!wire_next(&w, &fld, &v, &vl)) {
-        if (fld != 1 || !v) continue;
-        fdesc *nf = realloc(s->files, (size_t)(s->n_files + 1) * sizeof *nf);
-        if (!nf) return -1;
-        s->files = nf;
-        fdesc *f = &s->files[s->n_files++];
-        memset(f, 0, sizeof *f);
-        f->data = v;
-        f->len = vl;
-        char pkg[256] = "";
-        wire fw = {v, v + vl};
-        const uint8_t *x;
-        size_t xl;
-        int ff;
-        while (!wire_next(&fw, &ff, &x, &xl)) {
-            if (ff == 1 && x) snprintf(f->name, sizeof f->name, "%.*s", (int)xl, (const char *)x);
-            if (ff == 2 && x) snprintf(pkg, sizeof pkg, "%.*s", (int)xl, (const char *)x);
-        }
-        fw.p = v;
-        while (!wire_next(&fw, &ff, &x, &xl)) {
-            if (!x) continue;
-            if (ff == 4) walk_named(f, pkg, x, xl, 'm');
-            else if (ff == 5) walk_named(f, pkg, x, xl, 'e');
-            else if (ff == 6) walk_named(f, pkg, x, xl, 's');
-        }
-    }
-    /* dependencies by name */
-    for (int i = 0; i < s->n_files; i++) {
-        wire fw = {s->files[i].data, s->files[i].data + s->files[i].len};
-        const uint8_t *x;
-        size_t xl;
-        int ff;
-        while (!wire_next(&fw, &ff, &x, &xl)) {
-            if (ff != 3 || !x) continue;
-            for (int k = 0; k < s->n_files; k++)
-                if (strlen(s->files[k].name) == xl && !memcmp(s->files[k].name, x, xl)) {
-                    int *nd = realloc(s->files[i].deps, (size_t)(s->files[i].n_deps + 1) * sizeof *nd);
-                    if (nd) {
-                        s->files[i].deps = nd;
-                        s->files[i].deps[s->files[i].n_deps++] = k;
-                    }
-                }
-        }
-    }
-    return 0;
-}
-
-static void add_file_closure(srv *s, int i, int *seen, ProtobufCBinaryData *out, size_t *n) {
-    if (seen[i]) return;
-    seen[i] = 1;
-    out[(*n)++] = (ProtobufCBinaryData){s->files[i].len, (uint8_t *)s->files[i].data};
-    for (int k = 0; k < s->files[i].n_deps; k++) add_file_closure(s, s->files[i].deps[k], seen, out, n);
-}
-
 static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionRequest *q) {
     srv *s = c->s;
     Grpc__Reflection__V1__ServerReflectionResponse rep = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__INIT;
@@ -1974,9 +1836,10 @@ static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionReq
     Grpc__Reflection__V1__ServiceResponse svc[N_SERVICES], *svcp[N_SERVICES];
     Grpc__Reflection__V1__FileDescriptorResponse fd = GRPC__REFLECTION__V1__FILE_DESCRIPTOR_RESPONSE__INIT;
     Grpc__Reflection__V1__ErrorResponse er = GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT;
-    ProtobufCBinaryData files[16];
-    int seen[16] = {0};
-    size_t nf = 0;
+    enum { MAX_FILES = 16 };
+    ProtobufCBinaryData files[MAX_FILES];
+    const uint8_t *fdata[MAX_FILES];
+    size_t flen[MAX_FILES], nf = 0;
     rep.valid_host = q->host;
     rep.original_request = q;
     int found = -1;
@@ -1993,20 +1856,17 @@ static void reflection_answer(call *c, Grpc__Reflection__V1__ServerReflectionReq
         rep.list_services_response = &ls;
         break;
     case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_BY_FILENAME:
-        for (int i = 0; i < s->n_files && found < 0; i++)
-            if (!strcmp(s->files[i].name, q->file_by_filename)) found = i;
+        found = srv__desc_by_name(s->desc, q->file_by_filename);
         break;
     case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_SYMBOL:
-        for (int i = 0; i < s->n_files && found < 0; i++)
-            for (int k = 0; k < s->files[i].n_symbols; k++)
-                if (!strcmp(s->files[i].symbols[k], q->file_containing_symbol)) { found = i; break; }
+        found = srv__desc_by_symbol(s->desc, q->file_containing_symbol);
         break;
     default:
         break;
     }
     if (rep.message_response_case == GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE__NOT_SET) {
-        if (found >= 0 && s->n_files <= 16) {
-            add_file_closure(s, found, seen, files, &nf);
+        if (found >= 0 && (nf = srv__desc_closure(s->desc, found, fdata, flen, MAX_FILES)) <= MAX_FILES) {
+            for (size_t i = 0; i < nf; i++) files[i] = (ProtobufCBinaryData){flen[i], (uint8_t *)fdata[i]};
             fd.n_file_descriptor_proto = nf;
             fd.file_descriptor_proto = files;
             rep.message_response_case =
@@ -2319,14 +2179,8 @@ static grpc_server_credentials *make_creds(const srv_config *c) {
 }
 
 static void free_files(srv *s) {
-    for (int i = 0; i < s->n_files; i++) {
-        for (int k = 0; k < s->files[i].n_symbols; k++) free(s->files[i].symbols[k]);
-        free(s->files[i].symbols);
-        free(s->files[i].deps);
-    }
-    free(s->files);
-    s->files = NULL;
-    s->n_files = 0;
+    srv__desc_close(s->desc);
+    s->desc = NULL;
 }
 
 static int getenv_int(const char *name, int def) {
@@ -2459,7 +2313,11 @@ int srv_run(const srv_config *cfg) {
         free(s);
         return 2;
     }
-    if (load_descriptors(s)) { srv__reg_free(s->reg); free(s); return 1; }
+    if (srv__desc_open(&s->desc, kvserve_descriptor_set, kvserve_descriptor_set_len)) {
+        srv__reg_free(s->reg);
+        free(s);
+        return 1;
+    }
     s->metrics = srv_metrics_new(s->cfg.price_per_1k);
     if (s->cfg.metrics_listen && s->metrics && srv_metrics_listen(s->metrics, s->cfg.metrics_listen, metrics_source, s)) {
         fprintf(stderr, "kvserve: --metrics %s: cannot listen (an IPv4 HOST:PORT, free)\n", s->cfg.metrics_listen);
