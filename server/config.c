@@ -12,6 +12,7 @@ void srv_config_default(srv_config *c) {
     c->listen = getenv("KVSERVE_LISTEN") ? getenv("KVSERVE_LISTEN") : "127.0.0.1:50051";
     c->threads = getenv_int("KVSERVE_THREADS", 0);
     c->cq_threads = getenv_int("KVSERVE_CQ_THREADS", 2);
+    c->worker_threads = getenv_int("KVSERVE_WORKER_THREADS", 2);
     c->engine.n_blocks = getenv_int("KVSERVE_POOL_BLOCKS", 0);
     c->engine.block_tokens = getenv_int("KVSERVE_BLOCK_TOKENS", 0);
     c->engine.max_step_tokens = getenv_int("KVSERVE_STEP_TOKENS", 0);

@@ -2,24 +2,24 @@
 #include "internal.h"
 
 const method srv__methods[] = {
-    {"/kvserve.v1.Generation/Submit", K_UNARY, srv__h_submit, 1, 1, 0},
-    {"/kvserve.v1.Generation/Step", K_UNARY, srv__h_step, 1, 1, 1},
-    {"/kvserve.v1.Generation/Stream", K_SSTREAM, srv__h_stream, 1, 1, 0},
-    {"/kvserve.v1.Generation/Cancel", K_UNARY, srv__h_cancel, 1, 1, 1},
-    {"/kvserve.v1.Generation/Stats", K_UNARY, srv__h_stats, 1, 1, 0},
-    {"/kvserve.v1.Agents/GetAgent", K_UNARY, srv__h_get_agent, 1, 1, 0},
-    {"/kvserve.v1.Agents/ListAgents", K_UNARY, srv__h_list_agents, 1, 1, 0},
-    {"/kvserve.v1.Agents/DropAgent", K_UNARY, srv__h_drop_agent, 1, 1, 0},
-    {"/kvserve.v1.Agents/ExportAgent", K_UNARY, srv__h_export_agent, 1, 1, 0},
-    {"/kvserve.v1.Agents/ImportAgent", K_UNARY, srv__h_import_agent, 1, 1, 0},
-    {"/kvserve.v1.Cache/Invalidate", K_UNARY, srv__h_invalidate, 1, 1, 0},
-    {"/kvserve.v1.Cache/Stats", K_UNARY, srv__h_cache_stats, 1, 1, 0},
-    {"/kvserve.v1.Cache/RagStore", K_UNARY, srv__h_rag_store, 1, 0, 0},
-    {"/kvserve.v1.Cache/RagLookup", K_UNARY, srv__h_rag_lookup, 1, 0, 0},
-    {"/grpc.health.v1.Health/Check", K_UNARY, srv__h_health_check, 0, 0, 0},
-    {"/grpc.health.v1.Health/Watch", K_SSTREAM, srv__h_health_watch, 0, 0, 0},
-    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", K_BIDI, srv__h_reflection, 1, 0, 0},
-    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", K_BIDI, srv__h_reflection, 1, 0, 0},
+    {"/kvserve.v1.Generation/Submit", K_UNARY, srv__h_submit, 1, 1, 0, POOL_GENERATE},
+    {"/kvserve.v1.Generation/Step", K_UNARY, srv__h_step, 1, 1, 1, POOL_NONE},
+    {"/kvserve.v1.Generation/Stream", K_SSTREAM, srv__h_stream, 1, 1, 0, POOL_GENERATE},
+    {"/kvserve.v1.Generation/Cancel", K_UNARY, srv__h_cancel, 1, 1, 1, POOL_NONE},
+    {"/kvserve.v1.Generation/Stats", K_UNARY, srv__h_stats, 1, 1, 0, POOL_NONE},
+    {"/kvserve.v1.Agents/GetAgent", K_UNARY, srv__h_get_agent, 1, 1, 0, POOL_NONE},
+    {"/kvserve.v1.Agents/ListAgents", K_UNARY, srv__h_list_agents, 1, 1, 0, POOL_NONE},
+    {"/kvserve.v1.Agents/DropAgent", K_UNARY, srv__h_drop_agent, 1, 1, 0, POOL_NONE},
+    {"/kvserve.v1.Agents/ExportAgent", K_UNARY, srv__h_export_agent, 1, 1, 0, POOL_GENERATE},
+    {"/kvserve.v1.Agents/ImportAgent", K_UNARY, srv__h_import_agent, 1, 1, 0, POOL_GENERATE},
+    {"/kvserve.v1.Cache/Invalidate", K_UNARY, srv__h_invalidate, 1, 1, 0, POOL_REDIS},
+    {"/kvserve.v1.Cache/Stats", K_UNARY, srv__h_cache_stats, 1, 1, 0, POOL_REDIS},
+    {"/kvserve.v1.Cache/RagStore", K_UNARY, srv__h_rag_store, 1, 0, 0, POOL_REDIS},
+    {"/kvserve.v1.Cache/RagLookup", K_UNARY, srv__h_rag_lookup, 1, 0, 0, POOL_REDIS},
+    {"/grpc.health.v1.Health/Check", K_UNARY, srv__h_health_check, 0, 0, 0, POOL_NONE},
+    {"/grpc.health.v1.Health/Watch", K_SSTREAM, srv__h_health_watch, 0, 0, 0, POOL_NONE},
+    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", K_BIDI, srv__h_reflection, 1, 0, 0, POOL_NONE},
+    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", K_BIDI, srv__h_reflection, 1, 0, 0, POOL_NONE},
 };
 const int srv__n_methods = (int)(sizeof srv__methods / sizeof *srv__methods);
 
@@ -65,6 +65,21 @@ void srv__metrics_source(void *ud, srv_metrics_snapshot *m) {
 }
 
 
+/* A handler on its worker pool: shutdown may have begun while it waited. */
+static void run_on_pool(void *p) {
+    call *c = p;
+    srv *s = c->s;
+    const method *m = &srv__methods[c->mi];
+    pthread_mutex_lock(&s->mu);
+    int down = s->shutting_down;
+    pthread_mutex_unlock(&s->mu);
+    if (m->needs_model && down && !m->drains) {
+        srv__finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        return;
+    }
+    m->fn(c);
+}
+
 static void on_new_call(call *c, int ok) {
     srv *s = c->s;
     if (!ok) { /* shutting down */
@@ -96,7 +111,8 @@ static void on_new_call(call *c, int ok) {
         srv__finish_errorf(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
         return;
     }
-    m->fn(c);
+    if (m->pool && srv__workers_run(s->pools[m->pool], run_on_pool, c) == 0) return;
+    m->fn(c); /* (no pool: here) */
 }
 
 void srv__request_call(srv *s, int mi) {

@@ -283,6 +283,18 @@ static void pend_free(pend *p) {
 
 /* Hand the request to the engine (batcher thread): join an identical Stream
  * in flight, or submit it. Consumes p. */
+/* A text prompt to ids (a long one takes a while: this runs on the handler's
+ * worker pool). On failure the text stays, for eng_submit to say why. */
+static void tokenize(srv *s, pend *p) {
+    size_t n = 0;
+    if (!p->r.text) return;
+    if (eng_tok_encode(eng_model_tok(s->model), p->r.text, p->r.text_len, p->r.add_special, &p->ids, &n) == ENG_OK) {
+        p->r.text = NULL;
+        p->r.ids = p->ids;
+        p->r.n_ids = n;
+    }
+}
+
 static void start_generation(srv *s, pend *p) {
     call *c = p->c;
     int streaming = p->streaming;
@@ -290,14 +302,6 @@ static void start_generation(srv *s, pend *p) {
     uint64_t id = 0;
     char digest[65] = "";
     if (p->cq && streaming) kvc_prompt_key_digest(&p->cq->k, digest);
-    if (p->r.text) { /* tokenize outside the server lock: a long prompt must not stall the other calls */
-        size_t n = 0;
-        if (eng_tok_encode(eng_model_tok(s->model), p->r.text, p->r.text_len, p->r.add_special, &p->ids, &n) == ENG_OK) {
-            p->r.text = NULL;
-            p->r.ids = p->ids;
-            p->r.n_ids = n;
-        } /* else eng_submit says why */
-    }
     pthread_mutex_lock(&s->mu);
     c->pending = 0;
     s->pending--;
@@ -438,6 +442,7 @@ static void h_generate(call *c, int streaming) {
         return;
     }
     p->cq = s->pcache && srv__cacheable(g) ? srv__cache_prepare(s, c->tenant, g, &p->r) : NULL;
+    tokenize(s, p); /* here, on the handler's pool: not on the batcher's thread, not under the server lock */
     /* a request the cache may answer is checked now, as the engine would check it */
     if (p->cq && (rc = eng_request_check(s->eng, &p->r, err, sizeof err)) != ENG_OK) {
         pend_free(p);
@@ -449,7 +454,8 @@ static void h_generate(call *c, int streaming) {
     pthread_mutex_lock(&s->mu); /* before the batcher's lock: remove() runs under srv.mu too */
     c->pending = 1;
     s->pending++;
-    int full = srv__batcher_push(s->batcher, p, mono_deadline(c)) != 0;
+    int full = !s->batcher || srv__batcher_push(s->batcher, p, mono_deadline(c)) != 0;
+    int closed = !s->batcher; /* shutting down */
     if (full) {
         c->pending = 0;
         s->pending--;
@@ -457,7 +463,8 @@ static void h_generate(call *c, int streaming) {
     pthread_mutex_unlock(&s->mu);
     if (full) {
         pend_free(p);
-        srv__fail_call(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "request queue is full; retry later");
+        if (closed) srv__fail_call(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        else srv__fail_call(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "request queue is full; retry later");
     }
 }
 

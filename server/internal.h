@@ -10,6 +10,8 @@
  *       Submit/Stream: prompt-cache lookups, then the engine;
  *   the cache writer (promptcache.c)                    writes completions and
  *       purges to Redis, in order;
+ *   two worker pools (workers.c, dispatch.c)            run the handlers that
+ *       may block: Submit/Stream and agent export/import; the Cache service;
  *   libmicrohttpd's threads (metrics.c)                 serve /metrics.
  *
  * Lock order: srv.mu before call.mu. srv.mu guards the request registry,
@@ -25,6 +27,7 @@
 #include "agentauth.h"
 #include "batcher.h"
 #include "descindex.h"
+#include "workers.h"
 #include "kvc.h"
 #include "pbcheck.h"
 #include "registry.h"
@@ -79,7 +82,14 @@ typedef struct {
     int auth;       /* needs a valid token when tokens are configured */
     int needs_model;
     int drains;     /* still served while shutting down (Step, Cancel: they only touch existing requests) */
+    int pool;       /* POOL_*: the handler runs on a worker pool, not on the completion-queue thread */
 } method;
+
+/* Handlers that may block run on worker pools (workers.c), so that the
+ * completion-queue threads only ever do quick work: the Cache service's
+ * Redis round trips on one pool (a stalled Redis holds only those), prompts
+ * to render and tokenize and agent exports/imports on the other. */
+enum { POOL_NONE = 0, POOL_GENERATE, POOL_REDIS };
 
 typedef struct outmsg {
     grpc_byte_buffer *bb;
@@ -201,6 +211,7 @@ struct srv {
     token_ent *tokens;
     int n_tokens;
     srv__desc_index *desc;      /* the embedded descriptor set, for reflection */
+    srv__workers *pools[3];     /* [POOL_GENERATE], [POOL_REDIS] */
     int active_calls;           /* generation calls in flight */
     kvc_redis *redis;
     kvc_prompt *pcache;

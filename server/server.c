@@ -68,6 +68,7 @@ static void redis_problem(void *ud, const char *msg) {
 
 /* Undo what srv_run set up before serving; exit code 2. */
 static int early_exit(srv *s) {
+    for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) srv__workers_close(s->pools[p]);
     if (s->has_writer) {
         pthread_mutex_lock(&s->mu);
         s->writer_stop = 1;
@@ -109,6 +110,7 @@ int srv_run(const srv_config *cfg) {
     raise_fd_limit();
     s->cfg = *cfg;
     if (s->cfg.cq_threads <= 0) s->cfg.cq_threads = 2;
+    if (s->cfg.worker_threads <= 0) s->cfg.worker_threads = 2;
     if (s->cfg.grace_seconds < 0) s->cfg.grace_seconds = 10;
     if (s->cfg.max_wait_ms <= 0) s->cfg.max_wait_ms = 10000;
     if (s->cfg.max_message_bytes <= 0) s->cfg.max_message_bytes = 64 << 20;
@@ -241,6 +243,9 @@ int srv_run(const srv_config *cfg) {
         return early_exit(s);
     }
     grpc_server_start(s->server);
+    for (int p = POOL_GENERATE; p <= POOL_REDIS; p++)
+        if (srv__workers_open(&s->pools[p], s->cfg.worker_threads) != 0)
+            LOG_WARN("could not start worker threads: handlers that may block run on the completion-queue threads");
     s->n_cq = s->cfg.cq_threads;
     s->cq_thr = calloc((size_t)s->n_cq, sizeof *s->cq_thr);
     for (int i = 0; s->cq_thr && i < s->n_cq; i++)
@@ -329,8 +334,11 @@ int srv_run(const srv_config *cfg) {
         if (!busy || srv__now_s() >= until) break;
         srv__sleep_ms(20);
     }
-    srv__batcher_close(s->batcher); /* what still waits is refused (UNAVAILABLE) */
+    pthread_mutex_lock(&s->mu); /* from here a handler finds no batcher (UNAVAILABLE) */
+    srv__batcher *batcher = s->batcher;
     s->batcher = NULL;
+    pthread_mutex_unlock(&s->mu);
+    srv__batcher_close(batcher); /* what still waits is refused (UNAVAILABLE) */
     /* past the grace: cancel the engine requests first, so that each stream
      * still gets its completion (finish CANCELLED) and status OK, and each
      * Submitted request a CANCELLED completion for Step */
@@ -381,6 +389,10 @@ int srv_run(const srv_config *cfg) {
         pthread_mutex_unlock(&s->mu);
         if ((!left || !s->eng_thr) && done) break;
         srv__sleep_ms(10);
+    }
+    for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) { /* the handlers still queued there run (and refuse) */
+        srv__workers_close(s->pools[p]);
+        s->pools[p] = NULL;
     }
     if (s->eng_thr) {
         pthread_mutex_lock(&s->mu);

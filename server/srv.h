@@ -12,6 +12,7 @@ typedef struct srv_config {
     const char *listen;          /* host:port, e.g. 127.0.0.1:50051 */
     int threads;                 /* compute threads (0 = all CPUs) */
     int cq_threads;              /* completion-queue threads (0 = 2) */
+    int worker_threads;          /* threads of each pool for handlers that may block (0 = 2; internal.h) */
     eng_engine_options engine;   /* pool size, block size, budgets */
     int max_context;             /* cap on the context (0 = model's) */
     const char *tls_cert;        /* PEM certificate chain: enables TLS */
