@@ -46,27 +46,7 @@ static const char USAGE[] =
     "  --no-special         do not add the tokenizer's BOS to a text prompt\n"
     "  --print-ids          print generated token ids instead of text\n"
     "\n"
-    "server options (or KVSERVE_* environment variables, see docs/operations.md):\n"
-    "  --listen HOST:PORT   address (default 127.0.0.1:50051)    --pool-blocks N   KV pool blocks (512)\n"
-    "  --block-tokens N     tokens per block (16)                --step-tokens N   token budget per step (512)\n"
-    "  --max-running N      sequences at once (64)               --max-queue N     waiting requests (1024)\n"
-    "  --tls-cert PEM --tls-key PEM [--tls-client-ca PEM]        TLS, and mTLS with a client CA\n"
-    "  --token-file FILE    lines \"TOKEN TENANT\": require bearer tokens\n"
-    "  --export-key FILE    key (32+ bytes) that signs agent exports; default: a new one per process\n"
-    "  --share-prefix-across-tenants  tenants reuse each other's cached prompt KV (they trust each other)\n"
-    "  --grace S            seconds in-flight calls get on SIGTERM (10)\n"
-    "  --max-results N      Submitted requests a tenant may leave uncollected by Step (1024)\n"
-    "  --result-ttl S       how long a finished request's result waits for Step (600)\n"
-    "  --redis URL          prompt cache on Redis (redis://host:port/db, unix:///path)\n"
-    "  --redis-timeout-ms MS  Redis connect and command timeout (200)\n"
-    "  --cache-ttl S        default lifetime of cached completions (86400)\n"
-    "  --metrics HOST:PORT  Prometheus /metrics and /metrics/cache/statistics over HTTP\n"
-    "  --price-per-1k X     currency per 1k tokens for the cost-saved metric (0)\n"
-    "  --batch-max N        batcher: dispatch when N requests wait (32) ...\n"
-    "  --batch-window-ms MS ... or MS after the oldest arrival (0)\n"
-    "  --batch-queue N      requests the batcher holds; more: RESOURCE_EXHAUSTED (1024)\n"
-    "  --weights f32|bf16   as for generate (default f32, or KVSERVE_WEIGHTS)\n"
-    "  --kv f32|f16         as for generate (default f32, or KVSERVE_KV)\n"
+    "server options: kvserve serve --help (each also as a KVSERVE_* variable; docs/operations.md)\n"
     "\n"
     "tokenize options:\n"
     "  --decode             read ids from stdin, write the decoded bytes\n"
@@ -504,60 +484,16 @@ out:
 
 static int cmd_serve(int argc, char **argv) {
     srv_config c;
-    srv_config_default(&c);
-    static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},        {"listen", required_argument, 0, 'l'},
-        {"threads", required_argument, 0, 't'},      {"pool-blocks", required_argument, 0, 'b'},
-        {"block-tokens", required_argument, 0, 'B'}, {"step-tokens", required_argument, 0, 's'},
-        {"max-running", required_argument, 0, 'r'},  {"max-queue", required_argument, 0, 'q'},
-        {"ctx", required_argument, 0, 'c'},          {"tls-cert", required_argument, 0, 'C'},
-        {"tls-key", required_argument, 0, 'K'},      {"tls-client-ca", required_argument, 0, 'A'},
-        {"token-file", required_argument, 0, 'T'},   {"grace", required_argument, 0, 'g'},
-        {"redis", required_argument, 0, 'R'},        {"cache-ttl", required_argument, 0, 'L'},
-        {"metrics", required_argument, 0, 'M'},      {"price-per-1k", required_argument, 0, 'P'},
-        {"batch-max", required_argument, 0, 'X'},    {"batch-window-ms", required_argument, 0, 'W'},
-        {"batch-queue", required_argument, 0, 'Q'},  {"weights", required_argument, 0, 'w'},
-        {"kv", required_argument, 0, 'V'},          {"redis-timeout-ms", required_argument, 0, 'D'},
-        {"export-key", required_argument, 0, 'E'},  {"share-prefix-across-tenants", no_argument, 0, 'S'},
-        {"max-results", required_argument, 0, 'N'}, {"result-ttl", required_argument, 0, 'Y'},
-        {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
-    int o;
-    double v;
-    optind = 2;
-    while ((o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (o) {
-        case 'm': c.model_dir = optarg; break;
-        case 'l': c.listen = optarg; break;
-        case 'C': c.tls_cert = optarg; break;
-        case 'K': c.tls_key = optarg; break;
-        case 'A': c.tls_client_ca = optarg; break;
-        case 'T': c.token_file = optarg; break;
-        case 'E': c.export_key_file = optarg; break;
-        case 'S': c.engine.share_prefix_across_tenants = 1; break;
-        case 'R': c.redis_url = optarg; break;
-        case 'D': if (parse_num(optarg, 1, 600000, &v, "--redis-timeout-ms")) return 2; c.redis_timeout_ms = (int)v; break;
-        case 'M': c.metrics_listen = optarg; break;
-        case 'P': if (parse_num(optarg, 0, 1e9, &v, "--price-per-1k")) return 2; c.price_per_1k = v; break;
-        case 'L': if (parse_num(optarg, 1, 1e9, &v, "--cache-ttl")) return 2; c.cache_ttl_s = (int)v; break;
-        case 'g': if (parse_num(optarg, 0, 3600, &v, "--grace")) return 2; c.grace_seconds = v; break;
-        case 'N': if (parse_num(optarg, 1, 1 << 24, &v, "--max-results")) return 2; c.max_results = (int)v; break;
-        case 'Y': if (parse_num(optarg, 1, 86400 * 7, &v, "--result-ttl")) return 2; c.result_ttl_s = (int)v; break;
-        case 't': if (parse_num(optarg, 1, 256, &v, "--threads")) return 2; c.threads = (int)v; break;
-        case 'b': if (parse_num(optarg, 1, 1 << 24, &v, "--pool-blocks")) return 2; c.engine.n_blocks = (int)v; break;
-        case 'B': if (parse_num(optarg, 1, 4096, &v, "--block-tokens")) return 2; c.engine.block_tokens = (int)v; break;
-        case 's': if (parse_num(optarg, 1, 65536, &v, "--step-tokens")) return 2; c.engine.max_step_tokens = (int)v; break;
-        case 'r': if (parse_num(optarg, 1, 4096, &v, "--max-running")) return 2; c.engine.max_running = (int)v; break;
-        case 'q': if (parse_num(optarg, 1, 1 << 20, &v, "--max-queue")) return 2; c.engine.max_queue = (int)v; break;
-        case 'c': if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return 2; c.max_context = (int)v; break;
-        case 'X': if (parse_num(optarg, 1, 4096, &v, "--batch-max")) return 2; c.batch_max = (int)v; break;
-        case 'w': if (parse_precision(optarg, "bf16", "--weights", &c.bf16_weights)) return 2; break;
-        case 'V': if (parse_precision(optarg, "f16", "--kv", &c.kv_f16)) return 2; break;
-        case 'W': if (parse_num(optarg, 0, 60000, &v, "--batch-window-ms")) return 2; c.batch_window_ms = (int)v; break;
-        case 'Q': if (parse_num(optarg, 1, 1 << 20, &v, "--batch-queue")) return 2; c.batch_queue = (int)v; break;
-        case 'h': fputs(USAGE, stdout); return 0;
-        default: fputs("kvserve: see kvserve --help\n", stderr); return 2;
-        }
+    char err[320];
+    int rc = srv_config_load(&c, argc - 2, argv + 2, err, sizeof err);
+    if (rc == 1) {
+        printf("usage: kvserve serve [options]: each option also as its KVSERVE_* variable (the flag wins)\n\n");
+        srv_config_usage(stdout);
+        return 0;
+    }
+    if (rc) {
+        fprintf(stderr, "kvserve: %s\n", err);
+        return 2;
     }
     return srv_run(&c);
 }

@@ -1,44 +1,192 @@
-/* config.c — the server configuration's defaults and environment */
+/* config.c — the server's settings in one place: every option's flag, its
+ * KVSERVE_* environment variable, type, range, default and help line. A
+ * setting comes from its default, then the environment, then the command
+ * line (the last wins); both are checked alike and a bad value is refused
+ * naming the flag or the variable and the range. */
 #include "internal.h"
 
-static int getenv_int(const char *name, int def) {
-    const char *v = getenv(name);
-    return v && *v ? atoi(v) : def;
-}
+#include <stddef.h>
+
+enum { T_STR, T_INT, T_NUM, T_BOOL, T_BF16, T_F16 };
+
+typedef struct {
+    const char *flag;           /* --flag */
+    const char *env;            /* KVSERVE_... */
+    int type;
+    double lo, hi;              /* T_INT, T_NUM */
+    size_t off;                 /* into srv_config */
+    const char *help;           /* "ARG  what (default)" */
+} opt;
+
+#define AT(field) offsetof(srv_config, field)
+static const opt OPTS[] = {
+    {"model", "KVSERVE_MODEL", T_STR, 0, 0, AT(model_dir), "DIR  Hugging Face model directory (required)"},
+    {"listen", "KVSERVE_LISTEN", T_STR, 0, 0, AT(listen), "HOST:PORT  gRPC address (127.0.0.1:50051)"},
+    {"threads", "KVSERVE_THREADS", T_INT, 1, 256, AT(threads), "N  compute threads (all CPUs)"},
+    {"cq-threads", "KVSERVE_CQ_THREADS", T_INT, 1, 64, AT(cq_threads), "N  gRPC completion-queue threads (2)"},
+    {"worker-threads", "KVSERVE_WORKER_THREADS", T_INT, 1, 64, AT(worker_threads),
+     "N  threads of each worker pool for handlers that may block (2)"},
+    {"pool-blocks", "KVSERVE_POOL_BLOCKS", T_INT, 1, 1 << 24, AT(engine.n_blocks), "N  KV pool blocks (512)"},
+    {"block-tokens", "KVSERVE_BLOCK_TOKENS", T_INT, 1, 4096, AT(engine.block_tokens), "N  tokens per block (16)"},
+    {"step-tokens", "KVSERVE_STEP_TOKENS", T_INT, 1, 65536, AT(engine.max_step_tokens), "N  token budget per step (512)"},
+    {"max-running", "KVSERVE_MAX_RUNNING", T_INT, 1, 4096, AT(engine.max_running), "N  sequences at once (64)"},
+    {"max-queue", "KVSERVE_MAX_QUEUE", T_INT, 1, 1 << 20, AT(engine.max_queue), "N  waiting requests (1024)"},
+    {"ctx", "KVSERVE_MAX_CONTEXT", T_INT, 1, 1 << 24, AT(max_context), "N  context length cap (the model's)"},
+    {"weights", "KVSERVE_WEIGHTS", T_BF16, 0, 0, AT(bf16_weights), "f32|bf16  weight matrices' precision (f32)"},
+    {"kv", "KVSERVE_KV", T_F16, 0, 0, AT(kv_f16), "f32|f16  KV cache precision (f32)"},
+    {"tls-cert", "KVSERVE_TLS_CERT", T_STR, 0, 0, AT(tls_cert), "PEM  certificate chain: TLS (with --tls-key)"},
+    {"tls-key", "KVSERVE_TLS_KEY", T_STR, 0, 0, AT(tls_key), "PEM  private key"},
+    {"tls-client-ca", "KVSERVE_TLS_CLIENT_CA", T_STR, 0, 0, AT(tls_client_ca), "PEM  require client certificates (mTLS)"},
+    {"token-file", "KVSERVE_TOKEN_FILE", T_STR, 0, 0, AT(token_file), "FILE  lines \"TOKEN TENANT\": bearer tokens"},
+    {"export-key", "KVSERVE_EXPORT_KEY", T_STR, 0, 0, AT(export_key_file),
+     "FILE  key (32+ bytes) signing agent exports (a new one per process)"},
+    {"share-prefix-across-tenants", "KVSERVE_SHARE_PREFIX_ACROSS_TENANTS", T_BOOL, 0, 0,
+     AT(engine.share_prefix_across_tenants), "  tenants reuse each other's cached prompt KV (they trust each other)"},
+    {"grace", "KVSERVE_GRACE_SECONDS", T_NUM, 0, 3600, AT(grace_seconds), "S  seconds in-flight calls get on SIGTERM (10)"},
+    {"max-message-bytes", "KVSERVE_MAX_MESSAGE_BYTES", T_INT, 1024, 1 << 30, AT(max_message_bytes),
+     "N  largest request accepted (64 MiB)"},
+    {"max-wait-ms", "KVSERVE_MAX_WAIT_MS", T_INT, 1, 600000, AT(max_wait_ms), "MS  cap on Step's wait_ms (10000)"},
+    {"max-results", "KVSERVE_MAX_RESULTS", T_INT, 1, 1 << 24, AT(max_results),
+     "N  Submitted requests a tenant may leave uncollected by Step (1024)"},
+    {"result-ttl", "KVSERVE_RESULT_TTL", T_INT, 1, 86400 * 7, AT(result_ttl_s),
+     "S  how long a finished request's result waits for Step (600)"},
+    {"redis", "KVSERVE_REDIS_URL", T_STR, 0, 0, AT(redis_url), "URL  caches on Redis (redis://host:port/db, unix:///path)"},
+    {"redis-timeout-ms", "KVSERVE_REDIS_TIMEOUT_MS", T_INT, 1, 600000, AT(redis_timeout_ms),
+     "MS  Redis connect and command timeout (200)"},
+    {"cache-ttl", "KVSERVE_CACHE_TTL", T_INT, 1, 1e9, AT(cache_ttl_s), "S  default lifetime of cached completions (86400)"},
+    {"metrics", "KVSERVE_METRICS_LISTEN", T_STR, 0, 0, AT(metrics_listen),
+     "HOST:PORT  Prometheus /metrics and /metrics/cache/statistics"},
+    {"price-per-1k", "KVSERVE_PRICE_PER_1K", T_NUM, 0, 1e9, AT(price_per_1k), "X  currency per 1k tokens, for cost saved (0)"},
+    {"batch-max", "KVSERVE_BATCH_MAX", T_INT, 1, 4096, AT(batch_max), "N  batcher: dispatch when N requests wait (32) ..."},
+    {"batch-window-ms", "KVSERVE_BATCH_WINDOW_MS", T_INT, 0, 60000, AT(batch_window_ms),
+     "MS  ... or MS after the oldest arrival (0)"},
+    {"batch-queue", "KVSERVE_BATCH_QUEUE", T_INT, 1, 1 << 20, AT(batch_queue),
+     "N  requests the batcher holds; more: RESOURCE_EXHAUSTED (1024)"},
+};
+#define N_OPTS (sizeof OPTS / sizeof *OPTS)
 
 void srv_config_default(srv_config *c) {
-    memset(c, 0, sizeof *c);
-    c->model_dir = getenv("KVSERVE_MODEL");
-    c->listen = getenv("KVSERVE_LISTEN") ? getenv("KVSERVE_LISTEN") : "127.0.0.1:50051";
-    c->threads = getenv_int("KVSERVE_THREADS", 0);
-    c->cq_threads = getenv_int("KVSERVE_CQ_THREADS", 2);
-    c->worker_threads = getenv_int("KVSERVE_WORKER_THREADS", 2);
-    c->engine.n_blocks = getenv_int("KVSERVE_POOL_BLOCKS", 0);
-    c->engine.block_tokens = getenv_int("KVSERVE_BLOCK_TOKENS", 0);
-    c->engine.max_step_tokens = getenv_int("KVSERVE_STEP_TOKENS", 0);
-    c->engine.max_running = getenv_int("KVSERVE_MAX_RUNNING", 0);
-    c->engine.max_queue = getenv_int("KVSERVE_MAX_QUEUE", 0);
-    c->max_context = getenv_int("KVSERVE_MAX_CONTEXT", 0);
-    c->tls_cert = getenv("KVSERVE_TLS_CERT");
-    c->tls_key = getenv("KVSERVE_TLS_KEY");
-    c->tls_client_ca = getenv("KVSERVE_TLS_CLIENT_CA");
-    c->token_file = getenv("KVSERVE_TOKEN_FILE");
-    c->export_key_file = getenv("KVSERVE_EXPORT_KEY");
-    c->engine.share_prefix_across_tenants = getenv_int("KVSERVE_SHARE_PREFIX_ACROSS_TENANTS", 0) != 0;
-    c->grace_seconds = getenv("KVSERVE_GRACE_SECONDS") ? atof(getenv("KVSERVE_GRACE_SECONDS")) : 10;
-    c->max_message_bytes = getenv_int("KVSERVE_MAX_MESSAGE_BYTES", 64 << 20);
-    c->max_wait_ms = getenv_int("KVSERVE_MAX_WAIT_MS", 10000);
-    c->max_results = getenv_int("KVSERVE_MAX_RESULTS", 1024);
-    c->result_ttl_s = getenv_int("KVSERVE_RESULT_TTL", 600);
-    c->redis_url = getenv("KVSERVE_REDIS_URL");
-    c->redis_timeout_ms = getenv_int("KVSERVE_REDIS_TIMEOUT_MS", 0);
-    c->cache_ttl_s = getenv_int("KVSERVE_CACHE_TTL", 0);
-    c->metrics_listen = getenv("KVSERVE_METRICS_LISTEN");
-    c->price_per_1k = getenv("KVSERVE_PRICE_PER_1K") ? atof(getenv("KVSERVE_PRICE_PER_1K")) : 0;
-    c->batch_max = getenv_int("KVSERVE_BATCH_MAX", 32);
-    c->batch_window_ms = getenv_int("KVSERVE_BATCH_WINDOW_MS", 0);
-    c->batch_queue = getenv_int("KVSERVE_BATCH_QUEUE", 1024);
-    c->bf16_weights = getenv("KVSERVE_WEIGHTS") && !strcmp(getenv("KVSERVE_WEIGHTS"), "bf16");
-    c->kv_f16 = getenv("KVSERVE_KV") && !strcmp(getenv("KVSERVE_KV"), "f16");
-    c->test_hold_file = getenv("KVSERVE_TEST_HOLD_FILE");
+    memset(c, 0, sizeof *c); /* engine fields 0: the engine's own defaults */
+    c->listen = "127.0.0.1:50051";
+    c->cq_threads = 2;
+    c->worker_threads = 2;
+    c->grace_seconds = 10;
+    c->max_message_bytes = 64 << 20;
+    c->max_wait_ms = 10000;
+    c->max_results = 1024;
+    c->result_ttl_s = 600;
+    c->batch_max = 32;
+    c->batch_queue = 1024;
+    c->test_hold_file = getenv("KVSERVE_TEST_HOLD_FILE"); /* a test hook: no flag */
+}
+
+/* Set option o from text v; `from` names where it came from in messages. */
+static int set(srv_config *c, const opt *o, const char *v, const char *from, char *err, size_t errlen) {
+    void *dst = (char *)c + o->off;
+    char *end;
+    double d;
+    switch (o->type) {
+    case T_STR:
+        *(const char **)dst = v;
+        return 0;
+    case T_BOOL:
+        if (!strcmp(v, "1") || !strcasecmp(v, "true") || !strcasecmp(v, "yes")) *(int *)dst = 1;
+        else if (!strcmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no") || !v[0]) *(int *)dst = 0;
+        else break;
+        return 0;
+    case T_BF16:
+    case T_F16: {
+        const char *low = o->type == T_BF16 ? "bf16" : "f16";
+        if (strcmp(v, "f32") && strcmp(v, low)) {
+            snprintf(err, errlen, "%s: f32 or %s (got \"%s\")", from, low, v);
+            return -1;
+        }
+        *(int *)dst = !strcmp(v, low);
+        return 0;
+    }
+    default:
+        d = strtod(v, &end);
+        if (end == v || *end || !(d >= o->lo && d <= o->hi) || (o->type == T_INT && d != (double)(long)d)) {
+            snprintf(err, errlen, "%s: %s in [%g, %g] (got \"%s\")", from, o->type == T_INT ? "an integer" : "a number",
+                     o->lo, o->hi, v);
+            return -1;
+        }
+        if (o->type == T_INT) *(int *)dst = (int)d;
+        else *(double *)dst = d;
+        return 0;
+    }
+    snprintf(err, errlen, "%s: true or false (got \"%s\")", from, v);
+    return -1;
+}
+
+int srv_config_check(const srv_config *c, char *err, size_t errlen) {
+    if (!c->model_dir || !c->model_dir[0]) {
+        snprintf(err, errlen, "give the model directory (--model DIR or KVSERVE_MODEL)");
+        return -1;
+    }
+    if (!c->listen || !c->listen[0]) {
+        snprintf(err, errlen, "--listen / KVSERVE_LISTEN: an address HOST:PORT");
+        return -1;
+    }
+    if (!c->tls_cert != !c->tls_key) {
+        snprintf(err, errlen, "--tls-cert and --tls-key go together");
+        return -1;
+    }
+    if (c->tls_client_ca && !c->tls_cert) {
+        snprintf(err, errlen, "--tls-client-ca needs --tls-cert and --tls-key");
+        return -1;
+    }
+    if (c->batch_queue < c->batch_max) {
+        snprintf(err, errlen, "batcher: need 1 <= --batch-max <= --batch-queue and --batch-window-ms >= 0 (got %d, %d, "
+                 "%d)", c->batch_max, c->batch_queue, c->batch_window_ms);
+        return -1;
+    }
+    return 0;
+}
+
+int srv_config_load(srv_config *c, int argc, char **argv, char *err, size_t errlen) {
+    srv_config_default(c);
+    char from[96];
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const char *v = getenv(OPTS[i].env);
+        if (!v || (!v[0] && OPTS[i].type != T_STR)) continue; /* set but empty: the default */
+        snprintf(from, sizeof from, "%s", OPTS[i].env);
+        if (set(c, &OPTS[i], v, from, err, errlen)) return -1;
+    }
+    for (int a = 0; a < argc; a++) {
+        const char *arg = argv[a];
+        if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) return 1;
+        if (strncmp(arg, "--", 2)) {
+            snprintf(err, errlen, "unexpected argument \"%s\" (see kvserve serve --help)", arg);
+            return -1;
+        }
+        const char *name = arg + 2, *eq = strchr(name, '=');
+        size_t nl = eq ? (size_t)(eq - name) : strlen(name);
+        const opt *o = NULL;
+        for (size_t i = 0; i < N_OPTS && !o; i++)
+            if (strlen(OPTS[i].flag) == nl && !strncmp(OPTS[i].flag, name, nl)) o = &OPTS[i];
+        if (!o) {
+            snprintf(err, errlen, "unknown option \"%.*s\" (see kvserve serve --help)", (int)(nl + 2), arg);
+            return -1;
+        }
+        const char *v = eq ? eq + 1 : NULL;
+        if (o->type == T_BOOL && !v) v = "1";
+        if (!v && a + 1 < argc) v = argv[++a];
+        snprintf(from, sizeof from, "--%s", o->flag);
+        if (!v) {
+            snprintf(err, errlen, "%s needs a value", from);
+            return -1;
+        }
+        if (set(c, o, v, from, err, errlen)) return -1;
+    }
+    return srv_config_check(c, err, errlen);
+}
+
+void srv_config_usage(FILE *out) {
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const char *h = OPTS[i].help, *sp = strstr(h, "  ");
+        char left[64];
+        snprintf(left, sizeof left, "--%s %.*s", OPTS[i].flag, sp ? (int)(sp - h) : 0, h);
+        fprintf(out, "  %-32s %s  [%s]\n", left, sp ? sp + 2 : h, OPTS[i].env);
+    }
 }

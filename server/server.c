@@ -121,15 +121,9 @@ int srv_run(const srv_config *cfg) {
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->jobs_cv, NULL);
     int rc = 1;
-    if (!s->cfg.model_dir) {
-        fprintf(stderr, "kvserve: give the model directory (--model DIR or KVSERVE_MODEL)\n");
-        srv__reg_free(s->reg);
-        free(s);
-        return 2;
-    }
-    if (s->cfg.batch_max < 1 || s->cfg.batch_window_ms < 0 || s->cfg.batch_queue < s->cfg.batch_max) {
-        fprintf(stderr, "kvserve: batcher: need 1 <= --batch-max <= --batch-queue and --batch-window-ms >= 0 (got %d, %d, %d)\n",
-                s->cfg.batch_max, s->cfg.batch_queue, s->cfg.batch_window_ms);
+    char why[256];
+    if (srv_config_check(&s->cfg, why, sizeof why)) {
+        fprintf(stderr, "kvserve: %s\n", why);
         srv__reg_free(s->reg);
         free(s);
         return 2;

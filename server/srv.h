@@ -5,6 +5,8 @@
 
 #include "eng.h"
 
+#include <stdio.h>
+
 #include <stddef.h>
 
 typedef struct srv_config {
@@ -38,8 +40,17 @@ typedef struct srv_config {
     const char *test_hold_file;  /* test hook (KVSERVE_TEST_HOLD_FILE, docs/testing.md); NULL in production */
 } srv_config;
 
-/* Fill defaults, then override from KVSERVE_* environment variables. */
+/* The defaults alone. */
 void srv_config_default(srv_config *c);
+/* Defaults, then KVSERVE_* environment variables, then the command line
+ * (args after "serve": "--flag value" or "--flag=value"), each value checked
+ * against its range, then the checks across settings. 0; 1 for --help; -1
+ * with a message in err naming the flag or variable. */
+int srv_config_load(srv_config *c, int argc, char **argv, char *err, size_t errlen);
+/* The checks across settings (model given, TLS pairs, the batcher's sizes): 0 or -1 and why. */
+int srv_config_check(const srv_config *c, char *err, size_t errlen);
+/* One line per option: flag, argument, what it does (default), its variable. */
+void srv_config_usage(FILE *out);
 
 /* Start listening (health NOT_SERVING), load the model, serve until SIGTERM
  * or SIGINT, then shut down gracefully. Returns a process exit code; a
