@@ -7,6 +7,16 @@
 #include <stdarg.h>
 #include <stdbool.h>
 
+/* ---- invariants ---------------------------------------------------------- */
+/* ENG_CHECK(x): an invariant (reference counts, free lists, sequence states),
+ * checked in debug and sanitizer builds (KVSERVE_CHECKS), free elsewhere. */
+#ifdef KVSERVE_CHECKS
+#include <assert.h>
+#define ENG_CHECK(x) assert(x)
+#else
+#define ENG_CHECK(x) ((void)0)
+#endif
+
 /* ---- errors ------------------------------------------------------------ */
 /* Write a formatted message to err (if err) and return code. */
 int eng__fail(char *err, size_t errlen, int code, const char *fmt, ...)
