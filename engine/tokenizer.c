@@ -558,6 +558,171 @@ static int make_bytes(eng_tok *t, int32_t id, const int char_byte[0x200]) {
     return ENG_OK;
 }
 
+/* tokenizer.json's "model": BPE with a vocab object and a merges list, no
+ * WordPiece-style affixes. */
+static int check_model(const cJSON *model, const char *path, char *err, size_t errlen) {
+    const cJSON *mty = cJSON_GetObjectItemCaseSensitive(model, "type");
+    const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
+    const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
+    if (cJSON_IsString(mty) && strcmp(mty->valuestring, "BPE") != 0)
+        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: %s tokenizers are not supported (only BPE: byte-level or "
+                         "with byte fallback)", path, mty->valuestring);
+    if (!cJSON_IsObject(vocab) || !cJSON_IsArray(merges))
+        return eng__fail(err, errlen, cJSON_IsArray(vocab) ? ENG_EUNSUPPORTED : ENG_EFORMAT,
+                         "%s: model needs a vocab object and a merges list (a vocab list is a Unigram tokenizer's, "
+                         "which is not supported)", path);
+    const cJSON *cont = cJSON_GetObjectItemCaseSensitive(model, "continuing_subword_prefix");
+    const cJSON *eow = cJSON_GetObjectItemCaseSensitive(model, "end_of_word_suffix");
+    if ((cJSON_IsString(cont) && cont->valuestring[0]) || (cJSON_IsString(eow) && eow->valuestring[0]))
+        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: BPE with a continuing_subword_prefix or end_of_word_suffix "
+                         "(WordPiece-style subwords) is not supported", path);
+    return ENG_OK;
+}
+
+/* The ids: the vocab's and the added tokens' strings, the vocab map. */
+static int load_ids(eng_tok *t, const cJSON *vocab, const cJSON *added, const char *path, char *err, size_t errlen) {
+    const cJSON *it;
+    int max_id = -1, rc;
+    cJSON_ArrayForEach(it, vocab) {
+        if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble > (1 << 24))
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: vocab entry \"%s\" has a bad id", path, it->string);
+        if ((int)it->valuedouble > max_id) max_id = (int)it->valuedouble;
+    }
+    cJSON_ArrayForEach(it, added) {
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(it, "id");
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(it, "content");
+        if (!cJSON_IsNumber(id) || id->valuedouble < 0 || id->valuedouble > (1 << 24) || !cJSON_IsString(c) ||
+            !c->valuestring[0])
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: added token without a valid id and content", path);
+        if ((int)id->valuedouble > max_id) max_id = (int)id->valuedouble;
+    }
+    t->n_ids = max_id + 1;
+    t->str = calloc((size_t)t->n_ids, sizeof *t->str);
+    t->str_len = calloc((size_t)t->n_ids, sizeof *t->str_len);
+    t->bytes = calloc((size_t)t->n_ids, sizeof *t->bytes);
+    t->bytes_len = calloc((size_t)t->n_ids, sizeof *t->bytes_len);
+    t->special = calloc((size_t)t->n_ids, 1);
+    if (!t->str || !t->str_len || !t->bytes || !t->bytes_len || !t->special ||
+        eng__strmap_init(&t->vocab, (size_t)t->n_ids) != ENG_OK)
+        return ENG_ENOMEM;
+    cJSON_ArrayForEach(it, vocab) {
+        int32_t id = (int32_t)it->valuedouble;
+        if ((rc = set_token(t, id, it->string, strlen(it->string)))) return rc;
+        if (eng__strmap_get(&t->vocab, it->string, strlen(it->string)) < 0 &&
+            (rc = eng__strmap_put(&t->vocab, t->str[id], t->str_len[id], id)))
+            return rc;
+    }
+    t->n_added = cJSON_GetArraySize(added);
+    t->added = calloc((size_t)t->n_added + 1, sizeof *t->added);
+    if (!t->added) return ENG_ENOMEM;
+    int k = 0;
+    cJSON_ArrayForEach(it, added) {
+        added_tok *a = &t->added[k++];
+        const char *c = cJSON_GetObjectItemCaseSensitive(it, "content")->valuestring;
+        a->id = (int32_t)cJSON_GetObjectItemCaseSensitive(it, "id")->valuedouble;
+        a->len = strlen(c);
+        a->content = malloc(a->len + 1);
+        if (!a->content) return ENG_ENOMEM;
+        memcpy(a->content, c, a->len + 1);
+        a->special = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "special"));
+        a->lstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "lstrip"));
+        a->rstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "rstrip"));
+        a->single_word = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "single_word"));
+        if ((rc = set_token(t, a->id, c, a->len))) return rc;
+        t->special[a->id] = (uint8_t)a->special;
+    }
+    return ENG_OK;
+}
+
+/* Each token's bytes: the byte alphabet and byte-fallback ids, the
+ * pre-tokenizer (a ByteLevel step makes the pieces byte-level), the
+ * decoder's view of a piece, the unknown token. */
+static int load_pieces(eng_tok *t, const cJSON *root, decoder *dcd, const char *path, char *err, size_t errlen) {
+    unsigned cp[256];
+    int char_byte[0x200], rc;
+    byte_map(cp);
+    for (int i = 0; i < 0x200; i++) char_byte[i] = -1;
+    for (int b = 0; b < 256; b++) {
+        char u[8];
+        int l = utf8_put(u, cp[b]);
+        char_byte[cp[b]] = b;
+        t->byte_id[b] = eng__strmap_get(&t->vocab, u, (size_t)l);
+        snprintf(u, sizeof u, "<0x%02X>", b);
+        t->fallback_id[b] = eng__strmap_get(&t->vocab, u, 6);
+    }
+    const cJSON *pt = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
+    if (pt && !cJSON_IsNull(pt) && (rc = add_step(t, pt, path, err, errlen))) return rc;
+    for (int i = 0; i < t->n_steps; i++) t->byte_level |= t->steps[i].kind == STEP_BYTELEVEL;
+    const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
+    int bl_bytes = dcd->byte_level || (t->byte_level && (!dec || cJSON_IsNull(dec)));
+    for (int32_t id = 0; id < t->n_ids; id++)
+        if (t->str[id] && (rc = bl_bytes ? make_bytes(t, id, char_byte) : make_piece_bytes(t, id, dcd))) return rc;
+    if (t->meta_len && (rc = make_first_bytes(t, dcd))) return rc;
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
+    const cJSON *unk = cJSON_GetObjectItemCaseSensitive(model, "unk_token");
+    if (cJSON_IsString(unk) && (t->unk = eng__strmap_get(&t->vocab, unk->valuestring, strlen(unk->valuestring))) < 0)
+        return eng__fail(err, errlen, ENG_EFORMAT, "%s: unk_token \"%s\" is not in the vocab", path, unk->valuestring);
+    for (int b = 0; t->byte_level && b < 256; b++)
+        if (t->byte_id[b] < 0)
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: the vocab lacks the byte-level token for byte 0x%02x", path, b);
+    return ENG_OK;
+}
+
+/* One merge, "a b" or ["a", "b"]: its halves. */
+static int merge_halves(const cJSON *it, const char **a, size_t *la, const char **b, size_t *lb) {
+    if (cJSON_IsString(it)) {
+        const char *sp = it->valuestring[0] ? strchr(it->valuestring + 1, ' ') : NULL;
+        if (!sp) return -1;
+        *a = it->valuestring;
+        *la = (size_t)(sp - *a);
+        *b = sp + 1;
+        *lb = strlen(*b);
+        return 0;
+    }
+    if (cJSON_IsArray(it) && cJSON_GetArraySize(it) == 2 && cJSON_IsString(cJSON_GetArrayItem(it, 0)) &&
+        cJSON_IsString(cJSON_GetArrayItem(it, 1))) {
+        *a = cJSON_GetArrayItem(it, 0)->valuestring;
+        *la = strlen(*a);
+        *b = cJSON_GetArrayItem(it, 1)->valuestring;
+        *lb = strlen(*b);
+        return 0;
+    }
+    return -1;
+}
+
+/* The merges, by rank: both halves and their join must be tokens. */
+static int load_merges(eng_tok *t, const cJSON *merges, const char *path, char *err, size_t errlen) {
+    t->merge_cap = 16;
+    while (t->merge_cap < (size_t)cJSON_GetArraySize(merges) * 2 + 2) t->merge_cap <<= 1;
+    t->merges = calloc(t->merge_cap, sizeof *t->merges);
+    if (!t->merges) return ENG_ENOMEM;
+    int rank = 0, rc = ENG_OK;
+    eng__buf join = {0};
+    const cJSON *it;
+    cJSON_ArrayForEach(it, merges) {
+        const char *a, *b;
+        size_t la, lb;
+        if (merge_halves(it, &a, &la, &b, &lb)) {
+            rc = eng__fail(err, errlen, ENG_EFORMAT, cJSON_IsString(it) ? "%s: merge #%d is not \"a b\""
+                           : "%s: merge #%d is neither \"a b\" nor [a, b]", path, rank);
+            break;
+        }
+        join.n = 0;
+        if (eng__buf_add(&join, a, la) || eng__buf_add(&join, b, lb)) { rc = ENG_ENOMEM; break; }
+        int32_t ia = eng__strmap_get(&t->vocab, a, la), ib = eng__strmap_get(&t->vocab, b, lb);
+        int32_t ir = eng__strmap_get(&t->vocab, join.p, join.n);
+        if (ia < 0 || ib < 0 || ir < 0) {
+            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: merge #%d (\"%.*s\" + \"%.*s\") uses a token not in the vocab",
+                           path, rank, (int)la, a, (int)lb, b);
+            break;
+        }
+        merge_put(t, ia, ib, rank, ir);
+        rank++;
+    }
+    free(join.p);
+    return rc;
+}
+
 int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
     *out = NULL;
     char *text;
@@ -572,174 +737,20 @@ int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
     decoder dcd;
     memset(&dcd, 0, sizeof dcd);
     if (!cJSON_IsObject(root)) { rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: not a JSON object", path); goto fail; }
-
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
-    const cJSON *mty = cJSON_GetObjectItemCaseSensitive(model, "type");
-    const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
-    const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
-    if (cJSON_IsString(mty) && strcmp(mty->valuestring, "BPE") != 0) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: %s tokenizers are not supported (only BPE: byte-level or with "
-                       "byte fallback)", path, mty->valuestring);
+    if ((rc = check_model(model, path, err, errlen)) ||
+        (rc = eng__norm_open(&t->norm, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), path, err, errlen)) ||
+        (rc = load_decoder(t, &dcd, cJSON_GetObjectItemCaseSensitive(root, "decoder"), path, err, errlen)))
         goto fail;
-    }
-    if (!cJSON_IsObject(vocab) || !cJSON_IsArray(merges)) {
-        rc = eng__fail(err, errlen, cJSON_IsArray(vocab) ? ENG_EUNSUPPORTED : ENG_EFORMAT,
-                       "%s: model needs a vocab object and a merges list (a vocab list is a Unigram tokenizer's, "
-                       "which is not supported)", path);
-        goto fail;
-    }
-    if ((rc = eng__norm_open(&t->norm, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), path, err, errlen)))
-        goto fail;
-    const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
-    if ((rc = load_decoder(t, &dcd, dec, path, err, errlen))) goto fail;
-    const cJSON *cont = cJSON_GetObjectItemCaseSensitive(model, "continuing_subword_prefix");
-    const cJSON *eow = cJSON_GetObjectItemCaseSensitive(model, "end_of_word_suffix");
-    if ((cJSON_IsString(cont) && cont->valuestring[0]) || (cJSON_IsString(eow) && eow->valuestring[0])) {
-        rc = eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: BPE with a continuing_subword_prefix or end_of_word_suffix "
-                       "(WordPiece-style subwords) is not supported", path);
-        goto fail;
-    }
     t->ignore_merges = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "ignore_merges"));
     t->byte_fallback = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "byte_fallback"));
     t->fuse_unk = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "fuse_unk"));
-
-    /* ids */
-    const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens"), *it;
-    int max_id = -1;
-    cJSON_ArrayForEach(it, vocab) {
-        if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble > (1 << 24)) {
-            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: vocab entry \"%s\" has a bad id", path, it->string);
-            goto fail;
-        }
-        if ((int)it->valuedouble > max_id) max_id = (int)it->valuedouble;
-    }
-    cJSON_ArrayForEach(it, added) {
-        const cJSON *id = cJSON_GetObjectItemCaseSensitive(it, "id");
-        const cJSON *c = cJSON_GetObjectItemCaseSensitive(it, "content");
-        if (!cJSON_IsNumber(id) || id->valuedouble < 0 || id->valuedouble > (1 << 24) || !cJSON_IsString(c) ||
-            !c->valuestring[0]) {
-            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: added token without a valid id and content", path);
-            goto fail;
-        }
-        if ((int)id->valuedouble > max_id) max_id = (int)id->valuedouble;
-    }
-    t->n_ids = max_id + 1;
-    t->str = calloc((size_t)t->n_ids, sizeof *t->str);
-    t->str_len = calloc((size_t)t->n_ids, sizeof *t->str_len);
-    t->bytes = calloc((size_t)t->n_ids, sizeof *t->bytes);
-    t->bytes_len = calloc((size_t)t->n_ids, sizeof *t->bytes_len);
-    t->special = calloc((size_t)t->n_ids, 1);
-    if (!t->str || !t->str_len || !t->bytes || !t->bytes_len || !t->special ||
-        eng__strmap_init(&t->vocab, (size_t)t->n_ids) != ENG_OK) {
-        rc = ENG_ENOMEM;
+    if ((rc = load_ids(t, cJSON_GetObjectItemCaseSensitive(model, "vocab"),
+                       cJSON_GetObjectItemCaseSensitive(root, "added_tokens"), path, err, errlen)) ||
+        (rc = load_pieces(t, root, &dcd, path, err, errlen)) ||
+        (rc = load_merges(t, cJSON_GetObjectItemCaseSensitive(model, "merges"), path, err, errlen)) ||
+        (rc = trie_build(t)))
         goto fail;
-    }
-    cJSON_ArrayForEach(it, vocab) {
-        int32_t id = (int32_t)it->valuedouble;
-        if ((rc = set_token(t, id, it->string, strlen(it->string)))) goto fail;
-        if (eng__strmap_get(&t->vocab, it->string, strlen(it->string)) < 0 &&
-            (rc = eng__strmap_put(&t->vocab, t->str[id], t->str_len[id], id)))
-            goto fail;
-    }
-    t->n_added = cJSON_GetArraySize(added);
-    t->added = calloc((size_t)t->n_added + 1, sizeof *t->added);
-    if (!t->added) { rc = ENG_ENOMEM; goto fail; }
-    int k = 0;
-    cJSON_ArrayForEach(it, added) {
-        added_tok *a = &t->added[k++];
-        const char *c = cJSON_GetObjectItemCaseSensitive(it, "content")->valuestring;
-        a->id = (int32_t)cJSON_GetObjectItemCaseSensitive(it, "id")->valuedouble;
-        a->len = strlen(c);
-        a->content = malloc(a->len + 1);
-        if (!a->content) { rc = ENG_ENOMEM; goto fail; }
-        memcpy(a->content, c, a->len + 1);
-        a->special = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "special"));
-        a->lstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "lstrip"));
-        a->rstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "rstrip"));
-        a->single_word = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "single_word"));
-        if ((rc = set_token(t, a->id, c, a->len))) goto fail;
-        t->special[a->id] = (uint8_t)a->special;
-    }
-
-    /* byte alphabet */
-    unsigned cp[256];
-    int char_byte[0x200];
-    byte_map(cp);
-    for (int i = 0; i < 0x200; i++) char_byte[i] = -1;
-    for (int b = 0; b < 256; b++) {
-        char u[8];
-        int l = utf8_put(u, cp[b]);
-        char_byte[cp[b]] = b;
-        t->byte_id[b] = eng__strmap_get(&t->vocab, u, (size_t)l);
-        snprintf(u, sizeof u, "<0x%02X>", b);
-        t->fallback_id[b] = eng__strmap_get(&t->vocab, u, 6);
-    }
-    /* pre-tokenizer: a ByteLevel step makes the pieces byte-level */
-    const cJSON *pt = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
-    if (pt && !cJSON_IsNull(pt) && (rc = add_step(t, pt, path, err, errlen))) goto fail;
-    for (int i = 0; i < t->n_steps; i++) t->byte_level |= t->steps[i].kind == STEP_BYTELEVEL;
-    int bl_bytes = dcd.byte_level || (t->byte_level && (!dec || cJSON_IsNull(dec)));
-    for (int32_t id = 0; id < t->n_ids; id++)
-        if (t->str[id] && (rc = bl_bytes ? make_bytes(t, id, char_byte) : make_piece_bytes(t, id, &dcd))) goto fail;
-    if (t->meta_len && (rc = make_first_bytes(t, &dcd))) goto fail;
-    const cJSON *unk = cJSON_GetObjectItemCaseSensitive(model, "unk_token");
-    if (cJSON_IsString(unk) && (t->unk = eng__strmap_get(&t->vocab, unk->valuestring, strlen(unk->valuestring))) < 0) {
-        rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: unk_token \"%s\" is not in the vocab", path, unk->valuestring);
-        goto fail;
-    }
-
-    /* merges: "a b" strings or ["a", "b"] pairs */
-    t->merge_cap = 16;
-    while (t->merge_cap < (size_t)cJSON_GetArraySize(merges) * 2 + 2) t->merge_cap <<= 1;
-    t->merges = calloc(t->merge_cap, sizeof *t->merges);
-    if (!t->merges) { rc = ENG_ENOMEM; goto fail; }
-    int rank = 0;
-    char *buf = NULL;
-    size_t bufcap = 0;
-    cJSON_ArrayForEach(it, merges) {
-        const char *a, *b;
-        size_t la, lb;
-        if (cJSON_IsString(it)) {
-            const char *sp = strchr(it->valuestring + 1, ' ');
-            if (!sp) { free(buf); rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: merge \"%s\" is not \"a b\"", path, it->valuestring); goto fail; }
-            a = it->valuestring; la = (size_t)(sp - a);
-            b = sp + 1; lb = strlen(b);
-        } else if (cJSON_IsArray(it) && cJSON_GetArraySize(it) == 2 && cJSON_IsString(cJSON_GetArrayItem(it, 0)) &&
-                   cJSON_IsString(cJSON_GetArrayItem(it, 1))) {
-            a = cJSON_GetArrayItem(it, 0)->valuestring; la = strlen(a);
-            b = cJSON_GetArrayItem(it, 1)->valuestring; lb = strlen(b);
-        } else {
-            free(buf);
-            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: merge #%d is neither \"a b\" nor [a, b]", path, rank);
-            goto fail;
-        }
-        int32_t ia = eng__strmap_get(&t->vocab, a, la), ib = eng__strmap_get(&t->vocab, b, lb);
-        if (la + lb + 1 > bufcap) {
-            bufcap = (la + lb + 1) * 2;
-            char *nb = realloc(buf, bufcap);
-            if (!nb) { free(buf); rc = ENG_ENOMEM; goto fail; }
-            buf = nb;
-        }
-        memcpy(buf, a, la);
-        memcpy(buf + la, b, lb);
-        int32_t ir = eng__strmap_get(&t->vocab, buf, la + lb);
-        if (ia < 0 || ib < 0 || ir < 0) {
-            free(buf);
-            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: merge #%d (\"%.*s\" + \"%.*s\") uses a token not in the vocab",
-                           path, rank, (int)la, a, (int)lb, b);
-            goto fail;
-        }
-        merge_put(t, ia, ib, rank, ir);
-        rank++;
-    }
-    free(buf);
-
-    for (int b = 0; t->byte_level && b < 256; b++)
-        if (t->byte_id[b] < 0) {
-            rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: the vocab lacks the byte-level token for byte 0x%02x", path, b);
-            goto fail;
-        }
-    if ((rc = trie_build(t))) goto fail;
     t->bos = find_bos(cJSON_GetObjectItemCaseSensitive(root, "post_processor"), t);
     decoder_free(&dcd);
     cJSON_Delete(root);
