@@ -63,7 +63,6 @@
 extern const unsigned char kvserve_descriptor_set[];
 extern const size_t kvserve_descriptor_set_len;
 
-typedef struct srv srv;
 typedef struct call call;
 
 /* ---- calls ----------------------------------------------------------------- */
@@ -205,6 +204,8 @@ struct srv {
     pthread_cond_t cv;
     int work, stop_engine, shutting_down, ready, serving;
     pthread_t eng_thr;
+    int has_eng_thr;            /* eng_thr runs */
+    int grpc_inited, started;   /* grpc_init() called; the gRPC server started */
     srv_reg *reg;               /* requests by id (Stream and Submit) */
     parked *parked;
     call *watchers;

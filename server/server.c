@@ -1,4 +1,5 @@
-/* server.c — srv_run: start-up, the engine thread, signals, graceful shutdown */
+/* server.c — srv_open, srv_serve, srv_shutdown: start-up, the engine thread,
+ * signals, graceful shutdown, and the one clean-up path */
 #include "internal.h"
 
 /* Test hook (KVSERVE_TEST_HOLD_FILE, docs/testing.md): while the file exists,
@@ -66,30 +67,6 @@ static void redis_problem(void *ud, const char *msg) {
     else LOG_WARN("redis: %s (the caches fail open: requests go on without them)", msg);
 }
 
-/* Undo what srv_run set up before serving; exit code 2. */
-static int early_exit(srv *s) {
-    for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) srv__workers_close(s->pools[p]);
-    if (s->has_writer) {
-        pthread_mutex_lock(&s->mu);
-        s->writer_stop = 1;
-        pthread_cond_signal(&s->jobs_cv);
-        pthread_mutex_unlock(&s->mu);
-        pthread_join(s->writer, NULL);
-    }
-    srv_metrics_free(s->metrics);
-    kvc_rag_close(s->rag);
-    kvc_prompt_close(s->pcache);
-    kvc_redis_close(s->redis);
-    free_files(s);
-    free(s->tokens);
-    pthread_mutex_destroy(&s->mu);
-    pthread_cond_destroy(&s->cv);
-    pthread_cond_destroy(&s->jobs_cv);
-    srv__reg_free(s->reg);
-    free(s);
-    return 2;
-}
-
 /* Every connection is a descriptor: take all the process may have (the soft
  * limit, often 1024, up to the hard one), so that clients run out of
  * patience before the server runs out of descriptors. */
@@ -104,7 +81,11 @@ static void raise_fd_limit(void) {
     }
 }
 
-int srv_run(const srv_config *cfg) {
+/* Set up: settings, tokens, keys, metrics, caches, signals, the gRPC
+ * server (listening, health NOT_SERVING), threads, then the model. On a
+ * problem: one line on stderr, everything undone, and the exit code. */
+int srv_open(srv **out, const srv_config *cfg) {
+    *out = NULL;
     srv *s = calloc(1, sizeof *s);
     if (!s) return 1;
     raise_fd_limit();
@@ -116,48 +97,31 @@ int srv_run(const srv_config *cfg) {
     if (s->cfg.max_message_bytes <= 0) s->cfg.max_message_bytes = 64 << 20;
     if (s->cfg.max_results <= 0) s->cfg.max_results = 1024;
     if (s->cfg.result_ttl_s <= 0) s->cfg.result_ttl_s = 600;
-    if (!(s->reg = srv__reg_new())) { free(s); return 1; }
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->jobs_cv, NULL);
-    int rc = 1;
-    char why[256];
+    int rc = 2;
+    char why[512];
     if (srv_config_check(&s->cfg, why, sizeof why)) {
         fprintf(stderr, "kvserve: %s\n", why);
-        srv__reg_free(s->reg);
-        free(s);
-        return 2;
+        goto fail;
     }
-    if (s->cfg.token_file && srv__load_tokens(s, s->cfg.token_file)) {
-        free(s->tokens);
-        srv__reg_free(s->reg);
-        free(s);
-        return 2;
+    if (!(s->reg = srv__reg_new()) ||
+        srv__desc_open(&s->desc, kvserve_descriptor_set, kvserve_descriptor_set_len)) {
+        fprintf(stderr, "kvserve: out of memory\n");
+        rc = 1;
+        goto fail;
     }
-    char kerr[512];
-    if (srv__agent_key_init(&s->akey, s->cfg.export_key_file, kerr, sizeof kerr)) {
-        fprintf(stderr, "kvserve: %s\n", kerr);
-        free(s->tokens);
-        srv__reg_free(s->reg);
-        free(s);
-        return 2;
-    }
-    if (srv__desc_open(&s->desc, kvserve_descriptor_set, kvserve_descriptor_set_len)) {
-        srv__reg_free(s->reg);
-        free(s);
-        return 1;
+    if (s->cfg.token_file && srv__load_tokens(s, s->cfg.token_file)) goto fail; /* (it says why) */
+    if (srv__agent_key_init(&s->akey, s->cfg.export_key_file, why, sizeof why)) {
+        fprintf(stderr, "kvserve: %s\n", why);
+        goto fail;
     }
     s->metrics = srv_metrics_new(s->cfg.price_per_1k);
     if (s->cfg.metrics_listen && s->metrics && srv_metrics_listen(s->metrics, s->cfg.metrics_listen, srv__metrics_source, s)) {
         fprintf(stderr, "kvserve: --metrics %s: cannot listen (an IPv4 HOST:PORT, free)\n", s->cfg.metrics_listen);
-        srv_metrics_free(s->metrics);
-        free_files(s);
-        free(s->tokens);
-        srv__reg_free(s->reg);
-        free(s);
-        return 2;
+        goto fail;
     }
-
     if (s->cfg.redis_url) { /* Redis may be down now: the cache is fail-open */
         char err[256] = "";
         kvc_redis_options ro = {.url = s->cfg.redis_url, .connect_timeout_ms = s->cfg.redis_timeout_ms,
@@ -169,26 +133,22 @@ int srv_run(const srv_config *cfg) {
         if (!bad && kvc_rag_open(&s->rag, s->redis, NULL) != KVC_OK)
             bad = snprintf(err, sizeof err, "out of memory opening the RAG cache") > 0;
         if (bad) {
-            kvc_prompt_close(s->pcache);
             fprintf(stderr, "kvserve: --redis: %s\n", err);
-            kvc_redis_close(s->redis);
-            srv_metrics_free(s->metrics);
-            free_files(s);
-            free(s->tokens);
-            srv__reg_free(s->reg);
-            free(s);
-            return 2;
+            goto fail;
         }
         s->has_writer = pthread_create(&s->writer, NULL, srv__writer_loop, s) == 0;
         if (!s->has_writer) { /* queued writes would wait for ever */
             fprintf(stderr, "kvserve: cannot start the cache writer thread: %s\n", strerror(errno));
-            return early_exit(s);
+            goto fail;
         }
     }
 
     /* SIGTERM / SIGINT write to a pipe from whatever thread takes them (the
      * BLAS library starts threads before main, so masks cannot route them) */
-    if (pipe(sig_pipe) != 0) return early_exit(s);
+    if (pipe(sig_pipe) != 0) {
+        fprintf(stderr, "kvserve: pipe: %s\n", strerror(errno));
+        goto fail;
+    }
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
@@ -199,11 +159,9 @@ int srv_run(const srv_config *cfg) {
     signal(SIGPIPE, SIG_IGN);
 
     grpc_init();
+    s->grpc_inited = 1;
     grpc_server_credentials *creds = srv__make_creds(&s->cfg);
-    if (!creds) {
-        grpc_shutdown();
-        return early_exit(s);
-    }
+    if (!creds) goto fail; /* (it says why) */
     grpc_arg args[3];
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -228,33 +186,27 @@ int srv_run(const srv_config *cfg) {
     grpc_server_credentials_release(creds);
     if (!port) {
         fprintf(stderr, "kvserve: cannot listen on %s (address in use or invalid)\n", s->cfg.listen);
-        grpc_server_destroy(s->server);
-        grpc_completion_queue_shutdown(s->cq);
-        while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type != GRPC_QUEUE_SHUTDOWN) {}
-        grpc_completion_queue_destroy(s->cq);
-        grpc_shutdown();
-        free(s->rm);
-        return early_exit(s);
+        goto fail;
     }
     grpc_server_start(s->server);
+    s->started = 1;
     for (int p = POOL_GENERATE; p <= POOL_REDIS; p++)
         if (srv__workers_open(&s->pools[p], s->cfg.worker_threads) != 0)
             LOG_WARN("could not start worker threads: handlers that may block run on the completion-queue threads");
-    s->n_cq = s->cfg.cq_threads;
-    s->cq_thr = calloc((size_t)s->n_cq, sizeof *s->cq_thr);
-    for (int i = 0; s->cq_thr && i < s->n_cq; i++)
-        if (pthread_create(&s->cq_thr[i], NULL, srv__cq_loop, s) != 0) {
-            LOG_WARN("could start only %d of %d completion-queue threads", i, s->n_cq);
-            s->n_cq = i; /* (shutdown joins those) */
-        }
-    if (!s->cq_thr) s->n_cq = 0;
-    if (s->n_cq == 0) LOG_WARN("no completion-queue thread could start: calls will not be served");
+    s->cq_thr = calloc((size_t)s->cfg.cq_threads, sizeof *s->cq_thr);
+    for (int i = 0; s->cq_thr && i < s->cfg.cq_threads; i++, s->n_cq++)
+        if (pthread_create(&s->cq_thr[i], NULL, srv__cq_loop, s) != 0) break;
+    if (s->n_cq == 0) {
+        fprintf(stderr, "kvserve: cannot start the completion-queue threads: %s\n", strerror(errno));
+        goto fail;
+    }
+    if (s->n_cq < s->cfg.cq_threads) LOG_WARN("could start only %d of %d completion-queue threads", s->n_cq, s->cfg.cq_threads);
     for (int i = -1; i < N_METHODS; i++) srv__request_call(s, i);
     LOG_INFO("listening on %s (port %d)%s%s; loading %s", s->cfg.listen, port, s->cfg.tls_cert ? ", TLS" : "",
              s->cfg.tls_client_ca ? " + client certificates" : "", s->cfg.model_dir);
 
-    /* load the model while health says NOT_SERVING */
-    char err[512];
+    /* the model, while health says NOT_SERVING */
+    char err[512] = "";
     eng_options eo = {.n_threads = s->cfg.threads, .max_context = s->cfg.max_context,
                       .bf16_weights = s->cfg.bf16_weights, .kv_f16 = s->cfg.kv_f16};
     double t0 = srv__now_s();
@@ -271,130 +223,144 @@ int srv_run(const srv_config *cfg) {
     }
     if (lrc) {
         fprintf(stderr, "kvserve: %s\n", err);
-        rc = 2;
-    } else {
-        eng_stats st;
-        eng_stats_get(s->eng, &st);
-        LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d %s KV blocks of %d tokens, "
-                 "BLAS kernels %s; serving",
-                 srv__now_s() - t0, eng_model_config(s->model)->dtype, s->cfg.bf16_weights ? "BF16" : "F32",
-                 eng_model_weight_bytes(s->model) >> 20, st.blocks_total, s->cfg.kv_f16 ? "F16" : "F32",
-                 st.block_tokens, eng_blas_core());
-        if (eng_model_warning(s->model)) LOG_WARN("%s", eng_model_warning(s->model));
-        if (eng_blas_note())
-            LOG_INFO("BLAS: OpenBLAS would have run its %s kernels on this AVX-512 CPU; switched to %s "
-                     "(KVSERVE_BLAS_CORE=keep to keep them)", eng_blas_note(), eng_blas_core());
-        if (s->akey.generated)
-            LOG_INFO("agent exports are signed with a key made at start: they import only into this process "
-                     "(--export-key FILE to keep one across restarts and replicas)");
-        if (s->cfg.test_hold_file)
-            LOG_WARN("test hook KVSERVE_TEST_HOLD_FILE=%s: while that file exists, requests are held at the "
-                     "number of tokens it holds", s->cfg.test_hold_file);
-        if (s->n_cq == 0 || pthread_create(&s->eng_thr, NULL, engine_loop, s) != 0) {
-            memset(&s->eng_thr, 0, sizeof s->eng_thr);
-            fprintf(stderr, "kvserve: cannot start the %s thread%s: %s\n", s->n_cq ? "engine" : "completion-queue",
-                    s->n_cq ? "" : "s", strerror(errno));
-            rc = 2; /* never SERVING */
-        } else {
-            pthread_mutex_lock(&s->mu);
-            s->ready = 1;
-            s->serving = 1;
-            srv__notify_watchers(s);
-            pthread_mutex_unlock(&s->mu);
-            unsigned char sig = 0;
-            while (read(sig_pipe[0], &sig, 1) < 0 && errno == EINTR) {}
-            LOG_INFO("signal %d: shutting down (grace %.1fs)", sig, s->cfg.grace_seconds);
-            rc = 0;
-        }
+        goto fail;
     }
+    if (pthread_create(&s->eng_thr, NULL, engine_loop, s) != 0) {
+        fprintf(stderr, "kvserve: cannot start the engine thread: %s\n", strerror(errno));
+        goto fail;
+    }
+    s->has_eng_thr = 1;
+    eng_stats st;
+    eng_stats_get(s->eng, &st);
+    LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d %s KV blocks of %d tokens, "
+             "BLAS kernels %s; serving",
+             srv__now_s() - t0, eng_model_config(s->model)->dtype, s->cfg.bf16_weights ? "BF16" : "F32",
+             eng_model_weight_bytes(s->model) >> 20, st.blocks_total, s->cfg.kv_f16 ? "F16" : "F32",
+             st.block_tokens, eng_blas_core());
+    if (eng_model_warning(s->model)) LOG_WARN("%s", eng_model_warning(s->model));
+    if (eng_blas_note())
+        LOG_INFO("BLAS: OpenBLAS would have run its %s kernels on this AVX-512 CPU; switched to %s "
+                 "(KVSERVE_BLAS_CORE=keep to keep them)", eng_blas_note(), eng_blas_core());
+    if (s->akey.generated)
+        LOG_INFO("agent exports are signed with a key made at start: they import only into this process "
+                 "(--export-key FILE to keep one across restarts and replicas)");
+    if (s->cfg.test_hold_file)
+        LOG_WARN("test hook KVSERVE_TEST_HOLD_FILE=%s: while that file exists, requests are held at the "
+                 "number of tokens it holds", s->cfg.test_hold_file);
+    *out = s;
+    return 0;
+fail:
+    srv_shutdown(s);
+    return rc;
+}
 
-    /* Graceful shutdown. From here new generation, agent and cache-admin
-     * calls are refused (UNAVAILABLE; Step and Cancel go on), and only then
-     * do watchers hear NOT_SERVING, so
-     * that a client that has seen it can count on it. Streams, parked Steps,
-     * what waits in the batcher and Submitted requests get the grace to
-     * finish, and what finishes meanwhile stays collectable by Step. */
+/* SERVING until SIGTERM or SIGINT. */
+int srv_serve(srv *s) {
     pthread_mutex_lock(&s->mu);
-    s->serving = 0;
-    s->shutting_down = 1;
+    s->ready = 1;
+    s->serving = 1;
     srv__notify_watchers(s);
     pthread_mutex_unlock(&s->mu);
-    double drain_start = srv__now_s(), until = drain_start + s->cfg.grace_seconds;
-    for (;;) {
+    unsigned char sig = 0;
+    while (read(sig_pipe[0], &sig, 1) < 0 && errno == EINTR) {}
+    LOG_INFO("signal %d: shutting down (grace %.1fs)", sig, s->cfg.grace_seconds);
+    return 0;
+}
+
+/* Graceful shutdown after srv_serve, and the one clean-up path of
+ * srv_open: each step undoes only what was done. */
+void srv_shutdown(srv *s) {
+    if (!s) return;
+    if (s->started) {
+        /* Graceful shutdown. From here new generation, agent and cache-admin
+         * calls are refused (UNAVAILABLE; Step and Cancel go on), and only then
+         * do watchers hear NOT_SERVING, so
+         * that a client that has seen it can count on it. Streams, parked Steps,
+         * what waits in the batcher and Submitted requests get the grace to
+         * finish, and what finishes meanwhile stays collectable by Step. */
         pthread_mutex_lock(&s->mu);
-        int busy = s->active_calls > 0 || s->parked || s->pending || srv__reg_running_steps(s->reg) > 0 ||
-                   srv__reg_newest_done_at(s->reg) >= drain_start;
+        s->serving = 0;
+        s->shutting_down = 1;
+        srv__notify_watchers(s);
         pthread_mutex_unlock(&s->mu);
-        if (!busy || srv__now_s() >= until) break;
-        srv__sleep_ms(20);
-    }
-    pthread_mutex_lock(&s->mu); /* from here a handler finds no batcher (UNAVAILABLE) */
-    srv__batcher *batcher = s->batcher;
-    s->batcher = NULL;
-    pthread_mutex_unlock(&s->mu);
-    srv__batcher_close(batcher); /* what still waits is refused (UNAVAILABLE) */
-    /* past the grace: cancel the engine requests first, so that each stream
-     * still gets its completion (finish CANCELLED) and status OK, and each
-     * Submitted request a CANCELLED completion for Step */
-    if (s->eng_thr) {
-        pthread_mutex_lock(&s->mu);
-        size_t n = 0, cap = 0;
-        uint64_t *ids = NULL;
-        for (srv_reg_entry *e = srv__reg_first(s->reg); e; e = e->next) {
-            if (e->done) continue;
-            if (n == cap) {
-                uint64_t *ni = realloc(ids, (cap = cap ? cap * 2 : 64) * sizeof *ni);
-                if (!ni) break;
-                ids = ni;
-            }
-            ids[n++] = e->id;
-        }
-        pthread_mutex_unlock(&s->mu);
-        for (size_t i = 0; i < n; i++) eng_cancel(s->eng, ids[i]);
-        free(ids);
-        srv__wake_engine_locked(s);
-        for (int i = 0; i < 100; i++) { /* up to a second for those completions to go out */
+        double drain_start = srv__now_s(), until = drain_start + s->cfg.grace_seconds;
+        for (;;) {
             pthread_mutex_lock(&s->mu);
-            int left = s->active_calls || srv__reg_running_steps(s->reg) > 0;
+            int busy = s->active_calls > 0 || s->parked || s->pending || srv__reg_running_steps(s->reg) > 0 ||
+                       srv__reg_newest_done_at(s->reg) >= drain_start;
+            pthread_mutex_unlock(&s->mu);
+            if (!busy || srv__now_s() >= until) break;
+            srv__sleep_ms(20);
+        }
+        pthread_mutex_lock(&s->mu); /* from here a handler finds no batcher (UNAVAILABLE) */
+        srv__batcher *batcher = s->batcher;
+        s->batcher = NULL;
+        pthread_mutex_unlock(&s->mu);
+        srv__batcher_close(batcher); /* what still waits is refused (UNAVAILABLE) */
+        /* past the grace: cancel the engine requests first, so that each stream
+         * still gets its completion (finish CANCELLED) and status OK, and each
+         * Submitted request a CANCELLED completion for Step */
+        if (s->has_eng_thr) {
+            pthread_mutex_lock(&s->mu);
+            size_t n = 0, cap = 0;
+            uint64_t *ids = NULL;
+            for (srv_reg_entry *e = srv__reg_first(s->reg); e; e = e->next) {
+                if (e->done) continue;
+                if (n == cap) {
+                    uint64_t *ni = realloc(ids, (cap = cap ? cap * 2 : 64) * sizeof *ni);
+                    if (!ni) break;
+                    ids = ni;
+                }
+                ids[n++] = e->id;
+            }
+            pthread_mutex_unlock(&s->mu);
+            for (size_t i = 0; i < n; i++) eng_cancel(s->eng, ids[i]);
+            free(ids);
+            srv__wake_engine_locked(s);
+            for (int i = 0; i < 100; i++) { /* up to a second for those completions to go out */
+                pthread_mutex_lock(&s->mu);
+                int left = s->active_calls || srv__reg_running_steps(s->reg) > 0;
+                pthread_mutex_unlock(&s->mu);
+                if (!left) break;
+                srv__sleep_ms(10);
+            }
+            srv__check_parked(s, 1); /* parked Steps take what came, the CANCELLED completions included */
+        }
+        /* Health watchers end with a status after their NOT_SERVING, before the
+         * calls left are cancelled: a cancel could cut the message off the wire. */
+        pthread_mutex_lock(&s->mu);
+        for (call *w = s->watchers; w; w = w->next_watch) srv__stream_end(w, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        pthread_mutex_unlock(&s->mu);
+        for (int i = 0; i < 500; i++) { /* up to 5 s: each leaves the list once its client has the status */
+            pthread_mutex_lock(&s->mu);
+            int left = s->watchers != NULL;
             pthread_mutex_unlock(&s->mu);
             if (!left) break;
             srv__sleep_ms(10);
         }
-        srv__check_parked(s, 1); /* parked Steps take what came, the CANCELLED completions included */
+        srv__cq_dispatch(NULL, srv__on_shutdown, &s->t_shutdown);
+        grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
+        grpc_server_cancel_all_calls(s->server);
+        for (int i = 0; i < 500; i++) { /* the cancelled streams' completions come through the engine */
+            pthread_mutex_lock(&s->mu);
+            int left = s->active_calls, done = s->shutdown_done;
+            pthread_mutex_unlock(&s->mu);
+            if ((!left || !s->has_eng_thr) && done) break;
+            srv__sleep_ms(10);
+        }
+        for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) { /* the handlers still queued there run (and refuse) */
+            srv__workers_close(s->pools[p]);
+            s->pools[p] = NULL;
+        }
+        if (s->has_eng_thr) {
+            pthread_mutex_lock(&s->mu);
+            s->stop_engine = 1;
+            pthread_cond_signal(&s->cv);
+            pthread_mutex_unlock(&s->mu);
+            pthread_join(s->eng_thr, NULL);
+        }
     }
-    /* Health watchers end with a status after their NOT_SERVING, before the
-     * calls left are cancelled: a cancel could cut the message off the wire. */
-    pthread_mutex_lock(&s->mu);
-    for (call *w = s->watchers; w; w = w->next_watch) srv__stream_end(w, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
-    pthread_mutex_unlock(&s->mu);
-    for (int i = 0; i < 500; i++) { /* up to 5 s: each leaves the list once its client has the status */
-        pthread_mutex_lock(&s->mu);
-        int left = s->watchers != NULL;
-        pthread_mutex_unlock(&s->mu);
-        if (!left) break;
-        srv__sleep_ms(10);
-    }
-    srv__cq_dispatch(NULL, srv__on_shutdown, &s->t_shutdown);
-    grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
-    grpc_server_cancel_all_calls(s->server);
-    for (int i = 0; i < 500; i++) { /* the cancelled streams' completions come through the engine */
-        pthread_mutex_lock(&s->mu);
-        int left = s->active_calls, done = s->shutdown_done;
-        pthread_mutex_unlock(&s->mu);
-        if ((!left || !s->eng_thr) && done) break;
-        srv__sleep_ms(10);
-    }
-    for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) { /* the handlers still queued there run (and refuse) */
-        srv__workers_close(s->pools[p]);
-        s->pools[p] = NULL;
-    }
-    if (s->eng_thr) {
-        pthread_mutex_lock(&s->mu);
-        s->stop_engine = 1;
-        pthread_cond_signal(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-        pthread_join(s->eng_thr, NULL);
-    }
+    for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) srv__workers_close(s->pools[p]); /* (when never started) */
     if (s->has_writer) { /* finish the cache writes already queued */
         pthread_mutex_lock(&s->mu);
         s->writer_stop = 1;
@@ -422,11 +388,15 @@ int srv_run(const srv_config *cfg) {
         n = w->next_watch;
         srv__call_unref(w);
     }
-    grpc_server_destroy(s->server);
-    grpc_completion_queue_shutdown(s->cq);
-    for (int i = 0; i < s->n_cq; i++) pthread_join(s->cq_thr[i], NULL);
-    grpc_completion_queue_destroy(s->cq);
-    for (srv_reg_entry *e = srv__reg_first(s->reg), *n; e; e = n) {
+    if (s->server) grpc_server_destroy(s->server);
+    if (s->cq) {
+        grpc_completion_queue_shutdown(s->cq);
+        for (int i = 0; i < s->n_cq; i++) pthread_join(s->cq_thr[i], NULL);
+        if (!s->n_cq) /* nobody drains it */
+            while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type != GRPC_QUEUE_SHUTDOWN) {}
+        grpc_completion_queue_destroy(s->cq);
+    }
+    for (srv_reg_entry *e = s->reg ? srv__reg_first(s->reg) : NULL, *n; e; e = n) {
         rec *r = (rec *)e;
         n = e->next;
         if (r->stream) srv__call_unref(r->stream);
@@ -435,7 +405,7 @@ int srv_run(const srv_config *cfg) {
     eng_engine_close(s->eng);
     eng_chat_close(s->chat);
     eng_model_close(s->model);
-    grpc_shutdown();
+    if (s->grpc_inited) grpc_shutdown();
     free_files(s);
     srv_metrics_free(s->metrics); /* stops its HTTP thread first: it reads the engine and caches */
     kvc_rag_close(s->rag);
@@ -447,13 +417,25 @@ int srv_run(const srv_config *cfg) {
     free(s->tokens);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
-    srv__reg_free(s->reg);
+    if (s->reg) srv__reg_free(s->reg);
     OPENSSL_cleanse(&s->akey, sizeof s->akey);
+    int served = s->started;
     free(s);
-    signal(SIGTERM, SIG_DFL);
-    signal(SIGINT, SIG_DFL);
-    close(sig_pipe[0]);
-    close(sig_pipe[1]);
-    LOG_INFO("stopped");
+    if (sig_pipe[0] >= 0) {
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGINT, SIG_DFL);
+        close(sig_pipe[0]);
+        close(sig_pipe[1]);
+        sig_pipe[0] = sig_pipe[1] = -1;
+    }
+    if (served) LOG_INFO("stopped");
+}
+
+int srv_run(const srv_config *cfg) {
+    srv *s;
+    int rc = srv_open(&s, cfg);
+    if (rc) return rc;
+    rc = srv_serve(s);
+    srv_shutdown(s);
     return rc;
 }

@@ -52,9 +52,17 @@ int srv_config_check(const srv_config *c, char *err, size_t errlen);
 /* One line per option: flag, argument, what it does (default), its variable. */
 void srv_config_usage(FILE *out);
 
-/* Start listening (health NOT_SERVING), load the model, serve until SIGTERM
- * or SIGINT, then shut down gracefully. Returns a process exit code; a
- * start-up problem (bad model dir, port in use, bad PEM) prints one line. */
+typedef struct srv srv;
+
+/* Start listening (health NOT_SERVING) and load the model. 0 and *out, or a
+ * process exit code after one line on stderr (bad model dir, port in use,
+ * bad PEM, ...) with everything undone. */
+int srv_open(srv **out, const srv_config *c);
+/* SERVING until SIGTERM or SIGINT; returns 0. */
+int srv_serve(srv *s);
+/* Drain gracefully (the grace for calls in flight), stop, free. */
+void srv_shutdown(srv *s);
+/* srv_open, srv_serve, srv_shutdown: the process's exit code. */
 int srv_run(const srv_config *c);
 
 #endif
