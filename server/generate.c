@@ -108,8 +108,10 @@ void srv__on_event(void *ud, const eng_event *ev) {
     if (!r) { pthread_mutex_unlock(&s->mu); return; }
     if (ev->kind == ENG_EV_TOKEN) {
         double t_now = srv__now_s();
-        if (r->index == 0) srv_metrics_ttft(s->metrics, t_now - r->t_start);
-        else srv_metrics_itl(s->metrics, t_now - r->t_last);
+        if (r->stream) { /* latencies a client sees: Stream's (a Submitted token waits for Step) */
+            if (r->index == 0) srv_metrics_ttft(s->metrics, t_now - r->t_start);
+            else srv_metrics_itl(s->metrics, t_now - r->t_last);
+        }
         r->t_last = t_now;
         Kvserve__V1__TokenEvent *t = malloc(sizeof *t);
         if (t) {

@@ -208,8 +208,7 @@ static char *render_prometheus(srv_metrics *m) {
                  m->rows[i].code >= 0 && m->rows[i].code <= 16 ? CODES[m->rows[i].code] : "UNKNOWN");
         histo_text(&b, "kvserve_request_duration_seconds", lab, &m->rows[i].latency, 1);
     }
-    sb(&b, "# HELP kvserve_time_to_first_token_seconds From a Submit or Stream call's arrival to its first "
-           "generated token.\n"
+    sb(&b, "# HELP kvserve_time_to_first_token_seconds From a Stream call's arrival to its first token.\n"
            "# TYPE kvserve_time_to_first_token_seconds histogram\n");
     histo_text(&b, "kvserve_time_to_first_token_seconds", "", &m->ttft, 1);
     sb(&b, "# HELP kvserve_inter_token_latency_seconds Between consecutive tokens of a stream.\n"

@@ -106,6 +106,11 @@ class T10_Metrics(unittest.TestCase):
             self.assertAlmostEqual(js["rag"]["hit_rate"], 0.5)
             self.assertAlmostEqual(js["combined"]["hit_rate"], 0.5)
             self.assertEqual(js["tokens_saved"], prompt_tokens + 7)
+            # a Submitted generation: its tokens wait for Step, no Stream latency to count
+            c.run_submit(greq(prompt="Submitted, not streamed", max_tokens=3, ignore_eos=True))
+            got = scrape(mport)
+            self.assertEqual(got['kvserve_time_to_first_token_seconds_count'], 1)
+            self.assertEqual(got['kvserve_inter_token_latency_seconds_count'], 6)
             srv.stop()
         finally:
             srv.kill()
