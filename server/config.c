@@ -149,7 +149,7 @@ int srv_config_load(srv_config *c, int argc, char **argv, char *err, size_t errl
     char from[96];
     for (size_t i = 0; i < N_OPTS; i++) {
         const char *v = getenv(OPTS[i].env);
-        if (!v || (!v[0] && OPTS[i].type != T_STR)) continue; /* set but empty: the default */
+        if (!v || !v[0]) continue; /* set but empty: the default (as compose files write unset ones) */
         snprintf(from, sizeof from, "%s", OPTS[i].env);
         if (set(c, &OPTS[i], v, from, err, errlen)) return -1;
     }
