@@ -47,7 +47,8 @@ void srv__metrics_source(void *ud, srv_metrics_snapshot *m) {
         m->llm = (srv_cache_layer){ps.hits, ps.misses, ps.writes, ps.invalidations, ps.errors};
         m->rag = (srv_cache_layer){gs.hits, gs.misses, gs.writes, 0, gs.errors};
     }
-    if (s->batcher) {
+    pthread_mutex_lock(&s->mu);
+    if (s->batcher) { /* under srv.mu: shutdown takes it away under it before closing it */
         srv__batcher_stats bs;
         srv__batcher_stats_get(s->batcher, &bs);
         m->batch_rejected = bs.rejected;
@@ -56,7 +57,6 @@ void srv__metrics_source(void *ud, srv_metrics_snapshot *m) {
         m->batch_closed = bs.closed;
         m->batch_queued = (int)bs.queued;
     }
-    pthread_mutex_lock(&s->mu);
     m->singleflight_joined = s->singleflight_joined;
     m->purged_keys = s->purged_keys;
     for (parked *p = s->parked; p; p = p->next) m->steps_parked++;
