@@ -12,15 +12,13 @@ void srv__h_invalidate(call *c) {
     else {
         if (q->purge) { /* now, counted in the reply */
             kvc_prompt_purge(s->pcache, c->tenant, q->namespace_, 1 << 30, &purged);
-            pthread_mutex_lock(&s->mu);
+            pthread_mutex_lock(&s->jobs_mu);
             s->purged_keys += (uint64_t)purged;
-            pthread_mutex_unlock(&s->mu);
+            pthread_mutex_unlock(&s->jobs_mu);
         } else { /* later, on the writer thread */
             cache_job *j = calloc(1, sizeof *j);
             if (j && (j->purge_tenant = strdup(c->tenant)) && (j->purge_ns = strdup(q->namespace_ ? q->namespace_ : ""))) {
-                pthread_mutex_lock(&s->mu);
                 srv__job_push(s, j);
-                pthread_mutex_unlock(&s->mu);
             } else if (j) {
                 free(j->purge_tenant);
                 free(j);

@@ -57,11 +57,15 @@ void srv__metrics_source(void *ud, srv_metrics_snapshot *m) {
         m->batch_closed = bs.closed;
         m->batch_queued = (int)bs.queued;
     }
+    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_lock(&s->rq_mu);
     m->singleflight_joined = s->singleflight_joined;
-    m->purged_keys = s->purged_keys;
     for (parked *p = s->parked; p; p = p->next) m->steps_parked++;
     m->requests_known = s->reg ? (int)(srv__reg_size(s->reg)) : 0;
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->rq_mu);
+    pthread_mutex_lock(&s->jobs_mu);
+    m->purged_keys = s->purged_keys;
+    pthread_mutex_unlock(&s->jobs_mu);
 }
 
 

@@ -27,7 +27,7 @@ void srv__rec_free(rec *r) {
 void srv__rec_unlink(srv *s, rec *r) { srv__reg_remove(s->reg, &r->e); }
 
 /* ENG_EQUEUE with a message when the tenant already has --max-results
- * requests whose results Step has not collected (srv.mu held); else ENG_OK. */
+ * requests whose results Step has not collected (srv.rq_mu held); else ENG_OK. */
 static int results_full(srv *s, const char *tenant, char *err, size_t errlen) {
     if (srv__reg_tenant_count(s->reg, tenant) < s->cfg.max_results) return ENG_OK;
     snprintf(err, errlen, "%d requests of this tenant wait for Step to collect their results (--max-results); "
@@ -35,8 +35,8 @@ static int results_full(srv *s, const char *tenant, char *err, size_t errlen) {
     return ENG_EQUEUE;
 }
 
-/* Make x (calloc'd, filled or to be filled under srv.mu) known by id (srv.mu
- * held): ENG_OK, or ENG_EQUEUE (see results_full) or ENG_ENOMEM with a
+/* Make x (calloc'd, filled or to be filled under srv.rq_mu) known by id
+ * (srv.rq_mu held): ENG_OK, or ENG_EQUEUE (see results_full) or ENG_ENOMEM with a
  * message, x untouched. A Stream's record is not counted against the bound:
  * its call bounds it. */
 int srv__rec_register(srv *s, rec *x, uint64_t id, const char *tenant, int streaming, char *err, size_t errlen) {
@@ -103,9 +103,9 @@ void srv__free_completion(Kvserve__V1__Completion *c) {
 /* Engine thread: route an event to its Stream call or its Step buffer. */
 void srv__on_event(void *ud, const eng_event *ev) {
     srv *s = ud;
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->rq_mu);
     rec *r = (rec *)srv__reg_find(s->reg, ev->id);
-    if (!r) { pthread_mutex_unlock(&s->mu); return; }
+    if (!r) { pthread_mutex_unlock(&s->rq_mu); return; }
     if (ev->kind == ENG_EV_TOKEN) {
         double t_now = srv__now_s();
         if (r->stream) { /* latencies a client sees: Stream's (a Submitted token waits for Step) */
@@ -158,14 +158,14 @@ void srv__on_event(void *ud, const eng_event *ev) {
             else srv__stream_end(sc, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory building the completion");
             srv__rec_unlink(s, r);
             srv__rec_free(r);
-            pthread_mutex_unlock(&s->mu);
+            pthread_mutex_unlock(&s->rq_mu);
             srv__call_unref(sc);
             return;
         }
         r->comp = c;
         srv__reg_done(s->reg, &r->e, srv__now_s()); /* kept for Step until --result-ttl */
     }
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->rq_mu);
 }
 
 /* GenerateRequest.messages rendered with the model's chat template into
@@ -304,11 +304,10 @@ static void start_generation(srv *s, pend *p) {
     uint64_t id = 0;
     char digest[65] = "";
     if (p->cq && streaming) kvc_prompt_key_digest(&p->cq->k, digest);
-    pthread_mutex_lock(&s->mu);
-    c->pending = 0;
-    s->pending--;
+    pthread_mutex_lock(&s->rq_mu);
+    int joined = 0;
     if (digest[0]) { /* an identical request already running: wait for its result */
-        for (flight *f = s->flights; f; f = f->next)
+        for (flight *f = s->flights; f && !joined; f = f->next)
             if (!strcmp(f->digest, digest)) {
                 follower *fw = malloc(sizeof *fw);
                 if (!fw) break;
@@ -316,39 +315,53 @@ static void start_generation(srv *s, pend *p) {
                 fw->next = f->followers;
                 f->followers = fw;
                 s->singleflight_joined++;
-                pthread_mutex_unlock(&s->mu);
-                pend_free(p);
-                return;
+                joined = 1;
             }
     }
-    rec *x = calloc(1, sizeof *x);
-    int rc = !x ? ENG_ENOMEM : streaming ? ENG_OK : results_full(s, c->tenant, err, sizeof err);
-    if (!x) snprintf(err, sizeof err, "out of memory");
-    if (!rc) rc = eng_submit(s->eng, &p->r, &id, err, sizeof err);
-    if (!rc && (rc = srv__rec_register(s, x, id, c->tenant, streaming, err, sizeof err))) eng_cancel(s->eng, id);
-    if (!rc && digest[0] && (x->flight = calloc(1, sizeof *x->flight))) {
-        memcpy(x->flight->digest, digest, sizeof digest);
-        x->flight->leader = id;
-        x->flight->next = s->flights;
-        s->flights = x->flight;
-    }
-    if (!rc) {
-        x->t_start = c->t_start;
-        x->cache = p->cq;
-        p->cq = NULL;
-        if (streaming) {
-            x->stream = c;
-            srv__call_ref(c); /* the registry's reference, dropped on DONE */
-            c->eng_id = id;
-            c->has_eng = 1;
-            s->active_calls++;
-            if (c->cancel_seen) eng_cancel(s->eng, id); /* the client left while it waited */
+    rec *x = NULL;
+    int rc = ENG_OK;
+    if (!joined) {
+        x = calloc(1, sizeof *x);
+        rc = !x ? ENG_ENOMEM : streaming ? ENG_OK : results_full(s, c->tenant, err, sizeof err);
+        if (!x) snprintf(err, sizeof err, "out of memory");
+        if (!rc) rc = eng_submit(s->eng, &p->r, &id, err, sizeof err);
+        if (!rc && (rc = srv__rec_register(s, x, id, c->tenant, streaming, err, sizeof err))) eng_cancel(s->eng, id);
+        if (!rc && digest[0] && (x->flight = calloc(1, sizeof *x->flight))) {
+            memcpy(x->flight->digest, digest, sizeof digest);
+            x->flight->leader = id;
+            x->flight->next = s->flights;
+            s->flights = x->flight;
         }
+        if (!rc) {
+            x->t_start = c->t_start;
+            x->cache = p->cq;
+            p->cq = NULL;
+            if (streaming) {
+                x->stream = c;
+                srv__call_ref(c); /* the registry's reference, dropped on DONE */
+                c->eng_id = id;
+                c->has_eng = 1;
+                if (c->cancel_seen) eng_cancel(s->eng, id); /* the client left while it waited */
+            }
+        } else {
+            free(x);
+        }
+    }
+    /* it leaves the batcher's count only now that it is known by id (or
+     * joined a flight, or failed): a draining shutdown never sees a gap */
+    pthread_mutex_lock(&s->mu);
+    c->pending = 0;
+    s->pending--;
+    if (!joined && !rc) {
+        if (streaming) s->active_calls++;
         srv__wake_engine(s);
-    } else {
-        free(x);
     }
     pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->rq_mu);
+    if (joined) {
+        pend_free(p);
+        return;
+    }
     pend_free(p);
     if (rc) {
         srv__fail_call(c, srv__status_of(rc), err);
@@ -483,10 +496,11 @@ void srv__on_close(call *c, int ok) {
     if (c->close_cancelled) {
         srv *s = c->s;
         srv__count_call(c, GRPC_STATUS_CANCELLED);
-        pthread_mutex_lock(&s->mu); /* pairs with start_generation: one of the two cancels */
+        pthread_mutex_lock(&s->rq_mu); /* pairs with start_generation: one of the two cancels */
         c->cancel_seen = 1;
         if (c->has_eng) eng_cancel(s->eng, c->eng_id);
         pend *p = NULL; /* still in the batcher: take it out, it never reaches the engine */
+        pthread_mutex_lock(&s->mu);
         if (c->pending && s->batcher) {
             /* find our pend: the batcher compares addresses only */
             p = c->pend_item;
@@ -497,6 +511,7 @@ void srv__on_close(call *c, int ok) {
             }
         }
         pthread_mutex_unlock(&s->mu);
+        pthread_mutex_unlock(&s->rq_mu);
         if (p) {
             pend_free(p);
             srv__call_unref(c); /* the handler's reference the pend held */

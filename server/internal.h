@@ -14,11 +14,23 @@
  *       may block: Submit/Stream and agent export/import; the Cache service;
  *   libmicrohttpd's threads (metrics.c)                 serve /metrics.
  *
- * Lock order: srv.mu before call.mu. srv.mu guards the request registry,
- * parked Steps, single-flight, the cache writer's queue and the counters; the
- * batcher's own lock is taken under srv.mu (push, remove), never the other
- * way. The engine's lock is never held while the engine takes either (its
- * event callbacks run unlocked). */
+ * Locks, in the order they are taken (never the other way):
+ *   srv.rq_mu  the request lock: the registry and every record in it, parked
+ *              Steps, single-flight groups, and a generation call's engine
+ *              link (eng_id, has_eng, cancel_seen). The engine thread routes
+ *              each event under it; Step, Cancel and the batcher's dispatch
+ *              take it too;
+ *   srv.mu     the server lock: lifecycle (ready, serving, shutting_down,
+ *              stop_engine, the engine wake-up), health watchers, the
+ *              batcher handle and what waits there (pending), active_calls.
+ *              Health checks, pool hand-offs and new calls take only this,
+ *              briefly: the request paths never hold it for long;
+ *   batcher.mu (batcher.c) under srv.mu (push, remove);
+ *   call.mu    (call.c) each call's send queue and state;
+ *   srv.jobs_mu the cache writer's queue and its purge count: a leaf.
+ * The engine's own lock is never held while it calls back (its event
+ * callbacks run unlocked), so eng_submit/eng_cancel may be called under any
+ * of these. */
 #ifndef KVSERVE_SRV_INTERNAL_H
 #define KVSERVE_SRV_INTERNAL_H
 
@@ -51,6 +63,7 @@
 #include <openssl/sha.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -125,7 +138,7 @@ struct call {
     int counted;                /* its status was counted in the metrics */
     int pending;                /* Submit/Stream waiting in the batcher (srv.mu) */
     void *pend_item;            /* ... as this item */
-    int cancel_seen;            /* srv__on_close saw a client cancel (srv.mu) */
+    int cancel_seen;            /* srv__on_close saw a client cancel (srv.rq_mu, like eng_id and has_eng) */
     struct call *next_watch;
 };
 
@@ -200,14 +213,15 @@ struct srv {
     eng_engine *eng;
     eng_chat *chat;             /* the model's chat template, or NULL if it has none */
     char chat_why[256];         /* why there is none */
-    pthread_mutex_t mu;
+    pthread_mutex_t rq_mu;      /* the request lock (see the top of this file) */
+    pthread_mutex_t mu;         /* the server lock */
     pthread_cond_t cv;
     int work, stop_engine, shutting_down, ready, serving;
     pthread_t eng_thr;
     int has_eng_thr;            /* eng_thr runs */
     int grpc_inited, started;   /* grpc_init() called; the gRPC server started */
-    srv_reg *reg;               /* requests by id (Stream and Submit) */
-    parked *parked;
+    srv_reg *reg;               /* requests by id (Stream and Submit; rq_mu) */
+    parked *parked;             /* rq_mu */
     call *watchers;
     token_ent *tokens;
     int n_tokens;
@@ -218,16 +232,17 @@ struct srv {
     kvc_prompt *pcache;
     kvc_rag *rag;
     srv_metrics *metrics;
-    flight *flights;
-    uint64_t singleflight_joined;
+    flight *flights;            /* rq_mu */
+    uint64_t singleflight_joined; /* rq_mu */
     srv__batcher *batcher;       /* windows Submit/Stream before the cache and engine */
-    uint64_t purged_keys;       /* superseded prompt-cache keys deleted (Invalidate purge + background) */
+    uint64_t purged_keys;       /* superseded prompt-cache keys deleted (Invalidate purge + background; jobs_mu) */
     int pending;                /* requests in the batcher */
     pthread_t writer;
-    struct cache_job *jobs, *jobs_tail; /* cache writes and purges for the writer thread, oldest first */
+    pthread_mutex_t jobs_mu;
+    struct cache_job *jobs, *jobs_tail; /* cache writes and purges for the writer thread, oldest first (jobs_mu) */
     pthread_cond_t jobs_cv;
     int writer_stop, has_writer;
-    uint64_t next_cached_id;
+    _Atomic uint64_t next_cached_id; /* ids of answers from the cache */
     tag t_shutdown;
     int shutdown_done;
 };
@@ -307,7 +322,7 @@ void srv__flight_done(srv *s, rec *r, const eng_event *ev);
 void srv__job_push(srv *s, cache_job *j);
 
 /* step.c */
-void srv__check_parked(srv *s, int all);
+int srv__check_parked(srv *s, int all);
 void srv__h_cancel(call *c);
 void srv__h_stats(call *c);
 void srv__h_step(call *c);

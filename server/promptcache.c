@@ -54,16 +54,18 @@ cache_req *srv__cache_prepare(srv *s, const char *tenant, const Kvserve__V1__Gen
     return q;
 }
 
-/* Queue a job for the writer (srv.mu held). First in, first out: a write is
- * done before any job queued after it. */
+/* Queue a job for the writer. First in, first out: a write is done before
+ * any job queued after it. */
 void srv__job_push(srv *s, cache_job *j) {
     j->next = NULL;
+    pthread_mutex_lock(&s->jobs_mu);
     if (s->jobs_tail) s->jobs_tail->next = j; else s->jobs = j;
     s->jobs_tail = j;
     pthread_cond_signal(&s->jobs_cv);
+    pthread_mutex_unlock(&s->jobs_mu);
 }
 
-/* Engine thread (srv.mu held): hand a finished completion to the writer. */
+/* Engine thread (srv.rq_mu held): hand a finished completion to the writer. */
 void srv__cache_enqueue(srv *s, cache_req *q, const eng_event *ev) {
     cache_job *j = calloc(1, sizeof *j);
     if (!j) { srv__cache_req_free(q); return; }
@@ -90,15 +92,15 @@ void srv__cache_enqueue(srv *s, cache_req *q, const eng_event *ev) {
 /* Writes to Redis happen here, off the engine and completion-queue threads. */
 void *srv__writer_loop(void *p) {
     srv *s = p;
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->jobs_mu);
     for (;;) {
-        while (!s->jobs && !s->writer_stop) pthread_cond_wait(&s->jobs_cv, &s->mu);
+        while (!s->jobs && !s->writer_stop) pthread_cond_wait(&s->jobs_cv, &s->jobs_mu);
         cache_job *j = s->jobs;
         if (!j) break;
         s->jobs = j->next;
         if (!s->jobs) s->jobs_tail = NULL;
         int stopping = s->writer_stop;
-        pthread_mutex_unlock(&s->mu);
+        pthread_mutex_unlock(&s->jobs_mu);
         int purged = 0;
         if (j->purge_ns && !stopping) /* SCAN + UNLINK, 500 keys a batch */
             kvc_prompt_purge(s->pcache, j->purge_tenant, j->purge_ns, 1 << 30, &purged);
@@ -109,22 +111,16 @@ void *srv__writer_loop(void *p) {
         free(j->purge_tenant);
         free(j->purge_ns);
         free(j);
-        pthread_mutex_lock(&s->mu);
+        pthread_mutex_lock(&s->jobs_mu);
         s->purged_keys += (uint64_t)purged;
     }
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->jobs_mu);
     return NULL;
 }
 
-/* Answer from a cached completion, streamed like a generation and marked cached. */
-static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held);
-
-void srv__answer_cached(call *c, int streaming, kvc_completion *hit) { answer_from(c, streaming, hit, 0); }
-
-/* A single-flight follower (srv.mu held; streams only). */
-static void answer_shared(call *c, kvc_completion *comp) { answer_from(c, 1, comp, 1); }
-
-static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held) {
+/* Answer from a cached completion (or a single-flight leader's: streams
+ * only, srv.rq_mu held), streamed like a generation and marked cached. */
+void srv__answer_cached(call *c, int streaming, kvc_completion *hit) {
     srv *s = c->s;
     srv_metrics_tokens(s->metrics, 0, 0, hit->prompt_tokens + hit->generated_tokens);
     Kvserve__V1__Usage u = KVSERVE__V1__USAGE__INIT;
@@ -138,9 +134,7 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
     comp.finish_reason = srv__finish_of(hit->finish);
     comp.usage = &u;
     comp.cached = 1;
-    if (!mu_held) pthread_mutex_lock(&s->mu);
-    comp.id = (1ull << 63) | ++s->next_cached_id; /* an id space of its own */
-    if (!mu_held) pthread_mutex_unlock(&s->mu);
+    comp.id = (1ull << 63) | (atomic_fetch_add(&s->next_cached_id, 1) + 1); /* an id space of its own */
     /* token events: the detokenizer's deltas, clamped to the cached text */
     eng_detok *d = eng_detok_new(eng_model_tok(s->model));
     size_t emitted = 0;
@@ -205,10 +199,10 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
     }
     x->comp = cp;
     char err[256];
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->rq_mu);
     int rc = srv__rec_register(s, x, comp.id, c->tenant, 0, err, sizeof err);
     if (!rc) srv__reg_done(s->reg, &x->e, srv__now_s());
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->rq_mu);
     if (rc) {
         srv__rec_free(x);
         srv__finish_errorf(c, srv__status_of(rc), "%s", err);
@@ -219,7 +213,7 @@ static void answer_from(call *c, int streaming, kvc_completion *hit, int mu_held
     srv__finish_call(c, GRPC_STATUS_OK, NULL, &rep.base);
 }
 
-/* The leader of a single-flight group finished (srv.mu held): answer every
+/* The leader of a single-flight group finished (srv.rq_mu held): answer every
  * follower with its result, streamed like a cache hit; if the leader was
  * cancelled or failed, followers are told to retry. */
 void srv__flight_done(srv *s, rec *r, const eng_event *ev) {
@@ -236,7 +230,7 @@ void srv__flight_done(srv *s, rec *r, const eng_event *ev) {
                            .generated_tokens = ev->usage.generated_tokens};
     for (follower *w = f->followers, *n; w; w = n) {
         n = w->next;
-        if (ok) answer_shared(w->c, &comp);
+        if (ok) srv__answer_cached(w->c, 1, &comp);
         else {
             char msg[128];
             snprintf(msg, sizeof msg, "the identical request this one joined was %s; retry", eng_finish_name(ev->finish));

@@ -1,6 +1,6 @@
 /* registry.c — requests by id: a chained hash table, a list of every entry,
  * the finished entries in finishing order and per-tenant counts (see
- * registry.h). Runs under srv.mu. */
+ * registry.h). Runs under srv.rq_mu. */
 #include "registry.h"
 
 #include <stdlib.h>

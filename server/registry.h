@@ -5,7 +5,7 @@
  * in O(1), counts each tenant's Step-collected entries (so that one tenant
  * cannot pile up results without bound), and keeps finished entries in the
  * order they finished, so that expiring the oldest costs nothing per step.
- * Not thread-safe: the server calls it under srv.mu. */
+ * Not thread-safe: the server calls it under its request lock (srv.rq_mu). */
 #ifndef KVSERVE_REGISTRY_H
 #define KVSERVE_REGISTRY_H
 

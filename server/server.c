@@ -25,13 +25,13 @@ static void *engine_loop(void *p) {
         if (s->cfg.test_hold_file) eng_engine_hold(s->eng, held = read_hold(s->cfg.test_hold_file));
         int n = eng_step(s->eng, srv__on_event, s);
         if (n > 0) srv_metrics_step(s->metrics, n);
-        srv__check_parked(s, 0);
+        int parked = srv__check_parked(s, 0);
         if (n == 0) {
             pthread_mutex_lock(&s->mu);
             if (!s->work && !s->stop_engine) {
                 struct timespec ts;
                 clock_gettime(CLOCK_REALTIME, &ts);
-                long wait_ns = s->parked || held >= 0 ? 5000000L : 200000000L; /* a held test polls its file */
+                long wait_ns = parked || held >= 0 ? 5000000L : 200000000L; /* a held test polls its file */
                 ts.tv_nsec += wait_ns;
                 if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
                 pthread_cond_timedwait(&s->cv, &s->mu, &ts);
@@ -97,7 +97,9 @@ int srv_open(srv **out, const srv_config *cfg) {
     if (s->cfg.max_message_bytes <= 0) s->cfg.max_message_bytes = 64 << 20;
     if (s->cfg.max_results <= 0) s->cfg.max_results = 1024;
     if (s->cfg.result_ttl_s <= 0) s->cfg.result_ttl_s = 600;
+    pthread_mutex_init(&s->rq_mu, NULL);
     pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->jobs_mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->jobs_cv, NULL);
     int rc = 2;
@@ -285,10 +287,12 @@ void srv_shutdown(srv *s) {
         pthread_mutex_unlock(&s->mu);
         double drain_start = srv__now_s(), until = drain_start + s->cfg.grace_seconds;
         for (;;) {
+            pthread_mutex_lock(&s->rq_mu); /* both: a request leaves the batcher's count as it joins the registry */
             pthread_mutex_lock(&s->mu);
             int busy = s->active_calls > 0 || s->parked || s->pending || srv__reg_running_steps(s->reg) > 0 ||
                        srv__reg_newest_done_at(s->reg) >= drain_start;
             pthread_mutex_unlock(&s->mu);
+            pthread_mutex_unlock(&s->rq_mu);
             if (!busy || srv__now_s() >= until) break;
             srv__sleep_ms(20);
         }
@@ -301,7 +305,7 @@ void srv_shutdown(srv *s) {
          * still gets its completion (finish CANCELLED) and status OK, and each
          * Submitted request a CANCELLED completion for Step */
         if (s->has_eng_thr) {
-            pthread_mutex_lock(&s->mu);
+            pthread_mutex_lock(&s->rq_mu);
             size_t n = 0, cap = 0;
             uint64_t *ids = NULL;
             for (srv_reg_entry *e = srv__reg_first(s->reg); e; e = e->next) {
@@ -313,14 +317,16 @@ void srv_shutdown(srv *s) {
                 }
                 ids[n++] = e->id;
             }
-            pthread_mutex_unlock(&s->mu);
+            pthread_mutex_unlock(&s->rq_mu);
             for (size_t i = 0; i < n; i++) eng_cancel(s->eng, ids[i]);
             free(ids);
             srv__wake_engine_locked(s);
             for (int i = 0; i < 100; i++) { /* up to a second for those completions to go out */
+                pthread_mutex_lock(&s->rq_mu);
                 pthread_mutex_lock(&s->mu);
                 int left = s->active_calls || srv__reg_running_steps(s->reg) > 0;
                 pthread_mutex_unlock(&s->mu);
+                pthread_mutex_unlock(&s->rq_mu);
                 if (!left) break;
                 srv__sleep_ms(10);
             }
@@ -362,10 +368,10 @@ void srv_shutdown(srv *s) {
     }
     for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) srv__workers_close(s->pools[p]); /* (when never started) */
     if (s->has_writer) { /* finish the cache writes already queued */
-        pthread_mutex_lock(&s->mu);
+        pthread_mutex_lock(&s->jobs_mu);
         s->writer_stop = 1;
         pthread_cond_signal(&s->jobs_cv);
-        pthread_mutex_unlock(&s->mu);
+        pthread_mutex_unlock(&s->jobs_mu);
         pthread_join(s->writer, NULL);
     }
     /* followers of flights that never finished: their calls were cancelled */
@@ -416,6 +422,8 @@ void srv_shutdown(srv *s) {
     free(s->rm);
     free(s->tokens);
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->rq_mu);
+    pthread_mutex_destroy(&s->jobs_mu);
     pthread_cond_destroy(&s->cv);
     if (s->reg) srv__reg_free(s->reg);
     OPENSSL_cleanse(&s->akey, sizeof s->akey);

@@ -1,7 +1,7 @@
 /* step.c — Step (and its parking), Cancel, Stats */
 #include "internal.h"
 
-/* Build a StepReply from the buffers of ids (srv.mu held). */
+/* Build a StepReply from the buffers of ids (srv.rq_mu held). */
 static void step_reply(srv *s, call *c, const uint64_t *ids, size_t n) {
     Kvserve__V1__StepReply rep = KVSERVE__V1__STEP_REPLY__INIT;
     size_t nt = 0, nc = 0;
@@ -68,11 +68,11 @@ void srv__h_step(call *c) {
                 kvserve__v1__step_request__free_unpacked(q, NULL);
                 return;
             }
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->rq_mu);
     for (size_t i = 0; i < q->n_ids; i++) {
         rec *r = srv__rec_find(s, q->ids[i], c->tenant);
         if (!r || r->stream) {
-            pthread_mutex_unlock(&s->mu);
+            pthread_mutex_unlock(&s->rq_mu);
             srv__finish_errorf(c, GRPC_STATUS_NOT_FOUND, "ids: request %llu is unknown, finished and collected, or streamed",
                           (unsigned long long)q->ids[i]);
             kvserve__v1__step_request__free_unpacked(q, NULL);
@@ -115,16 +115,17 @@ void srv__h_step(call *c) {
             }
             p->next = s->parked;
             s->parked = p;
-            srv__wake_engine(s);
+            srv__wake_engine_locked(s); /* so that it polls the parked Step's deadline */
         }
     }
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->rq_mu);
     kvserve__v1__step_request__free_unpacked(q, NULL);
 }
 
-/* Engine thread: answer parked Steps that have news or have waited enough. */
-void srv__check_parked(srv *s, int all) {
-    pthread_mutex_lock(&s->mu);
+/* Engine thread: answer parked Steps that have news or have waited enough.
+ * Returns whether Steps are still parked. */
+int srv__check_parked(srv *s, int all) {
+    pthread_mutex_lock(&s->rq_mu);
     double t = srv__now_s();
     for (parked **pp = &s->parked; *pp;) {
         parked *p = *pp;
@@ -150,16 +151,18 @@ void srv__check_parked(srv *s, int all) {
         srv__reg_remove(s->reg, e);
         srv__rec_free((rec *)e);
     }
-    pthread_mutex_unlock(&s->mu);
+    int left = s->parked != NULL;
+    pthread_mutex_unlock(&s->rq_mu);
+    return left;
 }
 
 void srv__h_cancel(call *c) {
     srv *s = c->s;
     UNPACK(Kvserve__V1__CancelRequest, kvserve__v1__cancel_request__descriptor, c, q);
-    pthread_mutex_lock(&s->mu);
+    pthread_mutex_lock(&s->rq_mu);
     rec *r = srv__rec_find(s, q->id, c->tenant);
     int known = r && !r->comp;
-    pthread_mutex_unlock(&s->mu);
+    pthread_mutex_unlock(&s->rq_mu);
     int rc = known ? eng_cancel(s->eng, q->id) : ENG_ENOTFOUND;
     if (rc) srv__finish_errorf(c, GRPC_STATUS_NOT_FOUND, "id: request %llu is unknown or already finished",
                           (unsigned long long)q->id);

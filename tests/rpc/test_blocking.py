@@ -9,7 +9,9 @@ The calls that may block run on worker pools (server/workers.c): the Cache servi
 stalled Redis holds only those; Submit/Stream (rendering, tokenization) and agent export/import on
 another. Latency is compared with the same calls measured just before on the same server, with a
 generous factor: nothing here depends on the machine's speed. Before the pools, the first check
-timed out (every completion-queue thread waited in Redis). Harness: tests/rpc/harness.py.
+timed out (every completion-queue thread waited in Redis). A last test runs every request path
+at once (Streams, single-flight, Submit + Step, Cancel, health, metrics) to exercise the order of
+the request lock and the server lock (server/internal.h). Harness: tests/rpc/harness.py.
 """
 import os
 import signal
@@ -123,6 +125,84 @@ class Blocking(unittest.TestCase):
         if overlapped < 2:
             self.skipTest(f"the 10 MB prompt took only {result['t'][1] - result['t'][0]:.2f}s: too few calls overlapped it")
         self.check_latency(before, (health, streams), "a 10 MB prompt in flight")
+
+
+class EveryPathAtOnce(unittest.TestCase):
+    """The request lock (srv.rq_mu) and the server lock (srv.mu) taken in every order the code
+    allows at once: Streams (some identical and cacheable, so that single-flight followers are
+    answered under the request lock), Submit + long-polling Step, Cancel of running requests,
+    health checks and metrics scrapes. Nothing deadlocks (every call within BOUND), each output
+    equals the same request's output alone, and the pool is whole afterwards."""
+
+    def test_concurrent_paths_agree_with_solo_runs(self):
+        redis = Redis().start()
+        mport = free_port()
+        srv = Server("--redis", redis.url(), "--metrics", f"127.0.0.1:{mport}").start()
+        try:
+            c = srv.client()
+            bypass = pb.CachePolicy(mode=pb.CachePolicy.BYPASS)
+            reqs = [greq(ids=rand_ids(6 + i, 900 + i), max_tokens=6, ignore_eos=True, cache=bypass) for i in range(4)]
+            shared = greq(ids=rand_ids(9, 990), max_tokens=6, ignore_eos=True)  # cacheable: greedy
+            solo = [list(c.run_stream(r)[1][0].token_ids) for r in reqs]
+            solo_shared = list(c.run_stream(greq(ids=rand_ids(9, 990), max_tokens=6, ignore_eos=True,
+                                                 cache=bypass))[1][0].token_ids)
+            errors, outs = [], {}
+
+            def guard(name, fn):
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001 -- reported below with its thread
+                    errors.append(f"{name}: {e!r}")
+
+            def streams(k):
+                for rep in range(3):
+                    outs.setdefault(("stream", k), []).append(list(c.run_stream(reqs[k])[1][0].token_ids))
+
+            def shared_streams(k):
+                for rep in range(3):
+                    outs.setdefault(("shared", k), []).append(list(c.run_stream(shared)[1][0].token_ids))
+
+            def submits(k):
+                for rep in range(3):
+                    outs.setdefault(("submit", k), []).append(list(c.run_submit(reqs[k])[2].token_ids))
+
+            def cancels():
+                for rep in range(6):
+                    id_ = c.submit(greq(ids=rand_ids(8, 950 + rep), max_tokens=200, ignore_eos=True, cache=bypass))
+                    try:
+                        c.cancel(id_)
+                    except grpc.RpcError as e:  # NOT_FOUND: it had already finished
+                        assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                    got = None
+                    until = time.monotonic() + BOUND
+                    while got is None and time.monotonic() < until:
+                        rep_ = c.step([id_], wait_ms=500)
+                        got = rep_.completions[0] if rep_.completions else None
+                    assert got is not None, f"no completion for cancelled request {id_}"
+
+            def probes():
+                for _ in range(40):
+                    assert c.health() == SERVING
+                    scrape(mport)
+
+            threads = ([threading.Thread(target=guard, args=(f"stream{k}", lambda k=k: streams(k))) for k in range(2)] +
+                       [threading.Thread(target=guard, args=(f"shared{k}", lambda k=k: shared_streams(k))) for k in range(3)] +
+                       [threading.Thread(target=guard, args=(f"submit{k}", lambda k=k: submits(k))) for k in (2, 3)] +
+                       [threading.Thread(target=guard, args=("cancel", cancels)),
+                        threading.Thread(target=guard, args=("probe", probes))])
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(BOUND)
+            self.assertFalse([t for t in threads if t.is_alive()], "calls still running after BOUND: a deadlock?")
+            self.assertEqual(errors, [])
+            for (kind, k), got in outs.items():
+                want = solo_shared if kind == "shared" else solo[k]
+                self.assertEqual(got, [want] * 3, f"{kind} {k}")
+            c.wait_idle()
+        finally:
+            srv.stop()
+            redis.stop()
 
 
 if __name__ == "__main__":
