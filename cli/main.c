@@ -15,15 +15,16 @@ static const char USAGE[] =
     "usage: kvserve COMMAND [options]\n"
     "\n"
     "commands:\n"
-    "  serve    --model DIR [server options]            run the gRPC service (see docs/operations.md)\n"
-    "  generate --model DIR [sampling options] PROMPT   stream a generation to stdout\n"
-    "  score    --model DIR TEXT                        per-token log-probabilities and perplexity\n"
-    "  tokenize (--tokenizer FILE | --model DIR)        token ids of stdin (or --decode ids)\n"
-    "  logits   --model DIR --ids \"1 2 3\" --out FILE    raw float32 logits for every position\n"
-    "  chat-template DIR|TOKENIZER_CONFIG [--json]      render the chat template for the JSON context on stdin\n"
+    "  serve    --model MODEL [server options]          run the gRPC service (see docs/operations.md)\n"
+    "  generate --model MODEL [sampling options] PROMPT stream a generation to stdout\n"
+    "  score    --model MODEL TEXT                      per-token log-probabilities and perplexity\n"
+    "  tokenize (--tokenizer FILE | --model MODEL)      token ids of stdin (or --decode ids)\n"
+    "  logits   --model MODEL --ids \"1 2 3\" --out FILE  raw float32 logits for every position\n"
+    "  chat-template MODEL|TOKENIZER_CONFIG [--json]    render the chat template for the JSON context on stdin\n"
     "\n"
     "model options:\n"
-    "  --model DIR          Hugging Face model directory (config.json, *.safetensors, tokenizer.json)\n"
+    "  --model MODEL        a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)\n"
+    "                       or a GGUF file (llama, qwen2, qwen3; F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)\n"
     "  --threads N          compute threads (default: all CPUs)\n"
     "  --ctx N              context length cap (default: the model's)\n"
     "  --batch N            tokens per forward pass during prefill (default 512)\n"
@@ -382,6 +383,10 @@ static int cmd_tokenize(int argc, char **argv) {
     if (!c.tokenizer && !c.model) { fprintf(stderr, "kvserve: --tokenizer FILE or --model DIR is required\n"); return 2; }
     struct stat sb;
     const char *dir = c.tokenizer && stat(c.tokenizer, &sb) == 0 && S_ISDIR(sb.st_mode) ? c.tokenizer : c.model;
+    if (dir && !c.tokenizer && !(stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode))) { /* --model FILE.gguf */
+        c.tokenizer = dir;
+        dir = NULL;
+    }
     if (dir) snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     eng_tok *t;
     if (eng_tok_open(&t, dir ? path : c.tokenizer, err, sizeof err) != ENG_OK) {

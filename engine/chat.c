@@ -88,8 +88,29 @@ static int load_config(eng_chat *c, const char *path, char *err, size_t errlen) 
     return rc;
 }
 
+/* A GGUF file's tokenizer.chat_template and special tokens. */
+static int load_gguf(eng_chat *c, const char *path, char *err, size_t errlen) {
+    eng__gguf f;
+    int rc = eng__gguf_open(&f, path, err, errlen);
+    if (rc) return rc;
+    char *tpl = NULL;
+    rc = eng__gguf_chat(&f.g, path, &tpl, &c->bos, &c->eos, err, errlen);
+    eng__gguf_close(&f);
+    if (!rc) rc = parse_template(c, tpl, strlen(tpl), path, err, errlen);
+    free(tpl);
+    return rc;
+}
+
 int eng_chat_open(eng_chat **out, const char *path, char *err, size_t errlen) {
     *out = NULL;
+    if (eng__is_gguf_path(path)) {
+        eng_chat *c = calloc(1, sizeof *c);
+        if (!c) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+        int rc = load_gguf(c, path, err, errlen);
+        if (rc) { eng_chat_close(c); return rc; }
+        *out = c;
+        return ENG_OK;
+    }
     char cfg[4096];
     struct stat sb;
     size_t pl = strlen(path);

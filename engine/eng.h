@@ -52,7 +52,8 @@ const char *eng_strerror(int code);
 /* ---- tokenizer --------------------------------------------------------- */
 typedef struct eng_tok eng_tok;
 
-/* Load a Hugging Face tokenizer.json: BPE, byte-level or SentencePiece-style
+/* Load a Hugging Face tokenizer.json, or the tokenizer of a GGUF model file
+ * (docs/engine.md says how its metadata maps): BPE, byte-level or SentencePiece-style
  * (byte fallback), with the normalizers, pre-tokenizers and decoders listed
  * in docs/engine.md. Other model types (Unigram, WordPiece, ...) and other
  * steps are refused with ENG_EUNSUPPORTED and a message naming them. */
@@ -150,7 +151,9 @@ const char *eng_blas_core(void);
 /* After a re-exec by eng_blas_select: the core OpenBLAS ran before; else NULL. */
 const char *eng_blas_note(void);
 
-/* Load a model directory. Weights in F32, F16 or BF16 (single file or sharded
+/* Load a model directory, or a GGUF model file (llama, qwen2, qwen3; its
+ * tensors F32, F16, BF16, Q8_0, Q4_0, Q4_K or Q6_K, dequantized to F32 on
+ * load). A directory's weights in F32, F16 or BF16 (single file or sharded
  * with model.safetensors.index.json) are converted to F32 on load (then the
  * matrices to BF16 with opt->bf16_weights). Every
  * problem (missing file, unknown dtype, wrong shape, truncated file, lying
@@ -398,7 +401,8 @@ typedef struct eng_chat_msg {
     const char *content;    /* UTF-8; NULL renders as none */
 } eng_chat_msg;
 
-/* path: a model directory or its tokenizer_config.json. The template is
+/* path: a model directory or its tokenizer_config.json, or a GGUF model file
+ * (tokenizer.chat_template, the BOS and EOS tokens' texts). The template is
  * "chat_template" (a string, or a list of {name, template}: "default"), else
  * chat_template.jinja beside it; bos_token / eos_token are strings or
  * {"content": ...}. ENG_EUNSUPPORTED ("... has no chat_template") when there

@@ -92,6 +92,34 @@ const st_tensor *st_find(const st_file *f, const char *name);
 /* Convert n elements of src (dtype) to float. */
 void st_to_f32(enum st_dtype dt, const uint8_t *src, float *dst, size_t n);
 
+/* ---- GGUF model files (gguf.c, gguf_model.c, gguf_vocab.c) ------------- */
+#include "gguf.h"
+/* A mapped, parsed GGUF file. */
+typedef struct {
+    uint8_t *map;
+    size_t size;
+    gguf_file g;
+} eng__gguf;
+/* path is a regular file that starts with the GGUF magic. */
+int eng__is_gguf_path(const char *path);
+int eng__gguf_open(eng__gguf *f, const char *path, char *err, size_t errlen);
+void eng__gguf_close(eng__gguf *f);
+/* The metadata as config.json (llama, qwen2, qwen3). */
+int eng__gguf_config(const gguf_file *g, const char *path, eng_config *cfg, char *err, size_t errlen);
+/* The tokenizer metadata as the tokenizer.json it stands for (*out: the caller deletes it). */
+struct cJSON;
+int eng__gguf_tokenizer(const gguf_file *g, const char *path, struct cJSON **out, char *err, size_t errlen);
+/* A checkpoint tensor name's GGUF name (in buf, or a constant), or NULL if it has none. */
+const char *eng__gguf_name(const char *hf, char *buf, size_t n);
+/* The file stores q and k rows in llama.cpp's interleaved order (architecture llama). */
+int eng__gguf_permuted(const gguf_file *g);
+/* Restore the halves order of rows x cols q or k values in heads of hd rows (tmp: hd * cols floats). */
+void eng__gguf_unpermute(float *w, int64_t rows, int64_t cols, int hd, float *tmp);
+/* tokenizer.chat_template and the BOS and EOS texts (malloc'd; bos, eos may be NULL). */
+int eng__gguf_chat(const gguf_file *g, const char *path, char **tpl, char **bos, char **eos, char *err, size_t errlen);
+/* Build a tokenizer from a parsed tokenizer.json (root is not taken). */
+int eng__tok_from_json(eng_tok **out, const struct cJSON *root, const char *path, char *err, size_t errlen);
+
 /* ---- weights ----------------------------------------------------------- */
 /* A weight matrix of out rows by in columns, packed in panels of 16 rows
  * (matmul.c): F32 as loaded, or BF16 when the model was opened with bf16
@@ -308,7 +336,8 @@ struct eng_model {
     char warning[512];     /* eng_model_warning */
 };
 
-int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen);
+/* From the safetensors files of dir, or from the GGUF file gg (not NULL). */
+int eng__load_weights(eng_model *m, const char *dir, const eng__gguf *gg, char *err, size_t errlen);
 void eng__free_weights(eng__weights *w, const eng_config *c);
 
 #endif

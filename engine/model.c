@@ -26,6 +26,9 @@ typedef struct {
 typedef struct {
     wfile *f;
     int n;
+    const eng__gguf *gg;    /* or the tensors of a GGUF file */
+    const char *gpath;      /* ... at this path */
+    const eng_config *cfg;  /* (for the heads of q and k in a GGUF file) */
     char *warning;          /* the model's: the first tensor with values that are not finite */
     size_t warning_len;
 } wset;
@@ -72,10 +75,52 @@ static int wset_add(wset *s, const char *path, char *err, size_t errlen) {
     return st_parse(f->map, f->size, path, &f->st, err, errlen);
 }
 
+static void check_finite(wset *s, const char *file, const char *name, const float *dst, size_t n) {
+    size_t bad = 0;
+    for (size_t k = 0; k < n; k++) bad += !isfinite(dst[k]);
+    if (bad && !s->warning[0]) /* it loads (the file is well formed), but its output will be garbage */
+        snprintf(s->warning, s->warning_len, "%s: tensor \"%s\": %zu of %zu values are not finite (NaN or "
+                 "infinite): the model will compute nonsense", file, name, bad, n);
+}
+
+/* A tensor of a GGUF file under its checkpoint name: its shape (innermost
+ * dimension first there) checked, converted to F32 into dst, q and k rows
+ * back in the halves order. */
+static int load_gguf_tensor(wset *s, const char *name, int64_t d0, int64_t d1, float *dst, eng_config *cfg,
+                            char *err, size_t errlen) {
+    const char *path = s->gpath;
+    char buf[160];
+    const char *gn = eng__gguf_name(name, buf, sizeof buf);
+    const gguf_tensor *t = gn ? gguf_tensor_find(&s->gg->g, gn) : NULL;
+    if (!t) return eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"%s\" (%s) is missing", path, gn ? gn : name, name);
+    int ndim = d1 ? 2 : 1;
+    uint64_t want0 = (uint64_t)(d1 ? d1 : d0), want1 = d1 ? (uint64_t)d0 : 1;
+    if ((int)t->n_dims != ndim || t->ne[0] != want0 || t->ne[1] != want1)
+        return eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"%s\" has shape [%llu, %llu] (innermost first), "
+                         "expected [%llu, %llu]", path, gn, (unsigned long long)t->ne[0],
+                         (unsigned long long)(t->n_dims > 1 ? t->ne[1] : 1), (unsigned long long)want0,
+                         (unsigned long long)want1);
+    snprintf(cfg->dtype, sizeof cfg->dtype, "%s", gguf_type_name(t->type));
+    size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1);
+    gguf_to_f32(t->type, t->data, dst, n);
+    int is_q = strstr(gn, ".attn_q.") != NULL, is_k = strstr(gn, ".attn_k.") != NULL;
+    if ((is_q || is_k) && eng__gguf_permuted(&s->gg->g)) {
+        int hd = s->cfg->head_dim;
+        int64_t cols = d1 ? d1 : 1;
+        float *tmp = malloc((size_t)hd * (size_t)cols * sizeof *tmp);
+        if (!tmp) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+        eng__gguf_unpermute(dst, d0, cols, hd, tmp);
+        free(tmp);
+    }
+    check_finite(s, path, gn, dst, n);
+    return ENG_OK;
+}
+
 /* Find a tensor by name in any file of the set, check its shape, convert it
  * to F32 into dst. */
 static int load_tensor(wset *s, const char *name, int64_t d0, int64_t d1, float *dst,
                        eng_config *cfg, char *err, size_t errlen) {
+    if (s->gg) return load_gguf_tensor(s, name, d0, d1, dst, cfg, err, errlen);
     for (int i = 0; i < s->n; i++) {
         const st_tensor *t = st_find(&s->f[i].st, name);
         if (!t) continue;
@@ -92,12 +137,9 @@ static int load_tensor(wset *s, const char *name, int64_t d0, int64_t d1, float 
         }
         static const char *names[] = {"F32", "F16", "BF16"};
         snprintf(cfg->dtype, sizeof cfg->dtype, "%s", names[t->dtype]);
-        size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1), bad = 0;
+        size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1);
         st_to_f32(t->dtype, t->data, dst, n);
-        for (size_t k = 0; k < n; k++) bad += !isfinite(dst[k]);
-        if (bad && !s->warning[0]) /* it loads (the file is well formed), but its output will be garbage */
-            snprintf(s->warning, s->warning_len, "%s: tensor \"%s\": %zu of %zu values are not finite (NaN or "
-                     "infinite): the model will compute nonsense", s->f[i].path, name, bad, n);
+        check_finite(s, s->f[i].path, name, dst, n);
         return ENG_OK;
     }
     return eng__fail(err, errlen, ENG_EFORMAT, "%s%s: tensor \"%s\" is missing", s->n ? s->f[0].path : "weights",
@@ -348,13 +390,16 @@ static int load_layer(wset *s, eng_model *m, int l, char *err, size_t errlen) {
     return ENG_OK;
 }
 
-int eng__load_weights(eng_model *m, const char *dir, char *err, size_t errlen) {
+int eng__load_weights(eng_model *m, const char *dir, const eng__gguf *gg, char *err, size_t errlen) {
     eng_config *c = &m->cfg;
     eng__weights *w = &m->w;
     wset s = {0};
     s.warning = m->warning;
     s.warning_len = sizeof m->warning;
-    int rc = open_weight_files(&s, dir, err, errlen);
+    s.gg = gg;
+    s.gpath = dir;
+    s.cfg = c;
+    int rc = gg ? ENG_OK : open_weight_files(&s, dir, err, errlen);
     if (rc) goto out;
     const int64_t H = c->hidden_size, V = c->vocab_size;
     w->embed.p = walloc(w, eng__mat_elems((int)V, (int)H));
@@ -454,29 +499,51 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
 
     char path[4096], *text = NULL;
     size_t len;
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    int rc = eng__read_file(path, &text, &len, err, errlen);
-    if (rc) goto fail;
-    rc = eng__config_parse(text, len, path, &m->cfg, err, errlen);
-    free(text);
-    if (rc) goto fail;
-
-    snprintf(path, sizeof path, "%s/generation_config.json", dir); /* optional: chat models' end-of-turn ids */
-    if (access(path, F_OK) == 0) {
-        if ((rc = eng__read_file(path, &text, &len, err, errlen))) goto fail;
-        rc = eng__config_generation(text, len, path, &m->cfg, err, errlen);
-        free(text);
-        if (rc) goto fail;
-    }
-
-    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-    if ((rc = eng_tok_open(&m->tok, path, err, errlen))) goto fail;
-    if (eng_tok_vocab_size(m->tok) > m->cfg.vocab_size) {
-        rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: tokenizer has %d ids but config.json vocab_size is %d", path,
-                       eng_tok_vocab_size(m->tok), m->cfg.vocab_size);
+    eng__gguf gf;
+    memset(&gf, 0, sizeof gf);
+    int gguf = eng__is_gguf_path(dir), rc;
+    struct stat sb;
+    if (!gguf && stat(dir, &sb) == 0 && !S_ISDIR(sb.st_mode)) {
+        rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: not a model directory, nor a GGUF file (it does not start with "
+                       "the GGUF magic)", dir);
         goto fail;
     }
-    if ((rc = eng__load_weights(m, dir, err, errlen))) goto fail;
+    if (gguf) { /* one file: config, tokenizer and weights */
+        snprintf(path, sizeof path, "%s", dir);
+        cJSON *tj = NULL;
+        if ((rc = eng__gguf_open(&gf, dir, err, errlen)) || (rc = eng__gguf_config(&gf.g, dir, &m->cfg, err, errlen)) ||
+            (rc = eng__gguf_tokenizer(&gf.g, dir, &tj, err, errlen)))
+            goto fail;
+        rc = eng__tok_from_json(&m->tok, tj, dir, err, errlen);
+        cJSON_Delete(tj);
+        if (rc) goto fail;
+    } else {
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        if ((rc = eng__read_file(path, &text, &len, err, errlen))) goto fail;
+        rc = eng__config_parse(text, len, path, &m->cfg, err, errlen);
+        free(text);
+        if (rc) goto fail;
+
+        snprintf(path, sizeof path, "%s/generation_config.json", dir); /* optional: chat models' end-of-turn ids */
+        if (access(path, F_OK) == 0) {
+            if ((rc = eng__read_file(path, &text, &len, err, errlen))) goto fail;
+            rc = eng__config_generation(text, len, path, &m->cfg, err, errlen);
+            free(text);
+            if (rc) goto fail;
+        }
+
+        snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+        if ((rc = eng_tok_open(&m->tok, path, err, errlen))) goto fail;
+    }
+    if (eng_tok_vocab_size(m->tok) > m->cfg.vocab_size) {
+        rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: tokenizer has %d ids but %s is %d", path,
+                       eng_tok_vocab_size(m->tok), gguf ? "the embedding's row count" : "config.json vocab_size",
+                       m->cfg.vocab_size);
+        goto fail;
+    }
+    rc = eng__load_weights(m, dir, gguf ? &gf : NULL, err, errlen);
+    eng__gguf_close(&gf); /* the weights are copied out */
+    if (rc) goto fail;
 
     m->max_ctx = m->cfg.max_position;
     if (m->opt.max_context > 0 && m->opt.max_context < m->max_ctx) m->max_ctx = m->opt.max_context;
@@ -512,6 +579,7 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     *out = m;
     return ENG_OK;
 fail:
+    eng__gguf_close(&gf);
     eng_model_close(m);
     return rc;
 }

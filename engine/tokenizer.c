@@ -723,16 +723,11 @@ static int load_merges(eng_tok *t, const cJSON *merges, const char *path, char *
     return rc;
 }
 
-int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
+int eng__tok_from_json(eng_tok **out, const cJSON *root, const char *path, char *err, size_t errlen) {
     *out = NULL;
-    char *text;
-    size_t len;
-    int rc = eng__read_file(path, &text, &len, err, errlen);
-    if (rc) return rc;
-    cJSON *root = cJSON_ParseWithLength(text, len);
-    free(text);
+    int rc;
     eng_tok *t = calloc(1, sizeof *t);
-    if (!t) { cJSON_Delete(root); return ENG_ENOMEM; }
+    if (!t) return ENG_ENOMEM;
     t->bos = t->unk = -1;
     decoder dcd;
     memset(&dcd, 0, sizeof dcd);
@@ -753,14 +748,35 @@ int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
         goto fail;
     t->bos = find_bos(cJSON_GetObjectItemCaseSensitive(root, "post_processor"), t);
     decoder_free(&dcd);
-    cJSON_Delete(root);
     *out = t;
     return ENG_OK;
 fail:
     if (rc == ENG_ENOMEM) eng__fail(err, errlen, rc, "%s: out of memory", path);
     decoder_free(&dcd);
-    cJSON_Delete(root);
     eng_tok_close(t);
+    return rc;
+}
+
+/* A tokenizer.json, or a GGUF file's tokenizer metadata. */
+int eng_tok_open(eng_tok **out, const char *path, char *err, size_t errlen) {
+    *out = NULL;
+    cJSON *root = NULL;
+    int rc;
+    if (eng__is_gguf_path(path)) {
+        eng__gguf f;
+        if ((rc = eng__gguf_open(&f, path, err, errlen))) return rc;
+        rc = eng__gguf_tokenizer(&f.g, path, &root, err, errlen);
+        eng__gguf_close(&f);
+        if (rc) return rc;
+    } else {
+        char *text;
+        size_t len;
+        if ((rc = eng__read_file(path, &text, &len, err, errlen))) return rc;
+        root = cJSON_ParseWithLength(text, len);
+        free(text);
+    }
+    rc = eng__tok_from_json(out, root, path, err, errlen);
+    cJSON_Delete(root);
     return rc;
 }
 

@@ -31,10 +31,13 @@ if [[ $secs != 0 ]] && command -v clang >/dev/null; then
   echo "== libFuzzer (${secs}s)"
   cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DKVSERVE_FUZZ=ON -DKVSERVE_SANITIZE=ON -DKVSERVE_WERROR=ON \
         -DKVSERVE_MODELS_DIR="$models" -DBUILD_TESTING=ON >/dev/null
-  cmake --build build-fuzz -j2 --target fuzz_loader
-  corpus=$(mktemp -d)
-  cp tests/fuzz/corpus/* "$corpus"/
-  build-fuzz/tests/fuzz_loader -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 "$corpus" 2>&1 | tail -n 12
-  rm -rf "$corpus"
+  cmake --build build-fuzz -j2 --target fuzz_loader fuzz_gguf
+  for t in loader:corpus gguf:corpus_gguf; do # each target its own seconds, from its own seeds
+    corpus=$(mktemp -d)
+    cp "tests/fuzz/${t#*:}"/* "$corpus"/
+    echo "-- fuzz_${t%%:*}"
+    build-fuzz/tests/fuzz_${t%%:*} -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 "$corpus" 2>&1 | tail -n 12
+    rm -rf "$corpus"
+  done
 fi
 echo "== all tests passed"

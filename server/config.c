@@ -20,7 +20,7 @@ typedef struct {
 
 #define AT(field) offsetof(srv_config, field)
 static const opt OPTS[] = {
-    {"model", "KVSERVE_MODEL", T_STR, 0, 0, AT(model_dir), "DIR  Hugging Face model directory (required)"},
+    {"model", "KVSERVE_MODEL", T_STR, 0, 0, AT(model_dir), "MODEL  Hugging Face model directory or GGUF file (required)"},
     {"listen", "KVSERVE_LISTEN", T_STR, 0, 0, AT(listen), "HOST:PORT  gRPC address (127.0.0.1:50051)"},
     {"threads", "KVSERVE_THREADS", T_INT, 1, 256, AT(threads), "N  compute threads (all CPUs)"},
     {"cq-threads", "KVSERVE_CQ_THREADS", T_INT, 1, 64, AT(cq_threads), "N  gRPC completion-queue threads (2)"},

@@ -34,6 +34,7 @@ gen tiny-llama2tok --preset tiny --tokenizer "$out/hf/llama2.tokenizer.json" # S
 gen tiny-qwen2      --preset tiny-qwen2       # q/k/v biases
 gen tiny-qwen3      --preset tiny-qwen3       # q/k norms, head_dim 32 with hidden 64
 gen tiny-llama31    --preset tiny-llama31     # llama3 RoPE scaling
+gen tiny-k          --preset tiny-k           # hidden 256: GGUF K-quant super-blocks
 gen tiny-mistral    --preset tiny-mistral     # Mistral without a sliding window (v0.2 and later)
 gen tiny-llama-bias --preset tiny-llama-bias  # attention_bias + mlp_bias, linear RoPE scaling
 gen tiny-qwen3chat  --preset tiny-qwen3 --tokenizer "$out/hf/qwen3.tokenizer.json" # Qwen 3's tokenizer and chat template

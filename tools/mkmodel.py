@@ -48,6 +48,10 @@ PRESETS = {
                          rms_norm_eps=1e-5, max_position_embeddings=512,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # rows of 256: whole super-blocks of the GGUF K-quants (Q4_K, Q6_K) in every matrix
+    "tiny-k": dict(vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, intermediate_size=512, rope_theta=10000.0,
+                   rms_norm_eps=1e-5, max_position_embeddings=512),
     "tiny-mistral": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, intermediate_size=160, rope_theta=1000000.0,
                          rms_norm_eps=1e-5, max_position_embeddings=512, model_type="mistral"),

@@ -18,7 +18,8 @@
 //           lossy post-step that kvserve must not apply).
 // The last line is "tokenizer: N passed, M failed"; exit status 1 on failure.
 //
-// PATH is a tokenizer.json file or a directory holding one. The reference also
+// PATH is a tokenizer.json file or a directory holding one, or OURS=REF: kvserve
+// loads OURS (e.g. a GGUF file written from REF) and the reference REF. The reference also
 // reads a tokenizer_config.json if one sits beside it: DIR/tokenizer_config.json
 // for DIR/tokenizer.json, or X.tokenizer_config.json for X.tokenizer.json.
 //
@@ -202,8 +203,11 @@ async function main() {
   let failed = 0;
   const t0 = Date.now();
 
-  for (const tpath of o.tokenizers) {
-    const { tok, json, config } = loadReference(tpath);
+  for (const spec of o.tokenizers) {
+    // OURS=REF: kvserve loads OURS (a GGUF file's tokenizer), the reference REF (its tokenizer.json)
+    const eq = spec.indexOf("=");
+    const tpath = eq >= 0 ? spec.slice(0, eq) : spec;
+    const { tok, json, config } = loadReference(eq >= 0 ? spec.slice(eq + 1) : spec);
     const label = path.basename(tpath);
     process.stdout.write(`# ${label}: ${json}${config ? ` (+ ${path.basename(config)})` : " (no tokenizer_config.json)"}, ${indices.length} samples\n`);
 

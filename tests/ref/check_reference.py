@@ -40,6 +40,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kvserve", required=True, help="path to the kvserve binary")
     ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    ap.add_argument("--engine-model", help="what kvserve loads, if not --model: a GGUF file of the same model "
+                    "(--model then holds its values dequantized, tools/gguf_write.py --dequantized)")
     ap.add_argument("--n-prompt", type=int, default=20)
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1234)
@@ -76,7 +78,10 @@ def main(argv=None):
     # ---- 1. logits for every position
     tmpdir = tempfile.mkdtemp(prefix="kvref-")
     out = os.path.join(tmpdir, "logits.f32")
-    cmd = [a.kvserve, "logits", "--model", a.model, "--ids", ids_s, "--out", out] + wopt
+    em = a.engine_model or a.model
+    if a.engine_model:
+        print("kvserve loads %s" % em)
+    cmd = [a.kvserve, "logits", "--model", em, "--ids", ids_s, "--out", out] + wopt
     try:
         p, dt = run(cmd, a.timeout)
         if p.returncode != 0:
@@ -119,7 +124,7 @@ def main(argv=None):
             os.rmdir(tmpdir)
 
     # ---- 2. greedy continuation
-    cmd = [a.kvserve, "generate", "--model", a.model, "--ids", ids_s, "-n", str(a.n_gen),
+    cmd = [a.kvserve, "generate", "--model", em, "--ids", ids_s, "-n", str(a.n_gen),
            "--temperature", "0", "--ignore-eos", "--print-ids"] + wopt
     try:
         p, dt = run(cmd, a.timeout)

@@ -152,5 +152,27 @@ class NoTemplate(unittest.TestCase):
             srv.stop()
 
 
+class ChatFromGGUF(unittest.TestCase):
+    """The same model as a GGUF file (tests/gen_gguf.sh: weights, tokenizer, chat template and
+    end-of-turn ids all from its metadata) serves the same conversations token for token,
+    stopping at the same end of turn."""
+
+    def test_a_gguf_file_chats_as_its_directory_does(self):
+        gguf = os.path.join(MODELS, "gguf", "tiny-qwen3chat.gguf")
+        dsrv, gsrv = Server(model=CHAT_MODEL).start(), Server(model=gguf).start()
+        try:
+            dc, gc = dsrv.client(), gsrv.client()
+            for conv in CONVERSATIONS:
+                for kw in (dict(max_tokens=8, ignore_eos=True), dict(max_tokens=40)):
+                    req = greq(messages=msgs(*conv), **kw)
+                    (dt, (d,)), (gt, (g,)) = dc.run_stream(req), gc.run_stream(req)
+                    self.assertEqual([t.token for t in gt], [t.token for t in dt], conv)
+                    self.assertEqual((g.text, g.finish_reason, g.usage.prompt_tokens),
+                                     (d.text, d.finish_reason, d.usage.prompt_tokens), conv)
+        finally:
+            for s in (dsrv, gsrv):
+                s.stop()
+
+
 if __name__ == "__main__":
     sys.exit(harness.run(__name__, "rpc-chat"))
