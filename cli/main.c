@@ -28,8 +28,9 @@ static const char USAGE[] =
     "  --threads N          compute threads (default: all CPUs)\n"
     "  --ctx N              context length cap (default: the model's)\n"
     "  --batch N            tokens per forward pass during prefill (default 512)\n"
-    "  --weights f32|bf16   precision the weight matrices are kept in (default f32; bf16 halves\n"
-    "                       the bytes read per token: faster decode, see docs/performance.md)\n"
+    "  --weights f32|bf16|q8_0  what the weight matrices are kept in (default: f32, or q8_0 for a\n"
+    "                       Q8_0 GGUF file; bf16 halves the bytes read per token, q8_0 quarters\n"
+    "                       them: 8-bit blocks of 32, see docs/engine.md and docs/performance.md)\n"
     "  --kv f32|f16         precision of the KV cache (default f32; f16 halves its memory)\n"
     "\n"
     "generation options:\n"
@@ -155,7 +156,15 @@ static int parse_args(int argc, char **argv, cli *c) {
         case O_THREADS: if (parse_num(optarg, 1, 256, &v, "--threads")) return -1; c->eo.n_threads = (int)v; break;
         case O_CTX: if (parse_num(optarg, 1, 1 << 24, &v, "--ctx")) return -1; c->eo.max_context = (int)v; break;
         case O_BATCH: if (parse_num(optarg, 1, 65536, &v, "--batch")) return -1; c->eo.max_batch_tokens = (int)v; break;
-        case O_WEIGHTS: if (parse_precision(optarg, "bf16", "--weights", &c->eo.bf16_weights)) return -1; break;
+        case O_WEIGHTS:
+            if (!strcmp(optarg, "f32")) c->eo.weights = ENG_WEIGHTS_F32;
+            else if (!strcmp(optarg, "bf16")) c->eo.weights = ENG_WEIGHTS_BF16;
+            else if (!strcmp(optarg, "q8_0")) c->eo.weights = ENG_WEIGHTS_Q8_0;
+            else {
+                fprintf(stderr, "kvserve: --weights: f32, bf16 or q8_0 (got \"%s\")\n", optarg);
+                return -1;
+            }
+            break;
         case O_KV: if (parse_precision(optarg, "f16", "--kv", &c->eo.kv_f16)) return -1; break;
         case 'n': if (parse_num(optarg, -1e9, 1e9, &v, "--max-tokens")) return -1; c->gp.max_tokens = (int)v; break;
         case O_TEMP: if (parse_num(optarg, -1e9, 1e9, &v, "--temperature")) return -1; c->gp.sampling.temperature = (float)v; break;

@@ -131,13 +131,18 @@ typedef struct eng_config {
 } eng_config;
 
 enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3, ENG_ROPE_DYNAMIC };
+/* Weight matrices: F32; BF16; Q8_0 (8-bit blocks of 32, products of 8-bit activations). */
+enum { ENG_WEIGHTS_AUTO = 0, ENG_WEIGHTS_F32, ENG_WEIGHTS_BF16, ENG_WEIGHTS_Q8_0 };
 enum { ENG_LAYER_SLIDING = 1, ENG_LAYER_MOE = 2 };
 
 typedef struct eng_options {
     int n_threads;          /* compute threads; 0 = number of online CPUs */
     int max_batch_tokens;   /* tokens per forward call (prefill chunk); 0 = 512 */
     int max_context;        /* cap on context; 0 = config max_position */
-    int bf16_weights;       /* keep the weight matrices in BF16 (half the bytes per token) */
+    int bf16_weights;       /* keep the weight matrices in BF16 (half the bytes per token); the same as
+                             * weights = ENG_WEIGHTS_BF16 */
+    int weights;            /* ENG_WEIGHTS_*: what the weight matrices are held in. AUTO: a GGUF file
+                             * whose matrices are Q8_0 stays in Q8_0, anything else is F32 */
     int kv_f16;             /* keep keys and values in IEEE half (model and engine KV) */
 } eng_options;
 
@@ -163,6 +168,8 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt,
 void eng_model_close(eng_model *m);
 
 const eng_config *eng_model_config(const eng_model *m);
+/* ENG_WEIGHTS_F32, _BF16 or _Q8_0: what the loaded matrices are held in. */
+int eng_model_weights(const eng_model *m);
 /* Something about a loaded model its user should hear (weights that are
  * NaN or infinite, naming the first such tensor), or NULL. */
 const char *eng_model_warning(const eng_model *m);

@@ -127,6 +127,7 @@ int eng__tok_from_json(eng_tok **out, const struct cJSON *root, const char *path
 typedef struct {
     void *p;
     int bf16;
+    int q8;     /* Q8_0 blocks (matmul_q8.c) */
 } eng__mat;
 static inline float *eng__f32(const eng__mat *m) { return (float *)m->p; } /* while loading: always F32 */
 /* Elements of a packed out x in matrix (out rounded up to whole panels). */
@@ -164,6 +165,14 @@ typedef struct {
 
 /* Convert every matrix to BF16 (round to nearest even); frees the F32. */
 int eng__weights_to_bf16(eng__weights *w, const eng_config *c);
+/* ... to Q8_0 (the router stays F32; a matrix whose rows are not whole blocks of 32 too). */
+int eng__weights_to_q8(eng__weights *w, const eng_config *c);
+/* One packed F32/BF16 matrix to Q8_0 (frees the F32). */
+int eng__mat_to_q8(eng__weights *w, eng__mat *m, int out, int in);
+size_t eng__q8_bytes(int out, int in);
+void eng__q8_row(const eng__mat *W, size_t r, int in, float *dst);
+/* IEEE half of f, round to nearest even (model.c). */
+uint16_t eng__f32_to_f16(float f);
 
 /* Y[n][out] = X[n][in] · Wᵀ with our kernel; xt: workspace of n * in
  * floats. Each output is the same arithmetic whatever n (batch invariant). */
@@ -175,6 +184,9 @@ int eng__cpu_avx512(void);
 /* Force the matmul kernel's instruction set (tests); -1: the best there is. */
 enum { ENG__ISA_SCALAR, ENG__ISA_AVX2, ENG__ISA_AVX512 };
 void eng__matmul_isa(int isa);
+/* eng__matmul on a Q8_0 matrix (matmul_q8.c); xt: n * in floats of workspace. */
+void eng__matmul_q8(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
+                    int isa);
 /* Row r of a matrix as F32. */
 void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst);
 
@@ -332,6 +344,7 @@ struct eng_model {
     eng__pool *pool;     /* the engine's threads (OpenBLAS runs single-threaded inside their tasks) */
     float *logits;       /* [max_batch_tokens][V] output rows of one forward call */
     int32_t *bpos, *bseq, *brows; /* max_batch_tokens each: batch description buffers */
+    int wkind;             /* ENG_WEIGHTS_* the matrices are held in (never AUTO) */
     uint64_t fingerprint;  /* config + sampled weights, see eng_model_fingerprint */
     char warning[512];     /* eng_model_warning */
 };

@@ -71,6 +71,10 @@ int eng__mat_pack(eng__mat *m, int out, int in) {
 }
 
 void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
+    if (W->q8) {
+        eng__q8_row(W, r, in, dst);
+        return;
+    }
     size_t base = r / PANEL * PANEL * (size_t)in + r % PANEL;
     for (int k = 0; k < in; k++) {
         size_t i = base + (size_t)k * PANEL;
@@ -376,6 +380,10 @@ static void mm_task(void *ctx, int task, int thread) {
 void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool) {
     if (n <= 0 || out <= 0) return;
     int isa = isa_best();
+    if (W->q8) {
+        eng__matmul_q8(Y, X, W, n, in, out, xt, pool, isa);
+        return;
+    }
     /* rows per group: all of them in one pass when they fit the registers
      * (decode); else the widest tile's */
     int one = isa == ENG__ISA_AVX2 ? 6 : 16;

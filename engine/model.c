@@ -263,6 +263,26 @@ int eng__weights_to_bf16(eng__weights *w, const eng_config *c) {
     return ENG_OK;
 }
 
+int eng__weights_to_q8(eng__weights *w, const eng_config *c) {
+    int H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size, Fe = c->moe_intermediate_size;
+    int QD = c->n_heads * c->head_dim, KD = c->n_kv_heads * c->head_dim;
+    int tied = w->lm_head.p == w->embed.p;
+    if (eng__mat_to_q8(w, &w->embed, V, H)) return ENG_ENOMEM;
+    if (tied) w->lm_head = w->embed;
+    else if (eng__mat_to_q8(w, &w->lm_head, V, H)) return ENG_ENOMEM;
+    for (int l = 0; l < c->n_layers; l++) {
+        eng__layer *L = &w->layers[l];
+        if (eng__mat_to_q8(w, &L->wqkv, QD + 2 * KD, H) || eng__mat_to_q8(w, &L->wo, H, QD)) return ENG_ENOMEM;
+        if (L->w13.p && (eng__mat_to_q8(w, &L->w13, 2 * F, H) || eng__mat_to_q8(w, &L->w2, H, F))) return ENG_ENOMEM;
+        for (int e = 0; L->ew13 && e < c->n_experts; e++) /* the router stays F32: it picks the experts */
+            if (eng__mat_to_q8(w, &L->ew13[e], 2 * Fe, H) || eng__mat_to_q8(w, &L->ew2[e], H, Fe)) return ENG_ENOMEM;
+    }
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+    return ENG_OK;
+}
+
 /* Gemma's RMSNorm scales by 1 + w: store it that way (the same float32 sum
  * the published model computes), so every norm is x / rms(x) * w'. */
 static void plus_one(float *w, int64_t n) {
@@ -480,8 +500,10 @@ static uint64_t fingerprint(const eng_model *m) {
         if (L->q_norm) h = fp_add(h, L->q_norm, (size_t)c->head_dim);
         if (L->k_norm) h = fp_add(h, L->k_norm, (size_t)c->head_dim);
     }
-    int prec[2] = {m->opt.bf16_weights != 0, m->opt.kv_f16 != 0}; /* another precision computes other logits */
-    return eng__hash64(prec, sizeof prec, h);
+    int prec[2] = {m->wkind == ENG_WEIGHTS_BF16, m->opt.kv_f16 != 0}; /* another precision computes other logits */
+    h = eng__hash64(prec, sizeof prec, h);
+    if (m->wkind == ENG_WEIGHTS_Q8_0) h = eng__hash64("q8_0", 4, h); /* (the earlier fingerprints stay as they were) */
+    return h;
 }
 
 uint64_t eng_model_fingerprint(const eng_model *m) { return m->fingerprint; }
@@ -542,6 +564,11 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
         goto fail;
     }
     rc = eng__load_weights(m, dir, gguf ? &gf : NULL, err, errlen);
+    m->wkind = m->opt.bf16_weights ? ENG_WEIGHTS_BF16 : m->opt.weights;
+    if (m->wkind == ENG_WEIGHTS_AUTO) { /* a Q8_0 file runs in Q8_0; everything else in F32 */
+        const gguf_tensor *t = gguf ? gguf_tensor_find(&gf.g, "blk.0.attn_q.weight") : NULL;
+        m->wkind = t && t->type == GGML_Q8_0 ? ENG_WEIGHTS_Q8_0 : ENG_WEIGHTS_F32;
+    }
     eng__gguf_close(&gf); /* the weights are copied out */
     if (rc) goto fail;
 
@@ -568,8 +595,12 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
     }
     for (int i = 0; i < nb; i++) m->kv_ids[i] = i;
     m->fingerprint = fingerprint(m); /* of the F32 values, and the precision */
-    if (m->opt.bf16_weights && eng__weights_to_bf16(&m->w, &m->cfg) != ENG_OK) {
+    if (m->wkind == ENG_WEIGHTS_BF16 && eng__weights_to_bf16(&m->w, &m->cfg) != ENG_OK) {
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights to BF16");
+        goto fail;
+    }
+    if (m->wkind == ENG_WEIGHTS_Q8_0 && eng__weights_to_q8(&m->w, &m->cfg) != ENG_OK) {
+        rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights to Q8_0");
         goto fail;
     }
     /* The engine parallelises on its own threads, and OpenBLAS (attention
@@ -605,6 +636,7 @@ void eng_model_close(eng_model *m) {
 const char *eng_model_warning(const eng_model *m) { return m->warning[0] ? m->warning : NULL; }
 
 const eng_config *eng_model_config(const eng_model *m) { return &m->cfg; }
+int eng_model_weights(const eng_model *m) { return m->wkind; }
 const eng_tok *eng_model_tok(const eng_model *m) { return m->tok; }
 size_t eng_model_weight_bytes(const eng_model *m) { return m->w.bytes; }
 
@@ -622,7 +654,7 @@ int kv_pool_init(kv_pool *p, int n_blocks, int block_tokens, int n_layers, int k
 }
 
 /* IEEE half <-> float, round to nearest even; overflow -> infinity. */
-static uint16_t f32_to_f16(float f) {
+uint16_t eng__f32_to_f16(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
@@ -644,7 +676,7 @@ void kv_put(const kv_pool *p, void *dst, const void *src, int n) {
     for (int i = 0; i < n; i++) {
         float v;
         memcpy(&v, (const char *)src + 4 * (size_t)i, 4);
-        uint16_t h = f32_to_f16(v);
+        uint16_t h = eng__f32_to_f16(v);
         memcpy((char *)dst + 2 * (size_t)i, &h, 2);
     }
 }

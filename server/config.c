@@ -7,7 +7,7 @@
 
 #include <stddef.h>
 
-enum { T_STR, T_INT, T_NUM, T_BOOL, T_BF16, T_F16 };
+enum { T_STR, T_INT, T_NUM, T_BOOL, T_WEIGHTS, T_F16 };
 
 typedef struct {
     const char *flag;           /* --flag */
@@ -32,7 +32,8 @@ static const opt OPTS[] = {
     {"max-running", "KVSERVE_MAX_RUNNING", T_INT, 1, 4096, AT(engine.max_running), "N  sequences at once (64)"},
     {"max-queue", "KVSERVE_MAX_QUEUE", T_INT, 1, 1 << 20, AT(engine.max_queue), "N  waiting requests (1024)"},
     {"ctx", "KVSERVE_MAX_CONTEXT", T_INT, 1, 1 << 24, AT(max_context), "N  context length cap (the model's)"},
-    {"weights", "KVSERVE_WEIGHTS", T_BF16, 0, 0, AT(bf16_weights), "f32|bf16  weight matrices' precision (f32)"},
+    {"weights", "KVSERVE_WEIGHTS", T_WEIGHTS, 0, 0, AT(weights),
+     "f32|bf16|q8_0  what the weight matrices are kept in (f32; q8_0 for a Q8_0 GGUF file)"},
     {"kv", "KVSERVE_KV", T_F16, 0, 0, AT(kv_f16), "f32|f16  KV cache precision (f32)"},
     {"tls-cert", "KVSERVE_TLS_CERT", T_STR, 0, 0, AT(tls_cert), "PEM  certificate chain: TLS (with --tls-key)"},
     {"tls-key", "KVSERVE_TLS_KEY", T_STR, 0, 0, AT(tls_key), "PEM  private key"},
@@ -94,9 +95,18 @@ static int set(srv_config *c, const opt *o, const char *v, const char *from, cha
         else if (!strcmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no") || !v[0]) *(int *)dst = 0;
         else break;
         return 0;
-    case T_BF16:
+    case T_WEIGHTS: {
+        static const char *const names[] = {"f32", "bf16", "q8_0"};
+        for (int i = 0; i < 3; i++)
+            if (!strcmp(v, names[i])) {
+                *(int *)dst = ENG_WEIGHTS_F32 + i;
+                return 0;
+            }
+        snprintf(err, errlen, "%s: f32, bf16 or q8_0 (got \"%s\")", from, v);
+        return -1;
+    }
     case T_F16: {
-        const char *low = o->type == T_BF16 ? "bf16" : "f16";
+        const char *low = "f16";
         if (strcmp(v, "f32") && strcmp(v, low)) {
             snprintf(err, errlen, "%s: f32 or %s (got \"%s\")", from, low, v);
             return -1;

@@ -210,7 +210,7 @@ int srv_open(srv **out, const srv_config *cfg) {
     /* the model, while health says NOT_SERVING */
     char err[512] = "";
     eng_options eo = {.n_threads = s->cfg.threads, .max_context = s->cfg.max_context,
-                      .bf16_weights = s->cfg.bf16_weights, .kv_f16 = s->cfg.kv_f16};
+                      .weights = s->cfg.weights, .kv_f16 = s->cfg.kv_f16};
     double t0 = srv__now_s();
     int lrc = eng_model_open(&s->model, s->cfg.model_dir, &eo, err, sizeof err);
     if (!lrc) lrc = eng_engine_open(&s->eng, s->model, &s->cfg.engine, err, sizeof err);
@@ -236,7 +236,8 @@ int srv_open(srv **out, const srv_config *cfg) {
     eng_stats_get(s->eng, &st);
     LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d %s KV blocks of %d tokens, "
              "BLAS kernels %s; serving",
-             srv__now_s() - t0, eng_model_config(s->model)->dtype, s->cfg.bf16_weights ? "BF16" : "F32",
+             srv__now_s() - t0, eng_model_config(s->model)->dtype, eng_model_weights(s->model) == ENG_WEIGHTS_Q8_0 ? "Q8_0"
+             : eng_model_weights(s->model) == ENG_WEIGHTS_BF16 ? "BF16" : "F32",
              eng_model_weight_bytes(s->model) >> 20, st.blocks_total, s->cfg.kv_f16 ? "F16" : "F32",
              st.block_tokens, eng_blas_core());
     if (eng_model_warning(s->model)) LOG_WARN("%s", eng_model_warning(s->model));

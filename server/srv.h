@@ -35,7 +35,7 @@ typedef struct srv_config {
     int batch_max;               /* batcher: dispatch when this many wait ... */
     int batch_window_ms;         /* ... or this long after the first arrival */
     int batch_queue;             /* requests waiting at most; beyond: RESOURCE_EXHAUSTED */
-    int bf16_weights;            /* keep the weight matrices in BF16 */
+    int weights;                 /* ENG_WEIGHTS_*: what the weight matrices are kept in (AUTO: the file's) */
     int kv_f16;                  /* keep the KV cache in IEEE half */
     const char *test_hold_file;  /* test hook (KVSERVE_TEST_HOLD_FILE, docs/testing.md); NULL in production */
 } srv_config;

@@ -8,7 +8,7 @@ directory must give the same bytes: the F32/F16/BF16 files against the safetenso
 were written from (llama's q/k rows interleaved as llama.cpp stores them, and back), the
 quantized files against their dequantized twins (the same values in F32, written by the
 writer's own dequantizer: the C one must agree with it to the bit), GGUF v2 and v3 alike, and
-with --weights bf16. The tokenizer and the chat template read from a GGUF file give the same
+with --weights bf16; a Q8_0 file run in Q8_0 (its default) as the F32 model quantized at load. The tokenizer and the chat template read from a GGUF file give the same
 ids and the same text as the directory's files.
 """
 import argparse
@@ -18,16 +18,22 @@ import subprocess
 import sys
 import tempfile
 
-PAIRS = [  # (gguf, directory, extra options)
-    ("tiny", "tiny", []), ("tiny-v2", "tiny", []), ("tiny-untied", "tiny-untied", []),
-    ("tiny-qwen2", "tiny-qwen2", []), ("tiny-qwen3", "tiny-qwen3", []), ("tiny-llama-bias", "tiny-llama-bias", []),
-    ("tiny-mistral", "tiny-mistral", []), ("tiny-llama2tok", "tiny-llama2tok", []),
-    ("tiny-f16", "tiny-f16", []), ("tiny-bf16", "tiny-bf16", []), ("tiny", "tiny", ["--weights", "bf16"]),
-    ("tiny-q8_0", "gguf/tiny-q8_0.deq", []), ("tiny-q4_0", "gguf/tiny-q4_0.deq", []),
-    ("tiny-k-q8_0", "gguf/tiny-k-q8_0.deq", []), ("tiny-k-q4_k", "gguf/tiny-k-q4_k.deq", []),
-    ("tiny-k-q6_k", "gguf/tiny-k-q6_k.deq", []), ("tiny-k-q4_k_m", "gguf/tiny-k-q4_k_m.deq", []),
-    ("tiny-k-q4_k_m", "gguf/tiny-k-q4_k_m.deq", ["--weights", "bf16", "--kv", "f16"]),
-    ("tiny-qwen3-q4_k_m", "gguf/tiny-qwen3-q4_k_m.deq", []),
+F32, BF16, Q8 = ["--weights", "f32"], ["--weights", "bf16"], ["--weights", "q8_0"]
+PAIRS = [  # (gguf, its options, directory, its options)
+    ("tiny", [], "tiny", []), ("tiny-v2", [], "tiny", []), ("tiny-untied", [], "tiny-untied", []),
+    ("tiny-qwen2", [], "tiny-qwen2", []), ("tiny-qwen3", [], "tiny-qwen3", []),
+    ("tiny-llama-bias", [], "tiny-llama-bias", []), ("tiny-mistral", [], "tiny-mistral", []),
+    ("tiny-llama2tok", [], "tiny-llama2tok", []), ("tiny-f16", [], "tiny-f16", []), ("tiny-bf16", [], "tiny-bf16", []),
+    ("tiny", BF16, "tiny", BF16), ("tiny", Q8, "tiny", Q8),
+    # quantized files dequantized to F32 = their dequantized twins
+    ("tiny-q8_0", F32, "gguf/tiny-q8_0.deq", F32), ("tiny-q4_0", [], "gguf/tiny-q4_0.deq", []),
+    ("tiny-k-q8_0", F32, "gguf/tiny-k-q8_0.deq", F32), ("tiny-k-q4_k", [], "gguf/tiny-k-q4_k.deq", []),
+    ("tiny-k-q6_k", [], "gguf/tiny-k-q6_k.deq", []), ("tiny-k-q4_k_m", [], "gguf/tiny-k-q4_k_m.deq", []),
+    ("tiny-k-q4_k_m", BF16 + ["--kv", "f16"], "gguf/tiny-k-q4_k_m.deq", BF16 + ["--kv", "f16"]),
+    ("tiny-qwen3-q4_k_m", F32, "gguf/tiny-qwen3-q4_k_m.deq", F32),  # (rows of 64: Q8_0 in the file)
+    # a Q8_0 file runs in Q8_0 by default, with its own values: the F32 model quantized at load
+    # (our quantizer, ggml's reference one) computes the same
+    ("tiny-q8_0", [], "tiny", Q8), ("tiny-k-q8_0", [], "tiny-k", Q8), ("tiny-k-q8_0", [], "gguf/tiny-k-q8_0.deq", Q8),
 ]
 IDS = "1 5 9 200 17 3 999 42 7 64 128 256 511 2 3 4 5 6 7 8 9 10"
 TEXTS = ["Hello, world! 12345", "  spaces\tand\nlines  ", "naïve café — ünïcödé 東京 🙂", ""]
@@ -55,14 +61,13 @@ def main():
         print("%s %s %s" % ("PASS" if ok else "FAIL", name, msg), flush=True)
 
     tmp = tempfile.mkdtemp(prefix="kvgguf-")
-    for g, d, opts in PAIRS:
-        gp, dp = os.path.join(M, "gguf", g + ".gguf"), os.path.join(M, d)
+    for g, gopts, d, dopts in PAIRS:
         out = []
-        for k, model in enumerate((gp, dp)):
+        for k, (model, opts) in enumerate(((os.path.join(M, "gguf", g + ".gguf"), gopts), (os.path.join(M, d), dopts))):
             f = os.path.join(tmp, "l%d.f32" % k)
             run([K, "logits", "--model", model, "--ids", IDS, "--out", f] + opts)
             out.append(open(f, "rb").read())
-        check("logits %s = %s %s" % (g, d, " ".join(opts)), out[0] == out[1] and len(out[0]) > 0,
+        check("logits %s %s = %s %s" % (g, " ".join(gopts), d, " ".join(dopts)), out[0] == out[1] and len(out[0]) > 0,
               "(%d bytes)" % len(out[0]))
     for g, d in (("tiny", "tiny"), ("tiny-llama2tok", "tiny-llama2tok"), ("tiny-qwen3chat", "tiny-qwen3chat")):
         texts = json.dumps(TEXTS).encode()

@@ -124,15 +124,41 @@ def round_bf16(a):
     return u.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+def q8_values(a):
+    """Rows of float64 -> their Q8_0 values (ggml's definition): per block of 32, in float32,
+    d = max|a| / 127, q = round-half-even(a * (1 / d)) in [-127, 127], value = half(d) * q.
+    (half=False: the scale kept in float32, as kvserve keeps an activation's.)"""
+    return _q8(a, True)
+
+
+def _q8(a, half):
+    if np.shape(a)[-1] % 32:  # rows that are not whole blocks stay as they are (so does kvserve)
+        return a
+    b = np.asarray(a, dtype=np.float32).reshape(-1, 32)
+    d = np.abs(b).max(axis=1) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0).astype(np.float32)
+    q = np.clip(np.rint(b * inv[:, None]), -127, 127)
+    dd = d.astype(np.float16).astype(np.float64) if half else d.astype(np.float64)
+    return (dd[:, None] * q.astype(np.float64)).reshape(np.shape(a))
+
+
+def q8_activations(h):
+    """An activation row as kvserve's Q8_0 products see it: float32, quantized per block of 32."""
+    return _q8(h, False)
+
+
+MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 class LlamaRef:
-    def __init__(self, model_dir, bf16_matrices=False, kv_f16=False):
+    def __init__(self, model_dir, bf16_matrices=False, kv_f16=False, q8=False):
         """bf16_matrices: round every weight matrix (not the norms) to bfloat16 first, as
         kvserve does with --weights bf16. kv_f16: round keys (after RoPE) and values to IEEE
-        half before attention, as kvserve's --kv f16 cache holds them."""
+        half before attention, as kvserve's --kv f16 cache holds them. q8: the matrices in Q8_0
+        (q8_values) and every product's input quantized likewise (q8_activations), as kvserve
+        computes with --weights q8_0."""
         self.kv_f16 = kv_f16
+        self.act = q8_activations if q8 else (lambda h: h)
         with open(os.path.join(model_dir, "config.json")) as f:
             c = json.load(f)
         self.cfg = c
@@ -163,10 +189,11 @@ class LlamaRef:
         self.window = self._windows(c)
         self.moe = self._moe_layers(c)
         w = load_weights(model_dir)
-        if bf16_matrices:
+        if bf16_matrices or q8:
             for k in list(w):
-                if k.split(".")[-2] in MATRICES or k in ("model.embed_tokens.weight", "lm_head.weight"):
-                    w[k] = round_bf16(w[k])
+                if (k.endswith(".weight") and k.split(".")[-2] in MATRICES) or k in ("model.embed_tokens.weight",
+                                                                                       "lm_head.weight"):
+                    w[k] = q8_values(w[k]) if q8 else round_bf16(w[k])
         self.w = w
         self.embed = w["model.embed_tokens.weight"]
         if self.tied:
@@ -258,7 +285,7 @@ class LlamaRef:
     def proj(self, i, name, h):
         """h @ W^T (+ bias when the checkpoint has one) for layer i's projection `name`."""
         p = "model.layers.%d.%s" % (i, name)
-        y = h @ self.w[p + ".weight"].T
+        y = self.act(h) @ self.w[p + ".weight"].T
         b = self.w.get(p + ".bias")
         return y if b is None else y + b
 
@@ -298,9 +325,9 @@ class LlamaRef:
             wts = prob[t, top] / (prob[t, top].sum() if renorm else 1.0)
             for e, we in zip(top, wts):
                 q = base + "experts.%d." % e
-                g = h[t] @ self.w[q + names[0] + ".weight"].T
-                u = h[t] @ self.w[q + names[1] + ".weight"].T
-                out[t] += we * ((self.silu(g) * u) @ self.w[q + names[2] + ".weight"].T)
+                g = self.act(h[t]) @ self.w[q + names[0] + ".weight"].T
+                u = self.act(h[t]) @ self.w[q + names[1] + ".weight"].T
+                out[t] += we * (self.act(self.silu(g) * u) @ self.w[q + names[2] + ".weight"].T)
         return out
 
     def layer(self, i):
@@ -392,7 +419,7 @@ class LlamaRef:
         if last_only:
             x = x[-1:]
         x = self.norm(x, self.w["model.norm.weight"])
-        logits = x @ self.lm_head.T
+        logits = self.act(x) @ self.lm_head.T
         if self.softcap:
             logits = self.softcap * np.tanh(logits / self.softcap)
         return logits[0] if last_only else logits
@@ -445,7 +472,7 @@ class IncrementalDecoder:
             x = x + m.proj(i, "self_attn.o_proj", out)
             h = m.rmsnorm(x, w_post)
             x = x + m.proj(i, "mlp.down_proj", m.silu(m.proj(i, "mlp.gate_proj", h)) * m.proj(i, "mlp.up_proj", h))
-        return m.lm_head @ m.rmsnorm(x, m.w["model.norm.weight"])
+        return m.lm_head @ m.act(m.rmsnorm(x, m.w["model.norm.weight"]))
 
 
 def selftest(model_dir, n_prompt=12, n_gen=8, seed=7):

@@ -482,7 +482,7 @@ static void test_matmul_kernel(void) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             X[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
         }
-        eng__mat packed = {Wp, 0};
+        eng__mat packed = {Wp, 0, 0};
         memcpy(Wp, W, (size_t)out * in * sizeof *W);
         CHECK(eng__mat_pack(&packed, out, in) == ENG_OK);
         for (size_t i = 0; i < elems; i++) { /* BF16 by truncation: any BF16 values will do */
@@ -494,7 +494,7 @@ static void test_matmul_kernel(void) {
         eng__mat_row(&packed, (size_t)out - 1, in, row); /* the layout keeps every row */
         CHECK(!memcmp(row, W + (size_t)(out - 1) * in, (size_t)in * sizeof *row));
         for (int bf = 0; bf < 2; bf++) {
-            eng__mat m = {bf ? (void *)Wh : (void *)Wp, bf};
+            eng__mat m = {bf ? (void *)Wh : (void *)Wp, bf, 0};
             for (int n = 1; n <= nmax; n += n < 18 ? 1 : 11) {
                 for (int ii = 0; ii < n_isa; ii++) {
                     eng__matmul_isa(isas[ii]);
@@ -533,6 +533,81 @@ static void test_matmul_kernel(void) {
     eng__pool_free(pool);
 }
 
+/* Q8_0 matrices (matmul_q8.c): the AVX2 and scalar paths bitwise equal,
+ * every row of a batch bitwise equal to the row alone, and the result the
+ * exact integer arithmetic of the quantized values: within float rounding of
+ * the float64 sum over blocks of dw * dx * (sum of q_w * q_x), with x
+ * quantized here as the engine quantizes it. A weight of -128 reads as -127. */
+static void test_matmul_q8(void) {
+    eng__pool *pool = eng__pool_new(2);
+    const int shapes[][2] = {{32, 13}, {64, 64}, {96, 17}, {256, 40}, {160, 1}};
+    int isas[2], n_isa = 0;
+    isas[n_isa++] = ENG__ISA_SCALAR;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas[n_isa++] = ENG__ISA_AVX2;
+#endif
+    uint64_t x = 777;
+    for (size_t sh = 0; sh < sizeof shapes / sizeof *shapes; sh++) {
+        int in = shapes[sh][0], out = shapes[sh][1], nmax = 21;
+        float *Wp = malloc(eng__mat_elems(out, in) * sizeof *Wp), *X = malloc((size_t)nmax * in * sizeof *X);
+        float *Y = malloc((size_t)nmax * out * sizeof *Y), *Y1 = malloc((size_t)out * sizeof *Y1);
+        float *Yref = malloc((size_t)nmax * out * sizeof *Yref), *xt = malloc((size_t)nmax * in * sizeof *xt);
+        for (int i = 0; i < out * in; i++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            Wp[i] = (float)((double)(x % 2001) / 1000.0 - 1.0) * (i % 7 ? 1.0f : 3.0f);
+        }
+        for (int i = 0; i < nmax * in; i++) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            X[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
+        }
+        eng__weights w = {0};
+        eng__mat m = {Wp, 0, 0};
+        CHECK(eng__mat_pack(&m, out, in) == ENG_OK && eng__mat_to_q8(&w, &m, out, in) == ENG_OK && m.q8);
+        if (sh == 0) ((int8_t *)m.p)[64 + 5] = -128; /* row 1, column 1: a weight ggml never writes */
+        for (int n = 1; n <= nmax; n += n < 10 ? 1 : 11) {
+            for (int ii = 0; ii < n_isa; ii++) {
+                eng__matmul_isa(isas[ii]);
+                eng__matmul(Y, X, &m, n, in, out, xt, pool);
+                if (ii == 0) memcpy(Yref, Y, (size_t)n * out * sizeof *Y);
+                CHECK_MSG(!memcmp(Yref, Y, (size_t)n * out * sizeof *Y), "Q8_0 in %d out %d n %d: ISA %d differs from scalar",
+                          in, out, n, isas[ii]);
+                int same = 1;
+                for (int i = 0; i < n; i++) {
+                    eng__matmul(Y1, X + (size_t)i * in, &m, 1, in, out, xt, pool);
+                    same &= !memcmp(Y1, Y + (size_t)i * out, (size_t)out * sizeof *Y1);
+                }
+                CHECK_MSG(same, "Q8_0 in %d out %d n %d ISA %d: a row differs from the same row alone", in, out, n, isas[ii]);
+            }
+            double worst = 0;
+            for (int i = 0; i < n; i++) {
+                float xq[256], wr[256];
+                const float *xi = X + (size_t)i * in;
+                for (int b = 0; b < in / 32; b++) { /* x quantized as the engine does */
+                    float amax = 0;
+                    for (int k = 0; k < 32; k++) amax = fabsf(xi[b * 32 + k]) > amax ? fabsf(xi[b * 32 + k]) : amax;
+                    float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+                    for (int k = 0; k < 32; k++) xq[b * 32 + k] = d * rintf(xi[b * 32 + k] * id);
+                }
+                for (int o = 0; o < out; o++) {
+                    eng__mat_row(&m, (size_t)o, in, wr);
+                    double ref = 0, mag = 0;
+                    for (int k = 0; k < in; k++) {
+                        double wv = sh == 0 && o == 1 && k == 1 ? wr[k] * 127.0 / 128.0 : wr[k]; /* the -128 */
+                        ref += wv * xq[k];
+                        mag += fabs(wv * xq[k]);
+                    }
+                    double e = fabs(Y[(size_t)i * out + o] - ref) / (mag + 1e-30);
+                    worst = e > worst ? e : worst;
+                }
+            }
+            CHECK_MSG(worst < 1e-5, "Q8_0 in %d out %d n %d: relative error %.2e", in, out, n, worst);
+        }
+        eng__matmul_isa(-1);
+        free(m.p); free(X); free(Y); free(Y1); free(Yref); free(xt);
+    }
+    eng__pool_free(pool);
+}
+
 static void test_sampler_repetition_penalty(void) {
     eng__sampler *s = eng__sampler_new(3);
     eng__rng rng;
@@ -557,6 +632,7 @@ int main(int argc, char **argv) {
     static const test_case tests[] = {
         {"weights_f32_bf16_f16_sharded_untied", test_weight_formats},
         {"matmul_kernel_tails_and_batch_invariance", test_matmul_kernel},
+        {"matmul_q8_isa_and_batch_invariance", test_matmul_q8},
         {"chunked_prefill_matches_single_pass", test_chunked_prefill},
         {"kv_decode_matches_full_recompute", test_kv_decode_matches_recompute},
         {"seeded_sampling_reproducible", test_seeded_sampling},

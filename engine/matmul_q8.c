@@ -1,0 +1,230 @@
+/* matmul_q8.c — Y = X · Wᵀ with W in Q8_0: 8-bit weights in blocks of 32
+ * along a row, one scale per block (ggml's Q8_0 values; GGUF Q8_0 tensors
+ * keep theirs exactly, F32 matrices are quantized at load as ggml's
+ * reference quantizer does: d = max|w| / 127 rounded to half, q = round(w / d)).
+ *
+ * Layout. Panels of 16 rows, as the F32 matrices (matmul.c). A panel is a
+ * sequence of k-blocks of 32 columns, each 576 bytes: the 16 rows' scales
+ * (float), then the 16 × 32 weights as eight groups of 4 columns, each group
+ * 16 rows × 4 bytes: the 16 outputs of 4 columns are one 64-byte line.
+ *
+ * Products. Each row of X is quantized the same way per block of 32 (its
+ * scale kept in float), and a block's product is an exact integer sum of 32
+ * byte products: on AVX2 _mm256_maddubs_epi16 of |x| by w with x's sign
+ * (at most 2 · 127 · 128 per pair: no saturation; a weight of -128, which
+ * ggml never writes, is read as -127 so that the sign trick stays exact).
+ * Then, per output, over the blocks in order: a = fma(dw · dx, (float)sum, a).
+ * That order is the same whatever the number of rows, their group, the
+ * thread or the instruction set: a row's result does not depend on the
+ * batch, and the AVX2 and scalar paths agree bitwise. */
+#include "internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+#define PANEL 16
+#define QB 32                               /* columns per block */
+#define QBLOCK (PANEL * 4 + PANEL * QB)     /* bytes of a panel's k-block: scales, then weights */
+
+size_t eng__q8_bytes(int out, int in) {
+    return (size_t)(out + PANEL - 1) / PANEL * (size_t)(in / QB) * QBLOCK;
+}
+
+/* Round to IEEE half and back (nearest even): the scale a Q8_0 block stores. */
+static float half_round(float f) {
+    uint16_t h = eng__f32_to_f16(f);
+    float r;
+    st_to_f32(ST_F16, (const uint8_t *)&h, &r, 1);
+    return r;
+}
+
+/* One block of 32 values: scale and 8-bit values (ggml's reference Q8_0). */
+static float quant_block(const float *x, int8_t *q, int half_scale) {
+    float amax = 0;
+    for (int i = 0; i < QB; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+    for (int i = 0; i < QB; i++) {
+        float v = rintf(x[i] * id);
+        q[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+    return half_scale ? half_round(d) : d;
+}
+
+int eng__mat_to_q8(eng__weights *w, eng__mat *m, int out, int in) {
+    if (m->q8 || in % QB) return ENG_OK; /* rows that are not whole blocks stay as they are */
+    size_t nb = (size_t)(in / QB), P = (size_t)(out + PANEL - 1) / PANEL;
+    uint8_t *q = malloc(eng__q8_bytes(out, in));
+    float *row = malloc((size_t)in * sizeof *row);
+    if (!q || !row) {
+        free(q);
+        free(row);
+        return ENG_ENOMEM;
+    }
+    int8_t qs[QB];
+    for (size_t p = 0; p < P; p++)
+        for (int r = 0; r < PANEL; r++) {
+            size_t gr = p * PANEL + (size_t)r;
+            if (gr < (size_t)out) eng__mat_row(m, gr, in, row);
+            else memset(row, 0, (size_t)in * sizeof *row);
+            for (size_t b = 0; b < nb; b++) {
+                uint8_t *blk = q + (p * nb + b) * QBLOCK;
+                float d = quant_block(row + b * QB, qs, 1);
+                memcpy(blk + 4 * r, &d, 4);
+                for (int k = 0; k < QB; k++) blk[PANEL * 4 + (k / 4) * 64 + r * 4 + k % 4] = (uint8_t)qs[k];
+            }
+        }
+    free(row);
+    w->bytes -= eng__mat_elems(out, in) * (m->bf16 ? 2 : 4);
+    w->bytes += eng__q8_bytes(out, in);
+    free(m->p);
+    m->p = q;
+    m->q8 = 1;
+    m->bf16 = 0;
+    return ENG_OK;
+}
+
+void eng__q8_row(const eng__mat *W, size_t r, int in, float *dst) {
+    size_t nb = (size_t)(in / QB), p = r / PANEL, j = r % PANEL;
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = (const uint8_t *)W->p + (p * nb + b) * QBLOCK;
+        float d;
+        memcpy(&d, blk + 4 * j, 4);
+        for (int k = 0; k < QB; k++) dst[b * QB + k] = d * (float)(int8_t)blk[PANEL * 4 + (k / 4) * 64 + j * 4 + k % 4];
+    }
+}
+
+/* ---- kernels: panel p's outputs for rows [r0, r0 + R) --------------------- */
+typedef struct {
+    float *Y;
+    const float *X;
+    const int8_t *xq;       /* [n][in] */
+    const float *dx;        /* [n][nb] */
+    const uint8_t *W;
+    int n, in, out, chunk, isa;
+} q8_job;
+
+/* The definition of the order (and the portable path). */
+static void panel_scalar(const q8_job *j, size_t p, int r0, int R, int valid) {
+    size_t nb = (size_t)(j->in / QB);
+    const uint8_t *wp = j->W + p * nb * QBLOCK;
+    for (int r = r0; r < r0 + R; r++) {
+        float acc[PANEL] = {0};
+        const int8_t *x = j->xq + (size_t)r * j->in;
+        for (size_t b = 0; b < nb; b++) {
+            const uint8_t *blk = wp + b * QBLOCK;
+            float dx = j->dx[(size_t)r * nb + b];
+            for (int o = 0; o < PANEL; o++) {
+                int32_t s = 0;
+                for (int k = 0; k < QB; k++) {
+                    int wv = (int8_t)blk[PANEL * 4 + (k / 4) * 64 + o * 4 + k % 4];
+                    s += (wv < -127 ? -127 : wv) * x[b * QB + (size_t)k];
+                }
+                float dw;
+                memcpy(&dw, blk + 4 * o, 4);
+                acc[o] = fmaf(dw * dx, (float)s, acc[o]);
+            }
+        }
+        float *y = j->Y + (size_t)r * j->out + p * PANEL;
+        for (int o = 0; o < valid; o++) y[o] = acc[o];
+    }
+}
+
+#ifdef HAVE_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* Eight groups of 4 columns; per group the 16 outputs are two vectors of 8
+ * rows × 4 bytes. Two rows of X share each weight load. */
+AVX2 static void panel_avx2(const q8_job *j, size_t p, int r0, int R, int valid) {
+    size_t nb = (size_t)(j->in / QB);
+    const uint8_t *wp = j->W + p * nb * QBLOCK;
+    const __m256i ones = _mm256_set1_epi16(1), m127 = _mm256_set1_epi8(-127);
+    for (int r = r0; r < r0 + R; r += 2) {
+        int two = r + 1 < r0 + R;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+        const int8_t *x = j->xq + (size_t)r * j->in, *x2 = two ? x + j->in : x;
+        for (size_t b = 0; b < nb; b++) {
+            const uint8_t *blk = wp + b * QBLOCK;
+            __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0;
+            for (int g = 0; g < 8; g++) {
+                __m256i w0 = _mm256_max_epi8(_mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64)), m127);
+                __m256i w1 = _mm256_max_epi8(_mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64)), m127);
+                int32_t xv, xv2;
+                memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
+                memcpy(&xv2, x2 + b * QB + (size_t)g * 4, 4);
+                __m256i xb = _mm256_set1_epi32(xv), ax = _mm256_abs_epi8(xb);
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
+                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
+                __m256i xb2 = _mm256_set1_epi32(xv2), ax2 = _mm256_abs_epi8(xb2);
+                t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax2, _mm256_sign_epi8(w0, xb2)), ones));
+                t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax2, _mm256_sign_epi8(w1, xb2)), ones));
+            }
+            __m256 dw0 = _mm256_loadu_ps((const float *)blk), dw1 = _mm256_loadu_ps((const float *)blk + 8);
+            __m256 dx = _mm256_set1_ps(j->dx[(size_t)r * nb + b]);
+            a0 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, dx), _mm256_cvtepi32_ps(s0), a0);
+            a1 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, dx), _mm256_cvtepi32_ps(s1), a1);
+            if (two) {
+                __m256 dx2 = _mm256_set1_ps(j->dx[(size_t)(r + 1) * nb + b]);
+                c0 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, dx2), _mm256_cvtepi32_ps(t0), c0);
+                c1 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, dx2), _mm256_cvtepi32_ps(t1), c1);
+            }
+        }
+        for (int q = 0; q <= two; q++) {
+            float t[16], *y = j->Y + (size_t)(r + q) * j->out + p * PANEL;
+            _mm256_storeu_ps(t, q ? c0 : a0);
+            _mm256_storeu_ps(t + 8, q ? c1 : a1);
+            if (valid == PANEL) memcpy(y, t, sizeof t);
+            else for (int o = 0; o < valid; o++) y[o] = t[o];
+        }
+    }
+}
+#endif
+
+/* Quantize the rows of X (row i: task i). */
+static void quant_rows(void *ctx, int r, int thread) {
+    (void)thread;
+    const q8_job *j = ctx;
+    const float *X = j->X;
+    size_t nb = (size_t)(j->in / QB);
+    for (size_t b = 0; b < nb; b++)
+        ((float *)j->dx)[(size_t)r * nb + b] =
+            quant_block(X + (size_t)r * j->in + b * QB, (int8_t *)j->xq + (size_t)r * j->in + b * QB, 0);
+}
+
+/* Panels [task * chunk, +chunk), every row; rows in groups of 8 per panel so a
+ * panel's blocks stay in L1 while the group passes. */
+static void q8_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const q8_job *j = ctx;
+    int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
+    for (int p = task * j->chunk; p < p1; p++) {
+        int valid = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
+        for (int r0 = 0; r0 < j->n; r0 += 8) {
+            int R = j->n - r0 < 8 ? j->n - r0 : 8;
+#ifdef HAVE_X86
+            if (j->isa != ENG__ISA_SCALAR) {
+                panel_avx2(j, (size_t)p, r0, R, valid);
+                continue;
+            }
+#endif
+            panel_scalar(j, (size_t)p, r0, R, valid);
+        }
+    }
+}
+
+void eng__matmul_q8(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
+                    int isa) {
+    /* the quantized rows in the workspace: n * in bytes, then n * nb scales */
+    int8_t *xq = (int8_t *)xt;
+    float *dx = (float *)(void *)(xt + ((size_t)n * in + 3) / 4);
+    q8_job j = {Y, X, xq, dx, W->p, n, in, out, 0, isa};
+    eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, n, quant_rows, &j);
+    int P = (out + PANEL - 1) / PANEL, tasks = eng__pool_threads(pool) * (n <= 8 ? 2 : 4);
+    j.chunk = (P + tasks - 1) / tasks;
+    eng__pool_run(pool, (P + j.chunk - 1) / j.chunk, q8_task, &j);
+}
