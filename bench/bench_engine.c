@@ -3,7 +3,8 @@
  * run: read bandwidth (decode streams every weight once per token) and sgemm
  * GFLOP/s (prefill is matrix products).
  *
- *   bench_engine --model DIR [--threads 2] [--reps 3] [--weights f32,bf16,kv16]
+ *   bench_engine --model MODEL [--threads 2] [--reps 3] [--weights f32,bf16,kv16,q8]
+ * (MODEL: a directory or a GGUF file)
  *
  * Each precision runs in a fresh model; the perplexity of a fixed text and
  * the resident size are reported for each, and the BF16/F32 ratios.
@@ -51,11 +52,11 @@ typedef struct {
 } run_result;
 
 /* pp128, pp512, tg64 and the perplexity of PPL_TEXT with the given weights. */
-static int run(const char *dir, int threads, int reps, int bf16, int kv16, double gbps, double gflops,
+static int run(const char *dir, int threads, int reps, int wkind, int kv16, double gbps, double gflops,
                run_result *out) {
     eng_model *m;
     char err[512];
-    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024, .bf16_weights = bf16,
+    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024, .weights = wkind,
                      .kv_f16 = kv16};
     if (eng_model_open(&m, dir, &o, err, sizeof err) != ENG_OK) { fprintf(stderr, "bench: %s\n", err); return 1; }
     const eng_config *c = eng_model_config(m);
@@ -64,7 +65,9 @@ static int run(const char *dir, int threads, int reps, int bf16, int kv16, doubl
     double H = c->hidden_size, F = c->intermediate_size, L = c->n_layers;
     double QD = (double)c->n_heads * c->head_dim, KD = (double)c->n_kv_heads * c->head_dim, V = c->vocab_size;
     double layer_params = H * (QD + 2 * KD) + QD * H + 3 * H * F;
-    double token_bytes = (bf16 ? 2 : 4) * (L * layer_params + V * H);
+    /* bytes per weight: F32 4, BF16 2, Q8_0 576 per 512 (a float scale per 32) */
+    double wb = wkind == ENG_WEIGHTS_BF16 ? 2 : wkind == ENG_WEIGHTS_Q8_0 ? 576.0 / 512 : 4;
+    double token_bytes = wb * (L * layer_params + V * H);
     double flops_per_token = 2 * (L * layer_params + V * H);
     out->wbytes = (double)eng_model_weight_bytes(m);
     out->kv_bytes = 1024.0 * L * 2 * KD * (kv16 ? 2 : 4); /* the dense single-sequence cache of max_context 1024 */
@@ -117,9 +120,9 @@ static int run(const char *dir, int threads, int reps, int bf16, int kv16, doubl
 
 int main(int argc, char **argv) {
     eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
-    const char *dir = NULL, *weights = "f32,bf16,kv16";
+    const char *dir = NULL, *weights = "f32,bf16,kv16,q8";
     int threads = 2, reps = 3;
-    const char *usage = "usage: bench_engine --model DIR [--threads N] [--reps N] [--weights f32,bf16,kv16]\n";
+    const char *usage = "usage: bench_engine --model MODEL [--threads N] [--reps N] [--weights f32,bf16,kv16,q8]\n";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
@@ -142,29 +145,30 @@ int main(int argc, char **argv) {
     printf("| weights | KV  | test   |       t/s |      +/- | machine limit (t/s)    | fraction\n");
     printf("|---------|-----|--------|-----------|----------|------------------------|---------\n");
     const char *names[] = {"pp128", "pp512", "tg64"};
-    /* F32; BF16 weights; F32 weights with an F16 KV cache */
-    const char *cfg_name[] = {"f32", "bf16", "kv16"};
-    const int cfg_bf16[] = {0, 1, 0}, cfg_kv16[] = {0, 0, 1};
-    run_result rr[3];
-    int have[3];
-    for (int b = 0; b < 3; b++) {
+    /* F32; BF16 weights; F32 weights with an F16 KV cache; Q8_0 weights */
+    enum { NC = 4 };
+    const char *cfg_name[NC] = {"f32", "bf16", "kv16", "q8"}, *wname[NC] = {"F32", "BF16", "F32", "Q8_0"};
+    const int cfg_w[NC] = {ENG_WEIGHTS_F32, ENG_WEIGHTS_BF16, ENG_WEIGHTS_F32, ENG_WEIGHTS_Q8_0}, cfg_kv16[NC] = {0, 0, 1, 0};
+    run_result rr[NC];
+    int have[NC];
+    for (int b = 0; b < NC; b++) {
         have[b] = strstr(weights, cfg_name[b]) != NULL;
         if (!have[b]) continue;
-        if (run(dir, threads, reps, cfg_bf16[b], cfg_kv16[b], gbps, gflops, &rr[b])) return 1;
+        if (run(dir, threads, reps, cfg_w[b], cfg_kv16[b], gbps, gflops, &rr[b])) return 1;
         for (int t = 0; t < 3; t++)
-            printf("| %-7s | %-3s | %-6s | %9.1f | %8.1f | %6.0f (%-9s)      | %.2f\n", cfg_bf16[b] ? "BF16" : "F32",
+            printf("| %-7s | %-3s | %-6s | %9.1f | %8.1f | %6.0f (%-9s)      | %.2f\n", wname[b],
                    cfg_kv16[b] ? "F16" : "F32", names[t], rr[b].tps[t], rr[b].sd[t], rr[b].limit[t],
                    t == 2 ? "bandwidth" : "sgemm", rr[b].tps[t] / rr[b].limit[t]);
     }
     printf("\n");
-    const char *label[] = {"F32", "BF16 weights", "F16 KV"};
-    for (int b = 0; b < 3; b++)
+    const char *label[NC] = {"F32", "BF16 weights", "F16 KV", "Q8_0 weights"};
+    for (int b = 0; b < NC; b++)
         if (have[b])
             printf("%s: fixed text: mean negative log-likelihood %.6f nats/token (perplexity %.4g); weights %.0f MiB, "
                    "KV %.0f MiB, resident %.0f MiB (weights + KV + %.0f MiB)\n",
                    label[b], log(rr[b].ppl), rr[b].ppl, rr[b].wbytes / 1048576, rr[b].kv_bytes / 1048576,
                    rr[b].rss / 1048576, (rr[b].rss - rr[b].wbytes - rr[b].kv_bytes) / 1048576);
-    for (int b = 1; b < 3; b++)
+    for (int b = 1; b < NC; b++)
         if (have[0] && have[b])
             printf("%s / F32: decode %.2fx, pp512 %.2fx; perplexity %+.4f%% (%+.6f nats/token)\n", label[b],
                    rr[b].tps[2] / rr[0].tps[2], rr[b].tps[1] / rr[0].tps[1], 100 * (rr[b].ppl / rr[0].ppl - 1),

@@ -607,6 +607,8 @@ static int load_ids(eng_tok *t, const cJSON *vocab, const cJSON *added, const ch
         return ENG_ENOMEM;
     cJSON_ArrayForEach(it, vocab) {
         int32_t id = (int32_t)it->valuedouble;
+        if (!eng__utf8_valid(it->string, strlen(it->string)))
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: vocab entry %d is not valid UTF-8", path, (int)id);
         if ((rc = set_token(t, id, it->string, strlen(it->string)))) return rc;
         if (eng__strmap_get(&t->vocab, it->string, strlen(it->string)) < 0 &&
             (rc = eng__strmap_put(&t->vocab, t->str[id], t->str_len[id], id)))
@@ -628,6 +630,8 @@ static int load_ids(eng_tok *t, const cJSON *vocab, const cJSON *added, const ch
         a->lstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "lstrip"));
         a->rstrip = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "rstrip"));
         a->single_word = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "single_word"));
+        if (!eng__utf8_valid(c, a->len))
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: added token %d is not valid UTF-8", path, (int)a->id);
         if ((rc = set_token(t, a->id, c, a->len))) return rc;
         t->special[a->id] = (uint8_t)a->special;
     }
