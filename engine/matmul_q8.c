@@ -11,8 +11,10 @@
  * Products. Each row of X is quantized the same way per block of 32 (its
  * scale kept in float), and a block's product is an exact integer sum of 32
  * byte products: on AVX2 _mm256_maddubs_epi16 of |x| by w with x's sign
- * (at most 2 · 127 · 128 per pair: no saturation; a weight of -128, which
- * ggml never writes, is read as -127 so that the sign trick stays exact).
+ * (at most 2 · 127 · 127 per pair: no saturation). Every stored weight is in
+ * [-127, 127]: they all come from quant_block, which clips (a GGUF file's
+ * Q8_0 values are requantized from their exact F32 values, which gives them
+ * back as they were, ggml's quantizer never writing -128).
  * Then, per output, over the blocks in order: a = fma(dw · dx, (float)sum, a).
  * That order is the same whatever the number of rows, their group, the
  * thread or the instruction set: a row's result does not depend on the
@@ -122,8 +124,7 @@ static void panel_scalar(const q8_job *j, size_t p, int r0, int R, int valid) {
             for (int o = 0; o < PANEL; o++) {
                 int32_t s = 0;
                 for (int k = 0; k < QB; k++) {
-                    int wv = (int8_t)blk[PANEL * 4 + (k / 4) * 64 + o * 4 + k % 4];
-                    s += (wv < -127 ? -127 : wv) * x[b * QB + (size_t)k];
+                    s += (int8_t)blk[PANEL * 4 + (k / 4) * 64 + o * 4 + k % 4] * x[b * QB + (size_t)k];
                 }
                 float dw;
                 memcpy(&dw, blk + 4 * o, 4);
@@ -143,7 +144,7 @@ static void panel_scalar(const q8_job *j, size_t p, int r0, int R, int valid) {
 AVX2 static void panel_avx2(const q8_job *j, size_t p, int r0, int R, int valid) {
     size_t nb = (size_t)(j->in / QB);
     const uint8_t *wp = j->W + p * nb * QBLOCK;
-    const __m256i ones = _mm256_set1_epi16(1), m127 = _mm256_set1_epi8(-127);
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int r = r0; r < r0 + R; r += 2) {
         int two = r + 1 < r0 + R;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
@@ -152,8 +153,8 @@ AVX2 static void panel_avx2(const q8_job *j, size_t p, int r0, int R, int valid)
             const uint8_t *blk = wp + b * QBLOCK;
             __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0;
             for (int g = 0; g < 8; g++) {
-                __m256i w0 = _mm256_max_epi8(_mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64)), m127);
-                __m256i w1 = _mm256_max_epi8(_mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64)), m127);
+                __m256i w0 = _mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64));
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64));
                 int32_t xv, xv2;
                 memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
                 memcpy(&xv2, x2 + b * QB + (size_t)g * 4, 4);
