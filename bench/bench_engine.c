@@ -28,15 +28,17 @@ static stat2 stats(const double *x, int n) {
 }
 
 /* Resident set size of this process, bytes. */
-static double rss_bytes(void) {
+/* A /proc/self/status figure in bytes: "VmRSS:" (resident now), "VmHWM:" (the peak). */
+static double status_bytes(const char *key) {
     FILE *f = fopen("/proc/self/status", "r");
     char line[256];
     double kb = 0;
     while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+        if (!strncmp(line, key, strlen(key))) kb = atof(line + strlen(key));
     if (f) fclose(f);
     return kb * 1024;
 }
+static double rss_bytes(void) { return status_bytes("VmRSS:"); }
 
 /* A fixed text for the perplexity check: the same ids for every precision. */
 static const char *PPL_TEXT =
@@ -48,7 +50,7 @@ static const char *PPL_TEXT =
     "watery part of the world.";
 
 typedef struct {
-    double tps[3], sd[3], limit[3], ppl, rss, wbytes, kv_bytes;
+    double tps[3], sd[3], limit[3], ppl, rss, wbytes, kv_bytes, peak_load, rss_load;
 } run_result;
 
 /* pp128, pp512, tg64 and the perplexity of PPL_TEXT with the given weights. */
@@ -58,7 +60,15 @@ static int run(const char *dir, int threads, int reps, int wkind, int kv16, doub
     char err[512];
     eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024, .weights = wkind,
                      .kv_f16 = kv16};
+    FILE *cr = fopen("/proc/self/clear_refs", "w"); /* "5": the peak restarts from the resident set now */
+    if (cr) {
+        fputs("5", cr);
+        fclose(cr);
+    }
+    double before = rss_bytes();
     if (eng_model_open(&m, dir, &o, err, sizeof err) != ENG_OK) { fprintf(stderr, "bench: %s\n", err); return 1; }
+    out->peak_load = status_bytes("VmHWM:") - before; /* what the load added at its peak */
+    out->rss_load = rss_bytes() - before;
     const eng_config *c = eng_model_config(m);
     /* weights streamed per decoded token: all layers + the LM head (the
      * embedding row read is negligible; tied models read the matrix once). */
@@ -163,11 +173,15 @@ int main(int argc, char **argv) {
     printf("\n");
     const char *label[NC] = {"F32", "BF16 weights", "F16 KV", "Q8_0 weights"};
     for (int b = 0; b < NC; b++)
-        if (have[b])
+        if (have[b]) {
             printf("%s: fixed text: mean negative log-likelihood %.6f nats/token (perplexity %.4g); weights %.0f MiB, "
-                   "KV %.0f MiB, resident %.0f MiB (weights + KV + %.0f MiB)\n",
+                   "KV %.0f MiB, resident %.0f MiB (weights + KV + %.0f MiB)",
                    label[b], log(rr[b].ppl), rr[b].ppl, rr[b].wbytes / 1048576, rr[b].kv_bytes / 1048576,
                    rr[b].rss / 1048576, (rr[b].rss - rr[b].wbytes - rr[b].kv_bytes) / 1048576);
+            printf("; the load added %.0f MiB to the resident set at its peak, %.0f MiB once done",
+                   rr[b].peak_load / 1048576, rr[b].rss_load / 1048576);
+            printf("\n");
+        }
     for (int b = 1; b < NC; b++)
         if (have[0] && have[b])
             printf("%s / F32: decode %.2fx, pp512 %.2fx; perplexity %+.4f%% (%+.6f nats/token)\n", label[b],

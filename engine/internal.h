@@ -163,11 +163,8 @@ typedef struct {
     size_t bytes;
 } eng__weights;
 
-/* Convert every matrix to BF16 (round to nearest even); frees the F32. */
-int eng__weights_to_bf16(eng__weights *w, const eng_config *c);
-/* ... to Q8_0 (the router stays F32; a matrix whose rows are not whole blocks of 32 too). */
-int eng__weights_to_q8(eng__weights *w, const eng_config *c);
-/* One packed F32/BF16 matrix to Q8_0 (frees the F32). */
+/* One packed F32/BF16 matrix to Q8_0 (frees the F32); a matrix whose rows
+ * are not whole blocks of 32 stays as it is. */
 int eng__mat_to_q8(eng__weights *w, eng__mat *m, int out, int in);
 size_t eng__q8_bytes(int out, int in);
 void eng__q8_row(const eng__mat *W, size_t r, int in, float *dst);
@@ -349,7 +346,9 @@ struct eng_model {
     char warning[512];     /* eng_model_warning */
 };
 
-/* From the safetensors files of dir, or from the GGUF file gg (not NULL). */
+/* From the safetensors files of dir, or from the GGUF file gg (not NULL):
+ * each layer loaded in F32, hashed into m->fingerprint and converted to
+ * m->wkind before the next (the peak is the final size plus one layer). */
 int eng__load_weights(eng_model *m, const char *dir, const eng__gguf *gg, char *err, size_t errlen);
 void eng__free_weights(eng__weights *w, const eng_config *c);
 

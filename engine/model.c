@@ -1,4 +1,5 @@
 /* model.c — open a Hugging Face model directory: config, weights, tokenizer. */
+#define _DEFAULT_SOURCE 1 /* madvise */
 #include "internal.h"
 
 #include <cjson/cJSON.h>
@@ -75,6 +76,15 @@ static int wset_add(wset *s, const char *path, char *err, size_t errlen) {
     return st_parse(f->map, f->size, path, &f->st, err, errlen);
 }
 
+/* A tensor's pages of the mapped file, read once, leave the resident set (a
+ * private read-only mapping: touched again, they are read again). */
+static void drop_pages(const void *p, size_t n) {
+    long ps = sysconf(_SC_PAGESIZE);
+    if (ps <= 0 || !n) return;
+    uintptr_t a = (uintptr_t)p / (uintptr_t)ps * (uintptr_t)ps, e = (uintptr_t)p + n;
+    madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
 static void check_finite(wset *s, const char *file, const char *name, const float *dst, size_t n) {
     size_t bad = 0;
     for (size_t k = 0; k < n; k++) bad += !isfinite(dst[k]);
@@ -102,7 +112,15 @@ static int load_gguf_tensor(wset *s, const char *name, int64_t d0, int64_t d1, f
                          (unsigned long long)want1);
     snprintf(cfg->dtype, sizeof cfg->dtype, "%s", gguf_type_name(t->type));
     size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1);
-    gguf_to_f32(t->type, t->data, dst, n);
+    /* a chunk at a time, its file pages dropped as it is read: the mapping
+     * and the F32 copy of a large tensor are never resident together */
+    size_t blk_e = t->type == GGML_Q4_K || t->type == GGML_Q6_K ? 256 : t->type == GGML_Q8_0 || t->type == GGML_Q4_0 ? 32 : 1;
+    size_t blk_b = t->nbytes / (n / blk_e), step = (size_t)1 << 20; /* elements per chunk, whole blocks */
+    for (size_t k = 0; k < n; k += step) {
+        size_t m = n - k < step ? n - k : step;
+        gguf_to_f32(t->type, t->data + k / blk_e * blk_b, dst + k, m);
+        drop_pages(t->data + k / blk_e * blk_b, m / blk_e * blk_b);
+    }
     int is_q = strstr(gn, ".attn_q.") != NULL, is_k = strstr(gn, ".attn_k.") != NULL;
     if ((is_q || is_k) && eng__gguf_permuted(&s->gg->g)) {
         int hd = s->cfg->head_dim;
@@ -138,7 +156,12 @@ static int load_tensor(wset *s, const char *name, int64_t d0, int64_t d1, float 
         static const char *names[] = {"F32", "F16", "BF16"};
         snprintf(cfg->dtype, sizeof cfg->dtype, "%s", names[t->dtype]);
         size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1);
-        st_to_f32(t->dtype, t->data, dst, n);
+        size_t es = t->dtype == ST_F32 ? 4 : 2, step = (size_t)1 << 20; /* a chunk at a time, as above */
+        for (size_t k = 0; k < n; k += step) {
+            size_t m = n - k < step ? n - k : step;
+            st_to_f32(t->dtype, t->data + k * es, dst + k, m);
+            drop_pages(t->data + k * es, m * es);
+        }
         check_finite(s, s->f[i].path, name, dst, n);
         return ENG_OK;
     }
@@ -239,46 +262,25 @@ static int mat_to_bf16(eng__weights *w, eng__mat *m, size_t n) {
     return ENG_OK;
 }
 
-int eng__weights_to_bf16(eng__weights *w, const eng_config *c) {
-    int H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size;
-    int QD = c->n_heads * c->head_dim, KD = c->n_kv_heads * c->head_dim;
-    int tied = w->lm_head.p == w->embed.p;
-    if (mat_to_bf16(w, &w->embed, eng__mat_elems(V, H))) return ENG_ENOMEM;
-    if (tied) w->lm_head = w->embed;
-    else if (mat_to_bf16(w, &w->lm_head, eng__mat_elems(V, H))) return ENG_ENOMEM;
-    int Fe = c->moe_intermediate_size;
-    for (int l = 0; l < c->n_layers; l++) {
-        eng__layer *L = &w->layers[l];
-        if (mat_to_bf16(w, &L->wqkv, eng__mat_elems(QD + 2 * KD, H)) || mat_to_bf16(w, &L->wo, eng__mat_elems(H, QD)))
-            return ENG_ENOMEM;
-        if (L->w13.p && (mat_to_bf16(w, &L->w13, eng__mat_elems(2 * F, H)) || mat_to_bf16(w, &L->w2, eng__mat_elems(H, F))))
-            return ENG_ENOMEM;
-        for (int e = 0; L->ew13 && e < c->n_experts; e++) /* the router stays F32: it picks the experts */
-            if (mat_to_bf16(w, &L->ew13[e], eng__mat_elems(2 * Fe, H)) || mat_to_bf16(w, &L->ew2[e], eng__mat_elems(H, Fe)))
-                return ENG_ENOMEM;
-    }
-#ifdef __GLIBC__
-    malloc_trim(0); /* the freed halves of heap-allocated matrices go back to the system */
-#endif
+/* A packed F32 matrix to the weights' kind (F32: as it is). */
+static int convert_mat(eng__weights *w, eng__mat *m, int kind, int out, int in) {
+    if (kind == ENG_WEIGHTS_BF16) return mat_to_bf16(w, m, eng__mat_elems(out, in));
+    if (kind == ENG_WEIGHTS_Q8_0) return eng__mat_to_q8(w, m, out, in);
     return ENG_OK;
 }
 
-int eng__weights_to_q8(eng__weights *w, const eng_config *c) {
-    int H = c->hidden_size, V = c->vocab_size, F = c->intermediate_size, Fe = c->moe_intermediate_size;
+/* Layer l's matrices to kind, as soon as the layer is loaded and hashed: the
+ * F32 copy of the whole model never exists at once. */
+static int convert_layer(eng__weights *w, const eng_config *c, int l, int kind) {
+    int H = c->hidden_size, F = c->intermediate_size, Fe = c->moe_intermediate_size;
     int QD = c->n_heads * c->head_dim, KD = c->n_kv_heads * c->head_dim;
-    int tied = w->lm_head.p == w->embed.p;
-    if (eng__mat_to_q8(w, &w->embed, V, H)) return ENG_ENOMEM;
-    if (tied) w->lm_head = w->embed;
-    else if (eng__mat_to_q8(w, &w->lm_head, V, H)) return ENG_ENOMEM;
-    for (int l = 0; l < c->n_layers; l++) {
-        eng__layer *L = &w->layers[l];
-        if (eng__mat_to_q8(w, &L->wqkv, QD + 2 * KD, H) || eng__mat_to_q8(w, &L->wo, H, QD)) return ENG_ENOMEM;
-        if (L->w13.p && (eng__mat_to_q8(w, &L->w13, 2 * F, H) || eng__mat_to_q8(w, &L->w2, H, F))) return ENG_ENOMEM;
-        for (int e = 0; L->ew13 && e < c->n_experts; e++) /* the router stays F32: it picks the experts */
-            if (eng__mat_to_q8(w, &L->ew13[e], 2 * Fe, H) || eng__mat_to_q8(w, &L->ew2[e], H, Fe)) return ENG_ENOMEM;
-    }
+    eng__layer *L = &w->layers[l];
+    if (convert_mat(w, &L->wqkv, kind, QD + 2 * KD, H) || convert_mat(w, &L->wo, kind, H, QD)) return ENG_ENOMEM;
+    if (L->w13.p && (convert_mat(w, &L->w13, kind, 2 * F, H) || convert_mat(w, &L->w2, kind, H, F))) return ENG_ENOMEM;
+    for (int e = 0; L->ew13 && e < c->n_experts; e++) /* the router stays F32: it picks the experts */
+        if (convert_mat(w, &L->ew13[e], kind, 2 * Fe, H) || convert_mat(w, &L->ew2[e], kind, H, Fe)) return ENG_ENOMEM;
 #ifdef __GLIBC__
-    malloc_trim(0);
+    malloc_trim(0); /* the freed F32 of heap-allocated matrices goes back to the system */
 #endif
     return ENG_OK;
 }
@@ -410,6 +412,75 @@ static int load_layer(wset *s, eng_model *m, int l, char *err, size_t errlen) {
     return ENG_OK;
 }
 
+/* Config fields plus every 61st value of every weight matrix: cheap, and
+ * any other model (shape or weights) gives another value. */
+static uint64_t fp_add(uint64_t h, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i += 61) h = eng__hash64(&x[i], sizeof(float), h); /* 61: every lane of the panels */
+    return eng__hash64(&n, sizeof n, h);
+}
+
+/* The fingerprint in three parts, hashed in this order as the model loads
+ * (the same values as when it was computed on the whole F32 model at once):
+ * the config, the embedding, final norm and LM head; each layer; the precisions. */
+static uint64_t fp_head(const eng_model *m) {
+    const eng_config *c = &m->cfg;
+    int dims[] = {c->vocab_size, c->hidden_size, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+                  c->intermediate_size, c->tie_embeddings, c->qkv_bias, c->o_bias, c->mlp_bias, c->qk_norm,
+                  c->rope_scaling, c->rope_original_max};
+    float fl[] = {c->rope_theta, c->rms_eps, c->rope_factor, c->rope_low_freq_factor, c->rope_high_freq_factor};
+    uint64_t h = eng__hash64(dims, sizeof dims, 0x6b76736572766531ull);
+    h = eng__hash64(fl, sizeof fl, h);
+    /* the later architectures' fields (hashed only when used: the fingerprints of the
+     * models we ran before, and so their exported agents, stay valid) */
+    float fl2[] = {c->rope_local_theta, c->attn_scale, c->final_softcap};
+    int more[] = {c->sliding_window, c->gemma, c->n_experts, c->n_experts_used, c->moe_intermediate_size,
+                  c->moe_norm_topk};
+    if (c->sliding_window || c->gemma || c->n_experts) {
+        h = eng__hash64(fl2, sizeof fl2, h);
+        h = eng__hash64(more, sizeof more, h);
+        h = eng__hash64(c->layer_flags, (size_t)c->n_layers, h);
+    }
+    size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
+    h = fp_add(h, eng__f32(&m->w.embed), eng__mat_elems((int)V, (int)H));
+    h = fp_add(h, m->w.norm, H);
+    if (m->w.lm_head.p != m->w.embed.p) h = fp_add(h, eng__f32(&m->w.lm_head), eng__mat_elems((int)V, (int)H));
+    return h;
+}
+
+static uint64_t fp_layer(const eng_model *m, int l, uint64_t h) {
+    const eng_config *c = &m->cfg;
+    size_t H = (size_t)c->hidden_size, F = (size_t)c->intermediate_size;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    const eng__layer *L = &m->w.layers[l];
+    h = fp_add(h, L->attn_norm, H);
+    h = fp_add(h, eng__f32(&L->wqkv), eng__mat_elems((int)(QD + 2 * KD), (int)H));
+    h = fp_add(h, eng__f32(&L->wo), eng__mat_elems((int)H, (int)QD));
+    h = fp_add(h, L->ffn_norm, H);
+    if (L->w13.p) h = fp_add(h, eng__f32(&L->w13), eng__mat_elems((int)(2 * F), (int)H));
+    if (L->w2.p) h = fp_add(h, eng__f32(&L->w2), eng__mat_elems((int)H, (int)F));
+    if (L->post_attn_norm) h = fp_add(h, L->post_attn_norm, H);
+    if (L->post_ffn_norm) h = fp_add(h, L->post_ffn_norm, H);
+    if (L->router.p) h = fp_add(h, eng__f32(&L->router), eng__mat_elems(c->n_experts, (int)H));
+    for (int e = 0; L->ew13 && e < c->n_experts; e++) {
+        h = fp_add(h, eng__f32(&L->ew13[e]), eng__mat_elems(2 * c->moe_intermediate_size, (int)H));
+        h = fp_add(h, eng__f32(&L->ew2[e]), eng__mat_elems((int)H, c->moe_intermediate_size));
+    }
+    if (L->bqkv) h = fp_add(h, L->bqkv, QD + 2 * KD);
+    if (L->bo) h = fp_add(h, L->bo, H);
+    if (L->b13) h = fp_add(h, L->b13, 2 * F);
+    if (L->b2) h = fp_add(h, L->b2, H);
+    if (L->q_norm) h = fp_add(h, L->q_norm, (size_t)c->head_dim);
+    if (L->k_norm) h = fp_add(h, L->k_norm, (size_t)c->head_dim);
+    return h;
+}
+
+static uint64_t fp_tail(const eng_model *m, uint64_t h) {
+    int prec[2] = {m->wkind == ENG_WEIGHTS_BF16, m->opt.kv_f16 != 0}; /* another precision computes other logits */
+    h = eng__hash64(prec, sizeof prec, h);
+    if (m->wkind == ENG_WEIGHTS_Q8_0) h = eng__hash64("q8_0", 4, h); /* (the earlier fingerprints stay as they were) */
+    return h;
+}
+
 int eng__load_weights(eng_model *m, const char *dir, const eng__gguf *gg, char *err, size_t errlen) {
     eng_config *c = &m->cfg;
     eng__weights *w = &m->w;
@@ -428,88 +499,51 @@ int eng__load_weights(eng_model *m, const char *dir, const eng__gguf *gg, char *
     if (!w->embed.p || !w->norm || !w->layers) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights"); goto out; }
     if ((rc = load_tensor(&s, "model.embed_tokens.weight", V, H, eng__f32(&w->embed), c, err, errlen))) goto out;
     if ((rc = load_tensor(&s, "model.norm.weight", H, 0, w->norm, c, err, errlen))) goto out;
+    if (c->gemma) plus_one(w->norm, H);
     if (c->tie_embeddings) {
         w->lm_head = w->embed;
     } else {
         if (!(w->lm_head.p = walloc(w, eng__mat_elems((int)V, (int)H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
         if ((rc = load_tensor(&s, "lm_head.weight", V, H, eng__f32(&w->lm_head), c, err, errlen))) goto out;
     }
-    for (int l = 0; l < c->n_layers; l++)
-        if ((rc = load_layer(&s, m, l, err, errlen))) goto out;
-    if (c->gemma) plus_one(w->norm, H);
     if (eng__mat_pack(&w->embed, (int)V, (int)H) ||
         (w->lm_head.p != w->embed.p && eng__mat_pack(&w->lm_head, (int)V, (int)H))) {
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory packing weights");
         goto out;
     }
+    /* hashed in F32, then converted: from here one layer at a time is F32 */
+    uint64_t h = fp_head(m);
+    if (convert_mat(w, &w->embed, m->wkind, (int)V, (int)H) ||
+        (!c->tie_embeddings && convert_mat(w, &w->lm_head, m->wkind, (int)V, (int)H))) {
+        rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights");
+        goto out;
+    }
+    if (c->tie_embeddings) w->lm_head = w->embed;
+    for (int l = 0; l < c->n_layers; l++) {
+        if ((rc = load_layer(&s, m, l, err, errlen))) goto out;
+        h = fp_layer(m, l, h);
+        if (convert_layer(w, c, l, m->wkind)) {
+            rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights");
+            goto out;
+        }
+    }
+    m->fingerprint = fp_tail(m, h); /* of the F32 values, and the precision */
 out:
     wset_free(&s);
     if (rc) eng__free_weights(w, c);
     return rc;
 }
 
-/* Config fields plus every 61st value of every weight matrix: cheap, and
- * any other model (shape or weights) gives another value. */
-static uint64_t fp_add(uint64_t h, const float *x, size_t n) {
-    for (size_t i = 0; i < n; i += 61) h = eng__hash64(&x[i], sizeof(float), h); /* 61: every lane of the panels */
-    return eng__hash64(&n, sizeof n, h);
-}
-
-static uint64_t fingerprint(const eng_model *m) {
-    const eng_config *c = &m->cfg;
-    int dims[] = {c->vocab_size, c->hidden_size, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
-                  c->intermediate_size, c->tie_embeddings, c->qkv_bias, c->o_bias, c->mlp_bias, c->qk_norm,
-                  c->rope_scaling, c->rope_original_max};
-    float fl[] = {c->rope_theta, c->rms_eps, c->rope_factor, c->rope_low_freq_factor, c->rope_high_freq_factor};
-    uint64_t h = eng__hash64(dims, sizeof dims, 0x6b76736572766531ull);
-    h = eng__hash64(fl, sizeof fl, h);
-    /* the later architectures' fields (hashed only when used: the fingerprints of the
-     * models we ran before, and so their exported agents, stay valid) */
-    float fl2[] = {c->rope_local_theta, c->attn_scale, c->final_softcap};
-    int more[] = {c->sliding_window, c->gemma, c->n_experts, c->n_experts_used, c->moe_intermediate_size,
-                  c->moe_norm_topk};
-    if (c->sliding_window || c->gemma || c->n_experts) {
-        h = eng__hash64(fl2, sizeof fl2, h);
-        h = eng__hash64(more, sizeof more, h);
-        h = eng__hash64(c->layer_flags, (size_t)c->n_layers, h);
-    }
-    size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size, F = (size_t)c->intermediate_size;
-    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
-    h = fp_add(h, eng__f32(&m->w.embed), eng__mat_elems((int)V, (int)H));
-    h = fp_add(h, m->w.norm, H);
-    if (m->w.lm_head.p != m->w.embed.p) h = fp_add(h, eng__f32(&m->w.lm_head), eng__mat_elems((int)V, (int)H));
-    for (int l = 0; l < c->n_layers; l++) {
-        const eng__layer *L = &m->w.layers[l];
-        h = fp_add(h, L->attn_norm, H);
-        h = fp_add(h, eng__f32(&L->wqkv), eng__mat_elems((int)(QD + 2 * KD), (int)H));
-        h = fp_add(h, eng__f32(&L->wo), eng__mat_elems((int)H, (int)QD));
-        h = fp_add(h, L->ffn_norm, H);
-        if (L->w13.p) h = fp_add(h, eng__f32(&L->w13), eng__mat_elems((int)(2 * F), (int)H));
-        if (L->w2.p) h = fp_add(h, eng__f32(&L->w2), eng__mat_elems((int)H, (int)F));
-        if (L->post_attn_norm) h = fp_add(h, L->post_attn_norm, H);
-        if (L->post_ffn_norm) h = fp_add(h, L->post_ffn_norm, H);
-        if (L->router.p) h = fp_add(h, eng__f32(&L->router), eng__mat_elems(c->n_experts, (int)H));
-        for (int e = 0; L->ew13 && e < c->n_experts; e++) {
-            h = fp_add(h, eng__f32(&L->ew13[e]), eng__mat_elems(2 * c->moe_intermediate_size, (int)H));
-            h = fp_add(h, eng__f32(&L->ew2[e]), eng__mat_elems((int)H, c->moe_intermediate_size));
-        }
-        if (L->bqkv) h = fp_add(h, L->bqkv, QD + 2 * KD);
-        if (L->bo) h = fp_add(h, L->bo, H);
-        if (L->b13) h = fp_add(h, L->b13, 2 * F);
-        if (L->b2) h = fp_add(h, L->b2, H);
-        if (L->q_norm) h = fp_add(h, L->q_norm, (size_t)c->head_dim);
-        if (L->k_norm) h = fp_add(h, L->k_norm, (size_t)c->head_dim);
-    }
-    int prec[2] = {m->wkind == ENG_WEIGHTS_BF16, m->opt.kv_f16 != 0}; /* another precision computes other logits */
-    h = eng__hash64(prec, sizeof prec, h);
-    if (m->wkind == ENG_WEIGHTS_Q8_0) h = eng__hash64("q8_0", 4, h); /* (the earlier fingerprints stay as they were) */
-    return h;
-}
-
 uint64_t eng_model_fingerprint(const eng_model *m) { return m->fingerprint; }
 
 int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, char *err, size_t errlen) {
     *out = NULL;
+#ifdef __GLIBC__
+    /* Matrices from 1 MiB up are mappings of their own, given back to the system when freed:
+     * glibc's threshold would otherwise grow to the size of the first one freed, and the
+     * F32 copies freed as each layer is converted would stay in the heap. */
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#endif
     eng_model *m = calloc(1, sizeof *m);
     if (!m) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
     if (opt) m->opt = *opt;
@@ -563,12 +597,12 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
                        m->cfg.vocab_size);
         goto fail;
     }
-    rc = eng__load_weights(m, dir, gguf ? &gf : NULL, err, errlen);
     m->wkind = m->opt.bf16_weights ? ENG_WEIGHTS_BF16 : m->opt.weights;
     if (m->wkind == ENG_WEIGHTS_AUTO) { /* a Q8_0 file runs in Q8_0; everything else in F32 */
         const gguf_tensor *t = gguf ? gguf_tensor_find(&gf.g, "blk.0.attn_q.weight") : NULL;
         m->wkind = t && t->type == GGML_Q8_0 ? ENG_WEIGHTS_Q8_0 : ENG_WEIGHTS_F32;
     }
+    rc = eng__load_weights(m, dir, gguf ? &gf : NULL, err, errlen);
     eng__gguf_close(&gf); /* the weights are copied out */
     if (rc) goto fail;
 
@@ -594,15 +628,6 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
         goto fail;
     }
     for (int i = 0; i < nb; i++) m->kv_ids[i] = i;
-    m->fingerprint = fingerprint(m); /* of the F32 values, and the precision */
-    if (m->wkind == ENG_WEIGHTS_BF16 && eng__weights_to_bf16(&m->w, &m->cfg) != ENG_OK) {
-        rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights to BF16");
-        goto fail;
-    }
-    if (m->wkind == ENG_WEIGHTS_Q8_0 && eng__weights_to_q8(&m->w, &m->cfg) != ENG_OK) {
-        rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights to Q8_0");
-        goto fail;
-    }
     /* The engine parallelises on its own threads, and OpenBLAS (attention
      * products inside those tasks) runs single-threaded: its idle threads
      * would otherwise spin in sched_yield against ours. */
