@@ -4,7 +4,7 @@
 # weights, our trained BPE tokenizer), start a local redis-server and the
 # kvserve gRPC service on loopback ports and stream a generation from it to the
 # terminal with kvctl.
-#   KVSERVE_MODEL=DIR   use another Hugging Face model directory
+#   KVSERVE_MODEL=DIR   use another Hugging Face model directory, or a GGUF file
 #   extra arguments are passed to `kvctl generate` (e.g. -n 100 "a prompt")
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,7 +12,7 @@ bash scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j2 --target kvserve kvctl
 model=${KVSERVE_MODEL:-$PWD/models/smollm2-135m}
-if [[ ! -f $model/config.json ]]; then
+if [[ -z ${KVSERVE_MODEL:-} && ! -f $model/config.json ]]; then
   echo "generating the default model in $model (once)"
   /usr/bin/python3 tools/mkmodel.py --preset smollm2-135m --out "$model" --cache models/.cache
 fi
