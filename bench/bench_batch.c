@@ -252,12 +252,12 @@ static int parse_batches(const char *s, int *out, int *n) {
 static const char *usage_text =
     "usage: bench_batch --model DIR [--threads N] [--reps N] [--batches 1,2,4,8,16] [--pp N] [--tg N]\n"
     "                   [--resume-history N] [--resume-new N] [--resume-reps N] [--full-reps N]\n"
-    "                   [--weights f32|bf16] [--kv f32|f16]\n";
+    "                   [--weights f32|bf16|q8_0] [--kv f32|f16] (MODEL: a directory or a GGUF file)\n";
 
 int main(int argc, char **argv) {
     eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
     const char *dir = NULL, *batches_arg = "1,2,4,8,16";
-    int threads = 2, reps = 3, pp = 128, tg = 64, hist = 2048, nnew = 32, rreps = 20, freps = 2, bf16 = 0, kv16 = 0;
+    int threads = 2, reps = 3, pp = 128, tg = 64, hist = 2048, nnew = 32, rreps = 20, freps = 2, wkind = ENG_WEIGHTS_F32, kv16 = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int has = i + 1 < argc;
@@ -271,8 +271,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--resume-new") && has) nnew = atoi(argv[++i]);
         else if (!strcmp(a, "--resume-reps") && has) rreps = atoi(argv[++i]);
         else if (!strcmp(a, "--full-reps") && has) freps = atoi(argv[++i]);
-        else if (!strcmp(a, "--weights") && has && (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "bf16")))
-            bf16 = !strcmp(argv[++i], "bf16");
+        else if (!strcmp(a, "--weights") && has && (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "bf16") ||
+                                                    !strcmp(argv[i + 1], "q8_0"))) {
+            i++;
+            wkind = !strcmp(argv[i], "bf16") ? ENG_WEIGHTS_BF16 : !strcmp(argv[i], "q8_0") ? ENG_WEIGHTS_Q8_0 : ENG_WEIGHTS_F32;
+        }
         else if (!strcmp(a, "--kv") && has && (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "f16")))
             kv16 = !strcmp(argv[++i], "f16");
         else { fputs(usage_text, stderr); return 2; }
@@ -305,7 +308,7 @@ int main(int argc, char **argv) {
 
     eng_model *m;
     char err[512];
-    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = max_ctx, .bf16_weights = bf16,
+    eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = max_ctx, .weights = wkind,
                      .kv_f16 = kv16};
     if (eng_model_open(&m, dir, &o, err, sizeof err) != ENG_OK) { fprintf(stderr, "bench: %s\n", err); return 1; }
     const eng_config *c = eng_model_config(m);
