@@ -128,9 +128,11 @@ typedef struct eng_config {
     int n_experts, n_experts_used, moe_intermediate_size;
     int moe_norm_topk;      /* renormalise the chosen experts' weights to sum to 1 */
     unsigned char layer_flags[1024]; /* ENG_LAYER_* per layer */
+    float rope_ff[256];     /* ENG_ROPE_FACTORS: pair j's frequency is divided by rope_ff[j] */
 } eng_config;
 
-enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3, ENG_ROPE_DYNAMIC };
+enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3, ENG_ROPE_DYNAMIC,
+       ENG_ROPE_FACTORS /* each frequency divided by its own factor (rope_ff): a GGUF file's rope_freqs */ };
 /* Weight matrices: F32; BF16; Q8_0 (8-bit blocks of 32, products of 8-bit activations). */
 enum { ENG_WEIGHTS_AUTO = 0, ENG_WEIGHTS_F32, ENG_WEIGHTS_BF16, ENG_WEIGHTS_Q8_0 };
 enum { ENG_LAYER_SLIDING = 1, ENG_LAYER_MOE = 2 };

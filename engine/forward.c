@@ -128,6 +128,7 @@ static double rope_freq(const eng_config *c, int j, int local, int pos) {
     double inv = pow(base, -2.0 * j / c->head_dim);
     if (local) return inv; /* the sliding layers' own base, never scaled (gemma3) */
     if (c->rope_scaling == ENG_ROPE_LINEAR) return inv / c->rope_factor;
+    if (c->rope_scaling == ENG_ROPE_FACTORS) return inv / c->rope_ff[j];
     if (c->rope_scaling != ENG_ROPE_LLAMA3) return inv;
     const double pi = 3.14159265358979323846, om = c->rope_original_max, f = c->rope_factor;
     const double lo = c->rope_low_freq_factor, hi = c->rope_high_freq_factor, wavelen = 2 * pi / inv;

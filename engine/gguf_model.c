@@ -12,6 +12,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,9 +148,6 @@ int eng__gguf_config(const gguf_file *g, const char *path, eng_config *cfg, char
     const gguf_tensor *emb = gguf_tensor_find(g, "token_embd.weight");
     if (!emb || emb->n_dims != 2)
         return eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"token_embd.weight\" is missing or not a matrix", path);
-    if (gguf_tensor_find(g, "rope_freqs.weight"))
-        return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: tensor \"rope_freqs.weight\" (per-frequency RoPE factors, "
-                         "as llama.cpp writes Llama 3.1's scaling) is not supported yet", path);
     int64_t H, L, F, nh, nkv, ctx, hd = 0, vd = 0, rd = 0, bos, eos;
     double eps, theta = 10000.0, d;
     struct { const char *key; int64_t *v; } need[] = {{"embedding_length", &H}, {"block_count", &L},
@@ -207,7 +205,23 @@ int eng__gguf_config(const gguf_file *g, const char *path, eng_config *cfg, char
     if (!text) return eng__fail(err, errlen, ENG_ENOMEM, "%s: out of memory", path);
     int rc = eng__config_parse(text, strlen(text), path, cfg, err, errlen);
     free(text);
-    return rc;
+    if (rc) return rc;
+    /* rope_freqs: a divisor per frequency (how llama.cpp writes Llama 3.1's RoPE scaling) */
+    const gguf_tensor *ff = gguf_tensor_find(g, "rope_freqs.weight");
+    if (ff) {
+        int half = cfg->head_dim / 2;
+        if (ff->type != GGML_F32 || ff->n_dims != 1 || ff->ne[0] != (uint64_t)half || half > 256)
+            return eng__fail(err, errlen, ENG_EFORMAT, "%s: tensor \"rope_freqs.weight\" must be %d F32 values (half the "
+                             "head dimension)", path, half);
+        if (cfg->rope_scaling != ENG_ROPE_NONE)
+            return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: both rope_freqs and a RoPE scaling type", path);
+        memcpy(cfg->rope_ff, ff->data, (size_t)half * sizeof(float));
+        for (int j = 0; j < half; j++)
+            if (!(cfg->rope_ff[j] > 0) || !isfinite(cfg->rope_ff[j]))
+                return eng__fail(err, errlen, ENG_EFORMAT, "%s: rope_freqs.weight[%d] is not a positive number", path, j);
+        cfg->rope_scaling = ENG_ROPE_FACTORS;
+    }
+    return ENG_OK;
 }
 
 /* ---- chat ----------------------------------------------------------------- */

@@ -440,6 +440,7 @@ static uint64_t fp_head(const eng_model *m) {
         h = eng__hash64(more, sizeof more, h);
         h = eng__hash64(c->layer_flags, (size_t)c->n_layers, h);
     }
+    if (c->rope_scaling == ENG_ROPE_FACTORS) h = eng__hash64(c->rope_ff, (size_t)(c->head_dim / 2) * sizeof(float), h);
     size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
     h = fp_add(h, eng__f32(&m->w.embed), eng__mat_elems((int)V, (int)H));
     h = fp_add(h, m->w.norm, H);

@@ -28,6 +28,7 @@ w tiny-qwen2       --model "$m/tiny-qwen2"
 w tiny-qwen3       --model "$m/tiny-qwen3"
 w tiny-llama-bias  --model "$m/tiny-llama-bias"
 w tiny-mistral     --model "$m/tiny-mistral"
+w tiny-llama31     --model "$m/tiny-llama31"     # llama3 RoPE scaling as rope_freqs
 w tiny-llama2tok   --model "$m/tiny-llama2tok"
 w tiny-qwen3chat   --model "$m/tiny-qwen3chat"
 w tiny-f16         --model "$m/tiny-f16" --type f16   # the same values as the F16 directory

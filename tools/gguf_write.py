@@ -418,14 +418,38 @@ def model_kvs(cfg, arch):
            gkv(A + ".attention.layer_norm_rms_epsilon", F32, float(cfg["rms_norm_eps"])),
            gkv(A + ".vocab_size", U32, cfg["vocab_size"])]
     rs = cfg.get("rope_scaling")
+    extra = []
     if rs:
         kind = rs.get("rope_type", rs.get("type"))
-        if kind != "linear":
-            raise SystemExit("gguf_write: rope_scaling %s is not written (only linear)" % kind)
-        kvs += [gkv(A + ".rope.scaling.type", STRING, "linear"), gkv(A + ".rope.scaling.factor", F32, float(rs["factor"]))]
+        if kind == "linear":
+            kvs += [gkv(A + ".rope.scaling.type", STRING, "linear"),
+                    gkv(A + ".rope.scaling.factor", F32, float(rs["factor"]))]
+        elif kind == "llama3":  # as llama.cpp writes it: a divisor per frequency, tensor rope_freqs
+            extra.append(("rope_freqs.weight", [hd // 2], "F32", to_bytes(llama3_factors(cfg, hd), "F32")))
+        else:
+            raise SystemExit("gguf_write: rope_scaling %s is not written (linear, llama3)" % kind)
     eos = cfg.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return kvs, eos
+    return kvs, eos, extra
+
+
+def llama3_factors(cfg, hd):
+    """Llama 3.1's RoPE scaling as one divisor per frequency: 1 for the high frequencies, the
+    factor for the low ones, a blend between (from the published rule, in float64)."""
+    rs, base = cfg["rope_scaling"], float(cfg.get("rope_theta", 10000.0))
+    f, lo, hi = float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    om = float(rs.get("original_max_position_embeddings", 8192))
+    out = []
+    for j in range(hd // 2):
+        wavelen = 2 * np.pi / base ** (-2.0 * j / hd)
+        if wavelen < om / hi:
+            out.append(1.0)
+        elif wavelen > om / lo:
+            out.append(f)
+        else:
+            smooth = (om / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / f + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def main(argv=None):
@@ -461,7 +485,7 @@ def main(argv=None):
     tj = json.load(open(os.path.join(a.model, "tokenizer.json"), encoding="utf-8"))
     tcp = os.path.join(a.model, "tokenizer_config.json")
     tc = json.load(open(tcp, encoding="utf-8")) if os.path.exists(tcp) else {}
-    kvs, eos = model_kvs(cfg, arch)
+    kvs, eos, extra = model_kvs(cfg, arch)
     kvs += tokenizer_kvs(tj, cfg["vocab_size"], a.no_merges, tc)
     kvs = [k for k in kvs if not k.startswith(gstr("tokenizer.ggml.eos_token_id"))]
     gen = os.path.join(a.model, "generation_config.json")
@@ -475,7 +499,7 @@ def main(argv=None):
 
     w = read_weights(a.model)
     nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    tensors, deq, counts = [], {}, {}
+    tensors, deq, counts = list(extra), {}, {}
     for hf in sorted(w, key=lambda k: (not k.startswith("model.embed"), k)):
         x = w[hf]
         gn = gguf_name(hf)
