@@ -26,6 +26,8 @@
  * enters the index, nor does any block computed after it. */
 #include "batch.h"
 
+#include <unistd.h>
+
 static void seq_free(seq *s) {
     if (!s) return;
     free(s->tok);
@@ -184,8 +186,19 @@ int eng_engine_open(eng_engine **out, eng_model *m, const eng_engine_options *o,
     eng_engine *e = calloc(1, sizeof *e);
     if (!e) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
     if (o) e->o = *o;
-    if (e->o.n_blocks <= 0) e->o.n_blocks = 512;
     if (e->o.block_tokens <= 0) e->o.block_tokens = 16;
+    if (e->o.n_blocks <= 0 && e->o.kv_memory_mib > 0) { /* a memory budget: the blocks that fit in it */
+        double mib = e->o.kv_memory_mib;
+        if (mib < 1) {
+            long pages = sysconf(_SC_PHYS_PAGES), ps = sysconf(_SC_PAGESIZE);
+            mib = pages > 0 && ps > 0 ? mib * (double)pages * (double)ps / 1048576.0 : 0;
+        }
+        const eng_config *c = &m->cfg;
+        double block = 2.0 * c->n_layers * e->o.block_tokens * c->n_kv_heads * c->head_dim * (m->opt.kv_f16 ? 2 : 4);
+        double n = mib * 1048576.0 / block;
+        e->o.n_blocks = n < 2 ? 2 : n > (1 << 24) ? 1 << 24 : (int)n;
+    }
+    if (e->o.n_blocks <= 0) e->o.n_blocks = 512;
     if (e->o.max_step_tokens <= 0) e->o.max_step_tokens = 512;
     if (e->o.max_running <= 0) e->o.max_running = 64;
     if (e->o.max_queue <= 0) e->o.max_queue = 1024;

@@ -262,7 +262,9 @@ int eng_score(eng_model *m, const int32_t *ids, size_t n, double *logprobs, doub
 typedef struct eng_engine eng_engine;
 
 typedef struct eng_engine_options {
-    int n_blocks;          /* KV pool size in blocks (0 = 512) */
+    int n_blocks;          /* KV pool size in blocks (0: from kv_memory_mib, else 512) */
+    double kv_memory_mib;  /* with n_blocks 0: as many blocks as fit in this many MiB (values below 1:
+                            * that fraction of the machine's physical memory) */
     int block_tokens;      /* tokens per block (0 = 16) */
     int max_step_tokens;   /* token budget of one step (0 = 512) */
     int max_running;       /* sequences running at once (0 = 64) */

@@ -26,7 +26,9 @@ static const opt OPTS[] = {
     {"cq-threads", "KVSERVE_CQ_THREADS", T_INT, 1, 64, AT(cq_threads), "N  gRPC completion-queue threads (2)"},
     {"worker-threads", "KVSERVE_WORKER_THREADS", T_INT, 1, 64, AT(worker_threads),
      "N  threads of each worker pool for handlers that may block (2)"},
-    {"pool-blocks", "KVSERVE_POOL_BLOCKS", T_INT, 1, 1 << 24, AT(engine.n_blocks), "N  KV pool blocks (512)"},
+    {"kv-memory", "KVSERVE_KV_MEMORY", T_NUM, 0.001, 1 << 24, AT(engine.kv_memory_mib),
+     "MIB  KV pool size in MiB, or below 1 a fraction of physical memory (384)"},
+    {"pool-blocks", "KVSERVE_POOL_BLOCKS", T_INT, 1, 1 << 24, AT(engine.n_blocks), "N  KV pool size in blocks instead"},
     {"block-tokens", "KVSERVE_BLOCK_TOKENS", T_INT, 1, 4096, AT(engine.block_tokens), "N  tokens per block (16)"},
     {"step-tokens", "KVSERVE_STEP_TOKENS", T_INT, 1, 65536, AT(engine.max_step_tokens), "N  token budget per step (512)"},
     {"max-running", "KVSERVE_MAX_RUNNING", T_INT, 1, 4096, AT(engine.max_running), "N  sequences at once (64)"},
@@ -72,6 +74,7 @@ void srv_config_default(srv_config *c) {
     c->cq_threads = 2;
     c->worker_threads = 2;
     c->grace_seconds = 10;
+    c->engine.kv_memory_mib = 384; /* (what 512 blocks of SmolLM2-135M's shape take) */
     c->max_message_bytes = 64 << 20;
     c->max_wait_ms = 10000;
     c->max_results = 1024;

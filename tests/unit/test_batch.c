@@ -134,6 +134,29 @@ static int free_blocks(eng_engine *e) {
 
 /* ---- tests -------------------------------------------------------------- */
 
+/* The pool from a memory budget: as many blocks as fit (tiny: 2 layers x 16
+ * tokens x 2 x 32 = 8 KiB a block in F32), a fraction of physical memory,
+ * and n_blocks winning over a budget. */
+static void test_pool_from_memory_budget(void) {
+    eng_model *m = model("tiny");
+    const eng_config *c = eng_model_config(m);
+    double block = 2.0 * c->n_layers * 16 * c->n_kv_heads * c->head_dim * (g_kv_f16 ? 2 : 4);
+    struct { int n_blocks; double mib; int want; } cases[] = {
+        {0, 1, (int)(1048576 / block)}, {0, 3.5, (int)(3.5 * 1048576 / block)}, {7, 100, 7}, {0, 0.00001, -1}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        eng_engine_options o = {.n_blocks = cases[i].n_blocks, .kv_memory_mib = cases[i].mib, .block_tokens = 16};
+        eng_engine *e = NULL;
+        char err[256];
+        CHECK_MSG(eng_engine_open(&e, m, &o, err, sizeof err) == ENG_OK, "%s", err);
+        eng_stats st;
+        eng_stats_get(e, &st);
+        if (cases[i].want > 0) CHECK_MSG(st.blocks_total == cases[i].want, "case %zu: %d blocks", i, st.blocks_total);
+        else CHECK_MSG(st.blocks_total >= 2, "a fraction of memory: %d blocks", st.blocks_total);
+        eng_engine_close(e);
+    }
+    eng_model_close(m);
+}
+
 static void test_single_agent_fresh_and_resume(void) {
     eng_model *m = model(g_model);
     eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
@@ -1089,6 +1112,7 @@ int main(int argc, char **argv) {
         {"prefix_sharing_stays_inside_a_tenant", test_prefix_per_tenant},
         {"imported_kv_never_enters_the_prefix_index", test_imported_kv_never_shared},
         {"relatives_batched_resumed_exported_like_llama", test_relatives},
+        {"pool_from_memory_budget", test_pool_from_memory_budget},
         {0, 0}};
     return run_tests(tests, argc, argv);
 }

@@ -29,7 +29,7 @@ static void test_defaults_env_then_flags(void) {
     CHECK_MSG(load(&c, err, 0, none) == 0, "%s", err);
     CHECK(!strcmp(c.model_dir, "/models/a") && !strcmp(c.listen, "127.0.0.1:50051") && c.cq_threads == 2 &&
           c.worker_threads == 2 && c.grace_seconds == 10 && c.batch_max == 32 && c.batch_queue == 1024 &&
-          c.engine.n_blocks == 0 && !c.weights && !c.engine.share_prefix_across_tenants);
+          c.engine.n_blocks == 0 && c.engine.kv_memory_mib == 384 && !c.weights && !c.engine.share_prefix_across_tenants);
     setenv("KVSERVE_POOL_BLOCKS", "64", 1);
     setenv("KVSERVE_WEIGHTS", "bf16", 1);
     setenv("KVSERVE_SHARE_PREFIX_ACROSS_TENANTS", "yes", 1);
