@@ -146,47 +146,70 @@ static void panel_scalar(const q8_job *j, size_t p, int r0, int R, int valid) {
 #define AVX2 __attribute__((target("avx2,fma")))
 
 /* Eight groups of 4 columns; per group the 16 outputs are two vectors of 8
- * rows × 4 bytes. Two rows of X share each weight load. */
-AVX2 static void panel_avx2(const q8_job *j, size_t p, int r0, int R, int valid) {
-    size_t nb = (size_t)(j->in / QB);
-    const uint8_t *wp = j->W + p * nb * QBLOCK;
+ * rows × 4 bytes. TWO rows of X share each weight load (1 or 2: a constant
+ * where it is inlined, so a lone row does no work for a second one). */
+AVX2 static inline __attribute__((always_inline)) void rows_avx2(const q8_job *j, const uint8_t *wp, size_t nb, int r,
+                                                                  int TWO, float *out0, float *out1) {
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int r = r0; r < r0 + R; r += 2) {
-        int two = r + 1 < r0 + R;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-        const int8_t *x = j->xq + (size_t)r * j->in, *x2 = two ? x + j->in : x;
-        for (size_t b = 0; b < nb; b++) {
-            const uint8_t *blk = wp + b * QBLOCK;
-            __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0;
-            for (int g = 0; g < 8; g++) {
-                __m256i w0 = _mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64));
-                __m256i w1 = _mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64));
-                int32_t xv, xv2;
-                memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wp + b * QBLOCK;
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0;
+        for (int g = 0; g < 8; g++) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64));
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64));
+            int32_t xv;
+            memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
+            __m256i xb = _mm256_set1_epi32(xv), ax = _mm256_abs_epi8(xb);
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
+            if (TWO == 2) {
+                int32_t xv2;
                 memcpy(&xv2, x2 + b * QB + (size_t)g * 4, 4);
-                __m256i xb = _mm256_set1_epi32(xv), ax = _mm256_abs_epi8(xb);
-                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
-                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
                 __m256i xb2 = _mm256_set1_epi32(xv2), ax2 = _mm256_abs_epi8(xb2);
                 t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax2, _mm256_sign_epi8(w0, xb2)), ones));
                 t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax2, _mm256_sign_epi8(w1, xb2)), ones));
             }
-            __m256 dw0 = _mm256_loadu_ps((const float *)blk), dw1 = _mm256_loadu_ps((const float *)blk + 8);
-            __m256 dx = _mm256_set1_ps(j->dx[(size_t)r * nb + b]);
-            a0 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, dx), _mm256_cvtepi32_ps(s0), a0);
-            a1 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, dx), _mm256_cvtepi32_ps(s1), a1);
-            if (two) {
-                __m256 dx2 = _mm256_set1_ps(j->dx[(size_t)(r + 1) * nb + b]);
-                c0 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, dx2), _mm256_cvtepi32_ps(t0), c0);
-                c1 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, dx2), _mm256_cvtepi32_ps(t1), c1);
-            }
         }
+        __m256 dw0 = _mm256_loadu_ps((const float *)blk), dw1 = _mm256_loadu_ps((const float *)blk + 8);
+        __m256 dx = _mm256_set1_ps(j->dx[(size_t)r * nb + b]);
+        a0 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, dx), _mm256_cvtepi32_ps(s0), a0);
+        a1 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, dx), _mm256_cvtepi32_ps(s1), a1);
+        if (TWO == 2) {
+            __m256 dx2 = _mm256_set1_ps(j->dx[(size_t)(r + 1) * nb + b]);
+            c0 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, dx2), _mm256_cvtepi32_ps(t0), c0);
+            c1 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, dx2), _mm256_cvtepi32_ps(t1), c1);
+        }
+    }
+    _mm256_storeu_ps(out0, a0);
+    _mm256_storeu_ps(out0 + 8, a1);
+    if (TWO == 2) {
+        _mm256_storeu_ps(out1, c0);
+        _mm256_storeu_ps(out1 + 8, c1);
+    }
+}
+
+AVX2 static void rows1_avx2(const q8_job *j, const uint8_t *wp, size_t nb, int r, float *o0) {
+    rows_avx2(j, wp, nb, r, 1, o0, NULL);
+}
+
+AVX2 static void rows2_avx2(const q8_job *j, const uint8_t *wp, size_t nb, int r, float *o0, float *o1) {
+    rows_avx2(j, wp, nb, r, 2, o0, o1);
+}
+
+static void panel_avx2(const q8_job *j, size_t p, int r0, int R, int valid) {
+    size_t nb = (size_t)(j->in / QB);
+    const uint8_t *wp = j->W + p * nb * QBLOCK;
+    for (int r = r0; r < r0 + R; r += 2) {
+        int two = r + 1 < r0 + R;
+        float t[2][16];
+        if (two) rows2_avx2(j, wp, nb, r, t[0], t[1]);
+        else rows1_avx2(j, wp, nb, r, t[0]);
         for (int q = 0; q <= two; q++) {
-            float t[16], *y = j->Y + (size_t)(r + q) * j->out + p * PANEL;
-            _mm256_storeu_ps(t, q ? c0 : a0);
-            _mm256_storeu_ps(t + 8, q ? c1 : a1);
-            if (valid == PANEL) memcpy(y, t, sizeof t);
-            else for (int o = 0; o < valid; o++) y[o] = t[o];
+            float *y = j->Y + (size_t)(r + q) * j->out + p * PANEL;
+            if (valid == PANEL) memcpy(y, t[q], sizeof t[q]);
+            else for (int o = 0; o < valid; o++) y[o] = t[q][o];
         }
     }
 }
