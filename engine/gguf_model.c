@@ -11,15 +11,11 @@
 #include "internal.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <math.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 int eng__is_gguf_path(const char *path) {
     struct stat sb;
@@ -34,31 +30,16 @@ int eng__is_gguf_path(const char *path) {
 
 int eng__gguf_open(eng__gguf *f, const char *path, char *err, size_t errlen) {
     memset(f, 0, sizeof *f);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return eng__fail(err, errlen, ENG_EIO, "%s: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return eng__fail(err, errlen, ENG_EIO, "%s: not a regular file", path);
-    }
-    f->size = (size_t)sb.st_size;
-    if (f->size) {
-        void *p = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            close(fd);
-            return eng__fail(err, errlen, ENG_EIO, "%s: mmap: %s", path, strerror(errno));
-        }
-        f->map = p;
-    }
-    close(fd);
-    int rc = gguf_parse(f->map, f->size, path, &f->g, err, errlen);
+    int rc = eng__map_file(path, &f->map, &f->size, err, errlen);
+    if (rc) return rc;
+    rc = gguf_parse(f->map, f->size, path, &f->g, err, errlen);
     if (rc) eng__gguf_close(f);
     return rc;
 }
 
 void eng__gguf_close(eng__gguf *f) {
     gguf_free(&f->g);
-    if (f->map) munmap(f->map, f->size);
+    eng__unmap_file(f->map, f->size);
     memset(f, 0, sizeof *f);
 }
 

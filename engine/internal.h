@@ -24,6 +24,9 @@ int eng__fail(char *err, size_t errlen, int code, const char *fmt, ...)
 
 /* Read a whole file into a malloc'd NUL-terminated buffer. */
 int eng__read_file(const char *path, char **data, size_t *size, char *err, size_t errlen);
+/* Map a whole regular file read-only (*map NULL for an empty one); eng__unmap_file undoes it. */
+int eng__map_file(const char *path, uint8_t **map, size_t *size, char *err, size_t errlen);
+void eng__unmap_file(uint8_t *map, size_t size);
 
 double eng__now(void); /* monotonic seconds */
 

@@ -3,8 +3,6 @@
 #include "internal.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <math.h>
 #include <stdlib.h>
@@ -37,7 +35,7 @@ typedef struct {
 static void wset_free(wset *s) {
     for (int i = 0; i < s->n; i++) {
         st_free(&s->f[i].st);
-        if (s->f[i].map && s->f[i].size) munmap(s->f[i].map, s->f[i].size);
+        eng__unmap_file(s->f[i].map, s->f[i].size);
         free(s->f[i].path);
     }
     free(s->f);
@@ -52,26 +50,12 @@ static int wset_add(wset *s, const char *path, char *err, size_t errlen) {
     s->f = nf;
     wfile *f = &s->f[s->n];
     memset(f, 0, sizeof *f);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return eng__fail(err, errlen, ENG_EIO, "%s: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return eng__fail(err, errlen, ENG_EIO, "%s: not a regular file", path);
+    int rc = eng__map_file(path, &f->map, &f->size, err, errlen);
+    if (rc) return rc;
+    if (!(f->path = strdup(path))) {
+        eng__unmap_file(f->map, f->size);
+        return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
     }
-    f->size = (size_t)sb.st_size;
-    f->path = strdup(path);
-    if (!f->path) { close(fd); return eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); }
-    if (f->size) {
-        void *p = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            close(fd);
-            free(f->path);
-            return eng__fail(err, errlen, ENG_EIO, "%s: mmap: %s", path, strerror(errno));
-        }
-        f->map = p;
-    }
-    close(fd);
     s->n++;
     return st_parse(f->map, f->size, path, &f->st, err, errlen);
 }

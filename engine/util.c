@@ -1,12 +1,16 @@
-/* util.c — small shared helpers: error messages, file reading, UTF-8, a
+/* util.c — small shared helpers: error messages, file reading and mapping, UTF-8, a
  * string hash map. */
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 int eng__fail(char *err, size_t errlen, int code, const char *fmt, ...) {
     if (err && errlen) {
@@ -41,6 +45,33 @@ const char *eng_strerror(int code) {
     case ENG_EMODEL: return "agent data from another model";
     default: return "unknown error";
     }
+}
+
+int eng__map_file(const char *path, uint8_t **map, size_t *size, char *err, size_t errlen) {
+    *map = NULL;
+    *size = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return eng__fail(err, errlen, ENG_EIO, "%s: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return eng__fail(err, errlen, ENG_EIO, "%s: not a regular file", path);
+    }
+    if (sb.st_size) {
+        void *p = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            close(fd);
+            return eng__fail(err, errlen, ENG_EIO, "%s: mmap: %s", path, strerror(errno));
+        }
+        *map = p;
+        *size = (size_t)sb.st_size;
+    }
+    close(fd);
+    return ENG_OK;
+}
+
+void eng__unmap_file(uint8_t *map, size_t size) {
+    if (map && size) munmap(map, size);
 }
 
 int eng__read_file(const char *path, char **data, size_t *size, char *err, size_t errlen) {
