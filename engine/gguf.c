@@ -96,8 +96,7 @@ static const char *other_type_name(uint32_t type) {
     return type < sizeof n / sizeof *n && n[type] ? n[type] : NULL;
 }
 
-/* Elements per block and bytes per block. */
-static int block_of(uint32_t type, size_t *elems, size_t *bytes) {
+int gguf_block(uint32_t type, size_t *elems, size_t *bytes) {
     switch (type) {
     case GGML_F32: *elems = 1; *bytes = 4; return 0;
     case GGML_F16:
@@ -169,7 +168,7 @@ static int parse_tensor(rd *r, const char *name, gguf_tensor *t, uint64_t *offse
     if (u32(r, &t->type) || u64(r, offset))
         return BAD("%s: tensor \"%.*s\": the file is truncated", name, nl, t->name);
     size_t be, bb;
-    if (block_of(t->type, &be, &bb)) {
+    if (gguf_block(t->type, &be, &bb)) {
         const char *o = other_type_name(t->type);
         if (o) return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: tensor \"%.*s\" has type %s, which kvserve does "
                                 "not read (it reads F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K)", name, nl, t->name, o);

@@ -77,6 +77,8 @@ double gguf_arr_num(const gguf_kv *kv, uint64_t i);
 
 /* "Q8_0", "F32", ... or NULL. */
 const char *gguf_type_name(uint32_t type);
+/* Elements and bytes per block of a type we read (1 and 4 for F32); -1 for the others. */
+int gguf_block(uint32_t type, size_t *elems, size_t *bytes);
 /* Convert n elements (a whole number of blocks) of a tensor's data to F32. */
 void gguf_to_f32(uint32_t type, const uint8_t *src, float *dst, size_t n);
 

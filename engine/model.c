@@ -98,8 +98,8 @@ static int load_gguf_tensor(wset *s, const char *name, int64_t d0, int64_t d1, f
     size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1);
     /* a chunk at a time, its file pages dropped as it is read: the mapping
      * and the F32 copy of a large tensor are never resident together */
-    size_t blk_e = t->type == GGML_Q4_K || t->type == GGML_Q6_K ? 256 : t->type == GGML_Q8_0 || t->type == GGML_Q4_0 ? 32 : 1;
-    size_t blk_b = t->nbytes / (n / blk_e), step = (size_t)1 << 20; /* elements per chunk, whole blocks */
+    size_t blk_e, blk_b, step = (size_t)1 << 20; /* elements per chunk: whole blocks */
+    gguf_block(t->type, &blk_e, &blk_b);          /* (a type the parser accepted) */
     for (size_t k = 0; k < n; k += step) {
         size_t m = n - k < step ? n - k : step;
         gguf_to_f32(t->type, t->data + k / blk_e * blk_b, dst + k, m);

@@ -358,11 +358,8 @@ static void start_generation(srv *s, pend *p) {
     }
     pthread_mutex_unlock(&s->mu);
     pthread_mutex_unlock(&s->rq_mu);
-    if (joined) {
-        pend_free(p);
-        return;
-    }
     pend_free(p);
+    if (joined) return; /* answered with the flight it joined */
     if (rc) {
         srv__fail_call(c, srv__status_of(rc), err);
     } else if (streaming) {

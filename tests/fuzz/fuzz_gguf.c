@@ -39,9 +39,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         float tmp[256];
         for (size_t i = 0; i < g.n_t; i++) { /* touch every tensor's bytes, a block at a time */
             const gguf_tensor *t = &g.t[i];
-            size_t be = t->type == GGML_Q4_K || t->type == GGML_Q6_K ? 256
-                        : t->type == GGML_Q8_0 || t->type == GGML_Q4_0 ? 32 : 1;
-            size_t bb = t->nbytes / (t->n_elems / be);
+            size_t be, bb;
+            gguf_block(t->type, &be, &bb);
             for (size_t k = 0; k < t->n_elems;) {
                 size_t m = be > 1 ? be : t->n_elems - k < 256 ? t->n_elems - k : 256;
                 gguf_to_f32(t->type, t->data + k / be * bb, tmp, m);
