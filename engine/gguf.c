@@ -116,6 +116,13 @@ static int by_offset(const void *a, const void *b) {
     return x->data < y->data ? -1 : x->data > y->data;
 }
 
+static int kv_by_key(const void *a, const void *b) {
+    const gguf_kv *x = *(const gguf_kv *const *)a, *y = *(const gguf_kv *const *)b;
+    size_t n = x->klen < y->klen ? x->klen : y->klen;
+    int c = memcmp(x->key, y->key, n);
+    return c ? c : (x->klen > y->klen) - (x->klen < y->klen);
+}
+
 static int by_name(const void *a, const void *b) {
     const gguf_tensor *x = *(const gguf_tensor *const *)a, *y = *(const gguf_tensor *const *)b;
     size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
@@ -145,9 +152,6 @@ static int parse_kv(rd *r, const char *name, gguf_file *g, size_t i, char *err, 
         if (skip_value(r, kv->type, 0))
             return BAD("%s: metadata \"%.*s\": the value runs past the end of the file", name, (int)kv->klen, kv->key);
     }
-    for (size_t k = 0; k < i; k++)
-        if (g->kv[k].klen == kv->klen && !memcmp(g->kv[k].key, kv->key, kv->klen))
-            return BAD("%s: metadata \"%.*s\" appears twice", name, (int)kv->klen, kv->key);
     return ENG_OK;
 }
 
@@ -212,6 +216,20 @@ int gguf_parse(const uint8_t *data, size_t size, const char *name, gguf_file *ou
     }
     for (size_t i = 0; i < out->n_kv && !rc; i++) rc = parse_kv(&r, name, out, i, err, errlen);
     if (rc) goto done;
+    { /* a key twice: sorted, so that a file of millions of keys costs n log n, not n squared */
+        const gguf_kv **keys = malloc((out->n_kv ? out->n_kv : 1) * sizeof *keys);
+        if (!keys) {
+            rc = eng__fail(err, errlen, ENG_ENOMEM, "%s: out of memory", name);
+            goto done;
+        }
+        for (size_t i = 0; i < out->n_kv; i++) keys[i] = &out->kv[i];
+        qsort(keys, out->n_kv, sizeof *keys, kv_by_key);
+        for (size_t i = 1; i < out->n_kv && !rc; i++)
+            if (!kv_by_key(&keys[i - 1], &keys[i]))
+                rc = BAD("%s: metadata \"%.*s\" appears twice", name, (int)keys[i]->klen, keys[i]->key);
+        free(keys);
+        if (rc) goto done;
+    }
     int64_t al = 32;
     const gguf_kv *a = gguf_get(out, "general.alignment");
     if (a && a->type != GGUF_U32) {

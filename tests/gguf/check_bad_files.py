@@ -135,6 +135,14 @@ def main():
     b = bytearray(good)
     b[k["start"] + 8:k["start"] + 8 + len("blk.0.attn_v.weight")] = b"blk.0.attn_v.weight"
     case("a name twice", bytes(b), "blk.0.attn_v.weight", "twice")
+    same = {}
+    for key in L.kv:
+        same.setdefault(len(key), []).append(key)
+    k1, k2 = next(v[:2] for v in same.values() if len(v) > 1)
+    b = bytearray(good)
+    at = L.kv[k2][0] + 8
+    b[at:at + len(k1)] = k1.encode()
+    case("a metadata key twice", bytes(b), k1, "appears twice")
     b = bytearray(good)
     at = L.t["blk.1.ffn_up.weight"]["start"] + 8
     b[at:at + 19] = b"blk.1.ffn_UP.weight"
