@@ -28,9 +28,10 @@ static const char USAGE[] =
     "  --threads N          compute threads (default: all CPUs)\n"
     "  --ctx N              context length cap (default: the model's)\n"
     "  --batch N            tokens per forward pass during prefill (default 512)\n"
-    "  --weights f32|bf16|q8_0  what the weight matrices are kept in (default: f32, or q8_0 for a\n"
-    "                       Q8_0 GGUF file; bf16 halves the bytes read per token, q8_0 quarters\n"
-    "                       them: 8-bit blocks of 32, see docs/engine.md and docs/performance.md)\n"
+    "  --weights f32|bf16|q8_0|q4_k  what the weight matrices are kept in (default: f32; a GGUF\n"
+    "                       file's own Q8_0, or Q4_K/Q6_K, blocks); bf16 halves the bytes read per\n"
+    "                       token, q8_0 quarters them (8-bit blocks of 32), q4_k is ggml's 4-bit\n"
+    "                       K-quant (see docs/engine.md and docs/performance.md)\n"
     "  --kv f32|f16         precision of the KV cache (default f32; f16 halves its memory)\n"
     "\n"
     "generation options:\n"
@@ -160,8 +161,9 @@ static int parse_args(int argc, char **argv, cli *c) {
             if (!strcmp(optarg, "f32")) c->eo.weights = ENG_WEIGHTS_F32;
             else if (!strcmp(optarg, "bf16")) c->eo.weights = ENG_WEIGHTS_BF16;
             else if (!strcmp(optarg, "q8_0")) c->eo.weights = ENG_WEIGHTS_Q8_0;
+            else if (!strcmp(optarg, "q4_k")) c->eo.weights = ENG_WEIGHTS_Q4_K;
             else {
-                fprintf(stderr, "kvserve: --weights: f32, bf16 or q8_0 (got \"%s\")\n", optarg);
+                fprintf(stderr, "kvserve: --weights: f32, bf16, q8_0 or q4_k (got \"%s\")\n", optarg);
                 return -1;
             }
             break;

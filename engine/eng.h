@@ -133,8 +133,10 @@ typedef struct eng_config {
 
 enum { ENG_ROPE_NONE = 0, ENG_ROPE_LINEAR, ENG_ROPE_LLAMA3, ENG_ROPE_DYNAMIC,
        ENG_ROPE_FACTORS /* each frequency divided by its own factor (rope_ff): a GGUF file's rope_freqs */ };
-/* Weight matrices: F32; BF16; Q8_0 (8-bit blocks of 32, products of 8-bit activations). */
-enum { ENG_WEIGHTS_AUTO = 0, ENG_WEIGHTS_F32, ENG_WEIGHTS_BF16, ENG_WEIGHTS_Q8_0 };
+/* Weight matrices: F32; BF16; Q8_0 (8-bit blocks of 32, products of 8-bit activations); Q4_K
+ * (ggml's K-quants: a GGUF file's Q4_K and Q6_K matrices kept as they are, others quantized to
+ * Q4_K, or to Q8_0 where rows are not whole blocks of 256; products of 8-bit activations). */
+enum { ENG_WEIGHTS_AUTO = 0, ENG_WEIGHTS_F32, ENG_WEIGHTS_BF16, ENG_WEIGHTS_Q8_0, ENG_WEIGHTS_Q4_K };
 enum { ENG_LAYER_SLIDING = 1, ENG_LAYER_MOE = 2 };
 
 typedef struct eng_options {
@@ -144,7 +146,8 @@ typedef struct eng_options {
     int bf16_weights;       /* keep the weight matrices in BF16 (half the bytes per token); the same as
                              * weights = ENG_WEIGHTS_BF16 */
     int weights;            /* ENG_WEIGHTS_*: what the weight matrices are held in. AUTO: a GGUF file
-                             * whose matrices are Q8_0 stays in Q8_0, anything else is F32 */
+                             * whose matrices are Q8_0 stays in Q8_0, Q4_K or Q6_K in Q4_K, anything
+                             * else is F32 */
     int kv_f16;             /* keep keys and values in IEEE half (model and engine KV) */
 } eng_options;
 
@@ -159,8 +162,8 @@ const char *eng_blas_core(void);
 const char *eng_blas_note(void);
 
 /* Load a model directory, or a GGUF model file (llama, qwen2, qwen3; its
- * tensors F32, F16, BF16, Q8_0, Q4_0, Q4_K or Q6_K, dequantized to F32 on
- * load). A directory's weights in F32, F16 or BF16 (single file or sharded
+ * tensors F32, F16, BF16, Q8_0, Q4_0, Q4_K or Q6_K: kept in their blocks
+ * where opt->weights says so, else dequantized to F32 on load). A directory's weights in F32, F16 or BF16 (single file or sharded
  * with model.safetensors.index.json) are converted to F32 on load (then the
  * matrices to BF16 with opt->bf16_weights). Every
  * problem (missing file, unknown dtype, wrong shape, truncated file, lying
@@ -170,7 +173,7 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt,
 void eng_model_close(eng_model *m);
 
 const eng_config *eng_model_config(const eng_model *m);
-/* ENG_WEIGHTS_F32, _BF16 or _Q8_0: what the loaded matrices are held in. */
+/* ENG_WEIGHTS_F32, _BF16, _Q8_0 or _Q4_K: what the loaded matrices are held in. */
 int eng_model_weights(const eng_model *m);
 /* Something about a loaded model its user should hear (weights that are
  * NaN or infinite, naming the first such tensor), or NULL. */

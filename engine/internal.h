@@ -131,7 +131,11 @@ typedef struct {
     void *p;
     int bf16;
     int q8;     /* Q8_0 blocks (matmul_q8.c) */
+    int kq;     /* K-quant panels (matmul_k.c): panel i's format ktype[i] (GGML_Q4_K or GGML_Q6_K), at p + koff[i] */
+    uint8_t *ktype;
+    size_t *koff;
 } eng__mat;
+void eng__mat_free(eng__mat *m);
 static inline float *eng__f32(const eng__mat *m) { return (float *)m->p; } /* while loading: always F32 */
 /* Elements of a packed out x in matrix (out rounded up to whole panels). */
 size_t eng__mat_elems(int out, int in);
@@ -171,6 +175,15 @@ typedef struct {
 int eng__mat_to_q8(eng__weights *w, eng__mat *m, int out, int in);
 size_t eng__q8_bytes(int out, int in);
 void eng__q8_row(const eng__mat *W, size_t r, int in, float *dst);
+/* A packed F32/BF16 matrix to K-quant panels (frees the F32), from its rows
+ * as GGUF Q4_K or Q6_K blocks: row r at raw + r * stride, its format
+ * types[r]. ENG_EFORMAT (nothing changed) when a panel's rows differ in
+ * format, or one is neither, or in is not whole super-blocks of 256. */
+int eng__mat_to_k(eng__weights *w, eng__mat *m, int out, int in, const uint8_t *raw, size_t stride,
+                  const uint8_t *types);
+/* 256 values to one GGUF Q4_K block (144 bytes), with our quantizer. */
+void eng__k4_quantize(const float *x, uint8_t *b);
+void eng__k_row(const eng__mat *W, size_t r, int in, float *dst);
 /* IEEE half of f, round to nearest even (model.c). */
 uint16_t eng__f32_to_f16(float f);
 
@@ -187,6 +200,9 @@ void eng__matmul_isa(int isa);
 /* eng__matmul on a Q8_0 matrix (matmul_q8.c); xt: n * in floats of workspace. */
 void eng__matmul_q8(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
                     int isa);
+/* eng__matmul on a K-quant matrix (matmul_k.c); xt: n * in floats of workspace. */
+void eng__matmul_k(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
+                   int isa);
 /* Row r of a matrix as F32. */
 void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst);
 

@@ -70,9 +70,20 @@ int eng__mat_pack(eng__mat *m, int out, int in) {
     return ENG_OK;
 }
 
+void eng__mat_free(eng__mat *m) {
+    free(m->p);
+    free(m->ktype);
+    free(m->koff);
+    memset(m, 0, sizeof *m);
+}
+
 void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
     if (W->q8) {
         eng__q8_row(W, r, in, dst);
+        return;
+    }
+    if (W->kq) {
+        eng__k_row(W, r, in, dst);
         return;
     }
     size_t base = r / PANEL * PANEL * (size_t)in + r % PANEL;
@@ -382,6 +393,10 @@ void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int
     int isa = isa_best();
     if (W->q8) {
         eng__matmul_q8(Y, X, W, n, in, out, xt, pool, isa);
+        return;
+    }
+    if (W->kq) {
+        eng__matmul_k(Y, X, W, n, in, out, xt, pool, isa);
         return;
     }
     /* rows per group: all of them in one pass when they fit the registers

@@ -22,9 +22,26 @@ typedef struct {
     st_file st;
 } wfile;
 
+/* A matrix's rows as the GGUF file holds them (ENG_WEIGHTS_Q4_K): their
+ * formats, and the blocks of those in Q4_K or Q6_K, so the matrix can be
+ * repacked from the file's integers rather than requantized from F32. */
+typedef struct {
+    const eng__mat *m;
+    const float *base; /* the matrix's F32 buffer while loading */
+    int64_t rows, cols;
+    size_t stride;     /* bytes of a row in raw: cols / 256 blocks of the largest format */
+    uint8_t *type;     /* [rows] GGML_* of each row's tensor */
+    uint8_t *raw;      /* [rows][stride], allocated when a K-quant tensor arrives */
+} kcap;
+
+#define MAX_CAPS 8
+
 typedef struct {
     wfile *f;
     int n;
+    int keep_k;             /* ENG_WEIGHTS_Q4_K from a GGUF file: capture the matrices' blocks */
+    kcap cap[MAX_CAPS];
+    int ncap;
     const eng__gguf *gg;    /* or the tensors of a GGUF file */
     const char *gpath;      /* ... at this path */
     const eng_config *cfg;  /* (for the heads of q and k in a GGUF file) */
@@ -32,7 +49,14 @@ typedef struct {
     size_t warning_len;
 } wset;
 
+static void cap_drop(kcap *c) {
+    free(c->type);
+    free(c->raw);
+    memset(c, 0, sizeof *c);
+}
+
 static void wset_free(wset *s) {
+    for (int i = 0; i < s->ncap; i++) cap_drop(&s->cap[i]);
     for (int i = 0; i < s->n; i++) {
         st_free(&s->f[i].st);
         eng__unmap_file(s->f[i].map, s->f[i].size);
@@ -77,6 +101,32 @@ static void check_finite(wset *s, const char *file, const char *name, const floa
                  "infinite): the model will compute nonsense", file, name, bad, n);
 }
 
+/* The tensor t of d0 rows is going to dst: if that is in a captured matrix,
+ * note its rows' format and keep its K-quant blocks, rows in our order
+ * (permuted: llama's q or k, whose rows the file interleaves per head). */
+static int cap_rows(wset *s, const float *dst, const gguf_tensor *t, int64_t d0, int64_t d1, int permuted) {
+    kcap *c = NULL;
+    for (int i = 0; i < s->ncap && !c; i++)
+        if (dst >= s->cap[i].base && dst < s->cap[i].base + s->cap[i].rows * s->cap[i].cols) c = &s->cap[i];
+    if (!c || c->cols != d1) return ENG_OK;
+    int64_t r0 = (dst - c->base) / c->cols;
+    if (r0 + d0 > c->rows) return ENG_OK;
+    memset(c->type + r0, (int)t->type, (size_t)d0);
+    if (t->type != GGML_Q4_K && t->type != GGML_Q6_K) return ENG_OK;
+    if (!c->raw && !(c->raw = malloc((size_t)c->rows * c->stride))) return ENG_ENOMEM;
+    size_t rb = (size_t)(d1 / 256) * (t->type == GGML_Q4_K ? 144 : 210);
+    int hd = s->cfg->head_dim;
+    for (int64_t r = 0; r < d0; r++) {
+        int64_t to = r;
+        if (permuted) { /* within a head: file row 2i is our row i, 2i + 1 is i + hd/2 */
+            int64_t h = r / hd * hd, i = r % hd;
+            to = h + (i % 2 ? hd / 2 + i / 2 : i / 2);
+        }
+        memcpy(c->raw + (size_t)(r0 + to) * c->stride, t->data + (size_t)r * rb, rb);
+    }
+    return ENG_OK;
+}
+
 /* A tensor of a GGUF file under its checkpoint name: its shape (innermost
  * dimension first there) checked, converted to F32 into dst, q and k rows
  * back in the halves order. */
@@ -95,6 +145,9 @@ static int load_gguf_tensor(wset *s, const char *name, int64_t d0, int64_t d1, f
                          (unsigned long long)(t->n_dims > 1 ? t->ne[1] : 1), (unsigned long long)want0,
                          (unsigned long long)want1);
     snprintf(cfg->dtype, sizeof cfg->dtype, "%s", gguf_type_name(t->type));
+    int is_q = strstr(gn, ".attn_q.") != NULL, is_k = strstr(gn, ".attn_k.") != NULL;
+    int permuted = (is_q || is_k) && eng__gguf_permuted(&s->gg->g);
+    if (d1 && cap_rows(s, dst, t, d0, d1, permuted)) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
     size_t n = (size_t)d0 * (size_t)(d1 ? d1 : 1);
     /* a chunk at a time, its file pages dropped as it is read: the mapping
      * and the F32 copy of a large tensor are never resident together */
@@ -105,8 +158,7 @@ static int load_gguf_tensor(wset *s, const char *name, int64_t d0, int64_t d1, f
         gguf_to_f32(t->type, t->data + k / blk_e * blk_b, dst + k, m);
         drop_pages(t->data + k / blk_e * blk_b, m / blk_e * blk_b);
     }
-    int is_q = strstr(gn, ".attn_q.") != NULL, is_k = strstr(gn, ".attn_k.") != NULL;
-    if ((is_q || is_k) && eng__gguf_permuted(&s->gg->g)) {
+    if (permuted) {
         int hd = s->cfg->head_dim;
         int64_t cols = d1 ? d1 : 1;
         float *tmp = malloc((size_t)hd * (size_t)cols * sizeof *tmp);
@@ -202,15 +254,16 @@ void eng__free_weights(eng__weights *w, const eng_config *c) {
     if (w->layers)
         for (int l = 0; l < c->n_layers; l++) {
             eng__layer *L = &w->layers[l];
-            free(L->attn_norm); free(L->wqkv.p); free(L->wo.p); free(L->ffn_norm); free(L->w13.p); free(L->w2.p);
+            free(L->attn_norm); eng__mat_free(&L->wqkv); eng__mat_free(&L->wo); free(L->ffn_norm);
+            eng__mat_free(&L->w13); eng__mat_free(&L->w2);
             free(L->bqkv); free(L->bo); free(L->b13); free(L->b2); free(L->q_norm); free(L->k_norm);
-            free(L->post_attn_norm); free(L->post_ffn_norm); free(L->router.p);
-            for (int e = 0; e < c->n_experts && L->ew13; e++) free(L->ew13[e].p);
-            for (int e = 0; e < c->n_experts && L->ew2; e++) free(L->ew2[e].p);
+            free(L->post_attn_norm); free(L->post_ffn_norm); eng__mat_free(&L->router);
+            for (int e = 0; e < c->n_experts && L->ew13; e++) eng__mat_free(&L->ew13[e]);
+            for (int e = 0; e < c->n_experts && L->ew2; e++) eng__mat_free(&L->ew2[e]);
             free(L->ew13); free(L->ew2);
         }
-    if (w->lm_head.p != w->embed.p) free(w->lm_head.p);
-    free(w->embed.p);
+    if (w->lm_head.p != w->embed.p) eng__mat_free(&w->lm_head);
+    eng__mat_free(&w->embed);
     free(w->layers);
     free(w->norm);
     memset(w, 0, sizeof *w);
@@ -246,23 +299,29 @@ static int mat_to_bf16(eng__weights *w, eng__mat *m, size_t n) {
     return ENG_OK;
 }
 
+static int convert_k(wset *s, eng__weights *w, eng__mat *m, int out, int in);
+
 /* A packed F32 matrix to the weights' kind (F32: as it is). */
-static int convert_mat(eng__weights *w, eng__mat *m, int kind, int out, int in) {
+static int convert_mat(wset *s, eng__weights *w, eng__mat *m, int kind, int out, int in) {
     if (kind == ENG_WEIGHTS_BF16) return mat_to_bf16(w, m, eng__mat_elems(out, in));
     if (kind == ENG_WEIGHTS_Q8_0) return eng__mat_to_q8(w, m, out, in);
+    if (kind == ENG_WEIGHTS_Q4_K) return convert_k(s, w, m, out, in);
     return ENG_OK;
 }
 
 /* Layer l's matrices to kind, as soon as the layer is loaded and hashed: the
  * F32 copy of the whole model never exists at once. */
-static int convert_layer(eng__weights *w, const eng_config *c, int l, int kind) {
+static int convert_layer(wset *s, eng__weights *w, const eng_config *c, int l, int kind) {
     int H = c->hidden_size, F = c->intermediate_size, Fe = c->moe_intermediate_size;
     int QD = c->n_heads * c->head_dim, KD = c->n_kv_heads * c->head_dim;
     eng__layer *L = &w->layers[l];
-    if (convert_mat(w, &L->wqkv, kind, QD + 2 * KD, H) || convert_mat(w, &L->wo, kind, H, QD)) return ENG_ENOMEM;
-    if (L->w13.p && (convert_mat(w, &L->w13, kind, 2 * F, H) || convert_mat(w, &L->w2, kind, H, F))) return ENG_ENOMEM;
+    if (convert_mat(s, w, &L->wqkv, kind, QD + 2 * KD, H) || convert_mat(s, w, &L->wo, kind, H, QD)) return ENG_ENOMEM;
+    if (L->w13.p && (convert_mat(s, w, &L->w13, kind, 2 * F, H) || convert_mat(s, w, &L->w2, kind, H, F)))
+        return ENG_ENOMEM;
     for (int e = 0; L->ew13 && e < c->n_experts; e++) /* the router stays F32: it picks the experts */
-        if (convert_mat(w, &L->ew13[e], kind, 2 * Fe, H) || convert_mat(w, &L->ew2[e], kind, H, Fe)) return ENG_ENOMEM;
+        if (convert_mat(s, w, &L->ew13[e], kind, 2 * Fe, H) || convert_mat(s, w, &L->ew2[e], kind, H, Fe))
+            return ENG_ENOMEM;
+    s->ncap = 0; /* (every capture was dropped) */
 #ifdef __GLIBC__
     malloc_trim(0); /* the freed F32 of heap-allocated matrices goes back to the system */
 #endif
@@ -279,6 +338,49 @@ static void plus_one(float *w, int64_t n) {
 static int mat_alloc(eng__weights *w, eng__mat *m, int64_t rows, int64_t cols) {
     m->p = walloc(w, eng__mat_elems((int)rows, (int)cols));
     return m->p ? ENG_OK : ENG_ENOMEM;
+}
+
+/* ... whose rows' GGUF blocks are captured (s->keep_k). */
+static int mat_alloc_cap(wset *s, eng__weights *w, eng__mat *m, int64_t rows, int64_t cols) {
+    if (mat_alloc(w, m, rows, cols)) return ENG_ENOMEM;
+    if (!s->keep_k || s->ncap == MAX_CAPS) return ENG_OK;
+    kcap *c = &s->cap[s->ncap];
+    *c = (kcap){m, m->p, rows, cols, (size_t)(cols / 256) * 210, calloc((size_t)rows, 1), NULL};
+    if (!c->type) return ENG_ENOMEM;
+    s->ncap++;
+    return ENG_OK;
+}
+
+/* Matrix m in K-quants: from the file's blocks where every row has them (and
+ * each panel one format); from the file's values where they are Q8_0 (which
+ * requantizing gives back); else quantized by us, to Q4_K, or to Q8_0 when
+ * its rows are not whole super-blocks. The capture is dropped. */
+static int convert_k(wset *s, eng__weights *w, eng__mat *m, int out, int in) {
+    kcap *c = NULL;
+    for (int i = 0; i < s->ncap && !c; i++)
+        if (s->cap[i].m == m) c = &s->cap[i];
+    int rc = ENG_EFORMAT, all_q8 = c != NULL;
+    if (c) {
+        for (int64_t r = 0; r < c->rows; r++) all_q8 &= c->type[r] == GGML_Q8_0;
+        if (c->raw) rc = eng__mat_to_k(w, m, out, in, c->raw, c->stride, c->type);
+        cap_drop(c);
+        if (rc != ENG_EFORMAT) return rc;
+    }
+    if (all_q8 || in % 256) return eng__mat_to_q8(w, m, out, in);
+    size_t nsb = (size_t)in / 256, stride = nsb * 144;
+    uint8_t *raw = malloc((size_t)out * stride), *types = malloc((size_t)out);
+    float *row = malloc((size_t)in * sizeof *row);
+    if (!raw || !types || !row) rc = ENG_ENOMEM;
+    for (int r = 0; r < out && rc != ENG_ENOMEM; r++) {
+        eng__mat_row(m, (size_t)r, in, row);
+        for (size_t b = 0; b < nsb; b++) eng__k4_quantize(row + b * 256, raw + (size_t)r * stride + b * 144);
+        types[r] = GGML_Q4_K;
+    }
+    if (rc != ENG_ENOMEM) rc = eng__mat_to_k(w, m, out, in, raw, stride, types);
+    free(raw);
+    free(types);
+    free(row);
+    return rc;
 }
 
 /* One mixture-of-experts layer: the router and every expert's gate, up and
@@ -329,8 +431,9 @@ static int load_layer(wset *s, eng_model *m, int l, char *err, size_t errlen) {
     int rc;
     L->attn_norm = walloc(w, (size_t)H);
     L->ffn_norm = walloc(w, (size_t)H);
-    if (!L->attn_norm || !L->ffn_norm || mat_alloc(w, &L->wqkv, QD + 2 * KD, H) || mat_alloc(w, &L->wo, H, QD) ||
-        (!moe && (mat_alloc(w, &L->w13, 2 * F, H) || mat_alloc(w, &L->w2, H, F))))
+    if (!L->attn_norm || !L->ffn_norm || mat_alloc_cap(s, w, &L->wqkv, QD + 2 * KD, H) ||
+        mat_alloc_cap(s, w, &L->wo, H, QD) ||
+        (!moe && (mat_alloc_cap(s, w, &L->w13, 2 * F, H) || mat_alloc_cap(s, w, &L->w2, H, F))))
         return eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights");
 #define OPT(ptr, count) \
     if (!((ptr) = walloc(w, (size_t)(count)))) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
@@ -463,6 +566,7 @@ static uint64_t fp_tail(const eng_model *m, uint64_t h) {
     int prec[2] = {m->wkind == ENG_WEIGHTS_BF16, m->opt.kv_f16 != 0}; /* another precision computes other logits */
     h = eng__hash64(prec, sizeof prec, h);
     if (m->wkind == ENG_WEIGHTS_Q8_0) h = eng__hash64("q8_0", 4, h); /* (the earlier fingerprints stay as they were) */
+    if (m->wkind == ENG_WEIGHTS_Q4_K) h = eng__hash64("q4_k", 4, h);
     return h;
 }
 
@@ -478,17 +582,17 @@ int eng__load_weights(eng_model *m, const char *dir, const eng__gguf *gg, char *
     int rc = gg ? ENG_OK : open_weight_files(&s, dir, err, errlen);
     if (rc) goto out;
     const int64_t H = c->hidden_size, V = c->vocab_size;
-    w->embed.p = walloc(w, eng__mat_elems((int)V, (int)H));
+    s.keep_k = gg && m->wkind == ENG_WEIGHTS_Q4_K;
     w->norm = walloc(w, (size_t)H);
     w->layers = calloc((size_t)c->n_layers, sizeof *w->layers);
-    if (!w->embed.p || !w->norm || !w->layers) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights"); goto out; }
+    if (mat_alloc_cap(&s, w, &w->embed, V, H) || !w->norm || !w->layers) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory for weights"); goto out; }
     if ((rc = load_tensor(&s, "model.embed_tokens.weight", V, H, eng__f32(&w->embed), c, err, errlen))) goto out;
     if ((rc = load_tensor(&s, "model.norm.weight", H, 0, w->norm, c, err, errlen))) goto out;
     if (c->gemma) plus_one(w->norm, H);
     if (c->tie_embeddings) {
         w->lm_head = w->embed;
     } else {
-        if (!(w->lm_head.p = walloc(w, eng__mat_elems((int)V, (int)H)))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
+        if (mat_alloc_cap(&s, w, &w->lm_head, V, H)) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
         if ((rc = load_tensor(&s, "lm_head.weight", V, H, eng__f32(&w->lm_head), c, err, errlen))) goto out;
     }
     if (eng__mat_pack(&w->embed, (int)V, (int)H) ||
@@ -498,16 +602,17 @@ int eng__load_weights(eng_model *m, const char *dir, const eng__gguf *gg, char *
     }
     /* hashed in F32, then converted: from here one layer at a time is F32 */
     uint64_t h = fp_head(m);
-    if (convert_mat(w, &w->embed, m->wkind, (int)V, (int)H) ||
-        (!c->tie_embeddings && convert_mat(w, &w->lm_head, m->wkind, (int)V, (int)H))) {
+    if (convert_mat(&s, w, &w->embed, m->wkind, (int)V, (int)H) ||
+        (!c->tie_embeddings && convert_mat(&s, w, &w->lm_head, m->wkind, (int)V, (int)H))) {
         rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights");
         goto out;
     }
     if (c->tie_embeddings) w->lm_head = w->embed;
+    s.ncap = 0;
     for (int l = 0; l < c->n_layers; l++) {
         if ((rc = load_layer(&s, m, l, err, errlen))) goto out;
         h = fp_layer(m, l, h);
-        if (convert_layer(w, c, l, m->wkind)) {
+        if (convert_layer(&s, w, c, l, m->wkind)) {
             rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory converting the weights");
             goto out;
         }
@@ -583,9 +688,11 @@ int eng_model_open(eng_model **out, const char *dir, const eng_options *opt, cha
         goto fail;
     }
     m->wkind = m->opt.bf16_weights ? ENG_WEIGHTS_BF16 : m->opt.weights;
-    if (m->wkind == ENG_WEIGHTS_AUTO) { /* a Q8_0 file runs in Q8_0; everything else in F32 */
+    if (m->wkind == ENG_WEIGHTS_AUTO) { /* a Q8_0 file runs in Q8_0, a K-quant one in K-quants; else F32 */
         const gguf_tensor *t = gguf ? gguf_tensor_find(&gf.g, "blk.0.attn_q.weight") : NULL;
-        m->wkind = t && t->type == GGML_Q8_0 ? ENG_WEIGHTS_Q8_0 : ENG_WEIGHTS_F32;
+        m->wkind = t && t->type == GGML_Q8_0                              ? ENG_WEIGHTS_Q8_0
+                   : t && (t->type == GGML_Q4_K || t->type == GGML_Q6_K) ? ENG_WEIGHTS_Q4_K
+                                                                          : ENG_WEIGHTS_F32;
     }
     rc = eng__load_weights(m, dir, gguf ? &gf : NULL, err, errlen);
     eng__gguf_close(&gf); /* the weights are copied out */

@@ -99,13 +99,13 @@ static int set(srv_config *c, const opt *o, const char *v, const char *from, cha
         else break;
         return 0;
     case T_WEIGHTS: {
-        static const char *const names[] = {"f32", "bf16", "q8_0"};
-        for (int i = 0; i < 3; i++)
+        static const char *const names[] = {"f32", "bf16", "q8_0", "q4_k"};
+        for (int i = 0; i < 4; i++)
             if (!strcmp(v, names[i])) {
                 *(int *)dst = ENG_WEIGHTS_F32 + i;
                 return 0;
             }
-        snprintf(err, errlen, "%s: f32, bf16 or q8_0 (got \"%s\")", from, v);
+        snprintf(err, errlen, "%s: f32, bf16, q8_0 or q4_k (got \"%s\")", from, v);
         return -1;
     }
     case T_F16: {

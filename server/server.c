@@ -237,6 +237,7 @@ int srv_open(srv **out, const srv_config *cfg) {
     LOG_INFO("model loaded in %.2fs: %s files, weights held in %s (%zu MiB), %d %s KV blocks of %d tokens, "
              "BLAS kernels %s; serving",
              srv__now_s() - t0, eng_model_config(s->model)->dtype, eng_model_weights(s->model) == ENG_WEIGHTS_Q8_0 ? "Q8_0"
+             : eng_model_weights(s->model) == ENG_WEIGHTS_Q4_K ? "K-quants (Q4_K/Q6_K)"
              : eng_model_weights(s->model) == ENG_WEIGHTS_BF16 ? "BF16" : "F32",
              eng_model_weight_bytes(s->model) >> 20, st.blocks_total, s->cfg.kv_f16 ? "F16" : "F32",
              st.block_tokens, eng_blas_core());

@@ -8,7 +8,8 @@ directory must give the same bytes: the F32/F16/BF16 files against the safetenso
 were written from (llama's q/k rows interleaved as llama.cpp stores them, and back), the
 quantized files against their dequantized twins (the same values in F32, written by the
 writer's own dequantizer: the C one must agree with it to the bit), GGUF v2 and v3 alike, and
-with --weights bf16; a Q8_0 file run in Q8_0 (its default) as the F32 model quantized at load. The tokenizer and the chat template read from a GGUF file give the same
+with --weights bf16; a Q8_0 file run in Q8_0 (its default) as the F32 model quantized at load, and a
+Q4_K file run in its K-quant blocks (its default) as the F32 model quantized to Q4_K at load. The tokenizer and the chat template read from a GGUF file give the same
 ids and the same text as the directory's files.
 """
 import argparse
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-F32, BF16, Q8 = ["--weights", "f32"], ["--weights", "bf16"], ["--weights", "q8_0"]
+F32, BF16, Q8, Q4K = ["--weights", "f32"], ["--weights", "bf16"], ["--weights", "q8_0"], ["--weights", "q4_k"]
 PAIRS = [  # (gguf, its options, directory, its options)
     ("tiny", [], "tiny", []), ("tiny-v2", [], "tiny", []), ("tiny-untied", [], "tiny-untied", []),
     ("tiny-qwen2", [], "tiny-qwen2", []), ("tiny-qwen3", [], "tiny-qwen3", []),
@@ -27,13 +28,18 @@ PAIRS = [  # (gguf, its options, directory, its options)
     ("tiny", BF16, "tiny", BF16), ("tiny", Q8, "tiny", Q8),
     # quantized files dequantized to F32 = their dequantized twins
     ("tiny-q8_0", F32, "gguf/tiny-q8_0.deq", F32), ("tiny-q4_0", [], "gguf/tiny-q4_0.deq", []),
-    ("tiny-k-q8_0", F32, "gguf/tiny-k-q8_0.deq", F32), ("tiny-k-q4_k", [], "gguf/tiny-k-q4_k.deq", []),
-    ("tiny-k-q6_k", [], "gguf/tiny-k-q6_k.deq", []), ("tiny-k-q4_k_m", [], "gguf/tiny-k-q4_k_m.deq", []),
+    ("tiny-k-q8_0", F32, "gguf/tiny-k-q8_0.deq", F32), ("tiny-k-q4_k", F32, "gguf/tiny-k-q4_k.deq", F32),
+    ("tiny-k-q6_k", F32, "gguf/tiny-k-q6_k.deq", F32), ("tiny-k-q4_k_m", F32, "gguf/tiny-k-q4_k_m.deq", F32),
     ("tiny-k-q4_k_m", BF16 + ["--kv", "f16"], "gguf/tiny-k-q4_k_m.deq", BF16 + ["--kv", "f16"]),
     ("tiny-qwen3-q4_k_m", F32, "gguf/tiny-qwen3-q4_k_m.deq", F32),  # (rows of 64: Q8_0 in the file)
     # a Q8_0 file runs in Q8_0 by default, with its own values: the F32 model quantized at load
     # (our quantizer, ggml's reference one) computes the same
     ("tiny-q8_0", [], "tiny", Q8), ("tiny-k-q8_0", [], "tiny-k", Q8), ("tiny-k-q8_0", [], "gguf/tiny-k-q8_0.deq", Q8),
+    ("tiny-qwen3-q4_k_m", [], "gguf/tiny-qwen3-q4_k_m.deq", Q8),
+    # a K-quant file runs in its own blocks by default; --weights q4_k quantizes the F32 model at load
+    # with our quantizer, the writer's: the same blocks, the same logits. Rows that are not whole
+    # super-blocks of 256 (tiny's 64) are Q8_0 under q4_k, in a Q8_0 file as in a directory.
+    ("tiny-k-q4_k", [], "tiny-k", Q4K), ("tiny-k-q4_k", Q4K, "tiny-k", Q4K), ("tiny-q8_0", Q4K, "tiny", Q8),
 ]
 IDS = "1 5 9 200 17 3 999 42 7 64 128 256 511 2 3 4 5 6 7 8 9 10"
 TEXTS = ["Hello, world! 12345", "  spaces\tand\nlines  ", "naïve café — ünïcödé 東京 🙂", ""]

@@ -48,9 +48,11 @@ def main(argv=None):
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--keep", action="store_true", help="keep the logits file")
-    ap.add_argument("--weights", choices=("f32", "bf16", "q8_0"), default="f32",
+    ap.add_argument("--weights", choices=("f32", "bf16", "q8_0", "q4_k"), default="f32",
                     help="kvserve's weight precision; bf16: the reference rounds the matrices alike; q8_0: "
-                         "the reference quantizes the matrices and each product's input as kvserve does")
+                         "the reference quantizes the matrices and each product's input as kvserve does; "
+                         "q4_k: the matrices as --model holds them (a K-quant GGUF file's dequantized "
+                         "twin), each product's input quantized as kvserve does")
     ap.add_argument("--kv", choices=("f32", "f16"), default="f32",
                     help="kvserve's KV precision; f16: the reference rounds keys and values alike")
     a = ap.parse_args(argv)
@@ -66,7 +68,8 @@ def main(argv=None):
         print("%s %s: %s" % ("PASS" if ok else "FAIL", name, msg), flush=True)
 
     t0 = time.time()
-    m = ref_llama.LlamaRef(a.model, bf16_matrices=a.weights == "bf16", kv_f16=a.kv == "f16", q8=a.weights == "q8_0")
+    m = ref_llama.LlamaRef(a.model, bf16_matrices=a.weights == "bf16", kv_f16=a.kv == "f16", q8=a.weights == "q8_0",
+                            kquant=a.weights == "q4_k")
     wopt = ["--weights", a.weights, "--kv", a.kv]
     rng = np.random.default_rng(a.seed)
     ids = [int(t) for t in rng.integers(3, m.V, size=a.n_prompt)]
@@ -105,7 +108,7 @@ def main(argv=None):
                 finite = bool(np.isfinite(got).all())
                 ok = finite and rel <= a.tol
                 flips = int((per_pos > a.tol).sum())
-                if a.weights == "q8_0" and finite and flips <= len(ids) // 4 and rel <= 5e-2:
+                if a.weights in ("q8_0", "q4_k") and finite and flips <= len(ids) // 4 and rel <= 5e-2:
                     # An activation within float rounding of a half step quantizes to the next
                     # 8-bit value in one of the two (float32 here, float64 there): that position,
                     # and through its keys and values the later ones, move by up to ~2e-2. Most
@@ -114,7 +117,7 @@ def main(argv=None):
                 msg = ("max|diff| %.3e, max|ref| %.3e, relative %.3e (tol %.0e) [worst at pos %d id %d; "
                        "engine %.2fs, ref %.2fs]" % (maxdiff, maxref, rel, a.tol, pos, tok, dt,
                                                      time.time() - t1))
-                if a.weights == "q8_0":
+                if a.weights in ("q8_0", "q4_k"):
                     rest = np.sort(per_pos)[:len(ids) - flips]
                     msg += "; %d of %d positions past the tol (a rounding flip of an 8-bit activation), the " \
                            "others within %.1e" % (flips, len(ids), float(rest.max()) if rest.size else 0.0)
@@ -176,7 +179,7 @@ def main(argv=None):
                 msg += "\n  reference: " + " ".join(map(str, ref_gen))
                 # Q8_0: a rounding flip of an 8-bit activation (see the logits check) can move a
                 # logit by ~2e-2 of the largest; a later near-tie within that may go either way
-                flip_ok = (a.weights == "q8_0" and len(gen) == len(ref_gen) and k >= a.n_gen // 4
+                flip_ok = (a.weights in ("q8_0", "q4_k") and len(gen) == len(ref_gen) and k >= a.n_gen // 4
                            and k < len(gen) and gaps[k] <= 2e-2 * abs(float(lg[order[0]])))
                 if flip_ok:
                     msg = "Q8_0: %d/%d ids match, then a near-tie within a rounding flip's reach: %s" % (k, a.n_gen, msg)

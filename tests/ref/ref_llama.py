@@ -131,10 +131,10 @@ def q8_values(a):
     return _q8(a, True)
 
 
-def _q8(a, half):
-    if np.shape(a)[-1] % 32:  # rows that are not whole blocks stay as they are (so does kvserve)
+def _q8(a, half, n=32):
+    if np.shape(a)[-1] % n:  # rows that are not whole blocks stay as they are (so does kvserve)
         return a
-    b = np.asarray(a, dtype=np.float32).reshape(-1, 32)
+    b = np.asarray(a, dtype=np.float32).reshape(-1, n)
     d = np.abs(b).max(axis=1) / np.float32(127)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0).astype(np.float32)
     q = np.clip(np.rint(b * inv[:, None]), -127, 127)
@@ -147,18 +147,26 @@ def q8_activations(h):
     return _q8(h, False)
 
 
+def k_activations(h):
+    """An activation row as kvserve's K-quant products see it: float32, quantized per 256 like
+    Q8_0's per 32 (a row that is not whole blocks of 256 meets a Q8_0 matrix: per 32)."""
+    return _q8(h, False, 256) if np.shape(h)[-1] % 256 == 0 else _q8(h, False)
+
+
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 class LlamaRef:
-    def __init__(self, model_dir, bf16_matrices=False, kv_f16=False, q8=False):
+    def __init__(self, model_dir, bf16_matrices=False, kv_f16=False, q8=False, kquant=False):
         """bf16_matrices: round every weight matrix (not the norms) to bfloat16 first, as
         kvserve does with --weights bf16. kv_f16: round keys (after RoPE) and values to IEEE
         half before attention, as kvserve's --kv f16 cache holds them. q8: the matrices in Q8_0
         (q8_values) and every product's input quantized likewise (q8_activations), as kvserve
-        computes with --weights q8_0."""
+        computes with --weights q8_0. kquant: the matrices as the directory holds them (the
+        dequantized values of a K-quant GGUF file) and every product's input quantized as kvserve
+        does with --weights q4_k (k_activations)."""
         self.kv_f16 = kv_f16
-        self.act = q8_activations if q8 else (lambda h: h)
+        self.act = q8_activations if q8 else k_activations if kquant else (lambda h: h)
         with open(os.path.join(model_dir, "config.json")) as f:
             c = json.load(f)
         self.cfg = c

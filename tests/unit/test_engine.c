@@ -482,7 +482,7 @@ static void test_matmul_kernel(void) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             X[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
         }
-        eng__mat packed = {Wp, 0, 0};
+        eng__mat packed = {.p = Wp};
         memcpy(Wp, W, (size_t)out * in * sizeof *W);
         CHECK(eng__mat_pack(&packed, out, in) == ENG_OK);
         for (size_t i = 0; i < elems; i++) { /* BF16 by truncation: any BF16 values will do */
@@ -494,7 +494,7 @@ static void test_matmul_kernel(void) {
         eng__mat_row(&packed, (size_t)out - 1, in, row); /* the layout keeps every row */
         CHECK(!memcmp(row, W + (size_t)(out - 1) * in, (size_t)in * sizeof *row));
         for (int bf = 0; bf < 2; bf++) {
-            eng__mat m = {bf ? (void *)Wh : (void *)Wp, bf, 0};
+            eng__mat m = {.p = bf ? (void *)Wh : (void *)Wp, .bf16 = bf};
             for (int n = 1; n <= nmax; n += n < 18 ? 1 : 11) {
                 for (int ii = 0; ii < n_isa; ii++) {
                     eng__matmul_isa(isas[ii]);
@@ -561,7 +561,7 @@ static void test_matmul_q8(void) {
             X[i] = (float)((double)(x % 2001) / 1000.0 - 1.0);
         }
         eng__weights w = {0};
-        eng__mat m = {Wp, 0, 0};
+        eng__mat m = {.p = Wp};
         CHECK(eng__mat_pack(&m, out, in) == ENG_OK && eng__mat_to_q8(&w, &m, out, in) == ENG_OK && m.q8);
         for (int n = 1; n <= nmax; n += n < 10 ? 1 : 11) {
             for (int ii = 0; ii < n_isa; ii++) {
@@ -607,6 +607,124 @@ static void test_matmul_q8(void) {
     eng__pool_free(pool);
 }
 
+/* K-quant matrices (matmul_k.c) from GGUF blocks: Q4_K ones of our quantizer
+ * and of random bytes (every scale, min and value a file may hold), Q6_K ones
+ * of random bytes, panels of both formats in one matrix. A row reads back as
+ * the format's dequantized values exactly; the AVX2 and scalar paths agree
+ * bitwise; every row of a batch equals the row alone; the result is the
+ * float64 product of the dequantized values with x quantized per 256 as the
+ * engine does, within float rounding. */
+static uint64_t xs64(uint64_t *x) {
+    *x ^= *x << 13; *x ^= *x >> 7; *x ^= *x << 17;
+    return *x;
+}
+
+static void random_k_block(uint64_t *x, int type, uint8_t *b, const float *vals) {
+    size_t n = type == GGML_Q4_K ? 144 : 210;
+    for (size_t i = 0; i < n; i++) b[i] = (uint8_t)xs64(x);
+    float dv = (float)(xs64(x) % 1000 + 1) * 1e-5f;
+    uint16_t d = eng__f32_to_f16(dv), dm = eng__f32_to_f16(dv * 0.5f);
+    if (type == GGML_Q4_K) {
+        memcpy(b, &d, 2);
+        memcpy(b + 2, &dm, 2);
+        if (vals) eng__k4_quantize(vals, b);
+    } else {
+        memcpy(b + 208, &d, 2);
+    }
+}
+
+static void test_matmul_k(void) {
+    eng__pool *pool = eng__pool_new(2);
+    const int shapes[][3] = {{256, 16, 0}, {512, 40, 1}, {256, 7, 2}, {768, 33, 1}}; /* in, out, kind of rows */
+    int isas[2], n_isa = 0;
+    isas[n_isa++] = ENG__ISA_SCALAR;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas[n_isa++] = ENG__ISA_AVX2;
+#endif
+    uint64_t x = 4242;
+    for (size_t sh = 0; sh < sizeof shapes / sizeof *shapes; sh++) {
+        int in = shapes[sh][0], out = shapes[sh][1], kind = shapes[sh][2], nmax = 19, nsb = in / 256;
+        size_t stride = (size_t)nsb * 210;
+        uint8_t *raw = calloc((size_t)out, stride), types[64];
+        float *Wf = malloc((size_t)out * in * sizeof *Wf), *X = malloc((size_t)nmax * in * sizeof *X);
+        float *Y = malloc((size_t)nmax * out * sizeof *Y), *Y1 = malloc((size_t)out * sizeof *Y1);
+        float *Yref = malloc((size_t)nmax * out * sizeof *Yref), *xt = malloc((size_t)nmax * in * sizeof *xt);
+        float vals[256];
+        for (int r = 0; r < out; r++) {
+            /* kind 0: our quantizer's Q4_K; 1: panels alternate Q4_K (random) and Q6_K; 2: Q6_K */
+            int t = kind == 0 ? GGML_Q4_K : kind == 2 ? GGML_Q6_K : (r / 16) % 2 ? GGML_Q6_K : GGML_Q4_K;
+            types[r] = (uint8_t)t;
+            for (int b = 0; b < nsb; b++) {
+                for (int k = 0; k < 256; k++) vals[k] = (float)((double)(xs64(&x) % 2001) / 1000.0 - 1.0) * (k % 5 ? 1 : 4);
+                uint8_t *blk = raw + (size_t)r * stride + (size_t)b * (t == GGML_Q4_K ? 144 : 210);
+                random_k_block(&x, t, blk, kind == 0 ? vals : NULL);
+                gguf_to_f32((uint32_t)t, blk, Wf + (size_t)r * in + b * 256, 256);
+            }
+        }
+        for (int i = 0; i < nmax * in; i++) X[i] = (float)((double)(xs64(&x) % 2001) / 1000.0 - 1.0);
+        for (int k = 0; k < in; k++) X[k] = 1.0f; /* row 0: every activation the largest quant */
+        memset(X + in, 0, (size_t)in * sizeof *X); /* row 1: zero */
+        eng__weights w = {0};
+        eng__mat m = {.p = malloc(eng__mat_elems(out, in) * sizeof(float))};
+        if (out > 16) { /* a panel of two formats is refused, and nothing changes */
+            uint8_t bad[64];
+            memcpy(bad, types, sizeof bad);
+            bad[17] = bad[17] == GGML_Q4_K ? GGML_Q6_K : GGML_Q4_K;
+            CHECK(eng__mat_to_k(&w, &m, out, in, raw, stride, bad) == ENG_EFORMAT && !m.kq);
+        }
+        CHECK(eng__mat_to_k(&w, &m, out, in - 32, raw, stride, types) == ENG_EFORMAT && !m.kq);
+        CHECK(eng__mat_to_k(&w, &m, out, in, raw, stride, types) == ENG_OK && m.kq);
+        int rows_same = 1;
+        for (int r = 0; r < out; r++) {
+            float row[768];
+            eng__mat_row(&m, (size_t)r, in, row);
+            rows_same &= !memcmp(row, Wf + (size_t)r * in, (size_t)in * sizeof *row);
+        }
+        CHECK_MSG(rows_same, "K-quant in %d out %d: a row does not read back as its dequantized values", in, out);
+        for (int n = 1; n <= nmax; n += n < 10 ? 1 : 9) {
+            for (int ii = 0; ii < n_isa; ii++) {
+                eng__matmul_isa(isas[ii]);
+                eng__matmul(Y, X, &m, n, in, out, xt, pool);
+                if (ii == 0) memcpy(Yref, Y, (size_t)n * out * sizeof *Y);
+                CHECK_MSG(!memcmp(Yref, Y, (size_t)n * out * sizeof *Y), "K in %d out %d n %d: ISA %d differs from scalar",
+                          in, out, n, isas[ii]);
+                int same = 1;
+                for (int i = 0; i < n; i++) {
+                    eng__matmul(Y1, X + (size_t)i * in, &m, 1, in, out, xt, pool);
+                    same &= !memcmp(Y1, Y + (size_t)i * out, (size_t)out * sizeof *Y1);
+                }
+                CHECK_MSG(same, "K in %d out %d n %d ISA %d: a row differs from the same row alone", in, out, n, isas[ii]);
+            }
+            double worst = 0;
+            for (int i = 0; i < n; i++) {
+                float xq[768];
+                const float *xi = X + (size_t)i * in;
+                for (int b = 0; b < nsb; b++) { /* x quantized as the engine does, per 256 */
+                    float amax = 0;
+                    for (int k = 0; k < 256; k++) amax = fabsf(xi[b * 256 + k]) > amax ? fabsf(xi[b * 256 + k]) : amax;
+                    float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+                    for (int k = 0; k < 256; k++) xq[b * 256 + k] = d * rintf(xi[b * 256 + k] * id);
+                }
+                for (int o = 0; o < out; o++) {
+                    double ref = 0, mag = 0;
+                    for (int k = 0; k < in; k++) {
+                        double wv = Wf[(size_t)o * in + k];
+                        ref += wv * xq[k];
+                        mag += fabs(wv * xq[k]);
+                    }
+                    double e = fabs(Y[(size_t)i * out + o] - ref) / (mag + 1e-30);
+                    worst = e > worst ? e : worst;
+                }
+            }
+            CHECK_MSG(worst < 1e-5, "K in %d out %d n %d: relative error %.2e", in, out, n, worst);
+        }
+        eng__matmul_isa(-1);
+        eng__mat_free(&m);
+        free(raw); free(Wf); free(X); free(Y); free(Y1); free(Yref); free(xt);
+    }
+    eng__pool_free(pool);
+}
+
 static void test_sampler_repetition_penalty(void) {
     eng__sampler *s = eng__sampler_new(3);
     eng__rng rng;
@@ -632,6 +750,7 @@ int main(int argc, char **argv) {
         {"weights_f32_bf16_f16_sharded_untied", test_weight_formats},
         {"matmul_kernel_tails_and_batch_invariance", test_matmul_kernel},
         {"matmul_q8_isa_and_batch_invariance", test_matmul_q8},
+        {"matmul_k_isa_and_batch_invariance", test_matmul_k},
         {"chunked_prefill_matches_single_pass", test_chunked_prefill},
         {"kv_decode_matches_full_recompute", test_kv_decode_matches_recompute},
         {"seeded_sampling_reproducible", test_seeded_sampling},

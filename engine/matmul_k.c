@@ -1,0 +1,536 @@
+/* matmul_k.c — Y = X · Wᵀ with W in ggml's K-quants, Q4_K and Q6_K, kept as
+ * their integers: a GGUF file's blocks are repacked exactly, and an F32
+ * matrix can be quantized to Q4_K here (--weights q4_k).
+ *
+ * The formats (per row, super-blocks of 256 columns):
+ *   Q4_K: half d and dmin; per sub-block j of 32 a 6-bit scale sc[j] and a
+ *         6-bit min m[j]; 4-bit q: value = d * sc[j] * q - dmin * m[j].
+ *   Q6_K: half d; per sub-block j of 16 a signed 8-bit scale sc[j]; 6-bit
+ *         q: value = d * sc[j] * (q - 32).
+ *
+ * Layout. Panels of 16 rows, as everywhere (matmul.c); each panel holds one
+ * format (a matrix stacked from tensors of two formats, as a Q4_K_M file's
+ * attention with its Q6_K values, has panels of both), and its super-blocks
+ * follow one another, each the 16 rows':
+ *   Q4_K (2432 bytes): d[16], dmin[16] as float; sc[8][16], m[8][16] bytes;
+ *         then per sub-block four chunks of 64 bytes, chunk c holding
+ *         columns 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high nibbles) as
+ *         16 rows × 4 bytes. 4.75 bits a weight (the file's 4.5).
+ *   Q6_K (4416 bytes): d[16] as float; sc[16][16] signed bytes; the values
+ *         q - 32 as signed bytes, per sub-block four groups of 4 columns, each
+ *         16 rows × 4 bytes. 8.6 bits a weight (the file's 6.56): simpler and
+ *         faster to multiply than 6-bit planes, at 31% more memory for the
+ *         Q6_K parts of a file (in Q4_K_M, the output and some of attn_v and
+ *         ffn_down).
+ *
+ * Products. X's rows are quantized per 256 columns (float scale dx, values
+ * in [-127, 127], and the sums of each 32 values' quants for the mins). A
+ * super-block's products are exact integer sums:
+ *   Q4_K: isum = Σ_j sc[j] Σ q·xq, msum = Σ_j m[j] Σ xq, then
+ *         a = fma(d·dx, isum, a); a = fma(-(dmin·dx), msum, a).
+ *   Q6_K: isum = Σ_j sc[j] Σ (q - 32)·xq, then a = fma(d·dx, isum, a).
+ * (No sum overflows: |Σ q·xq| per sub-block ≤ 32·15·127 and isum ≤ 2^25 for
+ * Q4_K; |Σ (q-32)·xq| ≤ 16·32·127 and isum ≤ 2^27 for Q6_K; AVX2 keeps the
+ * pairs in 16 bits, at most 16·15·127 and 8·32·127.) The float order is the
+ * same whatever the number of rows, the thread or the instruction set: a
+ * row's result does not depend on the batch, and the AVX2 and scalar paths
+ * agree bitwise. */
+#include "gguf.h"
+#include "internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+#define PANEL 16
+#define SB 256                          /* columns per super-block */
+#define K4_BYTES (128 + 256 + 2048)     /* a panel's Q4_K super-block */
+#define K6_BYTES (64 + 256 + 4096)      /* a panel's Q6_K super-block */
+#define K4_NIB 384                      /* offset of the nibbles */
+#define K6_W 320                        /* offset of the values */
+
+static float half_to_f32(const uint8_t *p) {
+    float f;
+    st_to_f32(ST_F16, p, &f, 1);
+    return f;
+}
+
+static float half_round(float f) {
+    uint16_t h = eng__f32_to_f16(f);
+    return half_to_f32((const uint8_t *)&h);
+}
+
+/* ---- one GGUF block to its integers (the formats' definitions) ----------- */
+static void k4_scale_min(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* Q4_K: q[256] in 0..15 (sub-blocks 2i, 2i+1 share bytes 32i.., low then high nibbles). */
+static void k4_unpack(const uint8_t *b, float *d, float *dmin, uint8_t sc[8], uint8_t mn[8], uint8_t q[SB]) {
+    *d = half_to_f32(b);
+    *dmin = half_to_f32(b + 2);
+    for (int j = 0; j < 8; j++) {
+        int s, m;
+        k4_scale_min(j, b + 4, &s, &m);
+        sc[j] = (uint8_t)s;
+        mn[j] = (uint8_t)m;
+    }
+    for (int i = 0; i < 4; i++)
+        for (int l = 0; l < 32; l++) {
+            q[64 * i + l] = b[16 + 32 * i + l] & 15;
+            q[64 * i + 32 + l] = b[16 + 32 * i + l] >> 4;
+        }
+}
+
+/* Q6_K: w[256] = q - 32 in -32..31 (halves of 128: ql bytes l, l+32 hold
+ * elements l, l+32 low and l+64, l+96 high; qh byte l their top bits). */
+static void k6_unpack(const uint8_t *b, float *d, int8_t sc[16], int8_t w[SB]) {
+    const uint8_t *ql = b, *qh = b + 128;
+    memcpy(sc, b + 192, 16);
+    *d = half_to_f32(b + 208);
+    for (int h = 0; h < 2; h++, ql += 64, qh += 32, w += 128)
+        for (int l = 0; l < 32; l++) {
+            w[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
+            w[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            w[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            w[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+}
+
+/* ---- our Q4_K quantizer (the same arithmetic as tools/gguf_write.py's) ----
+ * Per sub-block: the range from min(x, 0) to max(x), 15 steps; the scales
+ * and mins in 6 bits against the super-block's largest, halved d and dmin. */
+static int clip_rint(float v, int lo, int hi) {
+    float r = rintf(v);
+    return r < (float)lo ? lo : r > (float)hi ? hi : (int)r;
+}
+
+void eng__k4_quantize(const float *x, uint8_t *b) {
+    float scale[8], mins[8], smax = 0, mmax = 0;
+    for (int j = 0; j < 8; j++) {
+        float lo = x[32 * j], hi = x[32 * j];
+        for (int k = 1; k < 32; k++) {
+            lo = x[32 * j + k] < lo ? x[32 * j + k] : lo;
+            hi = x[32 * j + k] > hi ? x[32 * j + k] : hi;
+        }
+        lo = lo < 0 ? lo : 0;
+        scale[j] = (hi - lo) / 15.0f;
+        mins[j] = -lo;
+        smax = scale[j] > smax ? scale[j] : smax;
+        mmax = mins[j] > mmax ? mins[j] : mmax;
+    }
+    float d = half_round(smax / 63.0f), dmin = half_round(mmax / 63.0f);
+    uint8_t sc[8], mq[8], q[SB];
+    for (int j = 0; j < 8; j++) {
+        sc[j] = (uint8_t)(d > 0 ? clip_rint(scale[j] / d, 0, 63) : 0);
+        mq[j] = (uint8_t)(dmin > 0 ? clip_rint(mins[j] / dmin, 0, 63) : 0);
+        float es = d * (float)sc[j], em = dmin * (float)mq[j];
+        for (int k = 0; k < 32; k++) q[32 * j + k] = (uint8_t)(es > 0 ? clip_rint((x[32 * j + k] + em) / es, 0, 15) : 0);
+    }
+    uint16_t hd = eng__f32_to_f16(d), hm = eng__f32_to_f16(dmin);
+    memcpy(b, &hd, 2);
+    memcpy(b + 2, &hm, 2);
+    for (int j = 0; j < 4; j++) {
+        b[4 + j] = (uint8_t)(sc[j] | ((sc[j + 4] >> 4) << 6));
+        b[8 + j] = (uint8_t)(mq[j] | ((mq[j + 4] >> 4) << 6));
+        b[12 + j] = (uint8_t)((sc[j + 4] & 15) | ((mq[j + 4] & 15) << 4));
+    }
+    for (int i = 0; i < 4; i++)
+        for (int l = 0; l < 32; l++) b[16 + 32 * i + l] = (uint8_t)(q[64 * i + l] | (q[64 * i + 32 + l] << 4));
+}
+
+/* ---- packing ---------------------------------------------------------------- */
+static size_t panel_bytes(int type, size_t nsb) { return nsb * (type == GGML_Q4_K ? K4_BYTES : K6_BYTES); }
+
+/* Row j of a panel's super-block from the GGUF block b (NULL: a zero row). */
+static void put_row(uint8_t *blk, int type, int j, const uint8_t *b) {
+    if (type == GGML_Q4_K) {
+        float d = 0, dmin = 0;
+        uint8_t sc[8] = {0}, mn[8] = {0}, q[SB] = {0};
+        if (b) k4_unpack(b, &d, &dmin, sc, mn, q);
+        memcpy(blk + 4 * j, &d, 4);
+        memcpy(blk + 64 + 4 * j, &dmin, 4);
+        for (int s = 0; s < 8; s++) {
+            blk[128 + s * PANEL + j] = sc[s];
+            blk[256 + s * PANEL + j] = mn[s];
+            for (int c = 0; c < 4; c++)
+                for (int i = 0; i < 4; i++)
+                    blk[K4_NIB + s * 256 + c * 64 + j * 4 + i] =
+                        (uint8_t)(q[32 * s + 8 * c + i] | (q[32 * s + 8 * c + 4 + i] << 4));
+        }
+    } else {
+        float d = 0;
+        int8_t sc[16] = {0}, w[SB] = {0};
+        if (b) k6_unpack(b, &d, sc, w);
+        memcpy(blk + 4 * j, &d, 4);
+        for (int s = 0; s < 16; s++) {
+            blk[64 + s * PANEL + j] = (uint8_t)sc[s];
+            for (int g = 0; g < 4; g++)
+                for (int i = 0; i < 4; i++) blk[K6_W + s * 256 + g * 64 + j * 4 + i] = (uint8_t)w[16 * s + 4 * g + i];
+        }
+    }
+}
+
+int eng__mat_to_k(eng__weights *w, eng__mat *m, int out, int in, const uint8_t *raw, size_t stride,
+                  const uint8_t *types) {
+    if (in % SB) return ENG_EFORMAT;
+    size_t nsb = (size_t)(in / SB), P = (size_t)(out + PANEL - 1) / PANEL, total = 0;
+    for (size_t p = 0; p < P; p++) {
+        int t = types[p * PANEL];
+        if (t != GGML_Q4_K && t != GGML_Q6_K) return ENG_EFORMAT;
+        for (size_t r = p * PANEL; r < p * PANEL + PANEL && r < (size_t)out; r++)
+            if (types[r] != t) return ENG_EFORMAT; /* one format a panel */
+        total += panel_bytes(t, nsb);
+    }
+    uint8_t *blob = malloc(total), *kt = malloc(P);
+    size_t *off = malloc((P + 1) * sizeof *off);
+    if (!blob || !kt || !off) {
+        free(blob);
+        free(kt);
+        free(off);
+        return ENG_ENOMEM;
+    }
+    size_t at = 0;
+    for (size_t p = 0; p < P; p++) {
+        int t = types[p * PANEL];
+        size_t bb = (size_t)(t == GGML_Q4_K ? 144 : 210);
+        kt[p] = (uint8_t)t;
+        off[p] = at;
+        for (size_t s = 0; s < nsb; s++) {
+            uint8_t *blk = blob + at + s * (t == GGML_Q4_K ? K4_BYTES : K6_BYTES);
+            for (int j = 0; j < PANEL; j++) {
+                size_t r = p * PANEL + (size_t)j;
+                put_row(blk, t, j, r < (size_t)out ? raw + r * stride + s * bb : NULL);
+            }
+        }
+        at += panel_bytes(t, nsb);
+    }
+    off[P] = at;
+    w->bytes -= eng__mat_elems(out, in) * (m->bf16 ? 2 : 4);
+    w->bytes += total + P + (P + 1) * sizeof *off;
+    free(m->p);
+    m->p = blob;
+    m->ktype = kt;
+    m->koff = off;
+    m->kq = 1;
+    m->bf16 = 0;
+    return ENG_OK;
+}
+
+void eng__k_row(const eng__mat *W, size_t r, int in, float *dst) {
+    size_t nsb = (size_t)(in / SB), p = r / PANEL;
+    int j = (int)(r % PANEL), t = W->ktype[p];
+    const uint8_t *pb = (const uint8_t *)W->p + W->koff[p];
+    for (size_t s = 0; s < nsb; s++, dst += SB) {
+        if (t == GGML_Q4_K) {
+            const uint8_t *blk = pb + s * K4_BYTES;
+            float d, dmin;
+            memcpy(&d, blk + 4 * j, 4);
+            memcpy(&dmin, blk + 64 + 4 * j, 4);
+            for (int sb = 0; sb < 8; sb++) {
+                float ds = d * (float)blk[128 + sb * PANEL + j], dm = dmin * (float)blk[256 + sb * PANEL + j];
+                for (int c = 0; c < 4; c++)
+                    for (int i = 0; i < 4; i++) {
+                        uint8_t v = blk[K4_NIB + sb * 256 + c * 64 + j * 4 + i];
+                        dst[32 * sb + 8 * c + i] = ds * (float)(v & 15) - dm;
+                        dst[32 * sb + 8 * c + 4 + i] = ds * (float)(v >> 4) - dm;
+                    }
+            }
+        } else {
+            const uint8_t *blk = pb + s * K6_BYTES;
+            float d;
+            memcpy(&d, blk + 4 * j, 4);
+            for (int sb = 0; sb < 16; sb++) {
+                float ds = d * (float)(int8_t)blk[64 + sb * PANEL + j];
+                for (int g = 0; g < 4; g++)
+                    for (int i = 0; i < 4; i++)
+                        dst[16 * sb + 4 * g + i] = ds * (float)(int8_t)blk[K6_W + sb * 256 + g * 64 + j * 4 + i];
+            }
+        }
+    }
+}
+
+/* ---- kernels ------------------------------------------------------------------ */
+typedef struct {
+    float *Y;
+    const float *X;
+    const int8_t *xq;   /* [n][in] */
+    const float *dx;    /* [n][nsb] */
+    const int16_t *xs;  /* [n][in / 32]: sums of xq per 32 */
+    const eng__mat *W;
+    int n, in, out, chunk, isa;
+} k_job;
+
+/* The definition of the order (and the portable path): outputs [0, valid) of
+ * panel p for X's rows [r0, r0 + R). */
+static void panel_scalar(const k_job *j, size_t p, int r0, int R, int valid) {
+    size_t nsb = (size_t)(j->in / SB);
+    int t = j->W->ktype[p];
+    const uint8_t *pb = (const uint8_t *)j->W->p + j->W->koff[p];
+    for (int r = r0; r < r0 + R; r++) {
+        const int8_t *x = j->xq + (size_t)r * j->in;
+        float *y = j->Y + (size_t)r * j->out + p * PANEL;
+        for (int o = 0; o < valid; o++) {
+            float a = 0;
+            for (size_t s = 0; s < nsb; s++) {
+                float dx = j->dx[(size_t)r * nsb + s];
+                const int8_t *xb = x + s * SB;
+                if (t == GGML_Q4_K) {
+                    const uint8_t *blk = pb + s * K4_BYTES;
+                    int32_t isum = 0, msum = 0;
+                    for (int sb = 0; sb < 8; sb++) {
+                        int32_t q = 0;
+                        for (int c = 0; c < 4; c++)
+                            for (int i = 0; i < 4; i++) {
+                                uint8_t v = blk[K4_NIB + sb * 256 + c * 64 + o * 4 + i];
+                                q += (v & 15) * xb[32 * sb + 8 * c + i] + (v >> 4) * xb[32 * sb + 8 * c + 4 + i];
+                            }
+                        isum += blk[128 + sb * PANEL + o] * q;
+                        msum += blk[256 + sb * PANEL + o] * j->xs[((size_t)r * j->in + s * SB) / 32 + (size_t)sb];
+                    }
+                    float d, dmin;
+                    memcpy(&d, blk + 4 * o, 4);
+                    memcpy(&dmin, blk + 64 + 4 * o, 4);
+                    a = fmaf(d * dx, (float)isum, a);
+                    a = fmaf(-(dmin * dx), (float)msum, a);
+                } else {
+                    const uint8_t *blk = pb + s * K6_BYTES;
+                    int32_t isum = 0;
+                    for (int sb = 0; sb < 16; sb++) {
+                        int32_t q = 0;
+                        for (int k = 0; k < 16; k++)
+                            q += (int8_t)blk[K6_W + sb * 256 + (k / 4) * 64 + o * 4 + k % 4] * xb[16 * sb + k];
+                        isum += (int8_t)blk[64 + sb * PANEL + o] * q;
+                    }
+                    float d;
+                    memcpy(&d, blk + 4 * o, 4);
+                    a = fmaf(d * dx, (float)isum, a);
+                }
+            }
+            y[o] = a;
+        }
+    }
+}
+
+#ifdef HAVE_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* 8 unsigned bytes (rows) as 16-bit pairs (v, v) in 32-bit lanes. */
+AVX2 static inline __m256i pairs_u8(const uint8_t *p) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+}
+
+AVX2 static inline __m256i pairs_i8(const uint8_t *p) {
+    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+}
+
+static inline int32_t x4(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return v;
+}
+
+/* One Q4_K super-block for ONE or TWO rows of X (a constant where inlined):
+ * the integer sums of the 16 outputs, rows 0-7 and 8-15. */
+AVX2 static inline __attribute__((always_inline)) void k4_sums(const uint8_t *blk, const int8_t *x, const int8_t *x2,
+                                                                const int16_t *xs, const int16_t *xs2, int TWO,
+                                                                __m256i is[4], __m256i ms[4]) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0, n0 = i0, n1 = i0, n2 = i0, n3 = i0;
+    for (int sb = 0; sb < 8; sb++) {
+        const uint8_t *nb = blk + K4_NIB + sb * 256;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
+        for (int c = 0; c < 4; c++) {
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(nb + c * 64));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(nb + c * 64 + 32));
+            __m256i l0 = _mm256_and_si256(v0, m4), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+            __m256i l1 = _mm256_and_si256(v1, m4), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+            __m256i xa = _mm256_set1_epi32(x4(x + 32 * sb + 8 * c)), xb = _mm256_set1_epi32(x4(x + 32 * sb + 8 * c + 4));
+            a0 = _mm256_add_epi16(a0, _mm256_add_epi16(_mm256_maddubs_epi16(l0, xa), _mm256_maddubs_epi16(h0, xb)));
+            a1 = _mm256_add_epi16(a1, _mm256_add_epi16(_mm256_maddubs_epi16(l1, xa), _mm256_maddubs_epi16(h1, xb)));
+            if (TWO == 2) {
+                __m256i ya = _mm256_set1_epi32(x4(x2 + 32 * sb + 8 * c)),
+                        yb = _mm256_set1_epi32(x4(x2 + 32 * sb + 8 * c + 4));
+                b0 = _mm256_add_epi16(b0, _mm256_add_epi16(_mm256_maddubs_epi16(l0, ya), _mm256_maddubs_epi16(h0, yb)));
+                b1 = _mm256_add_epi16(b1, _mm256_add_epi16(_mm256_maddubs_epi16(l1, ya), _mm256_maddubs_epi16(h1, yb)));
+            }
+        }
+        __m256i s0 = pairs_u8(blk + 128 + sb * PANEL), s1 = pairs_u8(blk + 128 + sb * PANEL + 8);
+        __m256i m0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 256 + sb * PANEL)));
+        __m256i m1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 256 + sb * PANEL + 8)));
+        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(a0, s0));
+        i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(a1, s1));
+        __m256i xv = _mm256_set1_epi32(xs[sb]); /* (its upper half meets the min's zero half) */
+        n0 = _mm256_add_epi32(n0, _mm256_madd_epi16(m0, xv));
+        n1 = _mm256_add_epi32(n1, _mm256_madd_epi16(m1, xv));
+        if (TWO == 2) {
+            i2 = _mm256_add_epi32(i2, _mm256_madd_epi16(b0, s0));
+            i3 = _mm256_add_epi32(i3, _mm256_madd_epi16(b1, s1));
+            __m256i yv = _mm256_set1_epi32(xs2[sb]);
+            n2 = _mm256_add_epi32(n2, _mm256_madd_epi16(m0, yv));
+            n3 = _mm256_add_epi32(n3, _mm256_madd_epi16(m1, yv));
+        }
+    }
+    is[0] = i0, is[1] = i1, is[2] = i2, is[3] = i3;
+    ms[0] = n0, ms[1] = n1, ms[2] = n2, ms[3] = n3;
+}
+
+AVX2 static inline __attribute__((always_inline)) void k6_sums(const uint8_t *blk, const int8_t *x, const int8_t *x2,
+                                                                int TWO, __m256i is[4]) {
+    __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+    for (int sb = 0; sb < 16; sb++) {
+        const uint8_t *wb = blk + K6_W + sb * 256;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
+        for (int g = 0; g < 4; g++) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + g * 64));
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + g * 64 + 32));
+            __m256i xb = _mm256_set1_epi32(x4(x + 16 * sb + 4 * g)), ax = _mm256_abs_epi8(xb);
+            a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)));
+            a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)));
+            if (TWO == 2) {
+                __m256i yb = _mm256_set1_epi32(x4(x2 + 16 * sb + 4 * g)), ay = _mm256_abs_epi8(yb);
+                b0 = _mm256_add_epi16(b0, _mm256_maddubs_epi16(ay, _mm256_sign_epi8(w0, yb)));
+                b1 = _mm256_add_epi16(b1, _mm256_maddubs_epi16(ay, _mm256_sign_epi8(w1, yb)));
+            }
+        }
+        __m256i s0 = pairs_i8(blk + 64 + sb * PANEL), s1 = pairs_i8(blk + 64 + sb * PANEL + 8);
+        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(a0, s0));
+        i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(a1, s1));
+        if (TWO == 2) {
+            i2 = _mm256_add_epi32(i2, _mm256_madd_epi16(b0, s0));
+            i3 = _mm256_add_epi32(i3, _mm256_madd_epi16(b1, s1));
+        }
+    }
+    is[0] = i0, is[1] = i1, is[2] = i2, is[3] = i3;
+}
+
+/* Rows r (and r + 1 when TWO) of X against panel p: 16 outputs each. */
+AVX2 static inline __attribute__((always_inline)) void rows_avx2(const k_job *j, size_t p, int r, int TWO, float *o0,
+                                                                  float *o1) {
+    size_t nsb = (size_t)(j->in / SB), nx = (size_t)(j->in / 32);
+    int t = j->W->ktype[p];
+    const uint8_t *pb = (const uint8_t *)j->W->p + j->W->koff[p];
+    const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
+    const int16_t *xs = j->xs + (size_t)r * nx, *xs2 = xs + nx;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, c0 = a0, c1 = a0;
+    for (size_t s = 0; s < nsb; s++) {
+        __m256i is[4], ms[4];
+        const uint8_t *blk = pb + s * (t == GGML_Q4_K ? K4_BYTES : K6_BYTES);
+        if (t == GGML_Q4_K) k4_sums(blk, x + s * SB, x2 + s * SB, xs + s * 8, xs2 + s * 8, TWO, is, ms);
+        else k6_sums(blk, x + s * SB, x2 + s * SB, TWO, is);
+        __m256 d0 = _mm256_loadu_ps((const float *)blk), d1 = _mm256_loadu_ps((const float *)blk + 8);
+        __m256 dx = _mm256_set1_ps(j->dx[(size_t)r * nsb + s]);
+        a0 = _mm256_fmadd_ps(_mm256_mul_ps(d0, dx), _mm256_cvtepi32_ps(is[0]), a0);
+        a1 = _mm256_fmadd_ps(_mm256_mul_ps(d1, dx), _mm256_cvtepi32_ps(is[1]), a1);
+        __m256 dx2 = _mm256_setzero_ps();
+        if (TWO == 2) {
+            dx2 = _mm256_set1_ps(j->dx[(size_t)(r + 1) * nsb + s]);
+            c0 = _mm256_fmadd_ps(_mm256_mul_ps(d0, dx2), _mm256_cvtepi32_ps(is[2]), c0);
+            c1 = _mm256_fmadd_ps(_mm256_mul_ps(d1, dx2), _mm256_cvtepi32_ps(is[3]), c1);
+        }
+        if (t == GGML_Q4_K) {
+            __m256 e0 = _mm256_loadu_ps((const float *)(blk + 64)), e1 = _mm256_loadu_ps((const float *)(blk + 96));
+            a0 = _mm256_fnmadd_ps(_mm256_mul_ps(e0, dx), _mm256_cvtepi32_ps(ms[0]), a0);
+            a1 = _mm256_fnmadd_ps(_mm256_mul_ps(e1, dx), _mm256_cvtepi32_ps(ms[1]), a1);
+            if (TWO == 2) {
+                c0 = _mm256_fnmadd_ps(_mm256_mul_ps(e0, dx2), _mm256_cvtepi32_ps(ms[2]), c0);
+                c1 = _mm256_fnmadd_ps(_mm256_mul_ps(e1, dx2), _mm256_cvtepi32_ps(ms[3]), c1);
+            }
+        }
+    }
+    _mm256_storeu_ps(o0, a0);
+    _mm256_storeu_ps(o0 + 8, a1);
+    if (TWO == 2) {
+        _mm256_storeu_ps(o1, c0);
+        _mm256_storeu_ps(o1 + 8, c1);
+    }
+}
+
+AVX2 static void rows1_avx2(const k_job *j, size_t p, int r, float *o0) { rows_avx2(j, p, r, 1, o0, NULL); }
+AVX2 static void rows2_avx2(const k_job *j, size_t p, int r, float *o0, float *o1) { rows_avx2(j, p, r, 2, o0, o1); }
+
+static void panel_avx2(const k_job *j, size_t p, int r0, int R, int valid) {
+    for (int r = r0; r < r0 + R; r += 2) {
+        int two = r + 1 < r0 + R;
+        float t[2][16];
+        if (two) rows2_avx2(j, p, r, t[0], t[1]);
+        else rows1_avx2(j, p, r, t[0]);
+        for (int q = 0; q <= two; q++) {
+            float *y = j->Y + (size_t)(r + q) * j->out + p * PANEL;
+            if (valid == PANEL) memcpy(y, t[q], sizeof t[q]);
+            else for (int o = 0; o < valid; o++) y[o] = t[q][o];
+        }
+    }
+}
+#endif
+
+/* Row r of X: per super-block the float scale and the values (as Q8_0's
+ * activations, over 256), and the sums of each 32. */
+static void quant_rows(void *ctx, int r, int thread) {
+    (void)thread;
+    const k_job *j = ctx;
+    size_t nsb = (size_t)(j->in / SB);
+    const float *x = j->X + (size_t)r * j->in;
+    int8_t *q = (int8_t *)j->xq + (size_t)r * j->in;
+    for (size_t s = 0; s < nsb; s++) {
+        float amax = 0;
+        for (int i = 0; i < SB; i++) amax = fabsf(x[s * SB + (size_t)i]) > amax ? fabsf(x[s * SB + (size_t)i]) : amax;
+        float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+        for (int i = 0; i < SB; i++) {
+            float v = rintf(x[s * SB + (size_t)i] * id);
+            q[s * SB + (size_t)i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+        }
+        ((float *)j->dx)[(size_t)r * nsb + s] = d;
+    }
+    int16_t *xs = (int16_t *)j->xs + (size_t)r * (size_t)(j->in / 32);
+    for (int b = 0; b < j->in / 32; b++) {
+        int sum = 0;
+        for (int i = 0; i < 32; i++) sum += q[32 * b + i];
+        xs[b] = (int16_t)sum;
+    }
+}
+
+static void k_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const k_job *j = ctx;
+    int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
+    for (int p = task * j->chunk; p < p1; p++) {
+        int valid = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
+        for (int r0 = 0; r0 < j->n; r0 += 8) { /* a panel's super-blocks stay in L1 while a group passes */
+            int R = j->n - r0 < 8 ? j->n - r0 : 8;
+#ifdef HAVE_X86
+            if (j->isa != ENG__ISA_SCALAR) {
+                panel_avx2(j, (size_t)p, r0, R, valid);
+                continue;
+            }
+#endif
+            panel_scalar(j, (size_t)p, r0, R, valid);
+        }
+    }
+}
+
+void eng__matmul_k(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
+                   int isa) {
+    /* the workspace (n * in floats): n * in values, n * in / 256 scales, n * in / 32 sums */
+    int8_t *xq = (int8_t *)xt;
+    float *dx = xt + ((size_t)n * in + 3) / 4;
+    int16_t *xs = (int16_t *)(void *)(dx + (size_t)n * (in / SB));
+    k_job j = {Y, X, xq, dx, xs, W, n, in, out, 0, isa};
+    eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, n, quant_rows, &j);
+    int P = (out + PANEL - 1) / PANEL, tasks = eng__pool_threads(pool) * (n <= 8 ? 2 : 4);
+    j.chunk = (P + tasks - 1) / tasks;
+    eng__pool_run(pool, (P + j.chunk - 1) / j.chunk, k_task, &j);
+}
