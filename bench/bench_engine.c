@@ -75,11 +75,13 @@ static int run(const char *dir, int threads, int reps, int wkind, int kv16, doub
     double H = c->hidden_size, F = c->intermediate_size, L = c->n_layers;
     double QD = (double)c->n_heads * c->head_dim, KD = (double)c->n_kv_heads * c->head_dim, V = c->vocab_size;
     double layer_params = H * (QD + 2 * KD) + QD * H + 3 * H * F;
-    /* bytes per weight: F32 4, BF16 2, Q8_0 576 per 512 (a float scale per 32) */
-    double wb = wkind == ENG_WEIGHTS_BF16 ? 2 : wkind == ENG_WEIGHTS_Q8_0 ? 576.0 / 512 : 4;
+    /* bytes per weight as held (F32 4, BF16 2, Q8_0 1.125, the K-quants their mix): the
+     * weights' bytes over their count, an untied embedding counted but not read per token */
+    double held = L * layer_params + V * H * (c->tie_embeddings ? 1 : 2);
+    out->wbytes = (double)eng_model_weight_bytes(m);
+    double wb = out->wbytes / held;
     double token_bytes = wb * (L * layer_params + V * H);
     double flops_per_token = 2 * (L * layer_params + V * H);
-    out->wbytes = (double)eng_model_weight_bytes(m);
     out->kv_bytes = 1024.0 * L * 2 * KD * (kv16 ? 2 : 4); /* the dense single-sequence cache of max_context 1024 */
     const int tests[][2] = {{128, 0}, {512, 0}, {0, 64}};
     eng_gen_params gp;
@@ -132,7 +134,8 @@ int main(int argc, char **argv) {
     eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
     const char *dir = NULL, *weights = "f32,bf16,kv16,q8";
     int threads = 2, reps = 3;
-    const char *usage = "usage: bench_engine --model MODEL [--threads N] [--reps N] [--weights f32,bf16,kv16,q8]\n";
+    const char *usage = "usage: bench_engine --model MODEL [--threads N] [--reps N] [--weights f32,bf16,kv16,q8,q4k]\n"
+                        "  (q4k: ggml's K-quants; a K-quant GGUF file's own blocks, else quantized to Q4_K)\n";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
@@ -155,10 +158,11 @@ int main(int argc, char **argv) {
     printf("| weights | KV  | test   |       t/s |      +/- | machine limit (t/s)    | fraction\n");
     printf("|---------|-----|--------|-----------|----------|------------------------|---------\n");
     const char *names[] = {"pp128", "pp512", "tg64"};
-    /* F32; BF16 weights; F32 weights with an F16 KV cache; Q8_0 weights */
-    enum { NC = 4 };
-    const char *cfg_name[NC] = {"f32", "bf16", "kv16", "q8"}, *wname[NC] = {"F32", "BF16", "F32", "Q8_0"};
-    const int cfg_w[NC] = {ENG_WEIGHTS_F32, ENG_WEIGHTS_BF16, ENG_WEIGHTS_F32, ENG_WEIGHTS_Q8_0}, cfg_kv16[NC] = {0, 0, 1, 0};
+    /* F32; BF16 weights; F32 weights with an F16 KV cache; Q8_0 weights; K-quants */
+    enum { NC = 5 };
+    const char *cfg_name[NC] = {"f32", "bf16", "kv16", "q8", "q4k"}, *wname[NC] = {"F32", "BF16", "F32", "Q8_0", "K"};
+    const int cfg_w[NC] = {ENG_WEIGHTS_F32, ENG_WEIGHTS_BF16, ENG_WEIGHTS_F32, ENG_WEIGHTS_Q8_0, ENG_WEIGHTS_Q4_K},
+              cfg_kv16[NC] = {0, 0, 1, 0, 0};
     run_result rr[NC];
     int have[NC];
     for (int b = 0; b < NC; b++) {
@@ -171,7 +175,7 @@ int main(int argc, char **argv) {
                    t == 2 ? "bandwidth" : "sgemm", rr[b].tps[t] / rr[b].limit[t]);
     }
     printf("\n");
-    const char *label[NC] = {"F32", "BF16 weights", "F16 KV", "Q8_0 weights"};
+    const char *label[NC] = {"F32", "BF16 weights", "F16 KV", "Q8_0 weights", "K-quant weights"};
     for (int b = 0; b < NC; b++)
         if (have[b]) {
             printf("%s: fixed text: mean negative log-likelihood %.6f nats/token (perplexity %.4g); weights %.0f MiB, "

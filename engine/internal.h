@@ -194,6 +194,8 @@ void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int
 /* The CPU has the AVX-512 subsets our kernels use (F, BW, VL), and
  * KVSERVE_NO_AVX512 is not set. */
 int eng__cpu_avx512(void);
+/* ... and AVX512-VNNI (the quantized kernels' integer dot products). */
+int eng__cpu_vnni(void);
 /* Force the matmul kernel's instruction set (tests); -1: the best there is. */
 enum { ENG__ISA_SCALAR, ENG__ISA_AVX2, ENG__ISA_AVX512 };
 void eng__matmul_isa(int isa);

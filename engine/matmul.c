@@ -290,6 +290,16 @@ int eng__cpu_avx512(void) {
 #endif
 }
 
+int eng__cpu_vnni(void) {
+#ifdef HAVE_X86
+    static int v = -1;
+    if (v < 0) v = eng__cpu_avx512() && __builtin_cpu_supports("avx512vnni");
+    return v;
+#else
+    return 0;
+#endif
+}
+
 static int isa_forced = -1;
 void eng__matmul_isa(int isa) { isa_forced = isa; }
 

@@ -33,8 +33,8 @@
  * Q4_K; |Σ (q-32)·xq| ≤ 16·32·127 and isum ≤ 2^27 for Q6_K; AVX2 keeps the
  * pairs in 16 bits, at most 16·15·127 and 8·32·127.) The float order is the
  * same whatever the number of rows, the thread or the instruction set: a
- * row's result does not depend on the batch, and the AVX2 and scalar paths
- * agree bitwise. */
+ * row's result does not depend on the batch, and the AVX512-VNNI, AVX2 and
+ * scalar paths agree bitwise. */
 #include "gguf.h"
 #include "internal.h"
 
@@ -462,12 +462,110 @@ AVX2 static inline __attribute__((always_inline)) void rows_avx2(const k_job *j,
 AVX2 static void rows1_avx2(const k_job *j, size_t p, int r, float *o0) { rows_avx2(j, p, r, 1, o0, NULL); }
 AVX2 static void rows2_avx2(const k_job *j, size_t p, int r, float *o0, float *o1) { rows_avx2(j, p, r, 2, o0, o1); }
 
-static void panel_avx2(const k_job *j, size_t p, int r0, int R, int valid) {
+/* AVX512-VNNI: a chunk of the panel's 16 rows × 4 bytes is one vector, and
+ * vpdpbusd adds each row's 4 products into its 32-bit lane (Q4_K: the
+ * unsigned nibbles times x; Q6_K: |x| times w with x's sign). The sums are
+ * the same integers, the floats the same operations: the same bits. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+
+VNNI static inline __attribute__((always_inline)) void k4_vnni(const uint8_t *blk, const int8_t *x, const int8_t *x2,
+                                                                const int16_t *xs, const int16_t *xs2, int TWO,
+                                                                __m512i *is, __m512i *ms) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512i i0 = _mm512_setzero_si512(), i1 = i0, n0 = i0, n1 = i0;
+    for (int sb = 0; sb < 8; sb++) {
+        const uint8_t *nb = blk + K4_NIB + sb * 256;
+        __m512i a = _mm512_setzero_si512(), b = a;
+        for (int c = 0; c < 4; c++) {
+            __m512i v = _mm512_loadu_si512((const void *)(nb + c * 64));
+            __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            a = _mm512_dpbusd_epi32(a, lo, _mm512_set1_epi32(x4(x + 32 * sb + 8 * c)));
+            a = _mm512_dpbusd_epi32(a, hi, _mm512_set1_epi32(x4(x + 32 * sb + 8 * c + 4)));
+            if (TWO == 2) {
+                b = _mm512_dpbusd_epi32(b, lo, _mm512_set1_epi32(x4(x2 + 32 * sb + 8 * c)));
+                b = _mm512_dpbusd_epi32(b, hi, _mm512_set1_epi32(x4(x2 + 32 * sb + 8 * c + 4)));
+            }
+        }
+        __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 128 + sb * PANEL)));
+        __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 256 + sb * PANEL)));
+        i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(a, sc));
+        n0 = _mm512_add_epi32(n0, _mm512_madd_epi16(mn, _mm512_set1_epi32(xs[sb])));
+        if (TWO == 2) {
+            i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(b, sc));
+            n1 = _mm512_add_epi32(n1, _mm512_madd_epi16(mn, _mm512_set1_epi32(xs2[sb])));
+        }
+    }
+    is[0] = i0, is[1] = i1, ms[0] = n0, ms[1] = n1;
+}
+
+VNNI static inline __attribute__((always_inline)) void k6_vnni(const uint8_t *blk, const int8_t *x, const int8_t *x2,
+                                                                int TWO, __m512i *is) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i i0 = zero, i1 = zero;
+    for (int sb = 0; sb < 16; sb++) {
+        const uint8_t *wb = blk + K6_W + sb * 256;
+        __m512i a = zero, b = zero;
+        for (int g = 0; g < 4; g++) {
+            __m512i w = _mm512_loadu_si512((const void *)(wb + g * 64));
+            __m512i xb = _mm512_set1_epi32(x4(x + 16 * sb + 4 * g));
+            a = _mm512_dpbusd_epi32(a, _mm512_abs_epi8(xb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xb), zero, w));
+            if (TWO == 2) {
+                __m512i yb = _mm512_set1_epi32(x4(x2 + 16 * sb + 4 * g));
+                b = _mm512_dpbusd_epi32(b, _mm512_abs_epi8(yb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(yb), zero, w));
+            }
+        }
+        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + sb * PANEL)));
+        i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(a, sc));
+        if (TWO == 2) i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(b, sc));
+    }
+    is[0] = i0, is[1] = i1;
+}
+
+VNNI static inline __attribute__((always_inline)) void rows_vnni(const k_job *j, size_t p, int r, int TWO, float *o0,
+                                                                  float *o1) {
+    size_t nsb = (size_t)(j->in / SB), nx = (size_t)(j->in / 32);
+    int t = j->W->ktype[p];
+    const uint8_t *pb = (const uint8_t *)j->W->p + j->W->koff[p];
+    const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
+    const int16_t *xs = j->xs + (size_t)r * nx, *xs2 = xs + nx;
+    __m512 a = _mm512_setzero_ps(), c = a;
+    for (size_t s = 0; s < nsb; s++) {
+        __m512i is[2], ms[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+        const uint8_t *blk = pb + s * (t == GGML_Q4_K ? K4_BYTES : K6_BYTES);
+        if (t == GGML_Q4_K) k4_vnni(blk, x + s * SB, x2 + s * SB, xs + s * 8, xs2 + s * 8, TWO, is, ms);
+        else k6_vnni(blk, x + s * SB, x2 + s * SB, TWO, is);
+        __m512 d = _mm512_loadu_ps((const float *)blk), dx = _mm512_set1_ps(j->dx[(size_t)r * nsb + s]);
+        a = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(is[0]), a);
+        __m512 dx2 = _mm512_setzero_ps();
+        if (TWO == 2) {
+            dx2 = _mm512_set1_ps(j->dx[(size_t)(r + 1) * nsb + s]);
+            c = _mm512_fmadd_ps(_mm512_mul_ps(d, dx2), _mm512_cvtepi32_ps(is[1]), c);
+        }
+        if (t == GGML_Q4_K) {
+            __m512 e = _mm512_loadu_ps((const float *)(blk + 64));
+            a = _mm512_fnmadd_ps(_mm512_mul_ps(e, dx), _mm512_cvtepi32_ps(ms[0]), a);
+            if (TWO == 2) c = _mm512_fnmadd_ps(_mm512_mul_ps(e, dx2), _mm512_cvtepi32_ps(ms[1]), c);
+        }
+    }
+    _mm512_storeu_ps(o0, a);
+    if (TWO == 2) _mm512_storeu_ps(o1, c);
+}
+
+VNNI static void rows1_vnni(const k_job *j, size_t p, int r, float *o0) { rows_vnni(j, p, r, 1, o0, NULL); }
+VNNI static void rows2_vnni(const k_job *j, size_t p, int r, float *o0, float *o1) { rows_vnni(j, p, r, 2, o0, o1); }
+
+static void panel_x86(const k_job *j, size_t p, int r0, int R, int valid, int vnni) {
     for (int r = r0; r < r0 + R; r += 2) {
         int two = r + 1 < r0 + R;
         float t[2][16];
-        if (two) rows2_avx2(j, p, r, t[0], t[1]);
-        else rows1_avx2(j, p, r, t[0]);
+        if (vnni) {
+            if (two) rows2_vnni(j, p, r, t[0], t[1]);
+            else rows1_vnni(j, p, r, t[0]);
+        } else if (two) {
+            rows2_avx2(j, p, r, t[0], t[1]);
+        } else {
+            rows1_avx2(j, p, r, t[0]);
+        }
         for (int q = 0; q <= two; q++) {
             float *y = j->Y + (size_t)(r + q) * j->out + p * PANEL;
             if (valid == PANEL) memcpy(y, t[q], sizeof t[q]);
@@ -513,7 +611,7 @@ static void k_task(void *ctx, int task, int thread) {
             int R = j->n - r0 < 8 ? j->n - r0 : 8;
 #ifdef HAVE_X86
             if (j->isa != ENG__ISA_SCALAR) {
-                panel_avx2(j, (size_t)p, r0, R, valid);
+                panel_x86(j, (size_t)p, r0, R, valid, j->isa == ENG__ISA_AVX512 && eng__cpu_vnni());
                 continue;
             }
 #endif

@@ -18,7 +18,8 @@
  * Then, per output, over the blocks in order: a = fma(dw · dx, (float)sum, a).
  * That order is the same whatever the number of rows, their group, the
  * thread or the instruction set: a row's result does not depend on the
- * batch, and the AVX2 and scalar paths agree bitwise. */
+ * batch, and the AVX512-VNNI, AVX2 and scalar paths agree bitwise (VNNI
+ * where the CPU has it and AVX-512 is chosen; else AVX2). */
 #include "internal.h"
 
 #include <math.h>
@@ -198,14 +199,63 @@ AVX2 static void rows2_avx2(const q8_job *j, const uint8_t *wp, size_t nb, int r
     rows_avx2(j, wp, nb, r, 2, o0, o1);
 }
 
-static void panel_avx2(const q8_job *j, size_t p, int r0, int R, int valid) {
+
+/* AVX512-VNNI: a group of 4 columns of the panel's 16 rows is one vector,
+ * and vpdpbusd adds each row's 4 products (|x| times w with x's sign) into
+ * its 32-bit lane: the same integer sums, so the same result to the bit. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+
+VNNI static inline __attribute__((always_inline)) void rows_vnni(const q8_job *j, const uint8_t *wp, size_t nb, int r,
+                                                                  int TWO, float *out0, float *out1) {
+    __m512 a = _mm512_setzero_ps(), c = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wp + b * QBLOCK;
+        __m512i s = zero, t = zero;
+        for (int g = 0; g < 8; g++) {
+            __m512i w = _mm512_loadu_si512((const void *)(blk + 64 + g * 64));
+            int32_t xv;
+            memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
+            __m512i xb = _mm512_set1_epi32(xv);
+            s = _mm512_dpbusd_epi32(s, _mm512_abs_epi8(xb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xb), zero, w));
+            if (TWO == 2) {
+                int32_t xv2;
+                memcpy(&xv2, x2 + b * QB + (size_t)g * 4, 4);
+                __m512i yb = _mm512_set1_epi32(xv2);
+                t = _mm512_dpbusd_epi32(t, _mm512_abs_epi8(yb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(yb), zero, w));
+            }
+        }
+        __m512 dw = _mm512_loadu_ps((const float *)blk);
+        a = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(j->dx[(size_t)r * nb + b])), _mm512_cvtepi32_ps(s), a);
+        if (TWO == 2)
+            c = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(j->dx[(size_t)(r + 1) * nb + b])), _mm512_cvtepi32_ps(t), c);
+    }
+    _mm512_storeu_ps(out0, a);
+    if (TWO == 2) _mm512_storeu_ps(out1, c);
+}
+
+VNNI static void rows1_vnni(const q8_job *j, const uint8_t *wp, size_t nb, int r, float *o0) {
+    rows_vnni(j, wp, nb, r, 1, o0, NULL);
+}
+
+VNNI static void rows2_vnni(const q8_job *j, const uint8_t *wp, size_t nb, int r, float *o0, float *o1) {
+    rows_vnni(j, wp, nb, r, 2, o0, o1);
+}
+
+static void panel_x86(const q8_job *j, size_t p, int r0, int R, int valid, int vnni) {
     size_t nb = (size_t)(j->in / QB);
     const uint8_t *wp = j->W + p * nb * QBLOCK;
     for (int r = r0; r < r0 + R; r += 2) {
         int two = r + 1 < r0 + R;
         float t[2][16];
-        if (two) rows2_avx2(j, wp, nb, r, t[0], t[1]);
-        else rows1_avx2(j, wp, nb, r, t[0]);
+        if (vnni) {
+            if (two) rows2_vnni(j, wp, nb, r, t[0], t[1]);
+            else rows1_vnni(j, wp, nb, r, t[0]);
+        } else {
+            if (two) rows2_avx2(j, wp, nb, r, t[0], t[1]);
+            else rows1_avx2(j, wp, nb, r, t[0]);
+        }
         for (int q = 0; q <= two; q++) {
             float *y = j->Y + (size_t)(r + q) * j->out + p * PANEL;
             if (valid == PANEL) memcpy(y, t[q], sizeof t[q]);
@@ -238,7 +288,7 @@ static void q8_task(void *ctx, int task, int thread) {
             int R = j->n - r0 < 8 ? j->n - r0 : 8;
 #ifdef HAVE_X86
             if (j->isa != ENG__ISA_SCALAR) {
-                panel_avx2(j, (size_t)p, r0, R, valid);
+                panel_x86(j, (size_t)p, r0, R, valid, j->isa == ENG__ISA_AVX512 && eng__cpu_vnni());
                 continue;
             }
 #endif

@@ -85,6 +85,10 @@ PRESETS = {
                          num_key_value_heads=2, head_dim=16, intermediate_size=48, rope_theta=1000000.0,
                          rms_norm_eps=1e-5, max_position_embeddings=512, model_type="mixtral", num_local_experts=4,
                          num_experts_per_tok=2),
+    # for benchmarks of the K-quants: rows that are whole super-blocks of 256 (SmolLM2's 576 are not)
+    "bench-k-200m": dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                         num_key_value_heads=4, head_dim=64, intermediate_size=2816, rope_theta=10000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=4096),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          intermediate_size=1536, rope_theta=100000.0, rms_norm_eps=1e-5,

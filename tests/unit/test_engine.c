@@ -541,11 +541,12 @@ static void test_matmul_kernel(void) {
 static void test_matmul_q8(void) {
     eng__pool *pool = eng__pool_new(2);
     const int shapes[][2] = {{32, 13}, {64, 64}, {96, 17}, {256, 40}, {160, 1}};
-    int isas[2], n_isa = 0;
+    int isas[3], n_isa = 0;
     isas[n_isa++] = ENG__ISA_SCALAR;
 #if defined(__x86_64__) && defined(__GNUC__)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas[n_isa++] = ENG__ISA_AVX2;
 #endif
+    if (eng__cpu_vnni()) isas[n_isa++] = ENG__ISA_AVX512;
     uint64_t x = 777;
     for (size_t sh = 0; sh < sizeof shapes / sizeof *shapes; sh++) {
         int in = shapes[sh][0], out = shapes[sh][1], nmax = 21;
@@ -636,11 +637,12 @@ static void random_k_block(uint64_t *x, int type, uint8_t *b, const float *vals)
 static void test_matmul_k(void) {
     eng__pool *pool = eng__pool_new(2);
     const int shapes[][3] = {{256, 16, 0}, {512, 40, 1}, {256, 7, 2}, {768, 33, 1}}; /* in, out, kind of rows */
-    int isas[2], n_isa = 0;
+    int isas[3], n_isa = 0;
     isas[n_isa++] = ENG__ISA_SCALAR;
 #if defined(__x86_64__) && defined(__GNUC__)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas[n_isa++] = ENG__ISA_AVX2;
 #endif
+    if (eng__cpu_vnni()) isas[n_isa++] = ENG__ISA_AVX512;
     uint64_t x = 4242;
     for (size_t sh = 0; sh < sizeof shapes / sizeof *shapes; sh++) {
         int in = shapes[sh][0], out = shapes[sh][1], kind = shapes[sh][2], nmax = 19, nsb = in / 256;
