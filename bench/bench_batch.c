@@ -252,7 +252,7 @@ static int parse_batches(const char *s, int *out, int *n) {
 static const char *usage_text =
     "usage: bench_batch --model DIR [--threads N] [--reps N] [--batches 1,2,4,8,16] [--pp N] [--tg N]\n"
     "                   [--resume-history N] [--resume-new N] [--resume-reps N] [--full-reps N]\n"
-    "                   [--weights f32|bf16|q8_0] [--kv f32|f16] (MODEL: a directory or a GGUF file)\n";
+    "                   [--weights f32|bf16|q8_0|q4_k] [--kv f32|f16] (MODEL: a directory or a GGUF file)\n";
 
 int main(int argc, char **argv) {
     eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
@@ -272,9 +272,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--resume-reps") && has) rreps = atoi(argv[++i]);
         else if (!strcmp(a, "--full-reps") && has) freps = atoi(argv[++i]);
         else if (!strcmp(a, "--weights") && has && (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "bf16") ||
-                                                    !strcmp(argv[i + 1], "q8_0"))) {
+                                                    !strcmp(argv[i + 1], "q8_0") || !strcmp(argv[i + 1], "q4_k"))) {
             i++;
-            wkind = !strcmp(argv[i], "bf16") ? ENG_WEIGHTS_BF16 : !strcmp(argv[i], "q8_0") ? ENG_WEIGHTS_Q8_0 : ENG_WEIGHTS_F32;
+            wkind = !strcmp(argv[i], "bf16")   ? ENG_WEIGHTS_BF16
+                    : !strcmp(argv[i], "q8_0") ? ENG_WEIGHTS_Q8_0
+                    : !strcmp(argv[i], "q4_k") ? ENG_WEIGHTS_Q4_K
+                                               : ENG_WEIGHTS_F32;
         }
         else if (!strcmp(a, "--kv") && has && (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "f16")))
             kv16 = !strcmp(argv[++i], "f16");
@@ -337,8 +340,8 @@ int main(int argc, char **argv) {
         eng_model_close(m);
         return 1;
     }
-    printf("model: %s (%.1fM params, %d layers, %d KV heads x %d, vocab %d)\n", dir,
-           eng_model_weight_bytes(m) / 4 / 1e6, c->n_layers, c->n_kv_heads, c->head_dim, c->vocab_size);
+    printf("model: %s (%.0f MiB of weights, %d layers, %d KV heads x %d, vocab %d)\n", dir,
+           eng_model_weight_bytes(m) / 1048576.0, c->n_layers, c->n_kv_heads, c->head_dim, c->vocab_size);
     printf("engine: %d threads, context %d, pool %ld blocks x %d tokens (%.0f MiB of KV, %.1f KiB/token), "
            "max_step_tokens %d, max_running %d\n\n",
            threads, max_ctx < c->max_position ? max_ctx : c->max_position, n_blocks, bt_tokens, n_blocks * bt_tokens * kv_token_bytes / 1048576,

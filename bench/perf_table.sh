@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The performance issue's table: our figures next to llama.cpp's (as the
-# issue measured them on a 2-core AMD EPYC Zen 5) and next to this machine's
-# limits, measured in the same run (bench_engine, then bench_batch).
+# The performance issue's table: our figures next to this machine's limits,
+# measured in the same run (bench_engine, then bench_batch), and beside
+# llama.cpp's figures as an issue reported them from ANOTHER machine (2 cores
+# of an AMD EPYC): constants, not measured here; a ratio between the two
+# columns means nothing unless this machine is that one.
 #   bench/perf_table.sh [MODEL_DIR] [BUILD_DIR]
 set -euo pipefail
 model=${1:-build/models/smollm2-135m} build=${2:-build}
@@ -22,7 +24,7 @@ b16=$(stg 16)
 lim_b16=$(awk -v c="$lim_pp" -v b="$lim_tg" 'BEGIN{m = 16 * b; if (c < m) m = c; printf "%.0f", m}')
 why_b16=$(awk -v c="$lim_pp" -v b="$lim_tg" 'BEGIN{print (c < 16 * b) ? "sgemm: compute-bound" : "read bandwidth × 16"}')
 echo
-echo "| figure | llama.cpp (issue, Zen 5) | kvserve, this machine | this machine's limit | fraction of the limit |"
+echo "| figure | llama.cpp (copied from an issue: another machine, not measured here) | kvserve, this machine | this machine's limit | fraction of the limit |"
 echo "|---|---|---|---|---|"
 echo "| decode, 1 stream, F32 (tg64) | 60 t/s | $tg t/s | $lim_tg t/s (read bandwidth) | $fr_tg |"
 echo "| prefill pp512, F32 | 545–565 t/s | $pp t/s | $lim_pp t/s (sgemm) | $fr_pp |"

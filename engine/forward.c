@@ -18,6 +18,7 @@
 #include "internal.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,7 +44,16 @@ struct fwd_scratch {
     int32_t *rows_e; /* [T] tokens routed to the expert being run */
     float *we;       /* [T] their weights */
     float *xe, *he, *he2, *ye; /* [T][H], [T][2Fe], [T][Fe], [T][H] */
+    /* KVSERVE_PROFILE=1: where one-token passes (decode) spend their time, printed at the end */
+    int prof_on;
+    long prof_passes;
+    double prof[8];
 };
+
+enum { PH_ELEM, PH_QKV, PH_ATTN, PH_O, PH_W13, PH_W2, PH_HEAD, PH_WAIT, PH_N };
+static const char *const ph_name[PH_N] = {"element-wise (embedding, norms, RoPE + KV store, SiLU, residuals)",
+                                          "q/k/v product", "attention", "o product", "gate/up product",
+                                          "down product", "LM head", "of which: waiting for the other threads"};
 
 #define MAX_THREADS 64
 /* Rows per block of a prefill run's attention products. */
@@ -95,11 +105,22 @@ fwd_scratch *fwd_scratch_new(const eng_config *c, int T, int max_ctx, int thread
         fwd_scratch_free(s);
         return NULL;
     }
+    const char *pe = getenv("KVSERVE_PROFILE");
+    s->prof_on = pe && pe[0] && strcmp(pe, "0") != 0;
     return s;
 }
 
 void fwd_scratch_free(fwd_scratch *s) {
     if (!s) return;
+    if (s->prof_on && s->prof_passes) {
+        double total = 0;
+        for (int i = 0; i < PH_WAIT; i++) total += s->prof[i];
+        fprintf(stderr, "kvserve profile: %ld one-token passes, %.3f ms each:\n", s->prof_passes,
+                1e3 * total / (double)s->prof_passes);
+        for (int i = 0; i < PH_N; i++)
+            fprintf(stderr, "  %6.3f ms %5.1f%%  %s\n", 1e3 * s->prof[i] / (double)s->prof_passes,
+                    100 * s->prof[i] / total, ph_name[i]);
+    }
     free(s->x); free(s->xb); free(s->qkv); free(s->att); free(s->hb); free(s->hb2); free(s->tmp); free(s->xt); free(s->scores);
     free(s->kc); free(s->vc); free(s->sm); free(s->single); free(s->rows);
     free(s->rl); free(s->pick); free(s->pw); free(s->rows_e); free(s->we); free(s->xe); free(s->he); free(s->he2);
@@ -639,6 +660,13 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
     const int n = b->n, group = nh / nkv;
     if (n <= 0) return;
 
+    double pt = s->prof_on && n == 1 ? eng__now() : 0, pw = pt ? eng__pool_wait(pool) : 0;
+#define MARK(ph) \
+    if (pt) { \
+        double u_ = eng__now(); \
+        s->prof[ph] += u_ - pt; \
+        pt = u_; \
+    }
     long att_work = 0; /* multiply-adds of attention per layer */
     for (int i = 0; i < n; i++) att_work += (long)(b->pos[i] + 1) * nh * hd;
     for (int i = 0; i < n; i++) eng__mat_row(&w->embed, (size_t)b->tokens[i], H, s->x + (size_t)i * H);
@@ -652,8 +680,11 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
         const int window = c->layer_flags[l] & ENG_LAYER_SLIDING ? c->sliding_window : 0;
         rows_job rj = {c, L, kv, s, rope_t, b, 0, l, n, 0, window && rope_t[1]};
         rows_run(&rj, ROW_NORM_ATTN, pool);
+        MARK(PH_ELEM);
         eng__matmul(s->qkv, s->xb, &L->wqkv, n, H, QKV, s->xt, pool);
+        MARK(PH_QKV);
         rows_run(&rj, ROW_ROPE_STORE, pool);
+        MARK(PH_ELEM);
 
         /* attention: long runs of one sequence (prefill) as matrix
          * products; the other tokens one by one on threads when there is
@@ -674,24 +705,39 @@ void fwd_run(const eng_config *c, const eng__weights *w, const kv_pool *kv, fwd_
         }
         att_job job = {b, kv, s, l, nkv, group, hd, QD, QKV, n_single < eng__pool_threads(pool), window, c->attn_scale};
         eng__pool_run(att_work > 262144 ? pool : NULL, job.per_head ? n_single * nkv : n_single, att_task, &job);
+        MARK(PH_ATTN);
         eng__matmul(s->tmp, s->att, &L->wo, n, QD, H, s->xt, pool);
+        MARK(PH_O);
         rows_run(&rj, ROW_RESID_NORM_FFN, pool);
+        MARK(PH_ELEM);
         if (L->ew13) {
             moe(c, L, s, n, pool);
+            MARK(PH_W13);
         } else {
             eng__matmul(s->hb, s->xb, &L->w13, n, H, 2 * F, s->xt, pool);
+            MARK(PH_W13);
             rows_run(&rj, ROW_SILU, pool);
+            MARK(PH_ELEM);
             eng__matmul(s->tmp, s->hb2, &L->w2, n, F, H, s->xt, pool);
+            MARK(PH_W2);
         }
         rows_run(&rj, ROW_RESID, pool);
+        MARK(PH_ELEM);
     }
 
     if (b->n_out <= 0) return;
     for (int r = 0; r < b->n_out; r++)
         rmsnorm(s->xb + (size_t)r * H, s->x + (size_t)b->out_rows[r] * H, w->norm, H, c->rms_eps);
+    MARK(PH_ELEM);
     eng__matmul(b->logits, s->xb, &w->lm_head, b->n_out, H, V, s->xt, pool);
     if (c->final_softcap > 0) {
         const float cap = c->final_softcap;
         for (size_t i = 0; i < (size_t)b->n_out * V; i++) b->logits[i] = cap * tanhf(b->logits[i] / cap);
+    }
+    MARK(PH_HEAD);
+#undef MARK
+    if (pt) {
+        s->prof[PH_WAIT] += eng__pool_wait(pool) - pw;
+        s->prof_passes++;
     }
 }

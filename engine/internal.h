@@ -269,6 +269,8 @@ int eng__blas_threads(int n);
 eng__pool *eng__pool_new(int n_threads);   /* n_threads - 1 workers; the caller is the last */
 void eng__pool_free(eng__pool *p);
 int eng__pool_threads(const eng__pool *p);
+/* KVSERVE_PROFILE set: seconds the callers of eng__pool_run waited for the workers (else 0). */
+double eng__pool_wait(const eng__pool *p);
 /* Run fn(ctx, task, thread) for task in [0, n_tasks) on all threads; thread
  * is in [0, eng__pool_threads). Returns when all are done. One job at a time. */
 void eng__pool_run(eng__pool *p, int n_tasks, void (*fn)(void *ctx, int task, int thread), void *ctx);

@@ -475,17 +475,20 @@ VNNI static inline __attribute__((always_inline)) void k4_vnni(const uint8_t *bl
     __m512i i0 = _mm512_setzero_si512(), i1 = i0, n0 = i0, n1 = i0;
     for (int sb = 0; sb < 8; sb++) {
         const uint8_t *nb = blk + K4_NIB + sb * 256;
-        __m512i a = _mm512_setzero_si512(), b = a;
+        /* low and high nibbles in two sums: half the chain of dependent vpdpbusd */
+        __m512i a = _mm512_setzero_si512(), a2 = a, b = a, b2 = a;
         for (int c = 0; c < 4; c++) {
             __m512i v = _mm512_loadu_si512((const void *)(nb + c * 64));
             __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
             a = _mm512_dpbusd_epi32(a, lo, _mm512_set1_epi32(x4(x + 32 * sb + 8 * c)));
-            a = _mm512_dpbusd_epi32(a, hi, _mm512_set1_epi32(x4(x + 32 * sb + 8 * c + 4)));
+            a2 = _mm512_dpbusd_epi32(a2, hi, _mm512_set1_epi32(x4(x + 32 * sb + 8 * c + 4)));
             if (TWO == 2) {
                 b = _mm512_dpbusd_epi32(b, lo, _mm512_set1_epi32(x4(x2 + 32 * sb + 8 * c)));
-                b = _mm512_dpbusd_epi32(b, hi, _mm512_set1_epi32(x4(x2 + 32 * sb + 8 * c + 4)));
+                b2 = _mm512_dpbusd_epi32(b2, hi, _mm512_set1_epi32(x4(x2 + 32 * sb + 8 * c + 4)));
             }
         }
+        a = _mm512_add_epi32(a, a2);
+        b = _mm512_add_epi32(b, b2);
         __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 128 + sb * PANEL)));
         __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 256 + sb * PANEL)));
         i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(a, sc));
@@ -504,16 +507,22 @@ VNNI static inline __attribute__((always_inline)) void k6_vnni(const uint8_t *bl
     __m512i i0 = zero, i1 = zero;
     for (int sb = 0; sb < 16; sb++) {
         const uint8_t *wb = blk + K6_W + sb * 256;
-        __m512i a = zero, b = zero;
+        __m512i a = zero, b = zero, a2 = zero, b2 = zero;
         for (int g = 0; g < 4; g++) {
             __m512i w = _mm512_loadu_si512((const void *)(wb + g * 64));
             __m512i xb = _mm512_set1_epi32(x4(x + 16 * sb + 4 * g));
-            a = _mm512_dpbusd_epi32(a, _mm512_abs_epi8(xb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xb), zero, w));
+            __m512i p = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xb), zero, w);
+            if (g % 2) a2 = _mm512_dpbusd_epi32(a2, _mm512_abs_epi8(xb), p);
+            else a = _mm512_dpbusd_epi32(a, _mm512_abs_epi8(xb), p);
             if (TWO == 2) {
                 __m512i yb = _mm512_set1_epi32(x4(x2 + 16 * sb + 4 * g));
-                b = _mm512_dpbusd_epi32(b, _mm512_abs_epi8(yb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(yb), zero, w));
+                __m512i q = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(yb), zero, w);
+                if (g % 2) b2 = _mm512_dpbusd_epi32(b2, _mm512_abs_epi8(yb), q);
+                else b = _mm512_dpbusd_epi32(b, _mm512_abs_epi8(yb), q);
             }
         }
+        a = _mm512_add_epi32(a, a2);
+        b = _mm512_add_epi32(b, b2);
         __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + sb * PANEL)));
         i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(a, sc));
         if (TWO == 2) i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(b, sc));

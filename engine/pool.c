@@ -9,6 +9,7 @@
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct eng__pool {
     pthread_mutex_t mu, run_mu;
@@ -21,6 +22,8 @@ struct eng__pool {
     int n_tasks, next, busy;
     unsigned gen;
     int stop;
+    int profile;   /* KVSERVE_PROFILE: wait_s counts the caller's waits for the workers */
+    double wait_s;
 };
 
 /* Take tasks until none is left. */
@@ -87,6 +90,8 @@ eng__pool *eng__pool_new(int n_threads) {
     pthread_cond_init(&p->work_cv, NULL);
     pthread_cond_init(&p->done_cv, NULL);
     int n = n_threads > 1 ? n_threads - 1 : 0;
+    const char *pe = getenv("KVSERVE_PROFILE");
+    p->profile = pe && pe[0] && strcmp(pe, "0") != 0;
     p->thr = calloc((size_t)(n ? n : 1), sizeof *p->thr);
     if (!p->thr) { free(p); return NULL; }
     for (int i = 0; i < n; i++) {
@@ -134,7 +139,7 @@ void eng__pool_run(eng__pool *p, int n_tasks, void (*fn)(void *ctx, int task, in
     drain(p, 0);
     /* all tasks are taken; wait for the workers still running one: poll
      * first (they finish within microseconds), then sleep */
-    double until = eng__now() + SPIN_US * 1e-6;
+    double t0 = eng__now(), until = t0 + SPIN_US * 1e-6;
     while ((__atomic_load_n(&p->busy, __ATOMIC_ACQUIRE) > 0 || __atomic_load_n(&p->next, __ATOMIC_ACQUIRE) < n_tasks) &&
            eng__now() < until) {
 #if defined(__x86_64__)
@@ -144,5 +149,8 @@ void eng__pool_run(eng__pool *p, int n_tasks, void (*fn)(void *ctx, int task, in
     pthread_mutex_lock(&p->mu);
     while (p->busy > 0 || p->next < p->n_tasks) pthread_cond_wait(&p->done_cv, &p->mu);
     pthread_mutex_unlock(&p->mu);
+    if (p->profile) p->wait_s += eng__now() - t0;
     pthread_mutex_unlock(&p->run_mu);
 }
+
+double eng__pool_wait(const eng__pool *p) { return p ? p->wait_s : 0; }
