@@ -1,11 +1,11 @@
 /* gguf_model.c — a GGUF model file as the Hugging Face directory it stands
  * for: its metadata as config.json, its tensor names as the checkpoint's,
- * its chat template. The weights themselves are read by model.c.
+ * its chat template. The weights themselves are read by weights.c.
  *
  * Architectures (general.architecture): llama (also Mistral and SmolLM
  * files, which llama.cpp writes as llama), qwen2, qwen3. llama.cpp stores a
  * llama file's q and k projections with each head's rows interleaved for
- * its RoPE of adjacent pairs; eng__gguf_unpermute restores the halves
+ * its RoPE of adjacent pairs; weights.c reads them back in the halves
  * order of transformers (and ours). */
 #include "gguf.h"
 #include "internal.h"
@@ -83,20 +83,6 @@ int eng__gguf_permuted(const gguf_file *g) {
     const char *a;
     size_t n;
     return !gguf_str(g, "general.architecture", &a, &n) && n == 5 && !memcmp(a, "llama", 5);
-}
-
-/* llama.cpp's order of a head's rows (2i: row i, 2i+1: row i + hd/2) back
- * to the halves order, for rows x cols values of heads of hd rows. */
-void eng__gguf_unpermute(float *w, int64_t rows, int64_t cols, int hd, float *tmp) {
-    for (int64_t h = 0; h + hd <= rows; h += hd) {
-        float *head = w + h * cols;
-        memcpy(tmp, head, (size_t)hd * (size_t)cols * sizeof *tmp);
-        for (int i = 0; i < hd / 2; i++) {
-            memcpy(head + (size_t)i * (size_t)cols, tmp + (size_t)(2 * i) * (size_t)cols, (size_t)cols * sizeof *tmp);
-            memcpy(head + (size_t)(i + hd / 2) * (size_t)cols, tmp + (size_t)(2 * i + 1) * (size_t)cols,
-                   (size_t)cols * sizeof *tmp);
-        }
-    }
 }
 
 /* ---- metadata -> config.json ------------------------------------------------ */

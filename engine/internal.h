@@ -116,8 +116,6 @@ int eng__gguf_tokenizer(const gguf_file *g, const char *path, struct cJSON **out
 const char *eng__gguf_name(const char *hf, char *buf, size_t n);
 /* The file stores q and k rows in llama.cpp's interleaved order (architecture llama). */
 int eng__gguf_permuted(const gguf_file *g);
-/* Restore the halves order of rows x cols q or k values in heads of hd rows (tmp: hd * cols floats). */
-void eng__gguf_unpermute(float *w, int64_t rows, int64_t cols, int hd, float *tmp);
 /* tokenizer.chat_template and the BOS and EOS texts (malloc'd; bos, eos may be NULL). */
 int eng__gguf_chat(const gguf_file *g, const char *path, char **tpl, char **bos, char **eos, char *err, size_t errlen);
 /* Build a tokenizer from a parsed tokenizer.json (root is not taken). */
@@ -181,6 +179,12 @@ void eng__q8_row(const eng__mat *W, size_t r, int in, float *dst);
  * format, or one is neither, or in is not whole super-blocks of 256. */
 int eng__mat_to_k(eng__weights *w, eng__mat *m, int out, int in, const uint8_t *raw, size_t stride,
                   const uint8_t *types);
+/* One panel of K-quant rows: rows[j] is row j's GGUF blocks of type (NULL:
+ * zeros), to the panel's eng__k_panel_bytes at dst. */
+void eng__k_panel(uint8_t *dst, int type, const uint8_t *const rows[16], int in);
+size_t eng__k_panel_bytes(int type, int in);
+/* One panel's F32 values as packed ([in][16]) to its Q8_0 bytes (eng__q8_bytes(16, in)). */
+void eng__q8_panel(uint8_t *dst, const float *panel, int in);
 /* 256 values to one GGUF Q4_K block (144 bytes), with our quantizer. */
 void eng__k4_quantize(const float *x, uint8_t *b);
 void eng__k_row(const eng__mat *W, size_t r, int in, float *dst);

@@ -182,16 +182,26 @@ static void put_row(uint8_t *blk, int type, int j, const uint8_t *b) {
     }
 }
 
+size_t eng__k_panel_bytes(int type, int in) { return panel_bytes(type, (size_t)(in / SB)); }
+
+void eng__k_panel(uint8_t *dst, int type, const uint8_t *const rows[PANEL], int in) {
+    size_t nsb = (size_t)(in / SB), bb = (size_t)(type == GGML_Q4_K ? 144 : 210);
+    for (size_t s = 0; s < nsb; s++) {
+        uint8_t *blk = dst + s * (type == GGML_Q4_K ? K4_BYTES : K6_BYTES);
+        for (int j = 0; j < PANEL; j++) put_row(blk, type, j, rows[j] ? rows[j] + s * bb : NULL);
+    }
+}
+
 int eng__mat_to_k(eng__weights *w, eng__mat *m, int out, int in, const uint8_t *raw, size_t stride,
                   const uint8_t *types) {
     if (in % SB) return ENG_EFORMAT;
-    size_t nsb = (size_t)(in / SB), P = (size_t)(out + PANEL - 1) / PANEL, total = 0;
+    size_t P = (size_t)(out + PANEL - 1) / PANEL, total = 0;
     for (size_t p = 0; p < P; p++) {
         int t = types[p * PANEL];
         if (t != GGML_Q4_K && t != GGML_Q6_K) return ENG_EFORMAT;
         for (size_t r = p * PANEL; r < p * PANEL + PANEL && r < (size_t)out; r++)
             if (types[r] != t) return ENG_EFORMAT; /* one format a panel */
-        total += panel_bytes(t, nsb);
+        total += eng__k_panel_bytes(t, in);
     }
     uint8_t *blob = malloc(total), *kt = malloc(P);
     size_t *off = malloc((P + 1) * sizeof *off);
@@ -203,18 +213,12 @@ int eng__mat_to_k(eng__weights *w, eng__mat *m, int out, int in, const uint8_t *
     }
     size_t at = 0;
     for (size_t p = 0; p < P; p++) {
-        int t = types[p * PANEL];
-        size_t bb = (size_t)(t == GGML_Q4_K ? 144 : 210);
-        kt[p] = (uint8_t)t;
+        const uint8_t *rows[PANEL];
+        for (int j = 0; j < PANEL; j++) rows[j] = p * PANEL + (size_t)j < (size_t)out ? raw + (p * PANEL + (size_t)j) * stride : NULL;
+        kt[p] = types[p * PANEL];
         off[p] = at;
-        for (size_t s = 0; s < nsb; s++) {
-            uint8_t *blk = blob + at + s * (t == GGML_Q4_K ? K4_BYTES : K6_BYTES);
-            for (int j = 0; j < PANEL; j++) {
-                size_t r = p * PANEL + (size_t)j;
-                put_row(blk, t, j, r < (size_t)out ? raw + r * stride + s * bb : NULL);
-            }
-        }
-        at += panel_bytes(t, nsb);
+        eng__k_panel(blob + at, kt[p], rows, in);
+        at += eng__k_panel_bytes(kt[p], in);
     }
     off[P] = at;
     w->bytes -= eng__mat_elems(out, in) * (m->bf16 ? 2 : 4);

@@ -59,42 +59,38 @@ static float quant_block(const float *x, int8_t *q, int half_scale) {
     return half_scale ? half_round(d) : d;
 }
 
-/* In place, a panel at a time: panel p's Q8_0 bytes (576 per 16 x 32) go
- * where F32 (2048) or BF16 (1024) bytes of panels up to p were, already
- * read; then the buffer shrinks. The peak is the matrix plus one panel. */
-int eng__mat_to_q8(eng__weights *w, eng__mat *m, int out, int in) {
-    if (m->q8 || in % QB) return ENG_OK; /* rows that are not whole blocks stay as they are */
-    size_t nb = (size_t)(in / QB), P = (size_t)(out + PANEL - 1) / PANEL, pb = nb * QBLOCK;
-    uint8_t *tmp = malloc(pb);
-    float *row = malloc((size_t)in * sizeof *row);
-    if (!tmp || !row) {
-        free(tmp);
-        free(row);
-        return ENG_ENOMEM;
-    }
+/* One panel: its F32 values packed ([in][16], matmul.c) to its Q8_0 bytes. */
+void eng__q8_panel(uint8_t *dst, const float *panel, int in) {
+    float row[QB];
     int8_t qs[QB];
-    for (size_t p = 0; p < P; p++) {
-        for (int r = 0; r < PANEL; r++) {
-            size_t gr = p * PANEL + (size_t)r;
-            if (gr < (size_t)out) eng__mat_row(m, gr, in, row);
-            else memset(row, 0, (size_t)in * sizeof *row);
-            for (size_t b = 0; b < nb; b++) {
-                uint8_t *blk = tmp + b * QBLOCK;
-                float d = quant_block(row + b * QB, qs, 1);
-                memcpy(blk + 4 * r, &d, 4);
-                for (int k = 0; k < QB; k++) blk[PANEL * 4 + (k / 4) * 64 + r * 4 + k % 4] = (uint8_t)qs[k];
-            }
+    for (int r = 0; r < PANEL; r++)
+        for (int b = 0; b < in / QB; b++) {
+            uint8_t *blk = dst + (size_t)b * QBLOCK;
+            for (int k = 0; k < QB; k++) row[k] = panel[((size_t)b * QB + (size_t)k) * PANEL + (size_t)r];
+            float d = quant_block(row, qs, 1);
+            memcpy(blk + 4 * r, &d, 4);
+            for (int k = 0; k < QB; k++) blk[PANEL * 4 + (k / 4) * 64 + r * 4 + k % 4] = (uint8_t)qs[k];
         }
+}
+
+/* In place, a panel at a time: panel p's Q8_0 bytes (576 per 16 x 32) go
+ * where F32 (2048) bytes of panels up to p were, already read; then the
+ * buffer shrinks. */
+int eng__mat_to_q8(eng__weights *w, eng__mat *m, int out, int in) {
+    if (m->q8 || m->bf16 || in % QB) return ENG_OK; /* rows that are not whole blocks stay as they are */
+    size_t P = (size_t)(out + PANEL - 1) / PANEL, pb = (size_t)(in / QB) * QBLOCK;
+    uint8_t *tmp = malloc(pb);
+    if (!tmp) return ENG_ENOMEM;
+    for (size_t p = 0; p < P; p++) {
+        eng__q8_panel(tmp, (const float *)m->p + p * PANEL * (size_t)in, in);
         memcpy((uint8_t *)m->p + p * pb, tmp, pb);
     }
     free(tmp);
-    free(row);
-    w->bytes -= eng__mat_elems(out, in) * (m->bf16 ? 2 : 4);
+    w->bytes -= eng__mat_elems(out, in) * 4;
     w->bytes += eng__q8_bytes(out, in);
     void *shrunk = realloc(m->p, eng__q8_bytes(out, in));
     if (shrunk) m->p = shrunk;
     m->q8 = 1;
-    m->bf16 = 0;
     return ENG_OK;
 }
 

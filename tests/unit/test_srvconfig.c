@@ -50,7 +50,7 @@ static void test_bad_values_named(void) {
     struct { const char *env, *val; char *argv[4]; int argc; const char *needle; } bad[] = {
         {"KVSERVE_POOL_BLOCKS", "lots", {0}, 0, "KVSERVE_POOL_BLOCKS: an integer in [1, 1.67772e+07] (got \"lots\")"},
         {"KVSERVE_GRACE_SECONDS", "-1", {0}, 0, "KVSERVE_GRACE_SECONDS: a number in [0, 3600]"},
-        {"KVSERVE_WEIGHTS", "q4", {0}, 0, "KVSERVE_WEIGHTS: f32, bf16 or q8_0 (got \"q4\")"},
+        {"KVSERVE_WEIGHTS", "q4", {0}, 0, "KVSERVE_WEIGHTS: f32, bf16, q8_0 or q4_k (got \"q4\")"},
         {"KVSERVE_SHARE_PREFIX_ACROSS_TENANTS", "maybe", {0}, 0, "true or false"},
         {NULL, NULL, {"--pool-blocks", "1.5"}, 2, "--pool-blocks: an integer"},
         {NULL, NULL, {"--grace", "7200"}, 2, "--grace: a number in [0, 3600] (got \"7200\")"},
