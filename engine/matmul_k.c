@@ -16,22 +16,22 @@
  *         then per sub-block four chunks of 64 bytes, chunk c holding
  *         columns 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high nibbles) as
  *         16 rows × 4 bytes. 4.75 bits a weight (the file's 4.5).
- *   Q6_K (4416 bytes): d[16] as float; sc[16][16] signed bytes; the values
- *         q - 32 as signed bytes, per sub-block four groups of 4 columns, each
- *         16 rows × 4 bytes. 8.6 bits a weight (the file's 6.56): simpler and
- *         faster to multiply than 6-bit planes, at 31% more memory for the
- *         Q6_K parts of a file (in Q4_K_M, the output and some of attn_v and
- *         ffn_down).
+ *   Q6_K (3392 bytes): d[16] as float; sc[16][16] signed bytes; then per
+ *         16 columns (one scale) three chunks of 64 bytes, 16 rows × 4 bytes
+ *         each: two of the low 4 bits of q as Q4_K's nibbles (columns 0-3
+ *         low, 4-7 high; 8-11, 12-15), one of the high 2 bits (from bit 0:
+ *         those of the four columns the nibble chunks hold in that byte's
+ *         place). 6.6 bits a weight (the file's 6.56), read in one stream.
  *
  * Products. X's rows are quantized per 256 columns (float scale dx, values
- * in [-127, 127], and the sums of each 32 values' quants for the mins). A
+ * in [-127, 127], and the sums of each 16 values' quants). A
  * super-block's products are exact integer sums:
  *   Q4_K: isum = Σ_j sc[j] Σ q·xq, msum = Σ_j m[j] Σ xq, then
  *         a = fma(d·dx, isum, a); a = fma(-(dmin·dx), msum, a).
- *   Q6_K: isum = Σ_j sc[j] Σ (q - 32)·xq, then a = fma(d·dx, isum, a).
+ *   Q6_K: isum = Σ_j sc[j] (Σ q·xq - 32 Σ xq), then a = fma(d·dx, isum, a).
  * (No sum overflows: |Σ q·xq| per sub-block ≤ 32·15·127 and isum ≤ 2^25 for
- * Q4_K; |Σ (q-32)·xq| ≤ 16·32·127 and isum ≤ 2^27 for Q6_K; AVX2 keeps the
- * pairs in 16 bits, at most 16·15·127 and 8·32·127.) The float order is the
+ * Q4_K; |Σ q·xq - 32 Σ xq| ≤ 16·32·127 and isum ≤ 2^27 for Q6_K; AVX2 keeps
+ * pairs in 16 bits, at most 16·15·127 for Q4_K and 4·63·127 for Q6_K.) The float order is the
  * same whatever the number of rows, the thread or the instruction set: a
  * row's result does not depend on the batch, and the AVX512-VNNI, AVX2 and
  * scalar paths agree bitwise. */
@@ -50,9 +50,20 @@
 #define PANEL 16
 #define SB 256                          /* columns per super-block */
 #define K4_BYTES (128 + 256 + 2048)     /* a panel's Q4_K super-block */
-#define K6_BYTES (64 + 256 + 4096)      /* a panel's Q6_K super-block */
+#define K6_BYTES (64 + 256 + 2048 + 1024) /* a panel's Q6_K super-block */
 #define K4_NIB 384                      /* offset of the nibbles */
-#define K6_W 320                        /* offset of the values */
+#define K6_Q 320                        /* offset of the values */
+/* Q6_K: the 64-byte chunks of the 16 columns of scale j: two of low 4 bits, one of high 2 bits */
+#define K6_NIB(j, c) (K6_Q + (j) * 192 + (c) * 64)
+#define K6_HI(j) (K6_Q + (j) * 192 + 128)
+
+/* Q6_K value q (0..63) at column k of row j, as put_row stores it. */
+static inline int k6_q(const uint8_t *blk, int j, int k) {
+    int s = k / 32, c = (k % 32) / 8, i = k % 4, hi = (k % 8) / 4;
+    int lo = blk[K6_NIB(2 * s + c / 2, c % 2) + j * 4 + i] >> (4 * hi) & 15;
+    int top = blk[K6_HI(2 * s + c / 2) + j * 4 + i] >> (2 * (2 * (c % 2) + hi)) & 3;
+    return lo | top << 4;
+}
 
 static float half_to_f32(const uint8_t *p) {
     float f;
@@ -171,14 +182,20 @@ static void put_row(uint8_t *blk, int type, int j, const uint8_t *b) {
         }
     } else {
         float d = 0;
-        int8_t sc[16] = {0}, w[SB] = {0};
+        int8_t sc[16] = {0}, w[SB];
+        memset(w, -32, sizeof w); /* q = 0: a zero row's values are -32 · 0 */
         if (b) k6_unpack(b, &d, sc, w);
         memcpy(blk + 4 * j, &d, 4);
-        for (int s = 0; s < 16; s++) {
-            blk[64 + s * PANEL + j] = (uint8_t)sc[s];
-            for (int g = 0; g < 4; g++)
-                for (int i = 0; i < 4; i++) blk[K6_W + s * 256 + g * 64 + j * 4 + i] = (uint8_t)w[16 * s + 4 * g + i];
-        }
+        for (int s = 0; s < 16; s++) blk[64 + s * PANEL + j] = (uint8_t)sc[s];
+        for (int s = 0; s < 8; s++)
+            for (int c = 0; c < 4; c++)
+                for (int i = 0; i < 4; i++) {
+                    int q0 = w[32 * s + 8 * c + i] + 32, q1 = w[32 * s + 8 * c + 4 + i] + 32;
+                    blk[K6_NIB(2 * s + c / 2, c % 2) + j * 4 + i] = (uint8_t)((q0 & 15) | (q1 & 15) << 4);
+                    uint8_t *hb = &blk[K6_HI(2 * s + c / 2) + j * 4 + i];
+                    if (c % 2 == 0) *hb = 0;
+                    *hb |= (uint8_t)(((q0 >> 4) | (q1 >> 4) << 2) << (4 * (c % 2)));
+                }
     }
 }
 
@@ -255,12 +272,8 @@ void eng__k_row(const eng__mat *W, size_t r, int in, float *dst) {
             const uint8_t *blk = pb + s * K6_BYTES;
             float d;
             memcpy(&d, blk + 4 * j, 4);
-            for (int sb = 0; sb < 16; sb++) {
-                float ds = d * (float)(int8_t)blk[64 + sb * PANEL + j];
-                for (int g = 0; g < 4; g++)
-                    for (int i = 0; i < 4; i++)
-                        dst[16 * sb + 4 * g + i] = ds * (float)(int8_t)blk[K6_W + sb * 256 + g * 64 + j * 4 + i];
-            }
+            for (int k = 0; k < SB; k++)
+                dst[k] = d * (float)(int8_t)blk[64 + (k / 16) * PANEL + j] * (float)(k6_q(blk, j, k) - 32);
         }
     }
 }
@@ -271,7 +284,7 @@ typedef struct {
     const float *X;
     const int8_t *xq;   /* [n][in] */
     const float *dx;    /* [n][nsb] */
-    const int16_t *xs;  /* [n][in / 32]: sums of xq per 32 */
+    const int16_t *xs;  /* [n][in / 16]: sums of xq per 16 */
     const eng__mat *W;
     int n, in, out, chunk, isa;
 } k_job;
@@ -300,8 +313,9 @@ static void panel_scalar(const k_job *j, size_t p, int r0, int R, int valid) {
                                 uint8_t v = blk[K4_NIB + sb * 256 + c * 64 + o * 4 + i];
                                 q += (v & 15) * xb[32 * sb + 8 * c + i] + (v >> 4) * xb[32 * sb + 8 * c + 4 + i];
                             }
+                        const int16_t *xs = j->xs + ((size_t)r * j->in + s * SB) / 16 + 2 * (size_t)sb;
                         isum += blk[128 + sb * PANEL + o] * q;
-                        msum += blk[256 + sb * PANEL + o] * j->xs[((size_t)r * j->in + s * SB) / 32 + (size_t)sb];
+                        msum += blk[256 + sb * PANEL + o] * (xs[0] + xs[1]);
                     }
                     float d, dmin;
                     memcpy(&d, blk + 4 * o, 4);
@@ -313,8 +327,8 @@ static void panel_scalar(const k_job *j, size_t p, int r0, int R, int valid) {
                     int32_t isum = 0;
                     for (int sb = 0; sb < 16; sb++) {
                         int32_t q = 0;
-                        for (int k = 0; k < 16; k++)
-                            q += (int8_t)blk[K6_W + sb * 256 + (k / 4) * 64 + o * 4 + k % 4] * xb[16 * sb + k];
+                        for (int k = 16 * sb; k < 16 * sb + 16; k++) q += k6_q(blk, o, k) * xb[k];
+                        q -= 32 * j->xs[((size_t)r * j->in + s * SB) / 16 + (size_t)sb];
                         isum += (int8_t)blk[64 + sb * PANEL + o] * q;
                     }
                     float d;
@@ -377,13 +391,13 @@ AVX2 static inline __attribute__((always_inline)) void k4_sums(const uint8_t *bl
         __m256i m1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 256 + sb * PANEL + 8)));
         i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(a0, s0));
         i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(a1, s1));
-        __m256i xv = _mm256_set1_epi32(xs[sb]); /* (its upper half meets the min's zero half) */
+        __m256i xv = _mm256_set1_epi32(xs[2 * sb] + xs[2 * sb + 1]); /* (its upper half meets the min's zero half) */
         n0 = _mm256_add_epi32(n0, _mm256_madd_epi16(m0, xv));
         n1 = _mm256_add_epi32(n1, _mm256_madd_epi16(m1, xv));
         if (TWO == 2) {
             i2 = _mm256_add_epi32(i2, _mm256_madd_epi16(b0, s0));
             i3 = _mm256_add_epi32(i3, _mm256_madd_epi16(b1, s1));
-            __m256i yv = _mm256_set1_epi32(xs2[sb]);
+            __m256i yv = _mm256_set1_epi32(xs2[2 * sb] + xs2[2 * sb + 1]);
             n2 = _mm256_add_epi32(n2, _mm256_madd_epi16(m0, yv));
             n3 = _mm256_add_epi32(n3, _mm256_madd_epi16(m1, yv));
         }
@@ -392,30 +406,54 @@ AVX2 static inline __attribute__((always_inline)) void k4_sums(const uint8_t *bl
     ms[0] = n0, ms[1] = n1, ms[2] = n2, ms[3] = n3;
 }
 
+/* Q6_K's q of 4 columns × 16 rows from a nibble chunk v (low or high half,
+ * hi) and its high-bit chunk hb at shift 2·(2·odd + hi), as bytes 0..63. */
+AVX2 static inline __m256i k6q_avx2(__m256i v, __m256i hb, int hi, int sh) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256i lo = hi ? _mm256_and_si256(_mm256_srli_epi16(v, 4), m4) : _mm256_and_si256(v, m4);
+    __m256i top = sh < 4 ? _mm256_slli_epi16(hb, 4 - sh) : sh == 4 ? hb : _mm256_srli_epi16(hb, sh - 4);
+    return _mm256_or_si256(lo, _mm256_and_si256(top, m30));
+}
+
+/* One Q6_K super-block: per 16 columns, Σ q·x (each 8 columns' pairs in 16
+ * bits, then 32), less 32 Σ x, times the scale. */
 AVX2 static inline __attribute__((always_inline)) void k6_sums(const uint8_t *blk, const int8_t *x, const int8_t *x2,
-                                                                int TWO, __m256i is[4]) {
+                                                                const int16_t *xs, const int16_t *xs2, int TWO,
+                                                                __m256i is[4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
-    for (int sb = 0; sb < 16; sb++) {
-        const uint8_t *wb = blk + K6_W + sb * 256;
+    for (int j = 0; j < 16; j++) { /* the 16 columns of scale j: nibble chunks 2h, 2h + 1 of sub-block j / 2 */
+        const uint8_t *nb = blk + K6_NIB(j, 0), *hp = blk + K6_HI(j); /* one stream: the chunks in reading order */
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
-        for (int g = 0; g < 4; g++) {
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + g * 64));
-            __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + g * 64 + 32));
-            __m256i xb = _mm256_set1_epi32(x4(x + 16 * sb + 4 * g)), ax = _mm256_abs_epi8(xb);
-            a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)));
-            a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)));
-            if (TWO == 2) {
-                __m256i yb = _mm256_set1_epi32(x4(x2 + 16 * sb + 4 * g)), ay = _mm256_abs_epi8(yb);
-                b0 = _mm256_add_epi16(b0, _mm256_maddubs_epi16(ay, _mm256_sign_epi8(w0, yb)));
-                b1 = _mm256_add_epi16(b1, _mm256_maddubs_epi16(ay, _mm256_sign_epi8(w1, yb)));
+        for (int half = 0; half < 2; half++) { /* rows 0-7, 8-15 */
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(hp + 32 * half)), acc = _mm256_setzero_si256(),
+                    acc2 = acc;
+            for (int c = 0; c < 2; c++) { /* two pairs a lane in 16 bits (≤ 2·2·63·127), then 32 */
+                __m256i v = _mm256_loadu_si256((const __m256i *)(nb + c * 64 + 32 * half));
+                __m256i q0 = k6q_avx2(v, hb, 0, 4 * c), q1 = k6q_avx2(v, hb, 1, 4 * c + 2);
+                const int8_t *xc = x + 16 * j + 8 * c;
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(
+                                                _mm256_maddubs_epi16(q0, _mm256_set1_epi32(x4(xc))),
+                                                _mm256_maddubs_epi16(q1, _mm256_set1_epi32(x4(xc + 4)))), ones));
+                if (TWO == 2) {
+                    const int8_t *yc = x2 + 16 * j + 8 * c;
+                    acc2 = _mm256_add_epi32(acc2, _mm256_madd_epi16(_mm256_add_epi16(
+                                                      _mm256_maddubs_epi16(q0, _mm256_set1_epi32(x4(yc))),
+                                                      _mm256_maddubs_epi16(q1, _mm256_set1_epi32(x4(yc + 4)))), ones));
+                }
             }
+            if (half) a1 = acc, b1 = acc2;
+            else a0 = acc, b0 = acc2;
         }
-        __m256i s0 = pairs_i8(blk + 64 + sb * PANEL), s1 = pairs_i8(blk + 64 + sb * PANEL + 8);
-        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(a0, s0));
-        i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(a1, s1));
+        __m256i s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 + j * PANEL)));
+        __m256i s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 64 + j * PANEL + 8)));
+        __m256i c32 = _mm256_set1_epi32(32 * xs[j]);
+        i0 = _mm256_add_epi32(i0, _mm256_mullo_epi32(_mm256_sub_epi32(a0, c32), s0));
+        i1 = _mm256_add_epi32(i1, _mm256_mullo_epi32(_mm256_sub_epi32(a1, c32), s1));
         if (TWO == 2) {
-            i2 = _mm256_add_epi32(i2, _mm256_madd_epi16(b0, s0));
-            i3 = _mm256_add_epi32(i3, _mm256_madd_epi16(b1, s1));
+            __m256i d32 = _mm256_set1_epi32(32 * xs2[j]);
+            i2 = _mm256_add_epi32(i2, _mm256_mullo_epi32(_mm256_sub_epi32(b0, d32), s0));
+            i3 = _mm256_add_epi32(i3, _mm256_mullo_epi32(_mm256_sub_epi32(b1, d32), s1));
         }
     }
     is[0] = i0, is[1] = i1, is[2] = i2, is[3] = i3;
@@ -424,7 +462,7 @@ AVX2 static inline __attribute__((always_inline)) void k6_sums(const uint8_t *bl
 /* Rows r (and r + 1 when TWO) of X against panel p: 16 outputs each. */
 AVX2 static inline __attribute__((always_inline)) void rows_avx2(const k_job *j, size_t p, int r, int TWO, float *o0,
                                                                   float *o1) {
-    size_t nsb = (size_t)(j->in / SB), nx = (size_t)(j->in / 32);
+    size_t nsb = (size_t)(j->in / SB), nx = (size_t)(j->in / 16);
     int t = j->W->ktype[p];
     const uint8_t *pb = (const uint8_t *)j->W->p + j->W->koff[p];
     const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
@@ -433,8 +471,8 @@ AVX2 static inline __attribute__((always_inline)) void rows_avx2(const k_job *j,
     for (size_t s = 0; s < nsb; s++) {
         __m256i is[4], ms[4];
         const uint8_t *blk = pb + s * (t == GGML_Q4_K ? K4_BYTES : K6_BYTES);
-        if (t == GGML_Q4_K) k4_sums(blk, x + s * SB, x2 + s * SB, xs + s * 8, xs2 + s * 8, TWO, is, ms);
-        else k6_sums(blk, x + s * SB, x2 + s * SB, TWO, is);
+        if (t == GGML_Q4_K) k4_sums(blk, x + s * SB, x2 + s * SB, xs + s * 16, xs2 + s * 16, TWO, is, ms);
+        else k6_sums(blk, x + s * SB, x2 + s * SB, xs + s * 16, xs2 + s * 16, TWO, is);
         __m256 d0 = _mm256_loadu_ps((const float *)blk), d1 = _mm256_loadu_ps((const float *)blk + 8);
         __m256 dx = _mm256_set1_ps(j->dx[(size_t)r * nsb + s]);
         a0 = _mm256_fmadd_ps(_mm256_mul_ps(d0, dx), _mm256_cvtepi32_ps(is[0]), a0);
@@ -496,47 +534,57 @@ VNNI static inline __attribute__((always_inline)) void k4_vnni(const uint8_t *bl
         __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 128 + sb * PANEL)));
         __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 256 + sb * PANEL)));
         i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(a, sc));
-        n0 = _mm512_add_epi32(n0, _mm512_madd_epi16(mn, _mm512_set1_epi32(xs[sb])));
+        n0 = _mm512_add_epi32(n0, _mm512_madd_epi16(mn, _mm512_set1_epi32(xs[2 * sb] + xs[2 * sb + 1])));
         if (TWO == 2) {
             i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(b, sc));
-            n1 = _mm512_add_epi32(n1, _mm512_madd_epi16(mn, _mm512_set1_epi32(xs2[sb])));
+            n1 = _mm512_add_epi32(n1, _mm512_madd_epi16(mn, _mm512_set1_epi32(xs2[2 * sb] + xs2[2 * sb + 1])));
         }
     }
     is[0] = i0, is[1] = i1, ms[0] = n0, ms[1] = n1;
 }
 
+VNNI static inline __m512i k6q_vnni(__m512i v, __m512i hb, int hi, int sh) {
+    const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+    __m512i lo = hi ? _mm512_and_si512(_mm512_srli_epi16(v, 4), m4) : _mm512_and_si512(v, m4);
+    __m512i top = sh < 4 ? _mm512_slli_epi16(hb, (unsigned)(4 - sh)) : sh == 4 ? hb : _mm512_srli_epi16(hb, (unsigned)(sh - 4));
+    return _mm512_or_si512(lo, _mm512_and_si512(top, m30));
+}
+
 VNNI static inline __attribute__((always_inline)) void k6_vnni(const uint8_t *blk, const int8_t *x, const int8_t *x2,
-                                                                int TWO, __m512i *is) {
+                                                                const int16_t *xs, const int16_t *xs2, int TWO,
+                                                                __m512i *is) {
     const __m512i zero = _mm512_setzero_si512();
     __m512i i0 = zero, i1 = zero;
-    for (int sb = 0; sb < 16; sb++) {
-        const uint8_t *wb = blk + K6_W + sb * 256;
+    for (int j = 0; j < 16; j++) {
+        const uint8_t *nb = blk + K6_NIB(j, 0), *hp = blk + K6_HI(j); /* one stream: the chunks in reading order */
+        __m512i hb = _mm512_loadu_si512((const void *)hp);
         __m512i a = zero, b = zero, a2 = zero, b2 = zero;
-        for (int g = 0; g < 4; g++) {
-            __m512i w = _mm512_loadu_si512((const void *)(wb + g * 64));
-            __m512i xb = _mm512_set1_epi32(x4(x + 16 * sb + 4 * g));
-            __m512i p = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xb), zero, w);
-            if (g % 2) a2 = _mm512_dpbusd_epi32(a2, _mm512_abs_epi8(xb), p);
-            else a = _mm512_dpbusd_epi32(a, _mm512_abs_epi8(xb), p);
+        for (int c = 0; c < 2; c++) {
+            __m512i v = _mm512_loadu_si512((const void *)(nb + c * 64));
+            __m512i q0 = k6q_vnni(v, hb, 0, 4 * c), q1 = k6q_vnni(v, hb, 1, 4 * c + 2);
+            const int8_t *xc = x + 16 * j + 8 * c;
+            a = _mm512_dpbusd_epi32(a, q0, _mm512_set1_epi32(x4(xc)));
+            a2 = _mm512_dpbusd_epi32(a2, q1, _mm512_set1_epi32(x4(xc + 4)));
             if (TWO == 2) {
-                __m512i yb = _mm512_set1_epi32(x4(x2 + 16 * sb + 4 * g));
-                __m512i q = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(yb), zero, w);
-                if (g % 2) b2 = _mm512_dpbusd_epi32(b2, _mm512_abs_epi8(yb), q);
-                else b = _mm512_dpbusd_epi32(b, _mm512_abs_epi8(yb), q);
+                const int8_t *yc = x2 + 16 * j + 8 * c;
+                b = _mm512_dpbusd_epi32(b, q0, _mm512_set1_epi32(x4(yc)));
+                b2 = _mm512_dpbusd_epi32(b2, q1, _mm512_set1_epi32(x4(yc + 4)));
             }
         }
-        a = _mm512_add_epi32(a, a2);
-        b = _mm512_add_epi32(b, b2);
-        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + sb * PANEL)));
+        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 64 + j * PANEL)));
+        a = _mm512_sub_epi32(_mm512_add_epi32(a, a2), _mm512_set1_epi32(32 * xs[j]));
         i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(a, sc));
-        if (TWO == 2) i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(b, sc));
+        if (TWO == 2) {
+            b = _mm512_sub_epi32(_mm512_add_epi32(b, b2), _mm512_set1_epi32(32 * xs2[j]));
+            i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(b, sc));
+        }
     }
     is[0] = i0, is[1] = i1;
 }
 
 VNNI static inline __attribute__((always_inline)) void rows_vnni(const k_job *j, size_t p, int r, int TWO, float *o0,
                                                                   float *o1) {
-    size_t nsb = (size_t)(j->in / SB), nx = (size_t)(j->in / 32);
+    size_t nsb = (size_t)(j->in / SB), nx = (size_t)(j->in / 16);
     int t = j->W->ktype[p];
     const uint8_t *pb = (const uint8_t *)j->W->p + j->W->koff[p];
     const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
@@ -545,8 +593,8 @@ VNNI static inline __attribute__((always_inline)) void rows_vnni(const k_job *j,
     for (size_t s = 0; s < nsb; s++) {
         __m512i is[2], ms[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
         const uint8_t *blk = pb + s * (t == GGML_Q4_K ? K4_BYTES : K6_BYTES);
-        if (t == GGML_Q4_K) k4_vnni(blk, x + s * SB, x2 + s * SB, xs + s * 8, xs2 + s * 8, TWO, is, ms);
-        else k6_vnni(blk, x + s * SB, x2 + s * SB, TWO, is);
+        if (t == GGML_Q4_K) k4_vnni(blk, x + s * SB, x2 + s * SB, xs + s * 16, xs2 + s * 16, TWO, is, ms);
+        else k6_vnni(blk, x + s * SB, x2 + s * SB, xs + s * 16, xs2 + s * 16, TWO, is);
         __m512 d = _mm512_loadu_ps((const float *)blk), dx = _mm512_set1_ps(j->dx[(size_t)r * nsb + s]);
         a = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(is[0]), a);
         __m512 dx2 = _mm512_setzero_ps();
@@ -606,10 +654,10 @@ static void quant_rows(void *ctx, int r, int thread) {
         }
         ((float *)j->dx)[(size_t)r * nsb + s] = d;
     }
-    int16_t *xs = (int16_t *)j->xs + (size_t)r * (size_t)(j->in / 32);
-    for (int b = 0; b < j->in / 32; b++) {
+    int16_t *xs = (int16_t *)j->xs + (size_t)r * (size_t)(j->in / 16);
+    for (int b = 0; b < j->in / 16; b++) {
         int sum = 0;
-        for (int i = 0; i < 32; i++) sum += q[32 * b + i];
+        for (int i = 0; i < 16; i++) sum += q[16 * b + i];
         xs[b] = (int16_t)sum;
     }
 }
@@ -635,7 +683,7 @@ static void k_task(void *ctx, int task, int thread) {
 
 void eng__matmul_k(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
                    int isa) {
-    /* the workspace (n * in floats): n * in values, n * in / 256 scales, n * in / 32 sums */
+    /* the workspace (n * in floats): n * in values, n * in / 256 scales, n * in / 16 sums */
     int8_t *xq = (int8_t *)xt;
     float *dx = xt + ((size_t)n * in + 3) / 4;
     int16_t *xs = (int16_t *)(void *)(dx + (size_t)n * (in / SB));
