@@ -350,11 +350,6 @@ AVX2 static inline __m256i pairs_u8(const uint8_t *p) {
     return _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
 }
 
-AVX2 static inline __m256i pairs_i8(const uint8_t *p) {
-    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
-}
-
 static inline int32_t x4(const int8_t *x) {
     int32_t v;
     memcpy(&v, x, 4);

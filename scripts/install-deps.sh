@@ -5,6 +5,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+#   KVSERVE_DEPS=build  only what building kvserve and kvctl needs (docker/Dockerfile's build stage)
+build_pkgs=(
+  build-essential cmake pkg-config ca-certificates
+  libopenblas-dev libcjson-dev libpcre2-dev libssl-dev libutf8proc-dev
+  libgrpc-dev protobuf-compiler libprotobuf-c-dev protobuf-c-compiler
+  libhiredis-dev libmicrohttpd-dev libedit-dev
+)
 pkgs=(
   build-essential cmake pkg-config git ca-certificates
   clang libclang-rt-14-dev            # libFuzzer + sanitizer runtimes
@@ -20,6 +27,7 @@ pkgs=(
   nodejs npm                          # @huggingface/tokenizers, @grpc/grpc-js tests
 )
 
+if [[ ${KVSERVE_DEPS:-all} == build ]]; then pkgs=("${build_pkgs[@]}"); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
@@ -38,7 +46,7 @@ fi
 
 # npm ci again whenever package-lock.json changed since the last install
 js=$here/tests/js
-if [[ -f $js/package-lock.json ]]; then
+if [[ ${KVSERVE_DEPS:-all} != build && -f $js/package-lock.json ]]; then
   want=$(sha256sum "$js/package-lock.json" | cut -d' ' -f1)
   if [[ ! -d $js/node_modules || $(cat "$js/node_modules/.kvserve-lock" 2>/dev/null) != "$want" ]]; then
     echo "install-deps: npm ci (tests/js)"

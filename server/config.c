@@ -35,7 +35,7 @@ static const opt OPTS[] = {
     {"max-queue", "KVSERVE_MAX_QUEUE", T_INT, 1, 1 << 20, AT(engine.max_queue), "N  waiting requests (1024)"},
     {"ctx", "KVSERVE_MAX_CONTEXT", T_INT, 1, 1 << 24, AT(max_context), "N  context length cap (the model's)"},
     {"weights", "KVSERVE_WEIGHTS", T_WEIGHTS, 0, 0, AT(weights),
-     "f32|bf16|q8_0  what the weight matrices are kept in (f32; q8_0 for a Q8_0 GGUF file)"},
+     "f32|bf16|q8_0|q4_k  what the weight matrices are kept in (f32; a GGUF file's Q8_0 or K-quants)"},
     {"kv", "KVSERVE_KV", T_F16, 0, 0, AT(kv_f16), "f32|f16  KV cache precision (f32)"},
     {"tls-cert", "KVSERVE_TLS_CERT", T_STR, 0, 0, AT(tls_cert), "PEM  certificate chain: TLS (with --tls-key)"},
     {"tls-key", "KVSERVE_TLS_KEY", T_STR, 0, 0, AT(tls_key), "PEM  private key"},

@@ -286,7 +286,9 @@ void srv_shutdown(srv *s) {
         s->serving = 0;
         s->shutting_down = 1;
         srv__notify_watchers(s);
+        int in_flight = s->active_calls;
         pthread_mutex_unlock(&s->mu);
+        LOG_INFO("draining: %d call%s in flight", in_flight, in_flight == 1 ? "" : "s");
         double drain_start = srv__now_s(), until = drain_start + s->cfg.grace_seconds;
         for (;;) {
             pthread_mutex_lock(&s->rq_mu); /* both: a request leaves the batcher's count as it joins the registry */
