@@ -96,7 +96,7 @@ static int rope_scaling(const cJSON *o, eng_config *cfg, const char *name, char 
     if (strcmp(t, "linear") && strcmp(t, "llama3") && strcmp(t, "dynamic"))
         return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: rope_scaling type \"%s\" is not supported (linear, llama3, "
                          "dynamic)", name, t);
-    double d;
+    double d = 0;
     int rc;
     const char *rname = "rope_scaling";
     if ((rc = get_num(rs, "factor", 0, 1e-3, 1e6, &d, rname, err, errlen))) return rc;
@@ -188,7 +188,7 @@ static int gemma3(const cJSON *o, eng_config *cfg, const char *name, char *err, 
     const cJSON *asc = cJSON_GetObjectItemCaseSensitive(o, "attn_logit_softcapping");
     if (asc && !cJSON_IsNull(asc))
         return eng__fail(err, errlen, ENG_EUNSUPPORTED, "%s: attn_logit_softcapping is not supported", name);
-    double d;
+    double d = 0;
     int rc;
     if ((rc = get_num(o, "query_pre_attn_scalar", cfg->head_dim, 1e-6, 1e9, &d, name, err, errlen))) return rc;
     cfg->attn_scale = (float)(1.0 / sqrt(d));
@@ -300,7 +300,7 @@ int eng__config_parse(const char *json, size_t len, const char *name, eng_config
         rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: head_dim %d must be even for RoPE", name, cfg->head_dim);
         goto out;
     }
-    double d;
+    double d = 0;
     if (cfg->rope_scaling == ENG_ROPE_DYNAMIC) { /* NTK-aware: the context grows by the factor */
         if (cfg->rope_factor < 1) {
             rc = eng__fail(err, errlen, ENG_EFORMAT, "%s: dynamic rope_scaling needs a factor >= 1", name);

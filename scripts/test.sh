@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: install what is
 # missing, build, run every test (CTest), then the same suite under
-# AddressSanitizer + UndefinedBehaviorSanitizer, then the libFuzzer target
-# for a bounded time. Exit status non-zero if anything fails.
+# AddressSanitizer + UndefinedBehaviorSanitizer, then the container image
+# (built and run with podman), then the libFuzzer targets for a bounded time. Exit status non-zero if anything fails.
 #   KVSERVE_SKIP_SANITIZE=1  skip the sanitizer pass
+#   KVSERVE_SKIP_CONTAINER=1 skip the container image test (docker/test.sh, podman)
 #   KVSERVE_FUZZ_SECONDS=N   libFuzzer time per target (default 30; 0 skips)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,6 +25,11 @@ if [[ ${KVSERVE_SKIP_SANITIZE:-0} != 1 ]]; then
   echo "== tests under ASan + UBSan"
   (cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
      ctest --output-on-failure)
+fi
+
+if [[ ${KVSERVE_SKIP_CONTAINER:-0} != 1 ]]; then
+  echo "== container image (docker/test.sh)"
+  bash docker/test.sh "$models/smollm2-135m" build
 fi
 
 secs=${KVSERVE_FUZZ_SECONDS:-30}
