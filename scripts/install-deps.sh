@@ -24,6 +24,7 @@ pkgs=(
   libmicrohttpd-dev                   # metrics over HTTP
   libedit-dev                         # kvctl chat: line editing and history
   python3 python3-numpy python3-regex # reference implementation, model generator
+  wamerican                           # a word list: the trained model's generations are English
   nodejs npm                          # @huggingface/tokenizers, @grpc/grpc-js tests
 )
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job, from a fresh Debian 12 machine: install what is missing,
-# build, generate the default model (SmolLM2-135M's exact shape, random
-# weights, our trained BPE tokenizer), start a local redis-server and the
-# kvserve gRPC service on loopback ports and stream a generation from it to the
-# terminal with kvctl.
+# build, train the default model once (tools/train_tiny.py: a 2.6M-weight
+# LLaMA on the English text of the machine's Python docstrings and licenses),
+# start a local redis-server and the kvserve gRPC service on loopback ports and
+# stream a generation from it to the terminal with kvctl.
 #   KVSERVE_MODEL=DIR   use another Hugging Face model directory, or a GGUF file
 #   extra arguments are passed to `kvctl generate` (e.g. -n 100 "a prompt")
 set -euo pipefail
@@ -11,10 +11,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j2 --target kvserve kvctl
-model=${KVSERVE_MODEL:-$PWD/models/smollm2-135m}
+model=${KVSERVE_MODEL:-$PWD/models/tiny-en}
 if [[ -z ${KVSERVE_MODEL:-} && ! -f $model/config.json ]]; then
-  echo "generating the default model in $model (once)"
-  /usr/bin/python3 tools/mkmodel.py --preset smollm2-135m --out "$model" --cache models/.cache
+  echo "training the default model in $model (once, about 4 minutes: tools/train_tiny.py)"
+  /usr/bin/python3 tools/train_tiny.py train --out "$model" | tail -n 2
 fi
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rport=$(free_port) port=$(free_port)
@@ -30,5 +30,5 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 echo "kvserve is serving $model on 127.0.0.1:$port, prompt cache on redis 127.0.0.1:$rport (log: build/kvserve.log)"
-if (($# == 0)); then set -- -n 64 --temperature 0.8 --top-p 0.95 --seed 1 "The quick brown fox"; fi
+if (($# == 0)); then set -- -n 80 --temperature 0.7 --top-p 0.9 --seed 1 "The"; fi
 build/kvctl --addr "127.0.0.1:$port" generate "$@"
