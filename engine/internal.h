@@ -183,6 +183,9 @@ int eng__mat_to_k(eng__weights *w, eng__mat *m, int out, int in, const uint8_t *
  * zeros), to the panel's eng__k_panel_bytes at dst. */
 void eng__k_panel(uint8_t *dst, int type, const uint8_t *const rows[16], int in);
 size_t eng__k_panel_bytes(int type, int in);
+/* n values to 8-bit: returns d = max|x| / 127, q = round(x / d) in [-127, 127] (the
+ * activations of the quantized products; Q8_0's values with d kept in float). */
+float eng__quant8(const float *x, int n, int8_t *q);
 /* One panel's F32 values as packed ([in][16]) to its Q8_0 bytes (eng__q8_bytes(16, in)). */
 void eng__q8_panel(uint8_t *dst, const float *panel, int in);
 /* 256 values to one GGUF Q4_K block (144 bytes), with our quantizer. */

@@ -639,16 +639,7 @@ static void quant_rows(void *ctx, int r, int thread) {
     size_t nsb = (size_t)(j->in / SB);
     const float *x = j->X + (size_t)r * j->in;
     int8_t *q = (int8_t *)j->xq + (size_t)r * j->in;
-    for (size_t s = 0; s < nsb; s++) {
-        float amax = 0;
-        for (int i = 0; i < SB; i++) amax = fabsf(x[s * SB + (size_t)i]) > amax ? fabsf(x[s * SB + (size_t)i]) : amax;
-        float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
-        for (int i = 0; i < SB; i++) {
-            float v = rintf(x[s * SB + (size_t)i] * id);
-            q[s * SB + (size_t)i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-        }
-        ((float *)j->dx)[(size_t)r * nsb + s] = d;
-    }
+    for (size_t s = 0; s < nsb; s++) ((float *)j->dx)[(size_t)r * nsb + s] = eng__quant8(x + s * SB, SB, q + s * SB);
     int16_t *xs = (int16_t *)j->xs + (size_t)r * (size_t)(j->in / 16);
     for (int b = 0; b < j->in / 16; b++) {
         int sum = 0;

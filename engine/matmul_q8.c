@@ -47,15 +47,20 @@ static float half_round(float f) {
     return r;
 }
 
-/* One block of 32 values: scale and 8-bit values (ggml's reference Q8_0). */
-static float quant_block(const float *x, int8_t *q, int half_scale) {
+float eng__quant8(const float *x, int n, int8_t *q) {
     float amax = 0;
-    for (int i = 0; i < QB; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    for (int i = 0; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
     float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
-    for (int i = 0; i < QB; i++) {
+    for (int i = 0; i < n; i++) {
         float v = rintf(x[i] * id);
         q[i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
     }
+    return d;
+}
+
+/* One block of 32 values: scale and 8-bit values (ggml's reference Q8_0). */
+static float quant_block(const float *x, int8_t *q, int half_scale) {
+    float d = eng__quant8(x, QB, q);
     return half_scale ? half_round(d) : d;
 }
 
