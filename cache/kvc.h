@@ -166,4 +166,31 @@ typedef struct kvc_rag_stats {
 } kvc_rag_stats;
 void kvc_rag_stats_get(kvc_rag *g, kvc_rag_stats *s);
 
+/* ---- agents' warm tier -------------------------------------------------------- *
+ * One value per (model, tenant, agent): the caller's sealed export of the
+ * agent, with a TTL. Large values: give this store a connection pool of its
+ * own with a command timeout that fits them. */
+typedef struct kvc_agents kvc_agents;
+
+typedef struct kvc_agents_options {
+    const char *prefix;         /* Redis key prefix (0 = "kvs") */
+    int default_ttl_s;          /* 0 = 86400 */
+} kvc_agents_options;
+
+int kvc_agents_open(kvc_agents **out, kvc_redis *r, const kvc_agents_options *o);
+void kvc_agents_close(kvc_agents *a);
+/* Store (replacing what was there), value and expiry set atomically. */
+int kvc_agents_put(kvc_agents *a, uint64_t model_fingerprint, const char *tenant, const char *agent_id,
+                   const uint8_t *v, size_t len, int ttl_s);
+/* KVC_OK with *v (malloc'd) and *len, KVC_MISS, or an error (a miss to the caller). */
+int kvc_agents_get(kvc_agents *a, uint64_t model_fingerprint, const char *tenant, const char *agent_id, uint8_t **v,
+                   size_t *len);
+/* KVC_OK (deleted), KVC_MISS (there was none) or an error. */
+int kvc_agents_del(kvc_agents *a, uint64_t model_fingerprint, const char *tenant, const char *agent_id);
+
+typedef struct kvc_agents_stats {
+    uint64_t saves, restores, misses, deletes, errors, bytes_saved, bytes_restored;
+} kvc_agents_stats;
+void kvc_agents_stats_get(kvc_agents *a, kvc_agents_stats *s);
+
 #endif

@@ -58,7 +58,9 @@ static void agent_destroy(eng_engine *e, int index) {
 }
 
 /* Free the blocks of the least recently used idle agent holding any; its
- * tokens stay, so its next turn recomputes (or finds its prefix cached). */
+ * tokens stay, so its next turn recomputes (or finds its prefix cached, or
+ * the server restores it from the warm store, to which an unsaved version
+ * is handed first through the spill callback). */
 int eng__evict_idle_agent(eng_engine *e) {
     agent *best = NULL;
     for (int i = 0; i < e->n_agents; i++) {
@@ -66,6 +68,15 @@ int eng__evict_idle_agent(eng_engine *e) {
         if (!a->busy && a->n_blk && (!best || a->last_used < best->last_used)) best = a;
     }
     if (!best) return 0;
+    uint8_t *blob;
+    size_t len;
+    char err[64];
+    if (e->spill && best->version != best->saved_version &&
+        eng__agent_export_locked(e, best, &blob, &len, err, sizeof err) == ENG_OK) {
+        best->tried_version = best->version;
+        best->tried_at = eng__now();
+        e->spill(e->spill_ud, best->tenant, best->id, best->version, blob, len); /* the blob is its own now */
+    }
     eng__agent_release_blocks(e, best);
     return 1;
 }
@@ -79,6 +90,8 @@ static void fill_info(const agent *a, eng_agent_info *info) {
     for (int i = 0; i < a->n_blk; i++) info->n_blocks += a->blk[i] >= 0;
     info->busy = a->busy;
     info->idle_seconds = a->busy ? 0 : eng__now() - a->last_used;
+    info->version = a->version;
+    info->saved = a->version == a->saved_version && a->version;
 }
 
 int eng_agent_get(eng_engine *e, const char *tenant, const char *agent_id, eng_agent_info *info) {
@@ -136,6 +149,7 @@ int eng_agent_fork(eng_engine *e, const char *tenant, const char *src, const cha
             b->n_blk = a->n_blk;
             b->n_cached = a->n_cached;
             b->n_foreign = a->n_foreign;
+            b->version = 1; /* a new history: not in the store */
         }
     }
     pthread_mutex_unlock(&e->mu);
@@ -156,15 +170,8 @@ int eng_agent_fork(eng_engine *e, const char *tenant, const char *src, const cha
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, uint8_t **buf, size_t *len, char *err,
-                     size_t errlen) {
-    *buf = NULL;
-    *len = 0;
-    pthread_mutex_lock(&e->mu);
-    agent *a = eng__agent_find(e, tenant, agent_id, NULL);
-    int rc = ENG_OK;
-    if (!a) { rc = eng__fail(err, errlen, ENG_ENOTFOUND, "no agent \"%s\"", agent_id); goto out; }
-    if (a->busy) { rc = eng__fail(err, errlen, ENG_EBUSY, "agent \"%s\" is running a request", agent_id); goto out; }
+/* Serialise agent a (e->mu held, a idle). */
+int eng__agent_export_locked(eng_engine *e, const agent *a, uint8_t **buf, size_t *len, char *err, size_t errlen) {
     const kv_pool *kv = &e->bp.kv;
     size_t L = (size_t)kv->n_layers, D = (size_t)kv->kv_dim;
     int from = 0; /* the first position whose block is held */
@@ -172,7 +179,7 @@ int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, ui
     if (from > a->n_cached) from = a->n_cached;
     size_t size = EXPORT_HDR + (from ? 4 : 0) + (size_t)a->n_tok * 4 + (size_t)(a->n_cached - from) * L * 2 * D * 4 + 8;
     uint8_t *b = malloc(size), *p = b;
-    if (!b) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory (%zu bytes)", size); goto out; }
+    if (!b) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory (%zu bytes)", size);
     memcpy(p, EXPORT_MAGIC, 8); p += 8;
     put32(p, from ? 2u : 1u); p += 4;
     memcpy(p, &e->m->fingerprint, 8); p += 8;
@@ -192,13 +199,31 @@ int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, ui
     memcpy(p, &sum, 8);
     *buf = b;
     *len = size;
-out:
+    return ENG_OK;
+}
+
+int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, uint8_t **buf, size_t *len, char *err,
+                     size_t errlen) {
+    *buf = NULL;
+    *len = 0;
+    pthread_mutex_lock(&e->mu);
+    agent *a = eng__agent_find(e, tenant, agent_id, NULL);
+    int rc;
+    if (!a) rc = eng__fail(err, errlen, ENG_ENOTFOUND, "no agent \"%s\"", agent_id);
+    else if (a->busy) rc = eng__fail(err, errlen, ENG_EBUSY, "agent \"%s\" is running a request", agent_id);
+    else rc = eng__agent_export_locked(e, a, buf, len, err, errlen);
     pthread_mutex_unlock(&e->mu);
     return rc;
 }
 
-int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, const uint8_t *buf, size_t len,
-                     char *err, size_t errlen) {
+/* An export, checked (no lock needed): where its parts are. */
+typedef struct {
+    uint32_t nt, nc, from, L, D;
+    const uint8_t *tok, *kv;
+} parsed;
+
+static int parse_export(eng_engine *e, const char *agent_id, const uint8_t *buf, size_t len, parsed *x, char *err,
+                        size_t errlen) {
     if (!agent_id || !agent_id[0] || strlen(agent_id) > MAX_NAME)
         return eng__fail(err, errlen, ENG_EINVAL, "agent_id must be 1..%d bytes", MAX_NAME);
     if (len < EXPORT_HDR + 8 || memcmp(buf, EXPORT_MAGIC, 8) != 0)
@@ -234,20 +259,24 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
         memcpy(&v, tp + 4 * i, 4);
         if (v < 0 || v >= e->m->cfg.vocab_size) return eng__fail(err, errlen, ENG_ECORRUPT, "token %u out of range", i);
     }
-    int B = e->bp.B, need = ((int)nc + B - 1) / B, skip = (int)from / B; /* blocks 0..skip-1 are not held */
+    int B = e->bp.B, need = ((int)nc + B - 1) / B, skip = (int)from / B;
     if (need - skip > e->bp.n)
         return eng__fail(err, errlen, ENG_EPOOL, "the agent needs %d blocks, the pool has %d", need - skip, e->bp.n);
-    pthread_mutex_lock(&e->mu);
-    int rc = ENG_OK;
-    agent *a = NULL;
-    int32_t *blk = NULL, *tok = NULL;
-    int got = 0;
-    if (eng__agent_find(e, tenant, agent_id, NULL)) {
-        rc = eng__fail(err, errlen, ENG_EEXIST, "agent \"%s\" exists; drop it first", agent_id);
-        goto out;
-    }
-    blk = malloc((size_t)(need ? need : 1) * sizeof *blk);
-    tok = malloc((size_t)(nt ? nt : 1) * sizeof *tok);
+    *x = (parsed){nt, nc, from, L, D, tp, tp + (size_t)nt * 4};
+    return ENG_OK;
+}
+
+/* Install a parsed export as tenant/agent_id (e->mu held). With `replace`
+ * the existing agent of that name (idle) gives way, but only once the new
+ * one's blocks are secured: a failure leaves it as it was. */
+static int install(eng_engine *e, const char *tenant, const char *agent_id, const parsed *x, int replace, char *err,
+                   size_t errlen) {
+    const kv_pool *kv = &e->bp.kv;
+    int B = e->bp.B, need = ((int)x->nc + B - 1) / B, skip = (int)x->from / B; /* blocks 0..skip-1 are not held */
+    int rc = ENG_OK, got = 0;
+    int32_t *blk = malloc((size_t)(need ? need : 1) * sizeof *blk);
+    int32_t *tok = malloc((size_t)(x->nt ? x->nt : 1) * sizeof *tok);
+    agent *a;
     if (!blk || !tok) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
     for (; got < need; got++) {
         if (got < skip) { blk[got] = -1; continue; }
@@ -259,25 +288,32 @@ int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, co
         }
         blk[got] = b;
     }
-    memcpy(tok, tp, (size_t)nt * 4);
-    if (from % B && skip < need) { /* the first held block starts before the data: zero what came before it */
+    memcpy(tok, x->tok, (size_t)x->nt * 4);
+    if (x->from % B && skip < need) { /* the first held block starts before the data: zero what came before it */
         size_t bb = kv->block_elems * kv->esz;
         memset((char *)kv->mem + (size_t)blk[skip] * bb, 0, bb);
     }
     kv_table t = {blk, need};
-    const uint8_t *p = tp + (size_t)nt * 4;
-    for (uint32_t pos = from; pos < nc; pos++)
-        for (uint32_t l = 0; l < L; l++) {
-            kv_put(kv, kv_k(kv, &t, (int)l, (int)pos), p, (int)D); p += (size_t)D * 4;
-            kv_put(kv, kv_v(kv, &t, (int)l, (int)pos), p, (int)D); p += (size_t)D * 4;
+    const uint8_t *p = x->kv;
+    for (uint32_t pos = x->from; pos < x->nc; pos++)
+        for (uint32_t l = 0; l < x->L; l++) {
+            kv_put(kv, kv_k(kv, &t, (int)l, (int)pos), p, (int)x->D); p += (size_t)x->D * 4;
+            kv_put(kv, kv_v(kv, &t, (int)l, (int)pos), p, (int)x->D); p += (size_t)x->D * 4;
         }
+    int idx;
+    uint64_t version = 1;
+    if (replace && (a = eng__agent_find(e, tenant, agent_id, &idx))) {
+        version = a->version + 1;
+        agent_destroy(e, idx);
+    }
     if (!(a = eng__agent_new(e, tenant, agent_id))) { rc = eng__fail(err, errlen, ENG_ENOMEM, "out of memory"); goto out; }
     a->tok = tok;
-    a->n_tok = (int)nt;
+    a->n_tok = (int)x->nt;
     a->blk = blk;
     a->n_blk = need;
-    a->n_cached = (int)nc;
-    a->n_foreign = (int)nc; /* not our computation: never shared through the prefix index */
+    a->n_cached = (int)x->nc;
+    a->n_foreign = (int)x->nc; /* not our computation: never shared through the prefix index */
+    a->version = version;
     tok = NULL;
     blk = NULL;
 out:
@@ -286,6 +322,73 @@ out:
             if (blk[i] >= 0) eng__bp_decref(&e->bp, blk[i]);
     free(blk);
     free(tok);
+    return rc;
+}
+
+int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, const uint8_t *buf, size_t len,
+                     char *err, size_t errlen) {
+    parsed x;
+    int rc = parse_export(e, agent_id, buf, len, &x, err, errlen);
+    if (rc) return rc;
+    pthread_mutex_lock(&e->mu);
+    if (eng__agent_find(e, tenant, agent_id, NULL))
+        rc = eng__fail(err, errlen, ENG_EEXIST, "agent \"%s\" exists; drop it first", agent_id);
+    else rc = install(e, tenant, agent_id, &x, 0, err, errlen);
     pthread_mutex_unlock(&e->mu);
     return rc;
+}
+
+/* ---- the warm tier ---------------------------------------------------------- */
+void eng_engine_set_spill(eng_engine *e, eng_spill_cb cb, void *ud) {
+    pthread_mutex_lock(&e->mu);
+    e->spill = cb;
+    e->spill_ud = ud;
+    pthread_mutex_unlock(&e->mu);
+}
+
+int eng_agent_restore(eng_engine *e, const char *tenant, const char *agent_id, const uint8_t *buf, size_t len,
+                      char *err, size_t errlen) {
+    parsed x;
+    int rc = parse_export(e, agent_id, buf, len, &x, err, errlen);
+    if (rc) return rc;
+    pthread_mutex_lock(&e->mu);
+    agent *a = eng__agent_find(e, tenant, agent_id, NULL);
+    if (a && a->busy) rc = eng__fail(err, errlen, ENG_EBUSY, "agent \"%s\" is running a request", agent_id);
+    else if (a && (a->n_tok > (int)x.nt || memcmp(a->tok, x.tok, (size_t)a->n_tok * 4) || a->n_cached >= (int)x.nc))
+        rc = eng__fail(err, errlen, ENG_EEXIST, "agent \"%s\" here is as far as the stored one, or elsewhere", agent_id);
+    else if (!(rc = install(e, tenant, agent_id, &x, a != NULL, err, errlen))) {
+        a = eng__agent_find(e, tenant, agent_id, NULL);
+        if (a) a->saved_version = a->version;
+    }
+    pthread_mutex_unlock(&e->mu);
+    return rc;
+}
+
+int eng_agent_save_next(eng_engine *e, double min_idle_s, double retry_s, char *tenant, char *agent_id,
+                        uint8_t **buf, size_t *len, uint64_t *version) {
+    int found = 0;
+    pthread_mutex_lock(&e->mu);
+    double now = eng__now();
+    for (int i = 0; i < e->n_agents && !found; i++) {
+        agent *a = e->agents[i];
+        if (a->busy || !a->n_cached || a->version == a->saved_version || now - a->last_used < min_idle_s) continue;
+        if (a->tried_version == a->version && now - a->tried_at < retry_s) continue;
+        char err[64];
+        if (eng__agent_export_locked(e, a, buf, len, err, sizeof err) != ENG_OK) continue;
+        a->tried_version = a->version;
+        a->tried_at = now;
+        snprintf(tenant, 256, "%s", a->tenant);
+        snprintf(agent_id, 256, "%s", a->id);
+        *version = a->version;
+        found = 1;
+    }
+    pthread_mutex_unlock(&e->mu);
+    return found;
+}
+
+void eng_agent_mark_saved(eng_engine *e, const char *tenant, const char *agent_id, uint64_t version) {
+    pthread_mutex_lock(&e->mu);
+    agent *a = eng__agent_find(e, tenant, agent_id, NULL);
+    if (a && a->version == version) a->saved_version = version;
+    pthread_mutex_unlock(&e->mu);
 }

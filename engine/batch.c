@@ -144,6 +144,7 @@ static void seq_finish(eng_engine *e, seq *s, int finish, int error, const char 
         a->n_foreign = s->n_foreign;
         a->busy = 0;
         a->last_used = eng__now();
+        a->version++;
         s->tok = NULL;
         s->blk = NULL;
         s->n_blk = 0;

@@ -41,6 +41,10 @@ typedef struct agent {
     int n_blk;
     int busy;
     double last_used;
+    uint64_t version;       /* bumped whenever its history changes (a turn ends, import, restore) */
+    uint64_t saved_version; /* the version the warm store holds (eng_agent_mark_saved; 0: none) */
+    uint64_t tried_version; /* the version last handed out to be saved, and when */
+    double tried_at;
 } agent;
 
 enum { SQ_WAITING, SQ_RUNNING, SQ_DONE };
@@ -128,6 +132,8 @@ struct eng_engine {
     int window;             /* every layer slides over this many positions (0: keep all blocks) */
     char **scopes;          /* tenant of each prefix-sharing scope (index + 1) */
     int n_scopes, cap_scopes;
+    eng_spill_cb spill;     /* told an unsaved agent's export before eviction frees its KV */
+    void *spill_ud;
 };
 
 #define MAX_NAME 255 /* bytes of a tenant or agent id */
@@ -146,6 +152,7 @@ agent *eng__agent_find(eng_engine *e, const char *tenant, const char *id, int *i
 agent *eng__agent_new(eng_engine *e, const char *tenant, const char *id);
 char *eng__dupstr(const char *s);
 int eng__evict_idle_agent(eng_engine *e);
+int eng__agent_export_locked(eng_engine *e, const agent *a, uint8_t **buf, size_t *len, char *err, size_t errlen);
 void eng__agent_release_blocks(eng_engine *e, agent *a);
 
 #endif

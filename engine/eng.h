@@ -373,6 +373,8 @@ typedef struct eng_agent_info {
     int n_blocks;
     int busy;              /* a request is running on it */
     double idle_seconds;
+    uint64_t version;      /* changes whenever its history does (each turn) */
+    int saved;             /* the warm store holds this version (eng_agent_mark_saved) */
 } eng_agent_info;
 
 /* ENG_OK or ENG_ENOTFOUND. */
@@ -393,6 +395,31 @@ int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, ui
  * ENG_EEXIST, ENG_EPOOL (no room) with a message. */
 int eng_agent_import(eng_engine *e, const char *tenant, const char *agent_id, const uint8_t *buf, size_t len,
                      char *err, size_t errlen);
+
+/* ---- the warm tier: agents kept outside the pool (the server's Redis) -----
+ * The engine does no I/O: it hands exports out and takes them back in, and
+ * remembers which version of each agent the store holds. */
+/* Called, with the engine's lock held, when pool pressure is about to free
+ * the KV of an idle agent whose current version is not saved: blob (the
+ * export, malloc'd) is the callee's to free. It must not call the engine. */
+typedef void (*eng_spill_cb)(void *ud, const char *tenant, const char *agent_id, uint64_t version, uint8_t *blob,
+                             size_t len);
+void eng_engine_set_spill(eng_engine *e, eng_spill_cb cb, void *ud);
+/* Export the next idle agent that holds KV, has been idle at least
+ * min_idle_s and whose version is not saved (nor handed out in the last
+ * retry_s seconds). 1 with tenant, agent_id (256 bytes each), *buf, *len and
+ * *version filled; 0 when there is none. */
+int eng_agent_save_next(eng_engine *e, double min_idle_s, double retry_s, char *tenant, char *agent_id,
+                        uint8_t **buf, size_t *len, uint64_t *version);
+/* The store holds `version` of the agent (no effect if it has moved on). */
+void eng_agent_mark_saved(eng_engine *e, const char *tenant, const char *agent_id, uint64_t version);
+/* Bring an agent back from the store: like eng_agent_import, but when the
+ * agent exists (tokens only, after an eviction) the stored copy replaces it
+ * if it continues the same history with more KV. ENG_EEXIST (with a message)
+ * when what is here is as good (nothing changed), ENG_EBUSY when it is
+ * running. The restored agent counts as saved. */
+int eng_agent_restore(eng_engine *e, const char *tenant, const char *agent_id, const uint8_t *buf, size_t len,
+                      char *err, size_t errlen);
 
 /* 64-bit fingerprint of the model (config and weights). */
 uint64_t eng_model_fingerprint(const eng_model *m);

@@ -9,6 +9,7 @@ static void agent_msg(const eng_agent_info *i, Kvserve__V1__AgentInfo *a) {
     a->blocks = i->n_blocks;
     a->busy = i->busy;
     a->idle_seconds = i->idle_seconds;
+    a->saved = i->saved;
 }
 
 static int check_agent_id(call *c, const char *id) {
@@ -59,6 +60,8 @@ void srv__h_drop_agent(call *c) {
     UNPACK(Kvserve__V1__AgentRequest, kvserve__v1__agent_request__descriptor, c, q);
     if (!check_agent_id(c, q->agent_id)) {
         int rc = eng_agent_drop(c->s->eng, c->tenant, q->agent_id);
+        if (rc != ENG_EBUSY && srv__agent_forget(c->s, c->tenant, q->agent_id) == KVC_OK && rc == ENG_ENOTFOUND)
+            rc = ENG_OK; /* it was only in Redis */
         if (rc == ENG_ENOTFOUND) srv__finish_errorf(c, GRPC_STATUS_NOT_FOUND, "agent_id: no agent \"%s\"", q->agent_id);
         else if (rc) srv__finish_errorf(c, srv__status_of(rc), "agent \"%s\": %s", q->agent_id, eng_strerror(rc));
         else {
@@ -75,6 +78,7 @@ void srv__h_export_agent(call *c) {
         uint8_t *buf;
         size_t len;
         char err[256];
+        srv__agent_fetch(c->s, c->tenant, q->agent_id, 0); /* (from Redis, if it is only there) */
         int rc = eng_agent_export(c->s->eng, c->tenant, q->agent_id, &buf, &len, err, sizeof err);
         if (!rc && srv__agent_seal(&c->s->akey, eng_model_fingerprint(c->s->model), c->tenant, &buf, &len)) {
             free(buf);

@@ -57,6 +57,10 @@ static const opt OPTS[] = {
     {"redis-timeout-ms", "KVSERVE_REDIS_TIMEOUT_MS", T_INT, 1, 600000, AT(redis_timeout_ms),
      "MS  Redis connect and command timeout (200)"},
     {"cache-ttl", "KVSERVE_CACHE_TTL", T_INT, 1, 1e9, AT(cache_ttl_s), "S  default lifetime of cached completions (86400)"},
+    {"agent-save-after", "KVSERVE_AGENT_SAVE_AFTER", T_NUM, 0, 1e9, AT(agent_save_after_s),
+     "S  with --redis: agents' KV also goes to Redis after S s idle, on eviction and at shutdown, and any replica "
+     "restores it (off)"},
+    {"agent-ttl", "KVSERVE_AGENT_TTL", T_INT, 1, 1e9, AT(agent_ttl_s), "S  lifetime of an agent kept in Redis (86400)"},
     {"metrics", "KVSERVE_METRICS_LISTEN", T_STR, 0, 0, AT(metrics_listen),
      "HOST:PORT  Prometheus /metrics and /metrics/cache/statistics"},
     {"price-per-1k", "KVSERVE_PRICE_PER_1K", T_NUM, 0, 1e9, AT(price_per_1k), "X  currency per 1k tokens, for cost saved (0)"},
@@ -81,6 +85,7 @@ void srv_config_default(srv_config *c) {
     c->result_ttl_s = 600;
     c->batch_max = 32;
     c->batch_queue = 1024;
+    c->agent_save_after_s = -1;
     c->test_hold_file = getenv("KVSERVE_TEST_HOLD_FILE"); /* a test hook: no flag */
 }
 
@@ -152,6 +157,10 @@ int srv_config_check(const srv_config *c, char *err, size_t errlen) {
     if (c->batch_queue < c->batch_max) {
         snprintf(err, errlen, "batcher: need 1 <= --batch-max <= --batch-queue and --batch-window-ms >= 0 (got %d, %d, "
                  "%d)", c->batch_max, c->batch_queue, c->batch_window_ms);
+        return -1;
+    }
+    if (c->agent_save_after_s >= 0 && !c->redis_url) {
+        snprintf(err, errlen, "--agent-save-after / KVSERVE_AGENT_SAVE_AFTER keeps agents in Redis: give --redis too");
         return -1;
     }
     return 0;

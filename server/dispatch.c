@@ -9,7 +9,7 @@ const method srv__methods[] = {
     {"/kvserve.v1.Generation/Stats", K_UNARY, srv__h_stats, 1, 1, 0, POOL_NONE},
     {"/kvserve.v1.Agents/GetAgent", K_UNARY, srv__h_get_agent, 1, 1, 0, POOL_NONE},
     {"/kvserve.v1.Agents/ListAgents", K_UNARY, srv__h_list_agents, 1, 1, 0, POOL_NONE},
-    {"/kvserve.v1.Agents/DropAgent", K_UNARY, srv__h_drop_agent, 1, 1, 0, POOL_NONE},
+    {"/kvserve.v1.Agents/DropAgent", K_UNARY, srv__h_drop_agent, 1, 1, 0, POOL_REDIS}, /* (the warm tier too) */
     {"/kvserve.v1.Agents/ExportAgent", K_UNARY, srv__h_export_agent, 1, 1, 0, POOL_GENERATE},
     {"/kvserve.v1.Agents/ImportAgent", K_UNARY, srv__h_import_agent, 1, 1, 0, POOL_GENERATE},
     {"/kvserve.v1.Cache/Invalidate", K_UNARY, srv__h_invalidate, 1, 1, 0, POOL_REDIS},
@@ -48,6 +48,7 @@ void srv__metrics_source(void *ud, srv_metrics_snapshot *m) {
         m->rag = (srv_cache_layer){gs.hits, gs.misses, gs.writes, 0, gs.errors};
     }
     pthread_mutex_lock(&s->mu);
+    m->serving = s->serving;
     if (s->batcher) { /* under srv.mu: shutdown takes it away under it before closing it */
         srv__batcher_stats bs;
         srv__batcher_stats_get(s->batcher, &bs);
@@ -66,6 +67,7 @@ void srv__metrics_source(void *ud, srv_metrics_snapshot *m) {
     pthread_mutex_lock(&s->jobs_mu);
     m->purged_keys = s->purged_keys;
     pthread_mutex_unlock(&s->jobs_mu);
+    srv__agents_metrics(s, m);
 }
 
 

@@ -448,6 +448,7 @@ static void h_generate(call *c, int streaming) {
     size_t chat_len = 0;
     int rc = g->n_messages ? render_chat(s, g, &p->chat, &chat_len, err, sizeof err) : ENG_OK;
     if (!rc) rc = to_engine_request(g, p->chat, chat_len, c->tenant, &p->r, err, sizeof err);
+    if (!rc) srv__agent_fetch(s, c->tenant, p->r.agent_id, p->r.reset); /* an agent not here: from Redis */
     if (rc) {
         pend_free(p);
         srv__finish_call(c, srv__status_of(rc), err, NULL);

@@ -10,6 +10,8 @@
  *       Submit/Stream: prompt-cache lookups, then the engine;
  *   the cache writer (promptcache.c)                    writes completions and
  *       purges to Redis, in order;
+ *   the agent keeper (agentstore.c)                     writes agents to Redis
+ *       (spilled, idle) with --agent-save-after;
  *   two worker pools (workers.c, dispatch.c)            run the handlers that
  *       may block: Submit/Stream and agent export/import; the Cache service;
  *   libmicrohttpd's threads (metrics.c)                 serve /metrics.
@@ -27,7 +29,9 @@
  *              briefly: the request paths never hold it for long;
  *   batcher.mu (batcher.c) under srv.mu (push, remove);
  *   call.mu    (call.c) each call's send queue and state;
- *   srv.jobs_mu the cache writer's queue and its purge count: a leaf.
+ *   srv.jobs_mu the cache writer's queue and its purge count: a leaf;
+ *   srv.keep_mu the agent keeper's spill queue (agentstore.c): a leaf, taken
+ *              also under the engine's lock (the spill callback).
  * The engine's own lock is never held while it calls back (its event
  * callbacks run unlocked), so eng_submit/eng_cancel may be called under any
  * of these. */
@@ -243,6 +247,16 @@ struct srv {
     pthread_cond_t jobs_cv;
     int writer_stop, has_writer;
     _Atomic uint64_t next_cached_id; /* ids of answers from the cache */
+    /* agents' warm tier (agentstore.c; NULL astore: off) */
+    kvc_redis *aredis;          /* its own connections: agents are large */
+    kvc_agents *astore;
+    pthread_t keeper;
+    int has_keeper, has_keep_mu, keeper_stop;
+    pthread_mutex_t keep_mu;    /* a leaf: the spill queue and the counts below */
+    pthread_cond_t keep_cv;
+    struct spill *spills, *spills_tail;
+    size_t spill_bytes;
+    uint64_t spills_dropped, restore_errors;
     tag t_shutdown;
     int shutdown_done;
 };
@@ -332,6 +346,13 @@ void srv__h_cache_stats(call *c);
 void srv__h_invalidate(call *c);
 void srv__h_rag_lookup(call *c);
 void srv__h_rag_store(call *c);
+
+/* agentstore.c */
+int srv__agents_open(srv *s, char *err, size_t errlen);
+void srv__agents_close(srv *s);
+void srv__agent_fetch(srv *s, const char *tenant, const char *id, int reset);
+int srv__agent_forget(srv *s, const char *tenant, const char *id);
+void srv__agents_metrics(srv *s, srv_metrics_snapshot *m);
 
 /* agents.c */
 void srv__h_drop_agent(call *c);

@@ -33,7 +33,7 @@ struct srv_metrics {
     pthread_mutex_t mu;
     req_row *rows;
     int n_rows, cap_rows;
-    histo ttft, itl, step_tokens, batch_size;
+    histo ttft, itl, step_tokens, batch_size, agent_restore;
     uint64_t batched_requests;
     uint64_t tokens_saved, generated_tokens, prompt_tokens;
     double price_per_1k;
@@ -79,6 +79,13 @@ void srv_metrics_request(srv_metrics *m, const char *method, int code, double se
         r->n++;
         observe(&r->latency, seconds);
     }
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_agent_restore(srv_metrics *m, double s) {
+    if (!m) return;
+    pthread_mutex_lock(&m->mu);
+    observe(&m->agent_restore, s);
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -220,6 +227,11 @@ static char *render_prometheus(srv_metrics *m) {
     sb(&b, "# HELP kvserve_batch_size Requests per window the batcher dispatched.\n"
            "# TYPE kvserve_batch_size histogram\n");
     histo_text(&b, "kvserve_batch_size", "", &m->batch_size, 1000);
+    if (s.agent_store_enabled) {
+        sb(&b, "# HELP kvserve_agent_restore_seconds Bringing an agent back from Redis: fetch, check, load into the pool.\n"
+               "# TYPE kvserve_agent_restore_seconds histogram\n");
+        histo_text(&b, "kvserve_agent_restore_seconds", "", &m->agent_restore, 1);
+    }
     sb(&b, "# HELP kvserve_batched_requests_total Requests the batcher dispatched.\n"
            "# TYPE kvserve_batched_requests_total counter\nkvserve_batched_requests_total %llu\n",
        (unsigned long long)m->batched_requests);
@@ -237,6 +249,18 @@ static char *render_prometheus(srv_metrics *m) {
            "# HELP kvserve_requests_known Requests known by id: running, or finished with a result not yet collected.\n"
            "# TYPE kvserve_requests_known gauge\nkvserve_requests_known %d\n",
        s.steps_parked, s.requests_known);
+    if (s.agent_store_enabled)
+        sb(&b, "# HELP kvserve_agent_store_total Agents' warm tier in Redis, by operation.\n"
+               "# TYPE kvserve_agent_store_total counter\n"
+               "kvserve_agent_store_total{op=\"save\"} %llu\nkvserve_agent_store_total{op=\"restore\"} %llu\n"
+               "kvserve_agent_store_total{op=\"miss\"} %llu\nkvserve_agent_store_total{op=\"error\"} %llu\n"
+               "kvserve_agent_store_total{op=\"spill_dropped\"} %llu\n"
+               "# HELP kvserve_agent_store_bytes_total Bytes of agents written to and read from Redis.\n"
+               "# TYPE kvserve_agent_store_bytes_total counter\n"
+               "kvserve_agent_store_bytes_total{dir=\"saved\"} %llu\nkvserve_agent_store_bytes_total{dir=\"restored\"} %llu\n",
+           (unsigned long long)s.agent_saves, (unsigned long long)s.agent_restores, (unsigned long long)s.agent_misses,
+           (unsigned long long)s.agent_errors, (unsigned long long)s.agent_spills_dropped,
+           (unsigned long long)s.agent_bytes_saved, (unsigned long long)s.agent_bytes_restored);
     sb(&b, "# HELP kvserve_kv_blocks KV pool blocks by state.\n# TYPE kvserve_kv_blocks gauge\n"
            "kvserve_kv_blocks{state=\"used\"} %d\nkvserve_kv_blocks{state=\"free\"} %d\n"
            "kvserve_kv_blocks{state=\"cached\"} %d\nkvserve_kv_blocks{state=\"shared\"} %d\n",
@@ -295,9 +319,15 @@ static enum MHD_Result on_http(void *cls, struct MHD_Connection *conn, const cha
     } else if (!strcmp(url, "/metrics/cache/statistics")) {
         body = render_statistics(m);
         type = "application/json";
+    } else if (!strcmp(url, "/healthz")) {
+        srv_metrics_snapshot h;
+        memset(&h, 0, sizeof h);
+        if (m->src) m->src(m->src_ud, &h);
+        status = h.serving ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE;
+        body = strdup(h.serving ? "SERVING\n" : "NOT_SERVING\n");
     } else {
         status = MHD_HTTP_NOT_FOUND;
-        body = strdup("not found: try /metrics or /metrics/cache/statistics\n");
+        body = strdup("not found: try /metrics, /metrics/cache/statistics or /healthz\n");
     }
     if (!body) return MHD_NO;
     struct MHD_Response *r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);

@@ -24,6 +24,11 @@ typedef struct {
     int batch_queued;
     int steps_parked;              /* Step calls waiting for events */
     int requests_known;           /* requests known by id: running, or finished and not yet collected */
+    int serving;                   /* health: ready and not draining (/healthz) */
+    /* agents' warm tier (Redis) */
+    int agent_store_enabled;
+    uint64_t agent_saves, agent_restores, agent_misses, agent_errors, agent_spills_dropped;
+    uint64_t agent_bytes_saved, agent_bytes_restored;
 } srv_metrics_snapshot;
 typedef void (*srv_metrics_source)(void *ud, srv_metrics_snapshot *s);
 
@@ -32,13 +37,16 @@ srv_metrics *srv_metrics_new(double price_per_1k);
 #define METRICS_TIMEOUT_S 10   /* an idle or stalled connection is closed after this */
 #define METRICS_MAX_CONN 64    /* connections open at once */
 #define METRICS_MAX_PER_IP 8   /* ... from one client address */
-/* Serve HTTP on HOST:PORT (IPv4 literal). 0 or -1. */
+/* Serve HTTP on HOST:PORT (IPv4 literal): /metrics, /metrics/cache/statistics
+ * and /healthz (200 while SERVING, else 503: for load balancers and probes
+ * that speak HTTP/1.1). 0 or -1. */
 int srv_metrics_listen(srv_metrics *m, const char *hostport, srv_metrics_source src, void *ud);
 void srv_metrics_free(srv_metrics *m);
 
 /* All safe from any thread; NULL m is a no-op. */
 void srv_metrics_request(srv_metrics *m, const char *method, int code, double seconds);
 void srv_metrics_ttft(srv_metrics *m, double seconds);
+void srv_metrics_agent_restore(srv_metrics *m, double seconds); /* an agent brought back from Redis */
 void srv_metrics_itl(srv_metrics *m, double seconds);
 void srv_metrics_step(srv_metrics *m, int tokens);
 void srv_metrics_batch(srv_metrics *m, int requests);   /* one window dispatched by the batcher */

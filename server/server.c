@@ -227,6 +227,10 @@ int srv_open(srv **out, const srv_config *cfg) {
         fprintf(stderr, "kvserve: %s\n", err);
         goto fail;
     }
+    if (srv__agents_open(s, err, sizeof err) != 0) {
+        fprintf(stderr, "kvserve: --agent-save-after: %s\n", err);
+        goto fail;
+    }
     if (pthread_create(&s->eng_thr, NULL, engine_loop, s) != 0) {
         fprintf(stderr, "kvserve: cannot start the engine thread: %s\n", strerror(errno));
         goto fail;
@@ -412,12 +416,14 @@ void srv_shutdown(srv *s) {
         if (r->stream) srv__call_unref(r->stream);
         srv__rec_free(r);
     }
+    srv_metrics_free(s->metrics); /* stops its HTTP thread first: it reads the engine and caches */
+    s->metrics = NULL;
+    srv__agents_close(s); /* after the last step: the agents not yet in Redis go there */
     eng_engine_close(s->eng);
     eng_chat_close(s->chat);
     eng_model_close(s->model);
     if (s->grpc_inited) grpc_shutdown();
     free_files(s);
-    srv_metrics_free(s->metrics); /* stops its HTTP thread first: it reads the engine and caches */
     kvc_rag_close(s->rag);
     kvc_prompt_close(s->pcache);
     kvc_redis_close(s->redis);

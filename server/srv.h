@@ -30,6 +30,9 @@ typedef struct srv_config {
     const char *redis_url;       /* enables the prompt cache: redis://host:port/db or unix:///path */
     int redis_timeout_ms;        /* Redis connect and command timeout (0 = 200) */
     int cache_ttl_s;             /* default TTL of cached completions (0 = 86400) */
+    double agent_save_after_s;   /* with redis_url: agents' KV also lives in Redis, written after this many
+                                  * seconds idle, on eviction and at shutdown, restored on any replica (< 0: off) */
+    int agent_ttl_s;             /* lifetime of an agent in Redis (0 = 86400) */
     const char *metrics_listen;  /* HOST:PORT for /metrics (Prometheus) and /metrics/cache/statistics */
     double price_per_1k;         /* currency per 1k tokens, for the cost-saved metric */
     int batch_max;               /* batcher: dispatch when this many wait ... */
