@@ -31,6 +31,7 @@
  *    --resume-reps times after one warm-up each; (c) and (d), slow, --full-reps.
  * 3. Pool statistics and the machine's limits.
  */
+#include "bench_util.h"
 #include "eng.h"
 
 #include <math.h>
@@ -52,32 +53,6 @@ static stat2 stats(const double *x, int n) {
     return s;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* nearest-rank percentile (p in (0,100]) of n values; sorts x in place */
-static double percentile(double *x, int n, double p) {
-    qsort(x, (size_t)n, sizeof *x, cmp_double);
-    int k = (int)ceil(p / 100.0 * n) - 1;
-    if (k < 0) k = 0;
-    if (k >= n) k = n - 1;
-    return x[k];
-}
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void fill_random(int32_t *ids, size_t n, int vocab, uint64_t *x) {
-    for (size_t i = 0; i < n; i++) {
-        *x ^= *x << 13; *x ^= *x >> 7; *x ^= *x << 17;
-        ids[i] = (int32_t)(*x % (uint64_t)vocab);
-    }
-}
 
 /* What the event callback records for the requests of one measurement. */
 typedef struct {

@@ -79,32 +79,63 @@ int kvc_agents_put(kvc_agents *a, uint64_t fp, const char *tenant, const char *i
     return KVC_OK;
 }
 
+/* A value of many megabytes read in one GET goes through hiredis's growing
+ * reader buffer, its reply string and a copy of ours: several times its
+ * size in fresh pages, which cost more than the bytes (bench/
+ * agent_store_bench.sh). So: STRLEN, one buffer, and GETRANGE in chunks the
+ * allocator reuses. A value replaced between chunks reads torn; the caller's
+ * seal check catches that (it is then a miss). */
+#define GET_CHUNK ((size_t)4 << 20)
+
+static redisReply *cmd3(kvc_agents *a, const char *c0, const char *key, const char *x, const char *y) {
+    const char *argv[] = {c0, key, x, y};
+    size_t lens[] = {strlen(c0), strlen(key), x ? strlen(x) : 0, y ? strlen(y) : 0};
+    return kvc__command_argv(a->r, x ? 4 : 2, argv, lens);
+}
+
 int kvc_agents_get(kvc_agents *a, uint64_t fp, const char *tenant, const char *id, uint8_t **v, size_t *len) {
     char key[160];
     key_of(a, fp, tenant, id, key);
     *v = NULL;
     *len = 0;
-    const char *argv[] = {"GET", key};
-    size_t lens[] = {3, strlen(key)};
-    redisReply *rep = kvc__command_argv(a->r, 2, argv, lens);
+    redisReply *rep = cmd3(a, "STRLEN", key, NULL, NULL);
     if (!rep) {
         count(a, &a->st.errors, NULL, 0);
         return KVC_EREDIS;
     }
-    int rc = KVC_MISS;
-    if (rep->type == REDIS_REPLY_STRING && rep->len > 0) {
-        if (!(*v = malloc(rep->len))) rc = KVC_ENOMEM;
-        else {
-            memcpy(*v, rep->str, rep->len);
-            *len = rep->len;
-            rc = KVC_OK;
-        }
-    } else if (rep->type != REDIS_REPLY_NIL) rc = KVC_ECORRUPT;
+    long long n = rep->type == REDIS_REPLY_INTEGER ? rep->integer : -1;
     freeReplyObject(rep);
-    if (rc == KVC_OK) count(a, &a->st.restores, &a->st.bytes_restored, *len);
-    else if (rc == KVC_MISS) count(a, &a->st.misses, NULL, 0);
-    else count(a, &a->st.errors, NULL, 0);
-    return rc;
+    if (n <= 0) {
+        count(a, n == 0 ? &a->st.misses : &a->st.errors, NULL, 0);
+        return n == 0 ? KVC_MISS : KVC_ECORRUPT;
+    }
+    uint8_t *buf = malloc((size_t)n);
+    if (!buf) {
+        count(a, &a->st.errors, NULL, 0);
+        return KVC_ENOMEM;
+    }
+    int rc = KVC_OK;
+    for (size_t off = 0; off < (size_t)n && rc == KVC_OK; off += GET_CHUNK) {
+        size_t want = (size_t)n - off < GET_CHUNK ? (size_t)n - off : GET_CHUNK;
+        char from[32], to[32];
+        snprintf(from, sizeof from, "%zu", off);
+        snprintf(to, sizeof to, "%zu", off + want - 1);
+        if (!(rep = cmd3(a, "GETRANGE", key, from, to))) rc = KVC_EREDIS;
+        else {
+            if (rep->type != REDIS_REPLY_STRING || rep->len != want) rc = want && rep->len == 0 ? KVC_MISS : KVC_ECORRUPT;
+            else memcpy(buf + off, rep->str, want);
+            freeReplyObject(rep);
+        }
+    }
+    if (rc != KVC_OK) {
+        free(buf);
+        count(a, rc == KVC_MISS ? &a->st.misses : &a->st.errors, NULL, 0); /* (expired or replaced meanwhile) */
+        return rc;
+    }
+    *v = buf;
+    *len = (size_t)n;
+    count(a, &a->st.restores, &a->st.bytes_restored, *len);
+    return KVC_OK;
 }
 
 int kvc_agents_del(kvc_agents *a, uint64_t fp, const char *tenant, const char *id) {

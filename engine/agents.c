@@ -158,13 +158,16 @@ int eng_agent_fork(eng_engine *e, const char *tenant, const char *src, const cha
 
 /* Export format (little-endian):
  *   "KVSAGENT" | u32 version | u64 model fingerprint | u32 n_layers | u32 kv_dim
- *   | u32 n_tokens | u32 n_cached | [version 2: u32 kv_from] | i32 tokens[n_tokens]
- *   | f32 kv[n_cached - kv_from][n_layers][2][kv_dim] | u64 checksum of all bytes before it
- * Version 1 holds the KV of every position (kv_from = 0). Version 2, written
- * only when blocks behind a sliding window were given back, holds positions
- * kv_from .. n_cached - 1. */
+ *   | u32 n_tokens | u32 n_cached | [version >= 2: u32 kv_from] | [version 3: u32 elem_bytes]
+ *   | i32 tokens[n_tokens]
+ *   | kv[n_cached - kv_from][n_layers][2][kv_dim] | u64 checksum of all bytes before it
+ * Version 1 holds the KV of every position (kv_from = 0) in f32. Version 2,
+ * written only when blocks behind a sliding window were given back, holds
+ * positions kv_from .. n_cached - 1. Version 3, written by engines that keep
+ * the KV in IEEE half, holds it as the pool does (elem_bytes 2): half the
+ * bytes to store and move, and restored by a copy. */
 #define EXPORT_MAGIC "KVSAGENT"
-#define EXPORT_VERSION 2u
+#define EXPORT_VERSION 3u
 #define EXPORT_HDR (8 + 4 + 8 + 4 * 4)
 
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -177,24 +180,32 @@ int eng__agent_export_locked(eng_engine *e, const agent *a, uint8_t **buf, size_
     int from = 0; /* the first position whose block is held */
     while (from < a->n_cached && a->blk[from / e->bp.B] < 0) from += e->bp.B;
     if (from > a->n_cached) from = a->n_cached;
-    size_t size = EXPORT_HDR + (from ? 4 : 0) + (size_t)a->n_tok * 4 + (size_t)(a->n_cached - from) * L * 2 * D * 4 + 8;
+    size_t esz = kv->esz; /* 4: f32 (versions 1, 2); 2: the pool's halves (version 3) */
+    uint32_t version = esz == 2 ? 3u : from ? 2u : 1u;
+    size_t size = EXPORT_HDR + (version >= 2 ? 4 : 0) + (version >= 3 ? 4 : 0) + (size_t)a->n_tok * 4 +
+                  (size_t)(a->n_cached - from) * L * 2 * D * esz + 8;
     uint8_t *b = malloc(size), *p = b;
     if (!b) return eng__fail(err, errlen, ENG_ENOMEM, "out of memory (%zu bytes)", size);
     memcpy(p, EXPORT_MAGIC, 8); p += 8;
-    put32(p, from ? 2u : 1u); p += 4;
+    put32(p, version); p += 4;
     memcpy(p, &e->m->fingerprint, 8); p += 8;
     put32(p, (uint32_t)L); p += 4;
     put32(p, (uint32_t)D); p += 4;
     put32(p, (uint32_t)a->n_tok); p += 4;
     put32(p, (uint32_t)a->n_cached); p += 4;
-    if (from) { put32(p, (uint32_t)from); p += 4; }
+    if (version >= 2) { put32(p, (uint32_t)from); p += 4; }
+    if (version >= 3) { put32(p, (uint32_t)esz); p += 4; }
     memcpy(p, a->tok, (size_t)a->n_tok * 4); p += (size_t)a->n_tok * 4;
     kv_table t = {a->blk, a->n_blk};
     for (int pos = from; pos < a->n_cached; pos++)
-        for (size_t l = 0; l < L; l++) {
-            kv_get(kv, kv_k(kv, &t, (int)l, pos), p, (int)D); p += D * 4; /* F32 in the format */
-            kv_get(kv, kv_v(kv, &t, (int)l, pos), p, (int)D); p += D * 4;
-        }
+        for (size_t l = 0; l < L; l++)
+            if (esz == 2) { /* as held */
+                memcpy(p, kv_k(kv, &t, (int)l, pos), D * 2); p += D * 2;
+                memcpy(p, kv_v(kv, &t, (int)l, pos), D * 2); p += D * 2;
+            } else {
+                kv_get(kv, kv_k(kv, &t, (int)l, pos), p, (int)D); p += D * 4;
+                kv_get(kv, kv_v(kv, &t, (int)l, pos), p, (int)D); p += D * 4;
+            }
     uint64_t sum = eng__hash64(b, (size_t)(p - b), 0);
     memcpy(p, &sum, 8);
     *buf = b;
@@ -218,7 +229,7 @@ int eng_agent_export(eng_engine *e, const char *tenant, const char *agent_id, ui
 
 /* An export, checked (no lock needed): where its parts are. */
 typedef struct {
-    uint32_t nt, nc, from, L, D;
+    uint32_t nt, nc, from, L, D, esz;
     const uint8_t *tok, *kv;
 } parsed;
 
@@ -232,7 +243,7 @@ static int parse_export(eng_engine *e, const char *agent_id, const uint8_t *buf,
     if (version < 1 || version > EXPORT_VERSION)
         return eng__fail(err, errlen, ENG_ECORRUPT, "export format version %u is not supported (this build reads 1..%u)",
                          version, EXPORT_VERSION);
-    size_t hdr = EXPORT_HDR + (version >= 2 ? 4 : 0);
+    size_t hdr = EXPORT_HDR + (version >= 2 ? 4 : 0) + (version >= 3 ? 4 : 0);
     if (len < hdr + 8) return eng__fail(err, errlen, ENG_ECORRUPT, "too short for its header: %zu bytes", len);
     uint64_t sum;
     memcpy(&sum, buf + len - 8, 8);
@@ -242,11 +253,14 @@ static int parse_export(eng_engine *e, const char *agent_id, const uint8_t *buf,
     memcpy(&fp, buf + 12, 8);
     const kv_pool *kv = &e->bp.kv;
     uint32_t L = get32(buf + 20), D = get32(buf + 24), nt = get32(buf + 28), nc = get32(buf + 32);
-    uint32_t from = version >= 2 ? get32(buf + 36) : 0;
+    uint32_t from = version >= 2 ? get32(buf + 36) : 0, esz = version >= 3 ? get32(buf + 40) : 4;
     if (fp != e->m->fingerprint || L != (uint32_t)kv->n_layers || D != (uint32_t)kv->kv_dim)
         return eng__fail(err, errlen, ENG_EMODEL, "the agent was exported from another model");
+    if (esz != (esz == 2 ? kv->esz : 4))
+        return eng__fail(err, errlen, ENG_EMODEL, "the agent's KV is in %u-byte values; this pool keeps %zu",
+                         esz, kv->esz);
     if (nc > nt || nt > (uint32_t)e->max_ctx || from > nc ||
-        len != hdr + (size_t)nt * 4 + (size_t)(nc - from) * L * 2 * D * 4 + 8)
+        len != hdr + (size_t)nt * 4 + (size_t)(nc - from) * L * 2 * D * esz + 8)
         return eng__fail(err, errlen, ENG_ECORRUPT, "sizes in the header do not match the data");
     /* KV may start late only where nothing will look back that far */
     long first_needed = e->window ? (long)nc - e->window + 1 : 0;
@@ -262,7 +276,7 @@ static int parse_export(eng_engine *e, const char *agent_id, const uint8_t *buf,
     int B = e->bp.B, need = ((int)nc + B - 1) / B, skip = (int)from / B;
     if (need - skip > e->bp.n)
         return eng__fail(err, errlen, ENG_EPOOL, "the agent needs %d blocks, the pool has %d", need - skip, e->bp.n);
-    *x = (parsed){nt, nc, from, L, D, tp, tp + (size_t)nt * 4};
+    *x = (parsed){nt, nc, from, L, D, esz, tp, tp + (size_t)nt * 4};
     return ENG_OK;
 }
 
@@ -295,11 +309,16 @@ static int install(eng_engine *e, const char *tenant, const char *agent_id, cons
     }
     kv_table t = {blk, need};
     const uint8_t *p = x->kv;
+    size_t row = (size_t)x->D * x->esz;
     for (uint32_t pos = x->from; pos < x->nc; pos++)
-        for (uint32_t l = 0; l < x->L; l++) {
-            kv_put(kv, kv_k(kv, &t, (int)l, (int)pos), p, (int)x->D); p += (size_t)x->D * 4;
-            kv_put(kv, kv_v(kv, &t, (int)l, (int)pos), p, (int)x->D); p += (size_t)x->D * 4;
-        }
+        for (uint32_t l = 0; l < x->L; l++)
+            if (x->esz == 2) { /* as the pool holds it */
+                memcpy(kv_k(kv, &t, (int)l, (int)pos), p, row); p += row;
+                memcpy(kv_v(kv, &t, (int)l, (int)pos), p, row); p += row;
+            } else {
+                kv_put(kv, kv_k(kv, &t, (int)l, (int)pos), p, (int)x->D); p += row;
+                kv_put(kv, kv_v(kv, &t, (int)l, (int)pos), p, (int)x->D); p += row;
+            }
     int idx;
     uint64_t version = 1;
     if (replace && (a = eng__agent_find(e, tenant, agent_id, &idx))) {

@@ -590,6 +590,93 @@ out:
     eng_model_close(other);
 }
 
+/* The warm tier's engine side: versions, saved marks, save_next, the spill
+ * hook at eviction and restore over a tokens-only (evicted) agent. */
+typedef struct { int n; uint8_t *blob; size_t len; uint64_t version; char id[64]; } spilled;
+static void on_spill(void *ud, const char *tenant, const char *id, uint64_t version, uint8_t *blob, size_t len) {
+    (void)tenant;
+    spilled *s = ud;
+    s->n++;
+    free(s->blob);
+    s->blob = blob;
+    s->len = len;
+    s->version = version;
+    snprintf(s->id, sizeof s->id, "%s", id);
+}
+
+static void test_warm_tier(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 8, 512, 64) : NULL, *ref = m ? engine(m, 64, 512, 64) : NULL;
+    if (!e || !ref) goto out;
+    int32_t p1[40], p2[6], big[100];
+    rand_ids(p1, 40, 71, 1024);
+    rand_ids(p2, 6, 72, 1024);
+    rand_ids(big, 100, 73, 1024);
+    results r = {0}, rr = {0};
+    spilled sp = {0};
+    eng_engine_set_spill(e, on_spill, &sp);
+    eng_request q = req_ids(p1, 40, 8);
+    q.agent_id = "w";
+    submit(e, &r, &q);
+    run_all(e, &r);
+    submit(ref, &rr, &q);
+    run_all(ref, &rr);
+    eng_agent_info info;
+    CHECK(eng_agent_get(e, NULL, "w", &info) == ENG_OK && info.version == 1 && !info.saved && info.n_blocks == 3);
+    /* save_next: idle threshold, then the retry window after a hand-out */
+    char tenant[256], id[256];
+    uint8_t *buf;
+    size_t len;
+    uint64_t v;
+    CHECK(!eng_agent_save_next(e, 3600, 5, tenant, id, &buf, &len, &v));
+    CHECK(eng_agent_save_next(e, 0, 5, tenant, id, &buf, &len, &v) && !strcmp(id, "w") && v == 1);
+    CHECK(!eng_agent_save_next(e, 0, 5, tenant, id, &buf, &len, &v)); /* handed out: not again for 5 s */
+    eng_agent_mark_saved(e, NULL, "w", 2); /* another version: no effect */
+    CHECK(eng_agent_get(e, NULL, "w", &info) == ENG_OK && !info.saved);
+    eng_agent_mark_saved(e, NULL, "w", 1);
+    CHECK(eng_agent_get(e, NULL, "w", &info) == ENG_OK && info.saved);
+    CHECK(eng_agent_restore(e, NULL, "w", buf, len, NULL, 0) == ENG_EEXIST); /* what is here is as good */
+    /* eviction of a saved agent: no spill */
+    eng_request b = req_ids(big, 100, 4);
+    submit(e, &r, &b);
+    run_all(e, &r);
+    CHECK(eng_agent_get(e, NULL, "w", &info) == ENG_OK && info.n_blocks == 0 && info.n_tokens == 48);
+    CHECK_MSG(sp.n == 0, "spilled %d", sp.n);
+    /* a restore over the tokens-only agent brings the KV back; the turn continues exactly */
+    char err[256];
+    CHECK_MSG(eng_agent_restore(e, NULL, "w", buf, len, err, sizeof err) == ENG_OK, "%s", err);
+    CHECK(eng_agent_get(e, NULL, "w", &info) == ENG_OK && info.n_blocks == 3 && info.saved);
+    q = req_ids(p2, 6, 8);
+    q.agent_id = "w";
+    submit(e, &r, &q);
+    run_all(e, &r);
+    submit(ref, &rr, &q);
+    run_all(ref, &rr);
+    CHECK(r.r[2].usage.cached_tokens == 47 && rr.r[1].usage.cached_tokens == 47);
+    CHECK(memcmp(r.r[2].tok, rr.r[1].tok, 8 * sizeof(int32_t)) == 0);
+    /* now unsaved (a new turn): eviction hands the export to the spill hook first */
+    CHECK(eng_agent_get(e, NULL, "w", &info) == ENG_OK && !info.saved);
+    submit(e, &r, &b);
+    run_all(e, &r);
+    CHECK_MSG(sp.n == 1 && !strcmp(sp.id, "w") && sp.version == info.version, "spilled %d", sp.n);
+    /* a stored copy of another history is not taken over what is here */
+    int32_t other[6];
+    rand_ids(other, 6, 74, 1024);
+    CHECK(eng_agent_restore(e, NULL, "w", sp.blob, sp.len, err, sizeof err) == ENG_OK);
+    CHECK(eng_agent_drop(e, NULL, "w") == ENG_OK);
+    q = req_ids(other, 6, 2);
+    q.agent_id = "w";
+    submit(e, &r, &q);
+    run_all(e, &r);
+    CHECK(eng_agent_restore(e, NULL, "w", sp.blob, sp.len, err, sizeof err) == ENG_EEXIST);
+    free(buf);
+    free(sp.blob);
+out:
+    eng_engine_close(e);
+    eng_engine_close(ref);
+    eng_model_close(m);
+}
+
 /* The same properties with keys and values held in IEEE half: batched =
  * alone, preemption stays exact, copy-on-write forks, export → import →
  * identical continuation; and an F16-KV export is refused by an F32-KV
@@ -600,6 +687,7 @@ static void test_f16_kv(void) {
     test_exhaustion_preempts();
     test_fork_copy_on_write();
     test_export_import();
+    test_warm_tier();
     eng_model *m16 = model("tiny");
     g_kv_f16 = 0;
     eng_model *m32 = model("tiny");
@@ -616,6 +704,9 @@ static void test_f16_kv(void) {
         size_t len = 0;
         char err[256];
         CHECK(eng_agent_export(e16, NULL, "h", &buf, &len, err, sizeof err) == ENG_OK);
+        uint32_t version;
+        memcpy(&version, buf + 8, 4);
+        CHECK_MSG(version == 3 && len < 20 * 2 * 2 * 32 * 4, "version %u, %zu bytes: the KV as halves", version, len);
         CHECK(eng_agent_import(e32, NULL, "h", buf, len, err, sizeof err) == ENG_EMODEL);
         free(buf);
     }
@@ -1105,6 +1196,7 @@ int main(int argc, char **argv) {
         {"fork_copy_on_write", test_fork_copy_on_write},
         {"random_cancels_leak_nothing", test_random_cancels_leak_nothing},
         {"export_import_continues_identically", test_export_import},
+        {"warm_tier_versions_spill_restore", test_warm_tier},
         {"text_prompts_stop_strings_streaming", test_text_and_stop},
         {"submit_cancel_from_another_thread", test_threads},
         {"f16_kv_batch_preempt_fork_export", test_f16_kv},
