@@ -134,13 +134,30 @@ static const char *CODE_NAMES[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUME
 typedef struct {
     grpc_completion_queue *cq;
     grpc_call *call;
-    grpc_metadata md;
+    grpc_metadata md[2];
     char auth[600];
     grpc_metadata_array init_md, trail_md;
     grpc_status_code status;
     grpc_slice details;
     grpc_byte_buffer *recv;
 } rpc;
+
+/* The agent a request names: sent as x-kvserve-agent metadata too, so that a
+ * load balancer can keep an agent's turns on one replica (docs/deploy.md).
+ * Only ids a header can carry as they are (printable ASCII). */
+static const char *agent_header(const ProtobufCMessage *m) {
+    const char *id = NULL;
+    if (m->descriptor == &kvserve__v1__generate_request__descriptor)
+        id = ((const Kvserve__V1__GenerateRequest *)m)->agent_id;
+    else if (m->descriptor == &kvserve__v1__agent_request__descriptor)
+        id = ((const Kvserve__V1__AgentRequest *)m)->agent_id;
+    else if (m->descriptor == &kvserve__v1__import_agent_request__descriptor)
+        id = ((const Kvserve__V1__ImportAgentRequest *)m)->agent_id;
+    if (!id || !id[0]) return NULL;
+    for (const char *p = id; *p; p++)
+        if (*p < 0x20 || *p > 0x7e) return NULL;
+    return id;
+}
 
 static int rpc_start(conn *c, rpc *r, const char *method, const ProtobufCMessage *req) {
     memset(r, 0, sizeof *r);
@@ -153,13 +170,19 @@ static int rpc_start(conn *c, rpc *r, const char *method, const ProtobufCMessage
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    size_t nmd = 0;
     if (c->token) {
         snprintf(r->auth, sizeof r->auth, "Bearer %s", c->token);
-        r->md.key = grpc_slice_from_static_string("authorization");
-        r->md.value = grpc_slice_from_static_string(r->auth);
-        ops[0].data.send_initial_metadata.count = 1;
-        ops[0].data.send_initial_metadata.metadata = &r->md;
+        r->md[nmd].key = grpc_slice_from_static_string("authorization");
+        r->md[nmd++].value = grpc_slice_from_static_string(r->auth);
     }
+    const char *agent = agent_header(req);
+    if (agent) {
+        r->md[nmd].key = grpc_slice_from_static_string("x-kvserve-agent");
+        r->md[nmd++].value = grpc_slice_from_static_string(agent);
+    }
+    ops[0].data.send_initial_metadata.count = nmd;
+    ops[0].data.send_initial_metadata.metadata = nmd ? r->md : NULL;
     grpc_byte_buffer *bb = srv_pack(req);
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = bb;
@@ -427,8 +450,8 @@ static int cmd_stats(conn *c) {
 }
 
 static void print_agent(const Kvserve__V1__AgentInfo *a) {
-    printf("%s tokens=%d cached=%d blocks=%d busy=%d idle=%.1fs\n", a->agent_id, a->tokens, a->cached_tokens, a->blocks,
-           a->busy, a->idle_seconds);
+    printf("%s tokens=%d cached=%d blocks=%d busy=%d idle=%.1fs saved=%d\n", a->agent_id, a->tokens, a->cached_tokens,
+           a->blocks, a->busy, a->idle_seconds, a->saved);
 }
 
 static int cmd_agents(conn *c, int argc, char **argv) {

@@ -108,7 +108,8 @@ echo "== compose"
 # Debian's podman-compose (1.0) has no `config`: --dry-run prints the podman commands `up` would
 # run (it still creates the project's network and volume, removed after)
 proj=kvtest$$
-(cd docker && KVSERVE_MODEL_PATH=$model podman-compose -p "$proj" --dry-run -f compose.yaml up -d) >"$tmp/compose" 2>&1 ||
+head -c 32 /dev/urandom >"$tmp/export.key"
+(cd docker && KVSERVE_MODEL_PATH=$model KVSERVE_EXPORT_KEY_PATH=$tmp/export.key podman-compose -p "$proj" --dry-run -f compose.yaml up -d) >"$tmp/compose" 2>&1 ||
   { cat "$tmp/compose" >&2; echo "FAIL: podman-compose rejects docker/compose.yaml" >&2; exit 1; }
 podman volume rm "${proj}_redis-data" >/dev/null 2>&1 || true
 podman network rm "${proj}_default" >/dev/null 2>&1 || true

@@ -21,6 +21,7 @@ pkgs=(
   python3-jinja2                      # an independent chat-template renderer in tests
   openssl                             # test certificates
   libhiredis-dev redis-server         # caches (the tests start their own redis-server)
+  haproxy                             # the gRPC load balancer of the scale-out test
   libmicrohttpd-dev                   # metrics over HTTP
   libedit-dev                         # kvctl chat: line editing and history
   python3 python3-numpy python3-regex # reference implementation, model generator
