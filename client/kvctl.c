@@ -52,7 +52,10 @@ static const char USAGE[] =
     "gen options:\n"
     "  -n, --max-tokens N  (default 64)   --temperature T   --top-k K   --top-p P   --min-p P\n"
     "  --repeat-penalty R   --seed S   --stop STR (repeatable)   --ignore-eos\n"
-    "  --agent ID   --reset   --bos (add the tokenizer's BOS)   --quiet (no token text)\n";
+    "  --agent ID   --reset   --bos (add the tokenizer's BOS)   --quiet (no token text)\n"
+    "\n"
+    "Every call that names an agent also sends it as x-kvserve-agent metadata, for load balancers\n"
+    "that keep an agent's turns on one replica (docs/deploy.md).\n";
 
 typedef struct {
     const char *addr, *ca, *cert, *key, *token;

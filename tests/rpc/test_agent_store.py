@@ -196,6 +196,22 @@ class AgentStore(unittest.TestCase):
         self.assertEqual(usage.prompt_tokens, len(TURNS[1][0]))
         self.assertIn("does not verify", b.log())
 
+    def test_tenants_restore_only_their_own(self):
+        """Two tenants, one agent id: each restores its own agent, never the other's."""
+        tokfile = os.path.join(TMP, "store-tokens")
+        with open(tokfile, "w") as f:
+            f.write("tok-a alice\ntok-b bob\n")
+        ref = reference()
+        a = self.server("--token-file", tokfile)
+        turn(a.client("tok-a"), "same", *TURNS[0])
+        self.wait_saved(a.client("tok-a"), "same")
+        a.stop()
+        b = self.server("--token-file", tokfile)
+        _, usage = turn(b.client("tok-b"), "same", *TURNS[1])
+        self.assertEqual(usage.prompt_tokens, len(TURNS[1][0]), "bob's agent is new: alice's stayed hers")
+        toks, usage = turn(b.client("tok-a"), "same", *TURNS[1])
+        self.assertEqual((toks, usage.cached_tokens), (ref[1], self.history(1) - 1))
+
     def test_needs_redis(self):
         rc, err, _ = run_failing(["--agent-save-after", "1"])
         self.assertNotEqual(rc, 0)

@@ -238,6 +238,18 @@ class ScaleOut(unittest.TestCase):
         print(f"\n    haproxy took the killed replica out {out_after:.2f}s after kill -9 "
               f"(checks every {CHECK_INTER_MS} ms, {FALL} failures); {done[0]} bystander turns, none failed")
 
+    def test_4_kvctl_sends_the_agent_header(self):
+        """kvctl's turns on one agent, through the balancer: all on one replica (round robin would spread them)."""
+        kvctl = os.path.join(os.path.dirname(ARGS.kvserve), "kvctl")
+        for i in range(4):
+            p = subprocess.run([kvctl, "--addr", f"127.0.0.1:{self.lb.port}", "generate", "--agent", "via-kvctl",
+                                "-n", "3", "--ignore-eos", "--quiet", "hello"], capture_output=True, timeout=BOUND)
+            self.assertEqual(p.returncode, 0, p.stderr.decode())
+        self.assertEqual(len(self.holders("via-kvctl")), 1)
+        info = [s.client().get_agent("via-kvctl") for i, s in enumerate(self.servers)
+                if i not in self.killed and i in self.holders("via-kvctl")][0]
+        self.assertGreater(info.tokens, 12)
+
     def _home(self, agent):
         """The replica an agent's first turn lands on (its turn creates it there)."""
         self.turn(self.via_lb(agent), agent, rand_ids(4, 7), 2)
