@@ -28,8 +28,17 @@
 
 #include <unistd.h>
 
+/* eng_engine_score's caller, waiting on the engine's lock. */
+typedef struct score_wait {
+    pthread_cond_t cv;
+    int done, rc;
+    double *lp;             /* the sequence's plp, handed over */
+    char msg[200];
+} score_wait;
+
 static void seq_free(seq *s) {
     if (!s) return;
+    free(s->plp);
     free(s->tok);
     free(s->blk);
     eng__gen_free(s->gen);
@@ -66,10 +75,12 @@ static int ev_reserve(ev_buf *b, size_t more) {
         size_t nc = b->cap ? b->cap * 2 : 64;
         eng_event *ne = realloc(b->ev, nc * sizeof *ne);
         size_t *to = realloc(b->text_off, nc * sizeof *to), *ko = to ? realloc(b->tok_off, nc * sizeof *ko) : NULL;
+        size_t *lo = ko ? realloc(b->lp_off, nc * sizeof *lo) : NULL;
         if (ne) b->ev = ne;
         if (to) b->text_off = to;
         if (ko) b->tok_off = ko;
-        if (!ne || !to || !ko) return ENG_ENOMEM;
+        if (lo) b->lp_off = lo;
+        if (!ne || !to || !ko || !lo) return ENG_ENOMEM;
         b->cap = nc;
     }
     return ENG_OK;
@@ -86,17 +97,24 @@ static int arena_grow(void **p, size_t *cap, size_t used, size_t need, size_t si
     return ENG_OK;
 }
 
-/* Add an event. ENG_ENOMEM if there is no room for it at all; 1 if it went
- * in without its text and tokens (no memory for them); else ENG_OK. */
-static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, const int32_t *toks, size_t nt) {
+/* Add an event with its text and token ids (DONE: the output; TOKEN: the
+ * top alternatives' ids) and nl doubles (TOKEN: the logprob, then the
+ * alternatives'). ENG_ENOMEM if there is no room for it at all; 1 if it went
+ * in without them (no memory); else ENG_OK. */
+static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, const int32_t *toks, size_t nt,
+                  const double *lp, size_t nl) {
     if (ev_reserve(b, 1)) return ENG_ENOMEM;
     int degraded = 0;
     if (arena_grow((void **)&b->text, &b->text_cap, b->text_n, tl + 1, 1) ||
-        arena_grow((void **)&b->toks, &b->toks_cap, b->toks_n, nt, sizeof *b->toks)) {
-        tl = nt = 0;
+        arena_grow((void **)&b->toks, &b->toks_cap, b->toks_n, nt, sizeof *b->toks) ||
+        arena_grow((void **)&b->lps, &b->lps_cap, b->lps_n, nl, sizeof *b->lps)) {
+        tl = nt = nl = 0;
         degraded = 1;
         if (arena_grow((void **)&b->text, &b->text_cap, b->text_n, 1, 1)) return ENG_ENOMEM;
     }
+    b->lp_off[b->n] = b->lps_n;
+    if (nl) memcpy(b->lps + b->lps_n, lp, nl * sizeof *lp);
+    b->lps_n += nl;
     b->ev[b->n] = *ev;
     b->text_off[b->n] = b->text_n;
     memcpy(b->text + b->text_n, text, tl);
@@ -107,6 +125,7 @@ static int ev_add(ev_buf *b, const eng_event *ev, const char *text, size_t tl, c
     if (nt) memcpy(b->toks + b->toks_n, toks, nt * sizeof *toks);
     b->toks_n += nt;
     b->ev[b->n].n_tokens = nt;
+    if (!nl) b->ev[b->n].has_logprob = b->ev[b->n].n_top = 0;
     b->n++;
     return degraded;
 }
@@ -121,11 +140,26 @@ static void seq_finish(eng_engine *e, seq *s, int finish, int error, const char 
     }
     s->finish = finish;
     s->usage.generated_tokens = s->n_tok - s->gen_start;
+    if (s->waiter) { /* a scoring sequence: its caller gets the logprobs, nobody gets events */
+        score_wait *w = s->waiter;
+        w->rc = finish == ENG_FINISH_ERROR ? (error ? error : ENG_EINVAL) : finish == ENG_FINISH_CANCELLED ? ENG_EINVAL : 0;
+        if (w->rc) snprintf(w->msg, sizeof w->msg, "%s", msg ? msg : "scoring was cancelled");
+        else { w->lp = s->plp; s->plp = NULL; }
+        w->done = 1;
+        s->waiter = NULL;
+        pthread_cond_broadcast(&w->cv);
+        seq_release_blocks(e, s);
+        if (s->state == SQ_RUNNING) list_remove(&e->running, s);
+        else if (s->state == SQ_WAITING) list_remove(&e->waiting, s);
+        s->state = SQ_DONE;
+        list_push(&e->done, s, 0);
+        return;
+    }
     size_t tl;
     const char *text = eng__gen_text(s->gen, &tl);
     eng_event ev = {.kind = ENG_EV_DONE, .id = s->id, .finish = finish, .usage = s->usage, .error = error};
     if (msg) snprintf(s->msg, sizeof s->msg, "%s", msg);
-    if (ev_add(&e->ev, &ev, text, tl, s->tok + s->gen_start, (size_t)s->usage.generated_tokens) == 1) {
+    if (ev_add(&e->ev, &ev, text, tl, s->tok + s->gen_start, (size_t)s->usage.generated_tokens, NULL, 0) == 1) {
         /* (room for the event itself was reserved) no memory for the output: say so rather than lose it */
         e->ev.ev[e->ev.n - 1].finish = ENG_FINISH_ERROR;
         e->ev.ev[e->ev.n - 1].error = ENG_ENOMEM;
@@ -168,6 +202,13 @@ static void deliver(eng_engine *e, eng_event_cb cb, void *ud) {
         b.ev[i].text = b.text + b.text_off[i];
         static const int32_t none[1] = {0};
         b.ev[i].tokens = b.toks ? b.toks + b.tok_off[i] : none;
+        if (b.ev[i].has_logprob) { /* a TOKEN event's ids are its alternatives' */
+            b.ev[i].logprob = b.lps[b.lp_off[i]];
+            b.ev[i].top_logprobs = b.lps + b.lp_off[i] + 1;
+            b.ev[i].top_ids = b.ev[i].tokens;
+            b.ev[i].tokens = none;
+            b.ev[i].n_tokens = 0;
+        }
         if (b.ev[i].kind == ENG_EV_DONE && b.ev[i].finish == ENG_FINISH_ERROR) {
             for (seq *s = done.head; s; s = s->next)
                 if (s->id == b.ev[i].id) b.ev[i].message = s->msg;
@@ -178,7 +219,7 @@ static void deliver(eng_engine *e, eng_event_cb cb, void *ud) {
         n = s->next;
         seq_free(s);
     }
-    free(b.ev); free(b.text_off); free(b.tok_off); free(b.text); free(b.toks);
+    free(b.ev); free(b.text_off); free(b.tok_off); free(b.lp_off); free(b.text); free(b.toks); free(b.lps);
 }
 
 /* ---- open / close --------------------------------------------------------- */
@@ -246,8 +287,10 @@ void eng_engine_close(eng_engine *e) {
     eng__bp_free(&e->bp);
     fwd_scratch_free(e->scratch);
     eng__sampler_free(e->sampler);
+    free(e->raw_row);
     free(e->logits); free(e->b_tok); free(e->b_pos); free(e->b_seq); free(e->b_rows); free(e->tables); free(e->batch);
-    free(e->ev.ev); free(e->ev.text_off); free(e->ev.tok_off); free(e->ev.text); free(e->ev.toks);
+    free(e->ev.ev); free(e->ev.text_off); free(e->ev.tok_off); free(e->ev.lp_off); free(e->ev.text); free(e->ev.toks);
+    free(e->ev.lps);
     pthread_mutex_destroy(&e->mu);
     free(e);
 }
@@ -307,6 +350,9 @@ static int validate(eng_engine *e, const eng_request *r, int32_t **ids_out, size
     if (r->tenant && strlen(r->tenant) > MAX_NAME)
         return eng__fail(err, errlen, ENG_EINVAL, "tenant is longer than %d bytes", MAX_NAME);
     if (p->max_tokens <= 0) return eng__fail(err, errlen, ENG_EMAXTOK, "max_tokens must be positive (got %d)", p->max_tokens);
+    if (p->top_logprobs < 0 || p->top_logprobs > ENG_MAX_TOP_LOGPROBS || (p->top_logprobs && !p->logprobs))
+        return eng__fail(err, errlen, ENG_EINVAL, "top_logprobs must be 0..%d, with logprobs (got %d)",
+                         ENG_MAX_TOP_LOGPROBS, p->top_logprobs);
     int rc = eng_sampling_check(&p->sampling, err, errlen);
     if (rc) return rc;
     for (int i = 0; i < p->n_stop; i++)
@@ -352,7 +398,8 @@ int eng_request_check(eng_engine *e, const eng_request *r, char *err, size_t err
     return validate(e, r, NULL, &n, err, errlen);
 }
 
-int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, size_t errlen) {
+static int submit_seq(eng_engine *e, const eng_request *r, score_wait *w, void (*queued)(void *), void *qud,
+                      uint64_t *id, char *err, size_t errlen) {
     const eng_model *m = e->m;
     const eng_gen_params *p = &r->params;
     int has_agent = r->agent_id && r->agent_id[0];
@@ -366,12 +413,18 @@ int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, siz
     s->n_tok = s->cap_tok = (int)n;
     s->max_tokens = p->max_tokens;
     s->sp = p->sampling;
+    s->logprobs = p->logprobs != 0;
+    s->top_logprobs = !p->logprobs ? 0 : p->top_logprobs < m->cfg.vocab_size ? p->top_logprobs : m->cfg.vocab_size;
     eng__rng_seed(&s->rng, p->sampling.seed);
     s->gen = eng__gen_new(m->tok, p, &m->cfg);
     s->tenant = eng__dupstr(r->tenant);
     s->agent_id = has_agent ? eng__dupstr(r->agent_id) : NULL;
     s->reset = r->reset;
     s->full_context = has_agent && r->full_context;
+    if (w && n > 1 && !(s->plp = calloc(n - 1, sizeof *s->plp))) {
+        seq_free(s);
+        return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
+    }
     if (!s->gen || !s->tenant || (has_agent && !s->agent_id)) {
         seq_free(s);
         return eng__fail(err, errlen, ENG_ENOMEM, "out of memory");
@@ -389,9 +442,58 @@ int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, siz
     }
     s->id = e->next_id++;
     s->state = SQ_WAITING;
+    s->waiter = w;
     list_push(&e->waiting, s, 0);
     *id = s->id;
     pthread_mutex_unlock(&e->mu);
+    if (!w) return ENG_OK;
+    if (queued) queued(qud);
+    pthread_mutex_lock(&e->mu); /* the stepping thread finishes it (seq_finish) */
+    while (!w->done) pthread_cond_wait(&w->cv, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+    return ENG_OK;
+}
+
+int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, size_t errlen) {
+    return submit_seq(e, r, NULL, NULL, NULL, id, err, errlen);
+}
+
+int eng_engine_score(eng_engine *e, const eng_request *r, void (*queued)(void *), void *ud, int32_t **ids_out,
+                     double **logprobs, size_t *n_out, char *err, size_t errlen) {
+    *ids_out = NULL;
+    *logprobs = NULL;
+    *n_out = 0;
+    if (r->agent_id && r->agent_id[0]) return eng__fail(err, errlen, ENG_EINVAL, "agent_id: scoring takes no agent");
+    eng_request q = *r;
+    memset(&q.params, 0, sizeof q.params);
+    eng_sampling_default(&q.params.sampling);
+    q.params.max_tokens = 1; /* (its one token is dropped) */
+    q.reset = q.full_context = 0;
+    int32_t *ids;
+    size_t n;
+    int rc = validate(e, &q, &ids, &n, err, errlen);
+    if (rc) return rc;
+    if (n < 2) {
+        free(ids);
+        return eng__fail(err, errlen, ENG_EEMPTY, "scoring needs at least 2 tokens, got %zu", n);
+    }
+    q.text = NULL; /* tokenized once */
+    q.ids = ids;
+    q.n_ids = n;
+    score_wait w = {.done = 0};
+    pthread_cond_init(&w.cv, NULL);
+    uint64_t id;
+    rc = submit_seq(e, &q, &w, queued, ud, &id, err, errlen);
+    pthread_cond_destroy(&w.cv);
+    if (!rc && w.rc) rc = eng__fail(err, errlen, w.rc, "%s", w.msg);
+    if (rc) {
+        free(ids);
+        free(w.lp);
+        return rc;
+    }
+    *ids_out = ids;
+    *logprobs = w.lp;
+    *n_out = n;
     return ENG_OK;
 }
 
@@ -504,7 +606,7 @@ static int admit(eng_engine *e, seq *s) {
     }
     /* reuse cached full blocks of the same prefix (at least one token is
      * always computed, to have logits) */
-    if (s->n_blk == 0) {
+    if (s->n_blk == 0 && !s->waiter) { /* (a scoring sequence computes every position) */
         int B = e->bp.B, parent = -1, nfull = (s->n_tok - 1) / B, hits = 0;
         if (s->cap_blk < nfull) {
             int32_t *nb = realloc(s->blk, (size_t)(nfull ? nfull : 1) * sizeof *nb);
@@ -597,7 +699,7 @@ static int schedule(eng_engine *e, int *n_tokens) {
         n = s->next;
         admit(e, s);
     }
-    int budget = e->o.max_step_tokens, nb = 0;
+    int budget = e->o.max_step_tokens, nb = 0, rows = e->o.max_running; /* logits rows of the step */
     /* decoding sequences first (one token each), oldest first; then prefill chunks */
     for (int pass = 0; pass < 2; pass++) {
         for (seq *s = e->running.head, *n; s && budget > 0; s = n) {
@@ -607,6 +709,8 @@ static int schedule(eng_engine *e, int *n_tokens) {
             int left = s->n_tok - s->n_cached;
             if ((pass == 0) != (left == 1)) continue;
             int chunk = left < budget ? left : budget;
+            if (s->waiter && chunk > rows) chunk = rows; /* a scoring prefill wants every position's logits */
+            if (chunk == 0 || (!s->waiter && rows == 0)) continue;
             while (ensure_blocks(e, s, s->n_cached + chunk) != ENG_OK) {
                 /* preempt the youngest other sequence that is not in the batch */
                 seq *victim = NULL;
@@ -625,6 +729,7 @@ static int schedule(eng_engine *e, int *n_tokens) {
             s->chunk = chunk;
             e->batch[nb++] = s;
             budget -= chunk;
+            rows -= s->waiter ? chunk : s->n_cached + chunk == s->n_tok;
         }
     }
     *n_tokens = e->o.max_step_tokens - budget;
@@ -649,12 +754,14 @@ int eng_step(eng_engine *e, eng_event_cb cb, void *ud) {
     for (int i = 0; i < nb; i++) {
         seq *s = e->batch[i];
         e->tables[i] = (kv_table){s->blk, s->n_blk};
+        s->row0 = n_out;
         for (int k = 0; k < s->chunk; k++, t++) {
             e->b_tok[t] = s->tok[s->n_cached + k];
             e->b_pos[t] = s->n_cached + k;
             e->b_seq[t] = i;
+            if (s->waiter && k < s->chunk - 1) e->b_rows[n_out++] = t;
         }
-        if (s->n_cached + s->chunk == s->n_tok) e->b_rows[n_out++] = t - 1;
+        if (s->waiter || s->n_cached + s->chunk == s->n_tok) e->b_rows[n_out++] = t - 1;
     }
     fwd_batch b = {.n = t, .tokens = e->b_tok, .pos = e->b_pos, .seq = e->b_seq, .tables = e->tables,
                    .n_out = n_out, .out_rows = e->b_rows, .logits = e->logits};
@@ -663,7 +770,6 @@ int eng_step(eng_engine *e, eng_event_cb cb, void *ud) {
     pthread_mutex_lock(&e->mu);
 
     const size_t V = (size_t)e->m->cfg.vocab_size;
-    int row = 0;
     for (int i = 0; i < nb; i++) {
         seq *s = e->batch[i];
         int before = s->n_cached, has_row = s->n_cached + s->chunk == s->n_tok;
@@ -671,19 +777,38 @@ int eng_step(eng_engine *e, eng_event_cb cb, void *ud) {
         s->in_batch = 0;
         register_full(e, s, before);
         release_behind(e, s);
-        float *lg = has_row ? e->logits + (size_t)row++ * V : NULL;
+        if (s->waiter && s->plp) /* position before + k predicts token before + k + 1 */
+            for (int k = 0; k < s->chunk && before + k + 1 < s->gen_start; k++) {
+                const float *x = e->logits + (size_t)(s->row0 + k) * V;
+                double mx, logsum;
+                eng__logsoftmax_parts(x, V, &mx, &logsum);
+                s->plp[before + k] = (double)x[s->tok[before + k + 1]] - mx - logsum;
+            }
+        float *lg = has_row ? e->logits + (size_t)(s->row0 + (s->waiter ? s->chunk - 1 : 0)) * V : NULL;
         if (s->cancelled) {
             seq_finish(e, s, ENG_FINISH_CANCELLED, 0, NULL);
             continue;
         }
         if (!lg) continue;
+        double lp[1 + ENG_MAX_TOP_LOGPROBS], mx = 0, logsum = 0;
+        int32_t top[ENG_MAX_TOP_LOGPROBS];
+        const float *raw = lg;
+        if (s->logprobs) { /* of the raw distribution, before the sampler changes anything */
+            eng__logsoftmax_parts(lg, V, &mx, &logsum);
+            if (s->top_logprobs) eng__top_logits(lg, (int)V, s->top_logprobs, top);
+            for (int k = 0; k < s->top_logprobs; k++) lp[1 + k] = (double)lg[top[k]] - mx - logsum;
+            if (s->sp.repeat_penalty != 1.0f && (e->raw_row || (e->raw_row = malloc(V * sizeof *e->raw_row))))
+                raw = memcpy(e->raw_row, lg, V * sizeof *lg);
+        }
         int32_t tok = eng__sample(e->sampler, &s->sp, &s->rng, lg, s->tok, (size_t)s->n_tok);
         s->tok[s->n_tok++] = tok;
         const char *d;
         size_t dl;
         int fin = eng__gen_push(s->gen, tok, &d, &dl);
-        eng_event ev = {.kind = ENG_EV_TOKEN, .id = s->id, .token = tok};
-        ev_add(&e->ev, &ev, d, dl, NULL, 0);
+        eng_event ev = {.kind = ENG_EV_TOKEN, .id = s->id, .token = tok, .has_logprob = s->logprobs,
+                        .n_top = s->top_logprobs};
+        lp[0] = (double)raw[tok] - mx - logsum;
+        if (!s->waiter) ev_add(&e->ev, &ev, d, dl, top, s->logprobs ? (size_t)s->top_logprobs : 0, lp, s->logprobs ? 1 + (size_t)s->top_logprobs : 0);
         if (fin != ENG_FINISH_NONE) seq_finish(e, s, fin, 0, NULL);
     }
     deliver(e, cb, ud);

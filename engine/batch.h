@@ -65,6 +65,10 @@ typedef struct seq {
     eng__gen *gen;
     char *tenant, *agent_id;
     int reset, full_context, admitted, cancelled, in_batch, chunk;
+    int logprobs, top_logprobs;
+    struct score_wait *waiter; /* eng_engine_score: a scoring sequence (no events; logprobs of its prompt) */
+    double *plp;            /* ... log P(tok[i+1] | tok[..i]) as the prefill computes them */
+    int row0;               /* its first logits row in this step */
     eng_usage usage;
     int finish, error;
     char msg[200];
@@ -103,7 +107,9 @@ static inline void list_push(seq_list *l, seq *s, int front) {
 typedef struct {
     eng_event *ev;
     size_t n, cap;
-    size_t *text_off, *tok_off; /* offsets into the arenas, fixed up at delivery */
+    size_t *text_off, *tok_off, *lp_off; /* offsets into the arenas, fixed up at delivery */
+    double *lps;            /* TOKEN events' logprob, then their top alternatives' */
+    size_t lps_n, lps_cap;
     char *text;
     size_t text_n, text_cap;
     int32_t *toks;
@@ -132,6 +138,7 @@ struct eng_engine {
     int window;             /* every layer slides over this many positions (0: keep all blocks) */
     char **scopes;          /* tenant of each prefix-sharing scope (index + 1) */
     int n_scopes, cap_scopes;
+    float *raw_row;         /* a logits row kept for logprobs when the repetition penalty changes it */
     eng_spill_cb spill;     /* told an unsaved agent's export before eviction frees its KV */
     void *spill_ud;
 };

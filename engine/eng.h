@@ -214,7 +214,12 @@ typedef struct eng_gen_params {
     const char *const *stop; /* stop strings (not included in the output) */
     int n_stop;
     int ignore_eos;          /* keep going past EOS (benchmarks, references) */
+    int logprobs;            /* batch engine: each TOKEN event carries the token's log-probability under the
+                              * model (log-softmax of the raw logits: before temperature, penalties and
+                              * truncation; the arithmetic of eng_score) */
+    int top_logprobs;        /* with logprobs: and the this-many most probable tokens (0..ENG_MAX_TOP_LOGPROBS) */
 } eng_gen_params;
+#define ENG_MAX_TOP_LOGPROBS 20
 
 /* Called for every generated token: id and the text it completes. text is
  * only whole UTF-8 characters and never part of a stop string; it may be
@@ -307,6 +312,18 @@ int eng_submit(eng_engine *e, const eng_request *r, uint64_t *id, char *err, siz
  * refuse what the engine would refuse. Text prompts are tokenized to check. */
 int eng_request_check(eng_engine *e, const eng_request *r, char *err, size_t errlen);
 
+/* Log-probabilities of a text or ids under the model, computed by the batch
+ * engine among the other requests (the arithmetic of generation logprobs):
+ * logprobs[i-1] = log P(ids[i] | ids[0..i-1]) for the n ids of r's prompt
+ * (r->text tokenized with r->add_special, or r->ids), *n_out = n, *ids_out
+ * and *logprobs malloc'd. n >= 2. r->params are ignored; agents are refused
+ * (ENG_EINVAL). The prefix cache is not used (every position is computed).
+ * Blocks until the stepping thread has computed it: queued(ud), if given, is
+ * called once the request waits, to wake that thread. Call it from any other
+ * thread; the engine must not be closed while a score waits. */
+int eng_engine_score(eng_engine *e, const eng_request *r, void (*queued)(void *), void *ud, int32_t **ids_out,
+                     double **logprobs, size_t *n_out, char *err, size_t errlen);
+
 /* Cancel a queued or running request. Its blocks are freed at once (or, if
  * the forward pass running right now uses them, as soon as it returns) and
  * its completion (finish "cancelled") comes from the next eng_step. An
@@ -329,6 +346,11 @@ typedef struct eng_event {
     int kind;              /* ENG_EV_TOKEN or ENG_EV_DONE */
     uint64_t id;
     int32_t token;         /* TOKEN: the token */
+    int has_logprob;       /* TOKEN, when asked (eng_gen_params.logprobs): */
+    double logprob;        /*   log P(token | context) */
+    int n_top;             /*   the top_logprobs most probable tokens, most probable first (ties: lower id) */
+    const int32_t *top_ids;
+    const double *top_logprobs;
     const char *text;      /* TOKEN: new text (may be empty); DONE: whole output */
     size_t text_len;
     int finish;            /* DONE: enum eng_finish */

@@ -281,11 +281,9 @@ static void score_rows(void *ud, size_t first, size_t nr, const float *lg) {
         size_t i = first + r; /* logits of position i predict ids[i + 1] */
         if (i + 1 >= s->n) break;
         const float *x = lg + r * s->V;
-        float mx = x[0];
-        for (size_t j = 1; j < s->V; j++) mx = x[j] > mx ? x[j] : mx;
-        double sum = 0;
-        for (size_t j = 0; j < s->V; j++) sum += exp((double)x[j] - mx);
-        s->lp[i] = (double)x[s->ids[i + 1]] - mx - log(sum);
+        double mx, logsum;
+        eng__logsoftmax_parts(x, s->V, &mx, &logsum);
+        s->lp[i] = (double)x[s->ids[i + 1]] - mx - logsum;
     }
 }
 

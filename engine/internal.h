@@ -320,6 +320,11 @@ void eng__sampler_free(eng__sampler *s);
  * (prompt then output) for the repetition penalty. */
 int32_t eng__sample(eng__sampler *s, const eng_sampling *p, eng__rng *rng, float *logits,
                     const int32_t *history, size_t n_history);
+/* log-softmax of logits x in parts: log P(j) = (double)x[j] - *mx - *logsum
+ * (what eng_score and the batch engine's logprobs compute). */
+void eng__logsoftmax_parts(const float *x, size_t V, double *mx, double *logsum);
+/* The n (<= V) largest logits, largest first, ties by lower id: n ids into ids. */
+void eng__top_logits(const float *x, int V, int n, int32_t *ids);
 
 /* ---- per-sequence generation state (stop strings, streaming text) ------ */
 typedef struct eng__gen eng__gen;

@@ -173,3 +173,25 @@ int32_t eng__sample(eng__sampler *s, const eng_sampling *p, eng__rng *rng, float
     }
     return c[n - 1].i;
 }
+
+void eng__logsoftmax_parts(const float *x, size_t V, double *mx, double *logsum) {
+    float m = x[0];
+    for (size_t j = 1; j < V; j++) m = x[j] > m ? x[j] : m;
+    double sum = 0;
+    for (size_t j = 0; j < V; j++) sum += exp((double)x[j] - m);
+    *mx = m;
+    *logsum = log(sum);
+}
+
+void eng__top_logits(const float *x, int V, int n, int32_t *ids) {
+    int k = 0; /* ids[0..k) sorted, largest first */
+    for (int j = 0; j < V; j++) {
+        if (k == n && !(x[j] > x[ids[n - 1]])) continue; /* (equal: the lower id, already in, stays) */
+        int at = k < n ? k++ : n - 1;
+        while (at > 0 && x[j] > x[ids[at - 1]]) {
+            ids[at] = ids[at - 1];
+            at--;
+        }
+        ids[at] = j;
+    }
+}

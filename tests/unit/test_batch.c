@@ -5,6 +5,7 @@
 #include "internal.h"
 #include "test.h"
 
+#include <math.h>
 #include <pthread.h>
 
 #define MAXR 400
@@ -677,6 +678,155 @@ out:
     eng_model_close(m);
 }
 
+/* Logprobs: each token's log-probability is the same whether the context
+ * was decoded or prefilled and agrees with eng_score's (the single-sequence
+ * runtime), to float rounding; its alternatives are sorted and hold the greedy choice first,
+ * and sampling settings do not change them (the model's distribution). */
+typedef struct { uint64_t id; int n; int32_t tok[32]; double lp[32]; int n_top[32]; int32_t top[32][5];
+                 double top_lp[32][5]; int done; } lp_run;
+static void on_lp(void *ud, const eng_event *ev) {
+    lp_run *r = ud;
+    if (ev->id != r->id) return;
+    if (ev->kind == ENG_EV_DONE) { r->done = 1; return; }
+    if (r->n >= 32 || !ev->has_logprob) return;
+    r->tok[r->n] = ev->token;
+    r->lp[r->n] = ev->logprob;
+    r->n_top[r->n] = ev->n_top;
+    for (int k = 0; k < ev->n_top && k < 5; k++) {
+        r->top[r->n][k] = ev->top_ids[k];
+        r->top_lp[r->n][k] = ev->top_logprobs[k];
+    }
+    r->n++;
+}
+
+static void test_logprobs(void) {
+    eng_model *m = model("tiny");
+    eng_engine *e = m ? engine(m, 64, 512, 64) : NULL;
+    if (!e) goto out;
+    int32_t p[20], other[30];
+    rand_ids(p, 20, 81, 1024);
+    rand_ids(other, 30, 82, 1024);
+    lp_run runs[2];
+    for (int v = 0; v < 2; v++) { /* greedy alone; then sampled with a penalty, beside another request */
+        memset(&runs[v], 0, sizeof runs[v]);
+        eng_request q = req_ids(p, 20, 12);
+        q.params.logprobs = 1;
+        q.params.top_logprobs = 5;
+        if (v) {
+            q.params.sampling.temperature = 0.8f;
+            q.params.sampling.repeat_penalty = 1.3f;
+            q.params.sampling.seed = 5;
+            eng_request o = req_ids(other, 30, 12);
+            uint64_t oid;
+            CHECK(eng_submit(e, &o, &oid, NULL, 0) == ENG_OK);
+        }
+        char err[256];
+        CHECK_MSG(eng_submit(e, &q, &runs[v].id, err, sizeof err) == ENG_OK, "%s", err);
+        while (!runs[v].done) eng_step(e, on_lp, &runs[v]);
+        while (eng_step(e, NULL, NULL) > 0) {}
+        lp_run *r = &runs[v];
+        CHECK(r->n == 12);
+        int32_t ctx[32];
+        memcpy(ctx, p, sizeof p);
+        memcpy(ctx + 20, r->tok, (size_t)r->n * sizeof *ctx);
+        double sc[32];
+        CHECK(eng_score(m, ctx, 20 + (size_t)r->n, sc, NULL, err, sizeof err) == ENG_OK);
+        if (!v) { /* the same context prefilled: the same logprob (to float rounding) */
+            lp_run b;
+            memset(&b, 0, sizeof b);
+            eng_request q2 = req_ids(ctx, 26, 2);
+            q2.params.logprobs = 1;
+            CHECK(eng_submit(e, &q2, &b.id, err, sizeof err) == ENG_OK);
+            while (!b.done) eng_step(e, on_lp, &b);
+            CHECK_MSG(fabs(b.lp[0] - r->lp[6]) < 1e-4, "decoded %.17g, prefilled %.17g", r->lp[6], b.lp[0]);
+        }
+        for (int i = 0; i < r->n; i++) {
+            /* eng_score runs the single-sequence runtime: its logits agree to float rounding */
+            CHECK_MSG(fabs(r->lp[i] - sc[19 + i]) < 1e-4, "token %d: %.17g vs score %.17g", i, r->lp[i], sc[19 + i]);
+            CHECK(r->n_top[i] == 5);
+            for (int k = 1; k < 5; k++) CHECK(r->top_lp[i][k] <= r->top_lp[i][k - 1]);
+            if (!v) CHECK(r->top[i][0] == r->tok[i] && r->top_lp[i][0] == r->lp[i]);
+            CHECK(r->lp[i] <= r->top_lp[i][0]);
+        }
+    }
+    /* bad values */
+    eng_request q = req_ids(p, 20, 2);
+    q.params.top_logprobs = 3; /* without logprobs */
+    uint64_t id;
+    char err[256];
+    CHECK(eng_submit(e, &q, &id, err, sizeof err) == ENG_EINVAL && strstr(err, "top_logprobs"));
+    q.params.logprobs = 1;
+    q.params.top_logprobs = ENG_MAX_TOP_LOGPROBS + 1;
+    CHECK(eng_submit(e, &q, &id, err, sizeof err) == ENG_EINVAL);
+out:
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
+/* eng_engine_score from another thread while the test steps: the logprobs
+ * of a generation's context agree with the generation's own (to float
+ * rounding: a prefill's attention products are summed in an order that
+ * depends on its chunk), with 4 logits rows a step (scoring prefill chunks of
+ * at most 4) and another request in the batch. */
+typedef struct { eng_engine *e; eng_request r; int32_t *ids; double *lp; size_t n; int rc; _Atomic int done; } score_job;
+static void *score_thread(void *p) {
+    score_job *j = p;
+    char err[256];
+    j->rc = eng_engine_score(j->e, &j->r, NULL, NULL, &j->ids, &j->lp, &j->n, err, sizeof err);
+    j->done = 1;
+    return NULL;
+}
+
+static void test_engine_score(void) {
+    eng_model *m = model("tiny");
+    eng_engine_options o = {.n_blocks = 64, .block_tokens = 16, .max_step_tokens = 512, .max_running = 4, .max_queue = 64};
+    eng_engine *e = NULL;
+    char err[256];
+    if (!m || eng_engine_open(&e, m, &o, err, sizeof err) != ENG_OK) goto out;
+    int32_t p[37], other[25];
+    rand_ids(p, 37, 91, 1024);
+    rand_ids(other, 25, 92, 1024);
+    lp_run g;
+    memset(&g, 0, sizeof g);
+    eng_request q = req_ids(p, 37, 10);
+    q.params.logprobs = 1;
+    CHECK(eng_submit(e, &q, &g.id, err, sizeof err) == ENG_OK);
+    while (!g.done) eng_step(e, on_lp, &g);
+    int32_t ctx[47];
+    memcpy(ctx, p, sizeof p);
+    memcpy(ctx + 37, g.tok, 10 * sizeof *ctx);
+    score_job j = {.e = e, .r = req_ids(ctx, 47, 1)};
+    eng_request o2 = req_ids(other, 25, 20);
+    uint64_t oid;
+    CHECK(eng_submit(e, &o2, &oid, err, sizeof err) == ENG_OK);
+    pthread_t th;
+    pthread_create(&th, NULL, score_thread, &j);
+    for (long spins = 0; !j.done && spins < 100000000L; spins++) eng_step(e, NULL, NULL);
+    pthread_join(th, NULL);
+    CHECK_MSG(j.rc == ENG_OK && j.n == 47, "rc %d n %zu", j.rc, j.n);
+    for (int i = 0; j.rc == ENG_OK && i < 10; i++)
+        CHECK_MSG(fabs(j.lp[36 + i] - g.lp[i]) < 1e-4, "token %d: scored %.17g, generated %.17g", i, j.lp[36 + i],
+                  g.lp[i]);
+    free(j.ids);
+    free(j.lp);
+    while (eng_step(e, NULL, NULL) > 0) {}
+    eng_stats st;
+    eng_stats_get(e, &st);
+    CHECK(st.running == 0 && st.waiting == 0 && st.blocks_used == 0);
+    /* refusals */
+    int32_t *ids;
+    double *lp;
+    size_t n;
+    eng_request one = req_ids(p, 1, 1);
+    CHECK(eng_engine_score(e, &one, NULL, NULL, &ids, &lp, &n, err, sizeof err) == ENG_EEMPTY);
+    eng_request ag = req_ids(p, 5, 1);
+    ag.agent_id = "a";
+    CHECK(eng_engine_score(e, &ag, NULL, NULL, &ids, &lp, &n, err, sizeof err) == ENG_EINVAL && strstr(err, "agent"));
+out:
+    eng_engine_close(e);
+    eng_model_close(m);
+}
+
 /* The same properties with keys and values held in IEEE half: batched =
  * alone, preemption stays exact, copy-on-write forks, export → import →
  * identical continuation; and an F16-KV export is refused by an F32-KV
@@ -1197,6 +1347,8 @@ int main(int argc, char **argv) {
         {"random_cancels_leak_nothing", test_random_cancels_leak_nothing},
         {"export_import_continues_identically", test_export_import},
         {"warm_tier_versions_spill_restore", test_warm_tier},
+        {"logprobs_equal_score_top_sorted", test_logprobs},
+        {"engine_score_agrees_with_generation_logprobs", test_engine_score},
         {"text_prompts_stop_strings_streaming", test_text_and_stop},
         {"submit_cancel_from_another_thread", test_threads},
         {"f16_kv_batch_preempt_fork_export", test_f16_kv},
