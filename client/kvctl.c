@@ -33,6 +33,7 @@ static const char USAGE[] =
     "  step [--wait MS] ID...            new tokens and completions of requests\n"
     "  cancel ID                         cancel a request\n"
     "  stats                             engine figures (KV blocks, running, queued)\n"
+    "  score [--bos] TEXT                per-token log-probabilities and perplexity of TEXT\n"
     "  agents list | get ID | drop ID | export ID FILE | import ID FILE\n"
     "  chat [--system TEXT] [gen options]  a chat with the model on an agent (its chat template); a line\n"
     "                                    per turn, answers streamed; /reset forgets, /exit or end of input ends\n"
@@ -452,6 +453,28 @@ static int cmd_stats(conn *c) {
     return 0;
 }
 
+/* Score: the table `kvserve score` prints (without the token pieces: the
+ * client holds no tokenizer). */
+static int cmd_score(conn *c, const char *text, int bos) {
+    Kvserve__V1__ScoreRequest q = KVSERVE__V1__SCORE_REQUEST__INIT;
+    q.text = (char *)text;
+    q.add_special_tokens = bos;
+    ProtobufCMessage *out;
+    if (unary(c, "/kvserve.v1.Generation/Score", &q.base, &kvserve__v1__score_reply__descriptor, &out)) return 1;
+    Kvserve__V1__ScoreReply *r = (Kvserve__V1__ScoreReply *)out;
+    double sum = 0;
+    printf("%5s %8s %12s\n", "pos", "id", "logprob");
+    for (size_t i = 1; i < r->n_token_ids && i - 1 < r->n_logprobs; i++) {
+        printf("%5zu %8d %12.6f\n", i, r->token_ids[i], r->logprobs[i - 1]);
+        sum += r->logprobs[i - 1];
+    }
+    if (r->n_logprobs)
+        printf("tokens %zu  mean logprob %.6f  perplexity %.4f\n", r->n_logprobs, sum / (double)r->n_logprobs,
+               r->perplexity);
+    protobuf_c_message_free_unpacked(out, NULL);
+    return 0;
+}
+
 static void print_agent(const Kvserve__V1__AgentInfo *a) {
     printf("%s tokens=%d cached=%d blocks=%d busy=%d idle=%.1fs saved=%d\n", a->agent_id, a->tokens, a->cached_tokens,
            a->blocks, a->busy, a->idle_seconds, a->saved);
@@ -693,6 +716,10 @@ int main(int argc, char **argv) {
         if (rest < 1) { fprintf(stderr, "kvctl: cancel ID\n"); goto out; }
         ret = cmd_cancel(&c, args[0]);
     } else if (!strcmp(cmd, "stats")) ret = cmd_stats(&c);
+    else if (!strcmp(cmd, "score")) {
+        if (rest < 1) { fprintf(stderr, "kvctl: score [--bos] TEXT\n"); goto out; }
+        ret = cmd_score(&c, args[0], g.req.add_special_tokens);
+    }
     else if (!strcmp(cmd, "agents")) ret = cmd_agents(&c, rest, args);
     else if (!strcmp(cmd, "health")) ret = cmd_health(&c, rest ? args[0] : NULL);
     else fprintf(stderr, "kvctl: unknown command '%s' (see kvctl --help)\n", cmd);

@@ -7,6 +7,7 @@ const method srv__methods[] = {
     {"/kvserve.v1.Generation/Stream", K_SSTREAM, srv__h_stream, 1, 1, 0, POOL_GENERATE},
     {"/kvserve.v1.Generation/Cancel", K_UNARY, srv__h_cancel, 1, 1, 1, POOL_NONE},
     {"/kvserve.v1.Generation/Stats", K_UNARY, srv__h_stats, 1, 1, 0, POOL_NONE},
+    {"/kvserve.v1.Generation/Score", K_UNARY, srv__h_score, 1, 1, 0, POOL_GENERATE},
     {"/kvserve.v1.Agents/GetAgent", K_UNARY, srv__h_get_agent, 1, 1, 0, POOL_NONE},
     {"/kvserve.v1.Agents/ListAgents", K_UNARY, srv__h_list_agents, 1, 1, 0, POOL_NONE},
     {"/kvserve.v1.Agents/DropAgent", K_UNARY, srv__h_drop_agent, 1, 1, 0, POOL_REDIS}, /* (the warm tier too) */

@@ -7,12 +7,53 @@ rec *srv__rec_find(srv *s, uint64_t id, const char *tenant) {
 }
 
 
+/* A TokenEvent made by token_event(), freed whole. */
+void srv__token_event_free(Kvserve__V1__TokenEvent *t) {
+    if (!t) return;
+    free(t->text);
+    for (size_t i = 0; i < t->n_top_logprobs; i++) free(t->top_logprobs[i]);
+    free(t->top_logprobs);
+    free(t);
+}
+
+/* The message of a TOKEN event: its text copied, its pieces pointing into the
+ * tokenizer (they live as long as the model). NULL when out of memory. */
+static Kvserve__V1__TokenEvent *token_event(srv *s, const eng_event *ev, uint32_t index) {
+    Kvserve__V1__TokenEvent *t = malloc(sizeof *t);
+    if (!t) return NULL;
+    kvserve__v1__token_event__init(t);
+    t->id = ev->id;
+    t->token = ev->token;
+    t->text = srv__dup_n(ev->text, ev->text_len);
+    t->index = index;
+    if (ev->has_logprob) {
+        const eng_tok *tok = eng_model_tok(s->model);
+        size_t n = 0;
+        t->logprob = ev->logprob;
+        t->piece.data = (uint8_t *)eng_tok_piece(tok, ev->token, &n);
+        t->piece.len = t->piece.data ? n : 0;
+        if (ev->n_top && (t->top_logprobs = calloc((size_t)ev->n_top, sizeof *t->top_logprobs)))
+            for (int k = 0; k < ev->n_top; k++) {
+                Kvserve__V1__TopLogprob *a = malloc(sizeof *a);
+                if (!a) break;
+                kvserve__v1__top_logprob__init(a);
+                a->token = ev->top_ids[k];
+                a->logprob = ev->top_logprobs[k];
+                a->piece.data = (uint8_t *)eng_tok_piece(tok, a->token, &n);
+                a->piece.len = a->piece.data ? n : 0;
+                t->top_logprobs[t->n_top_logprobs++] = a;
+            }
+    }
+    if (!t->text) {
+        srv__token_event_free(t);
+        return NULL;
+    }
+    return t;
+}
+
 void srv__rec_free(rec *r) {
     srv__cache_req_free(r->cache);
-    for (size_t i = 0; i < r->n_tok; i++) {
-        free(r->tok[i]->text);
-        free(r->tok[i]);
-    }
+    for (size_t i = 0; i < r->n_tok; i++) srv__token_event_free(r->tok[i]);
     free(r->tok);
     if (r->comp) {
         free(r->comp->text);
@@ -113,21 +154,13 @@ void srv__on_event(void *ud, const eng_event *ev) {
             else srv_metrics_itl(s->metrics, t_now - r->t_last);
         }
         r->t_last = t_now;
-        Kvserve__V1__TokenEvent *t = malloc(sizeof *t);
-        if (t) {
-            kvserve__v1__token_event__init(t);
-            t->id = ev->id;
-            t->token = ev->token;
-            t->text = srv__dup_n(ev->text, ev->text_len);
-            t->index = r->index++;
-        }
+        Kvserve__V1__TokenEvent *t = token_event(s, ev, r->index++);
         if (r->stream && t) {
             Kvserve__V1__StreamEvent se = KVSERVE__V1__STREAM_EVENT__INIT;
             se.event_case = KVSERVE__V1__STREAM_EVENT__EVENT_TOKEN;
             se.token = t;
             srv__stream_push(r->stream, &se.base);
-            free(t->text);
-            free(t);
+            srv__token_event_free(t);
         } else if (t) {
             if (r->n_tok == r->cap_tok) {
                 size_t nc = r->cap_tok ? r->cap_tok * 2 : 16;
@@ -135,7 +168,7 @@ void srv__on_event(void *ud, const eng_event *ev) {
                 if (nt) { r->tok = nt; r->cap_tok = nc; }
             }
             if (r->n_tok < r->cap_tok) r->tok[r->n_tok++] = t;
-            else { free(t->text); free(t); }
+            else srv__token_event_free(t);
         }
     } else {
         srv_metrics_tokens(s->metrics, ev->usage.prompt_tokens - ev->usage.cached_tokens, ev->usage.generated_tokens, 0);
@@ -228,6 +261,8 @@ static int to_engine_request(const Kvserve__V1__GenerateRequest *g, const char *
     r->tenant = tenant;
     r->agent_id = g->agent_id;
     r->reset = g->reset;
+    r->params.logprobs = g->logprobs;
+    r->params.top_logprobs = g->top_logprobs;
     eng_sampling_default(&r->params.sampling);
     if (g->sampling) {
         const Kvserve__V1__Sampling *sp = g->sampling;

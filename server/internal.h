@@ -321,6 +321,8 @@ void srv__on_batch_drop(void *ud, void *item, int reason);
 void srv__on_close(call *c, int ok);
 void srv__on_event(void *ud, const eng_event *ev);
 void srv__rec_free(rec *r);
+void srv__token_event_free(Kvserve__V1__TokenEvent *t);
+void srv__h_score(call *c);
 void srv__rec_unlink(srv *s, rec *r);
 void srv__wake_engine(srv *s);
 void srv__wake_engine_locked(srv *s);

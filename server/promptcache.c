@@ -14,6 +14,7 @@ void srv__cache_req_free(cache_req *q) {
 /* Deterministic requests are cached unless asked otherwise: greedy, or a fixed seed. */
 int srv__cacheable(const Kvserve__V1__GenerateRequest *g) {
     if (g->agent_id && g->agent_id[0]) return 0; /* an agent's context lives in the engine */
+    if (g->logprobs) return 0;                   /* (the cache keeps no logprobs) */
     if (g->cache && g->cache->mode == KVSERVE__V1__CACHE_POLICY__MODE__BYPASS) return 0;
     if (g->cache && g->cache->cache_nondeterministic) return 1;
     return !g->sampling || g->sampling->temperature == 0 || g->sampling->seed != 0;

@@ -31,7 +31,7 @@ static void step_reply(srv *s, call *c, const uint64_t *ids, size_t n) {
     for (size_t i = 0; i < n; i++) {
         rec *r = rs[i];
         if (!r) continue;
-        for (size_t k = 0; k < r->n_tok; k++) { free(r->tok[k]->text); free(r->tok[k]); }
+        for (size_t k = 0; k < r->n_tok; k++) srv__token_event_free(r->tok[k]);
         r->n_tok = 0;
         if (r->comp) { /* delivered: forget the request */
             srv__free_completion(r->comp);

@@ -698,7 +698,7 @@ t("reflection (v1 and v1alpha): list services, descriptor by symbol, call with i
       const methods = (await refl.listMethods("kvserve.v1.Generation", new grpc.Metadata(), dl(5000)))
         .map((m) => m.name)
         .sort();
-      assert.deepEqual(methods, ["Cancel", "Stats", "Step", "Stream", "Submit"], `${version}: methods`);
+      assert.deepEqual(methods, ["Cancel", "Score", "Stats", "Step", "Stream", "Submit"], `${version}: methods`);
 
       // a client built only from the reflected descriptor
       const desc = await refl.getDescriptorBySymbol("kvserve.v1.Generation", new grpc.Metadata(), dl(5000));

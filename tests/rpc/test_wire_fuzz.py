@@ -33,6 +33,7 @@ def seeds():
     """Valid requests of every method: {path: (kind, [bytes])}."""
     gen = [greq(prompt="hello there", max_tokens=4, ignore_eos=True),
            greq(ids=[5, 6, 7, 8], max_tokens=3, stop=["x", "yz"], sampling=dict(temperature=0.8, top_k=5, seed=3)),
+           greq(prompt="scored", max_tokens=3, logprobs=True, top_logprobs=2),
            greq(prompt="agent", max_tokens=2, agent_id="fz", namespace="n",
                 cache=pb.CachePolicy(mode=pb.CachePolicy.REFRESH, ttl_seconds=5))]
     gen = [m.SerializeToString() for m in gen]
@@ -43,6 +44,8 @@ def seeds():
         G + "Step": ("unary", [pb.StepRequest(ids=[1, 2], wait_ms=5).SerializeToString()]),
         G + "Cancel": ("unary", [pb.CancelRequest(id=3).SerializeToString()]),
         G + "Stats": ("unary", [b""]),
+        G + "Score": ("unary", [pb.ScoreRequest(text="score this", add_special_tokens=True).SerializeToString(),
+                                pb.ScoreRequest(ids=[5, 6, 7]).SerializeToString()]),
         A + "GetAgent": ("unary", [pb.AgentRequest(agent_id="fz").SerializeToString()]),
         A + "ListAgents": ("unary", [b""]),
         A + "DropAgent": ("unary", [pb.AgentRequest(agent_id="nobody").SerializeToString()]),
