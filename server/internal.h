@@ -81,6 +81,19 @@ extern const unsigned char kvserve_descriptor_set[];
 extern const size_t kvserve_descriptor_set_len;
 
 typedef struct call call;
+struct MHD_Daemon;
+
+/* A call of the HTTP API to this server over the loopback channel (loopback.c). */
+typedef struct loop_call {
+    grpc_completion_queue *cq;
+    grpc_call *call;
+    grpc_metadata md;
+    int has_md, status_pending, recv_pending, md_pending;
+    grpc_metadata_array init_md, trail_md;
+    grpc_status_code status;
+    grpc_slice details;
+    grpc_byte_buffer *recv;
+} loop_call;
 
 /* ---- calls ----------------------------------------------------------------- */
 typedef struct tag {
@@ -257,6 +270,12 @@ struct srv {
     struct spill *spills, *spills_tail;
     size_t spill_bytes;
     uint64_t spills_dropped, restore_errors;
+    /* the HTTP API (http.c, loopback.c) */
+    struct MHD_Daemon *httpd;
+    grpc_channel *loop_ch;      /* to this server's private Unix socket */
+    char loop_dir[200];         /* ... in this directory (0700) */
+    char model_name[256];       /* what /v1/models lists */
+    long started_at;            /* Unix time of the start */
     tag t_shutdown;
     int shutdown_done;
 };
@@ -355,6 +374,21 @@ void srv__agents_close(srv *s);
 void srv__agent_fetch(srv *s, const char *tenant, const char *id, int reset);
 int srv__agent_forget(srv *s, const char *tenant, const char *id);
 void srv__agents_metrics(srv *s, srv_metrics_snapshot *m);
+
+/* loopback.c */
+int srv__loop_listen(srv *s);
+void srv__loop_close(srv *s);
+/* Start a unary or server-streaming call: the request sent and closed. 0 or -1. */
+int srv__loop_start(srv *s, loop_call *c, const char *method, const ProtobufCMessage *req, const char *authorization);
+/* The next message: 1 (*out), 0 at the end of the stream, -1 after timeout_ms (< 0: wait for ever). */
+int srv__loop_next(loop_call *c, const ProtobufCMessageDescriptor *d, ProtobufCMessage **out, int timeout_ms);
+void srv__loop_cancel(loop_call *c);
+/* Wait for the status, free the call: the status code (its details into msg). */
+int srv__loop_finish(loop_call *c, char *msg, size_t msglen);
+
+/* http.c */
+int srv__http_start(srv *s, char *err, size_t errlen);
+void srv__http_stop(srv *s);
 
 /* agents.c */
 void srv__h_drop_agent(call *c);

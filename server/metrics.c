@@ -33,6 +33,8 @@ struct srv_metrics {
     pthread_mutex_t mu;
     req_row *rows;
     int n_rows, cap_rows;
+    req_row *hrows;             /* the HTTP API: route, HTTP status */
+    int n_hrows, cap_hrows;
     histo ttft, itl, step_tokens, batch_size, agent_restore;
     uint64_t batched_requests;
     uint64_t tokens_saved, generated_tokens, prompt_tokens;
@@ -58,27 +60,39 @@ srv_metrics *srv_metrics_new(double price_per_1k) {
     return m;
 }
 
-void srv_metrics_request(srv_metrics *m, const char *method, int code, double seconds) {
-    if (!m) return;
-    pthread_mutex_lock(&m->mu);
+/* Count one request in a table of (name, code) rows (m->mu held). */
+static void count_row(req_row **rows, int *n, int *cap, const char *name, int code, double seconds) {
     req_row *r = NULL;
-    for (int i = 0; i < m->n_rows && !r; i++)
-        if (m->rows[i].code == code && !strcmp(m->rows[i].method, method)) r = &m->rows[i];
-    if (!r && m->n_rows == m->cap_rows) {
-        int nc = m->cap_rows ? m->cap_rows * 2 : 32;
-        req_row *nr = realloc(m->rows, (size_t)nc * sizeof *nr);
-        if (nr) { m->rows = nr; m->cap_rows = nc; }
+    for (int i = 0; i < *n && !r; i++)
+        if ((*rows)[i].code == code && !strcmp((*rows)[i].method, name)) r = &(*rows)[i];
+    if (!r && *n == *cap) {
+        int nc = *cap ? *cap * 2 : 32;
+        req_row *nr = realloc(*rows, (size_t)nc * sizeof *nr);
+        if (nr) { *rows = nr; *cap = nc; }
     }
-    if (!r && m->n_rows < m->cap_rows) {
-        r = &m->rows[m->n_rows++];
+    if (!r && *n < *cap) {
+        r = &(*rows)[(*n)++];
         memset(r, 0, sizeof *r);
-        snprintf(r->method, sizeof r->method, "%s", method);
+        snprintf(r->method, sizeof r->method, "%s", name);
         r->code = code;
     }
     if (r) {
         r->n++;
         observe(&r->latency, seconds);
     }
+}
+
+void srv_metrics_request(srv_metrics *m, const char *method, int code, double seconds) {
+    if (!m) return;
+    pthread_mutex_lock(&m->mu);
+    count_row(&m->rows, &m->n_rows, &m->cap_rows, method, code, seconds);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_http(srv_metrics *m, const char *route, int status, double seconds) {
+    if (!m) return;
+    pthread_mutex_lock(&m->mu);
+    count_row(&m->hrows, &m->n_hrows, &m->cap_hrows, route, status, seconds);
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -215,6 +229,20 @@ static char *render_prometheus(srv_metrics *m) {
                  m->rows[i].code >= 0 && m->rows[i].code <= 16 ? CODES[m->rows[i].code] : "UNKNOWN");
         histo_text(&b, "kvserve_request_duration_seconds", lab, &m->rows[i].latency, 1);
     }
+    if (m->n_hrows) {
+        sb(&b, "# HELP kvserve_http_requests_total HTTP API requests by route and status.\n"
+               "# TYPE kvserve_http_requests_total counter\n");
+        for (int i = 0; i < m->n_hrows; i++)
+            sb(&b, "kvserve_http_requests_total{route=\"%s\",code=\"%d\"} %llu\n", m->hrows[i].method, m->hrows[i].code,
+               (unsigned long long)m->hrows[i].n);
+        sb(&b, "# HELP kvserve_http_request_duration_seconds HTTP API latency (streams: until their end).\n"
+               "# TYPE kvserve_http_request_duration_seconds histogram\n");
+        for (int i = 0; i < m->n_hrows; i++) {
+            char lab[160];
+            snprintf(lab, sizeof lab, "route=\"%s\",code=\"%d\"", m->hrows[i].method, m->hrows[i].code);
+            histo_text(&b, "kvserve_http_request_duration_seconds", lab, &m->hrows[i].latency, 1);
+        }
+    }
     sb(&b, "# HELP kvserve_time_to_first_token_seconds From a Stream call's arrival to its first token.\n"
            "# TYPE kvserve_time_to_first_token_seconds histogram\n");
     histo_text(&b, "kvserve_time_to_first_token_seconds", "", &m->ttft, 1);
@@ -337,16 +365,24 @@ static enum MHD_Result on_http(void *cls, struct MHD_Connection *conn, const cha
     return ret;
 }
 
-int srv_metrics_listen(srv_metrics *m, const char *hostport, srv_metrics_source src, void *ud) {
-    m->src = src;
-    m->src_ud = ud;
+int srv_parse_hostport(const char *hostport, struct sockaddr_in *sa) {
     char host[64];
     int port;
     const char *colon = strrchr(hostport, ':');
     if (!colon || (size_t)(colon - hostport) >= sizeof host || (port = atoi(colon + 1)) <= 0 || port > 65535) return -1;
     snprintf(host, sizeof host, "%.*s", (int)(colon - hostport), hostport);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) return -1;
+    memset(sa, 0, sizeof *sa);
+    sa->sin_family = AF_INET;
+    sa->sin_port = htons((uint16_t)port);
+    return inet_pton(AF_INET, host, &sa->sin_addr) == 1 ? 0 : -1;
+}
+
+int srv_metrics_listen(srv_metrics *m, const char *hostport, srv_metrics_source src, void *ud) {
+    m->src = src;
+    m->src_ud = ud;
+    struct sockaddr_in sa;
+    if (srv_parse_hostport(hostport, &sa)) return -1;
+    int port = ntohs(sa.sin_port);
     /* The port needs no token, so it must not be a way to starve the server:
      * idle or slow connections are closed after METRICS_TIMEOUT_S, at most
      * METRICS_MAX_CONN are open (METRICS_MAX_PER_IP from one address), and
@@ -363,6 +399,7 @@ void srv_metrics_free(srv_metrics *m) {
     if (!m) return;
     if (m->httpd) MHD_stop_daemon(m->httpd);
     free(m->rows);
+    free(m->hrows);
     pthread_mutex_destroy(&m->mu);
     free(m);
 }

@@ -4,6 +4,7 @@
 #ifndef KVSERVE_METRICS_H
 #define KVSERVE_METRICS_H
 
+#include <netinet/in.h>
 #include <stdint.h>
 
 typedef struct srv_metrics srv_metrics;
@@ -42,6 +43,8 @@ srv_metrics *srv_metrics_new(double price_per_1k);
  * that speak HTTP/1.1). 0 or -1. */
 int srv_metrics_listen(srv_metrics *m, const char *hostport, srv_metrics_source src, void *ud);
 void srv_metrics_free(srv_metrics *m);
+/* "A.B.C.D:PORT" into sa: 0 or -1. */
+int srv_parse_hostport(const char *hostport, struct sockaddr_in *sa);
 
 /* All safe from any thread; NULL m is a no-op. */
 void srv_metrics_request(srv_metrics *m, const char *method, int code, double seconds);
@@ -51,5 +54,7 @@ void srv_metrics_itl(srv_metrics *m, double seconds);
 void srv_metrics_step(srv_metrics *m, int tokens);
 void srv_metrics_batch(srv_metrics *m, int requests);   /* one window dispatched by the batcher */
 void srv_metrics_tokens(srv_metrics *m, int prompt, int generated, int saved);
+/* An HTTP API request (http.c): route, HTTP status, seconds. */
+void srv_metrics_http(srv_metrics *m, const char *route, int status, double seconds);
 
 #endif

@@ -190,8 +190,25 @@ int srv_open(srv **out, const srv_config *cfg) {
         fprintf(stderr, "kvserve: cannot listen on %s (address in use or invalid)\n", s->cfg.listen);
         goto fail;
     }
+    if (s->cfg.http_listen && srv__loop_listen(s) != 0) {
+        fprintf(stderr, "kvserve: --http: cannot make the loopback socket in %s\n", s->loop_dir[0] ? s->loop_dir : "$TMPDIR");
+        goto fail;
+    }
     grpc_server_start(s->server);
     s->started = 1;
+    s->started_at = (long)time(NULL);
+    { /* the HTTP API's model name: --served-model-name, else the model path's last part */
+        const char *name = s->cfg.served_model_name;
+        char buf[256];
+        if (!name || !name[0]) {
+            snprintf(buf, sizeof buf, "%s", s->cfg.model_dir);
+            size_t n = strlen(buf);
+            while (n > 1 && buf[n - 1] == '/') buf[--n] = 0;
+            char *slash = strrchr(buf, '/');
+            name = slash && slash[1] ? slash + 1 : buf;
+        }
+        snprintf(s->model_name, sizeof s->model_name, "%s", name);
+    }
     for (int p = POOL_GENERATE; p <= POOL_REDIS; p++)
         if (srv__workers_open(&s->pools[p], s->cfg.worker_threads) != 0)
             LOG_WARN("could not start worker threads: handlers that may block run on the completion-queue threads");
@@ -204,6 +221,14 @@ int srv_open(srv **out, const srv_config *cfg) {
     }
     if (s->n_cq < s->cfg.cq_threads) LOG_WARN("could start only %d of %d completion-queue threads", s->n_cq, s->cfg.cq_threads);
     for (int i = -1; i < N_METHODS; i++) srv__request_call(s, i);
+    if (s->cfg.http_listen) { /* (answers 503 until the model is loaded) */
+        char herr[256];
+        if (srv__http_start(s, herr, sizeof herr)) {
+            fprintf(stderr, "kvserve: %s\n", herr);
+            goto fail;
+        }
+        LOG_INFO("HTTP API (OpenAI-compatible) on %s, model \"%s\"", s->cfg.http_listen, s->model_name);
+    }
     LOG_INFO("listening on %s (port %d)%s%s; loading %s", s->cfg.listen, port, s->cfg.tls_cert ? ", TLS" : "",
              s->cfg.tls_client_ca ? " + client certificates" : "", s->cfg.model_dir);
 
@@ -362,6 +387,7 @@ void srv_shutdown(srv *s) {
             if ((!left || !s->has_eng_thr) && done) break;
             srv__sleep_ms(10);
         }
+        srv__http_stop(s); /* its calls were cancelled with the rest: its threads end */
         for (int p = POOL_GENERATE; p <= POOL_REDIS; p++) { /* the handlers still queued there run (and refuse) */
             srv__workers_close(s->pools[p]);
             s->pools[p] = NULL;
@@ -402,6 +428,8 @@ void srv_shutdown(srv *s) {
         n = w->next_watch;
         srv__call_unref(w);
     }
+    srv__http_stop(s);
+    srv__loop_close(s);
     if (s->server) grpc_server_destroy(s->server);
     if (s->cq) {
         grpc_completion_queue_shutdown(s->cq);

@@ -34,6 +34,8 @@ typedef struct srv_config {
                                   * seconds idle, on eviction and at shutdown, restored on any replica (< 0: off) */
     int agent_ttl_s;             /* lifetime of an agent in Redis (0 = 86400) */
     const char *metrics_listen;  /* HOST:PORT for /metrics (Prometheus) and /metrics/cache/statistics */
+    const char *http_listen;     /* HOST:PORT of the OpenAI-compatible HTTP API (NULL: none) */
+    const char *served_model_name; /* the model's name in the HTTP API (NULL: the model path's last part) */
     double price_per_1k;         /* currency per 1k tokens, for the cost-saved metric */
     int batch_max;               /* batcher: dispatch when this many wait ... */
     int batch_window_ms;         /* ... or this long after the first arrival */

@@ -21,9 +21,7 @@
 // "rpc-node: N passed, M failed"; the exit status is non-zero on failure.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -33,6 +31,7 @@ const require = createRequire(import.meta.url);
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 const { GrpcReflection } = require("grpc-js-reflection-client");
+import { KvServer } from "./kvserver.mjs";
 
 // ---- arguments ---------------------------------------------------------------
 function usage(msg) {
@@ -256,103 +255,10 @@ async function waitStats(client, what, cond, { meta, limitMs = BOUND } = {}) {
 }
 
 // ---- servers -------------------------------------------------------------------
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.unref();
-    s.on("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-class Server {
+class Server extends KvServer {
   constructor(name, extra = [], grace = 10) {
-    this.name = name;
-    this.extra = extra;
-    this.grace = grace;
-    this.stderr = "";
-    this.exit = null;
-    this.holdFile = path.join(tmp, `${name}.hold`);
-  }
-  /** From the next engine step on, no request generates more than n tokens (they stay running). */
-  hold(n) {
-    fs.writeFileSync(`${this.holdFile}.new`, `${n}\n`);
-    fs.renameSync(`${this.holdFile}.new`, this.holdFile); // atomic: the server never reads half a file
-  }
-  /** Lift the hold: held requests go on. */
-  release() {
-    fs.rmSync(this.holdFile, { force: true });
-  }
-  async start() {
-    for (let attempt = 0; attempt < 3; attempt++) {
-      this.port = await freePort();
-      this.addr = `127.0.0.1:${this.port}`;
-      const args = ["serve", "--model", opt.model, "--listen", this.addr, "--grace", String(this.grace),
-                    "--threads", String(opt.threads), ...this.extra];
-      log(this.name, opt.kvserve, args.join(" "));
-      this.proc = spawn(opt.kvserve, args, {
-        stdio: ["ignore", "inherit", "pipe"],
-        env: { ...process.env, KVSERVE_TEST_HOLD_FILE: this.holdFile },
-      });
-      this.stderr = "";
-      this.exit = null;
-      this.signalled = false;
-      this.exited = new Promise((resolve) => {
-        this.proc.on("exit", (code, signal) => {
-          this.exit = { code, signal };
-          resolve(this.exit);
-        });
-        this.proc.on("error", (e) => {
-          this.exit = { code: null, signal: null, error: e };
-          resolve(this.exit);
-        });
-      });
-      this.proc.stderr.on("data", (d) => {
-        this.stderr += d;
-        if (opt.verbose) process.stderr.write(`[${this.name}] ${d}`);
-      });
-      if (await this.waitServing(BOUND)) return;
-      if (this.exit && /cannot listen/.test(this.stderr)) continue; // lost the port race: retry
-      break;
-    }
-    throw new Error(`${this.name}: kvserve did not become SERVING on ${this.addr}\n${this.stderr}`);
-  }
-  async waitServing(limitMs) {
-    const h = new Health(this.addr, insecure());
-    const until = Date.now() + limitMs;
-    try {
-      while (Date.now() < until && !this.exit) {
-        try {
-          const r = await unary(h, "Check", { service: "" }, { ms: 2000 });
-          if (r.status === "SERVING") return true;
-        } catch {
-          /* not up yet */
-        }
-        await sleep(100);
-      }
-      return false;
-    } finally {
-      h.close();
-    }
-  }
-  /** SIGTERM; resolves to the exit {code, signal} (bounded: kill -9 after limitMs). */
-  /** Exactly one SIGTERM (a second one is not what is tested here). */
-  term() {
-    if (!this.signalled && !this.exit) this.proc.kill("SIGTERM");
-    this.signalled = true;
-  }
-  async stop(limitMs = 15000) {
-    if (!this.proc) return null;
-    this.term();
-    const timer = setTimeout(() => {
-      if (!this.exit) this.proc.kill("SIGKILL");
-    }, limitMs);
-    const e = await this.exited;
-    clearTimeout(timer);
-    return e;
+    super({ kvserve: opt.kvserve, model: opt.model, proto: opt.proto, tmp, threads: opt.threads, verbose: opt.verbose,
+            name, extra, grace });
   }
 }
 
