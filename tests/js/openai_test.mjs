@@ -87,7 +87,11 @@ after(async () => {
   for (const s of [srv, authed]) {
     s.release();
     const e = await s.stop();
-    if (e && e.code !== 0) process.stderr.write(`${s.name} exited ${JSON.stringify(e)}\n${s.stderr}\n`);
+    const marks = ["AddressSanitizer", "LeakSanitizer", "runtime error:", "Segmentation fault"].filter((m) => s.stderr.includes(m));
+    if ((e && e.code !== 0) || marks.length) { /* counted as a failed test */
+      planned++;
+      process.stderr.write(`${s.name} exited ${JSON.stringify(e)}, marks ${marks}\n${s.stderr.slice(-4000)}\n`);
+    }
   }
   fs.rmSync(tmp, { recursive: true, force: true });
 });
