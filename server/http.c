@@ -1,6 +1,6 @@
 /* http.c — the OpenAI-compatible HTTP API (--http HOST:PORT) on
  * libmicrohttpd, one thread per connection:
- *   GET  /v1/models
+ *   GET  /v1/models, /v1/models/NAME
  *   POST /v1/completions
  *   POST /v1/chat/completions     (stream: false -> one JSON body;
  *                                  stream: true  -> server-sent events)
@@ -21,8 +21,9 @@
 #define KEEPALIVE_S 15.0         /* an SSE comment when a stream has had nothing to send this long */
 #define POLL_MS 100              /* how often a waiting request checks that its client is still there */
 
-enum { R_NONE, R_MODELS, R_COMPLETIONS, R_CHAT };
-static const char *const ROUTE_NAMES[] = {"other", "/v1/models", "/v1/completions", "/v1/chat/completions"};
+enum { R_NONE, R_MODELS, R_COMPLETIONS, R_CHAT, R_MODEL };
+static const char *const ROUTE_NAMES[] = {"other", "/v1/models", "/v1/completions", "/v1/chat/completions",
+                                          "/v1/models/{model}"};
 
 typedef struct hreq {
     srv *s;
@@ -184,7 +185,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
 static void stream_free(void *cls) { hreq_unref(cls); }
 
 /* ---- routes -------------------------------------------------------------------------- */
-static enum MHD_Result models(hreq *h) {
+/* GET /v1/models and GET /v1/models/NAME. */
+static enum MHD_Result models(hreq *h, const char *one) {
     Kvserve__V1__StatsRequest q = KVSERVE__V1__STATS_REQUEST__INIT; /* the token and the server's state, checked */
     if (srv__loop_start(h->s, &h->call, "/kvserve.v1.Generation/Stats", &q.base, h->auth)) {
         srv__loop_finish(&h->call, NULL, 0);
@@ -196,6 +198,14 @@ static enum MHD_Result models(hreq *h) {
     char msg[512];
     int st = srv__loop_finish(&h->call, msg, sizeof msg);
     if (st != GRPC_STATUS_OK) return reply_status(h, st, msg);
+    if (one && strcmp(one, h->s->model_name)) {
+        oai_error e = {.status = 404, .type = "invalid_request_error"};
+        snprintf(e.param, sizeof e.param, "model");
+        snprintf(e.code, sizeof e.code, "model_not_found");
+        snprintf(e.message, sizeof e.message, "The model `%.200s` does not exist; this server serves `%.200s`", one,
+                 h->s->model_name);
+        return reply_error(h, &e);
+    }
     cJSON *o = cJSON_CreateObject(), *d = cJSON_AddArrayToObject(o, "data"), *x = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "object", "list");
     cJSON_AddStringToObject(x, "id", h->s->model_name);
@@ -203,8 +213,14 @@ static enum MHD_Result models(hreq *h) {
     cJSON_AddNumberToObject(x, "created", (double)h->s->started_at);
     cJSON_AddStringToObject(x, "owned_by", "kvserve");
     cJSON_AddNumberToObject(x, "max_model_len", eng_model_config(h->s->model)->max_position);
-    cJSON_AddItemToArray(d, x);
-    char *s = cJSON_PrintUnformatted(o);
+    char *s;
+    if (one) {
+        s = cJSON_PrintUnformatted(x);
+        cJSON_Delete(x);
+    } else {
+        cJSON_AddItemToArray(d, x);
+        s = cJSON_PrintUnformatted(o);
+    }
     cJSON_Delete(o);
     return reply(h, 200, "application/json", s);
 }
@@ -294,8 +310,8 @@ static int route_of(const char *url, const char *method, int *allowed) {
             *allowed = !strcmp(method, t[i].method);
             return t[i].r;
         }
-    *allowed = 1;
-    return R_NONE;
+    *allowed = !strcmp(method, "GET");
+    return !strncmp(url, "/v1/models/", 11) && url[11] ? R_MODEL : R_NONE;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
@@ -353,10 +369,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (!allowed) {
         oai_error e = {.status = 405, .type = "invalid_request_error"};
-        snprintf(e.message, sizeof e.message, "%.200s takes %s", url, h->route == R_MODELS ? "GET" : "POST");
+        snprintf(e.message, sizeof e.message, "%.200s takes %s", url, h->route == R_MODELS || h->route == R_MODEL ? "GET" : "POST");
         return reply_error(h, &e);
     }
-    return h->route == R_MODELS ? models(h) : generate(h);
+    return h->route == R_MODELS ? models(h, NULL) : h->route == R_MODEL ? models(h, url + 11) : generate(h);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe) {

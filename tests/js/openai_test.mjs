@@ -150,6 +150,8 @@ t("GET /v1/models lists the served model", async () => {
   const list = await ai.models.list();
   assert.deepEqual(list.data.map((m) => m.id), [MODEL]);
   assert.equal(list.data[0].object, "model");
+  assert.equal((await ai.models.retrieve(MODEL)).id, MODEL);
+  await expectStatus(ai.models.retrieve("gpt-4"), 404, (e) => assert.equal(e.code, "model_not_found"));
 });
 
 t("completions: one body, and streamed (same text, usage, include_usage)", async () => {
