@@ -160,7 +160,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         }
         if (h->done) return MHD_CONTENT_READER_END_OF_STREAM;
         Kvserve__V1__StreamEvent *ev = NULL;
-        int rc = next_event(h, &ev, KEEPALIVE_S - (srv__now_s() - h->last_out));
+        double idle = KEEPALIVE_S - (srv__now_s() - h->last_out);
+        int rc = next_event(h, &ev, idle > 0.01 ? idle : 0.01); /* (0 would mean: no keep-alives) */
         if (rc == EV_GONE) {
             h->status = 499; /* (nginx's "client closed request") */
             srv__loop_cancel(&h->call);
