@@ -49,10 +49,12 @@ static int get_number(const cJSON *o, const char *name, double lo, double hi, do
 }
 
 static int get_int(const cJSON *o, const char *name, double lo, double hi, long long *out, oai_error *e) {
-    double d;
-    int rc = get_number(o, name, lo, hi, &d, e);
-    if (rc <= 0) return rc;
-    if (d != floor(d)) return BAD(name, "%s: must be an integer", name);
+    const cJSON *v = field(o, name);
+    if (!v) return 0;
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble != floor(v->valuedouble))
+        return BAD(name, "%s: must be an integer", name);
+    double d = v->valuedouble;
+    if (d < lo || d > hi) return BAD(name, "%s: must be in [%.0f, %.0f] (got %.0f)", name, lo, hi, d);
     *out = (long long)d;
     return 1;
 }
