@@ -396,6 +396,16 @@ static char *sse(char *json, const char *more) {
 char *srv__oai_stream_error(const oai_error *e) { return sse(srv__oai_error_json(e), "data: [DONE]\n\n"); }
 
 /* ---- responses ------------------------------------------------------------------- */
+/* Completions' logprobs: four parallel arrays, filled by add_logprobs(). */
+static cJSON *completions_lp(void) {
+    cJSON *lp = cJSON_CreateObject();
+    cJSON_AddArrayToObject(lp, "tokens");
+    cJSON_AddArrayToObject(lp, "token_logprobs");
+    cJSON_AddArrayToObject(lp, "top_logprobs");
+    cJSON_AddArrayToObject(lp, "text_offset");
+    return lp;
+}
+
 void srv__oai_resp_init(oai_resp *o, const oai_req *r, unsigned long long id, long created) {
     memset(o, 0, sizeof *o);
     o->req = r;
@@ -403,13 +413,7 @@ void srv__oai_resp_init(oai_resp *o, const oai_req *r, unsigned long long id, lo
     o->created = created;
     if (r->g.logprobs && !r->stream) {
         if (r->kind == OAI_CHAT) o->lp = cJSON_CreateArray();
-        else {
-            o->lp = cJSON_CreateObject();
-            cJSON_AddArrayToObject(o->lp, "tokens");
-            cJSON_AddArrayToObject(o->lp, "token_logprobs");
-            cJSON_AddArrayToObject(o->lp, "top_logprobs");
-            cJSON_AddArrayToObject(o->lp, "text_offset");
-        }
+        else o->lp = completions_lp();
     }
 }
 
@@ -536,11 +540,7 @@ char *srv__oai_token(oai_resp *o, const Kvserve__V1__TokenEvent *t) {
             lp = cJSON_CreateObject();
             add_logprobs(o, cJSON_AddArrayToObject(lp, "content"), t, offset);
         } else {
-            lp = cJSON_CreateObject();
-            cJSON_AddArrayToObject(lp, "tokens");
-            cJSON_AddArrayToObject(lp, "token_logprobs");
-            cJSON_AddArrayToObject(lp, "top_logprobs");
-            cJSON_AddArrayToObject(lp, "text_offset");
+            lp = completions_lp();
             add_logprobs(o, lp, t, offset);
         }
         cJSON_AddItemToObject(x, "logprobs", lp);
