@@ -9,6 +9,7 @@
  * Each precision runs in a fresh model; the perplexity of a fixed text and
  * the resident size are reported for each, and the BF16/F32 ratios.
  */
+#include "bench_util.h"
 #include "eng.h"
 
 #include <math.h>
@@ -51,11 +52,12 @@ static const char *PPL_TEXT =
 
 typedef struct {
     double tps[3], sd[3], limit[3], ppl, rss, wbytes, kv_bytes, peak_load, rss_load;
+    double paired; /* tg64: median of each run's fraction of the probe read just before and after it */
 } run_result;
 
 /* pp128, pp512, tg64 and the perplexity of PPL_TEXT with the given weights. */
 static int run(const char *dir, int threads, int reps, int wkind, int kv16, double gbps, double gflops,
-               run_result *out) {
+               const char *only, eng_probe *probe, run_result *out) {
     eng_model *m;
     char err[512];
     eng_options o = {.n_threads = threads, .max_batch_tokens = 512, .max_context = 1024, .weights = wkind,
@@ -90,10 +92,16 @@ static int run(const char *dir, int threads, int reps, int wkind, int kv16, doub
     gp.ignore_eos = 1;
     int32_t *ids = malloc(1024 * sizeof *ids);
     uint64_t x = 88172645463325252ull;
+    const char *tname[3] = {"pp128", "pp512", "tg64"};
     for (int t = 0; t < 3; t++) {
         double r[100];
+        out->tps[t] = out->sd[t] = 0;
+        out->limit[t] = 1;
+        if (only && !strstr(only, tname[t])) continue;
         int np = tests[t][0] ? tests[t][0] : 1, ng = tests[t][1];
+        double pair[100];
         for (int k = 0; k < reps + 1; k++) { /* first run warms up */
+            double g0 = ng && k ? eng_probe_read_gbps(probe, 2) : 0;
             for (int i = 0; i < np; i++) {
                 x ^= x << 13; x ^= x >> 7; x ^= x << 17;
                 ids[i] = (int32_t)(x % (uint64_t)c->vocab_size);
@@ -107,12 +115,14 @@ static int run(const char *dir, int threads, int reps, int wkind, int kv16, doub
             /* tg: ng forward passes after the first sampled token */
             double v = ng ? ng / res.decode_seconds : np / res.prefill_seconds;
             if (k) r[k - 1] = v;
+            if (ng && k) pair[k - 1] = v * token_bytes / ((g0 + eng_probe_read_gbps(probe, 2)) / 2 * 1e9);
             eng_gen_result_free(&res);
         }
         stat2 s = stats(r, reps);
         out->tps[t] = s.mean;
         out->sd[t] = s.sd;
         out->limit[t] = ng ? gbps * 1e9 / token_bytes : gflops * 1e9 / flops_per_token;
+        if (ng) out->paired = percentile(pair, reps, 50);
     }
     int32_t *pids = NULL;
     size_t n = 0;
@@ -132,15 +142,17 @@ static int run(const char *dir, int threads, int reps, int wkind, int kv16, doub
 
 int main(int argc, char **argv) {
     eng_blas_select(argv); /* AVX-512 BLAS kernels where OpenBLAS would not pick them */
-    const char *dir = NULL, *weights = "f32,bf16,kv16,q8";
+    const char *dir = NULL, *weights = "f32,bf16,kv16,q8", *only = NULL;
     int threads = 2, reps = 3;
     const char *usage = "usage: bench_engine --model MODEL [--threads N] [--reps N] [--weights f32,bf16,kv16,q8,q4k]\n"
+                        "                    [--tests pp128,pp512,tg64]\n"
                         "  (q4k: ggml's K-quants; a K-quant GGUF file's own blocks, else quantized to Q4_K)\n";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--weights") && i + 1 < argc) weights = argv[++i];
+        else if (!strcmp(argv[i], "--tests") && i + 1 < argc) only = argv[++i];
         else { fputs(usage, stderr); return 2; }
     }
     if (!dir || threads < 1 || reps < 1 || reps > 100) { fputs(usage, stderr); return 2; }
@@ -153,10 +165,14 @@ int main(int argc, char **argv) {
         gbps = g > gbps ? g : gbps;
         gflops = f > gflops ? f : gflops;
     }
+    /* read again before and after each decode run (256 MiB, best of 2) */
+    const size_t probe_mib = 256;
+    eng_probe *probe = eng_probe_new(probe_mib, threads);
+    if (!probe) { fputs("bench: out of memory\n", stderr); return 1; }
     printf("model: %s\nmachine: read bandwidth %.1f GB/s, sgemm %.1f GFLOP/s (1024^3, OpenBLAS %s kernels), %d threads\n\n",
            dir, gbps, gflops, eng_blas_core(), threads);
-    printf("| weights | KV  | test   |       t/s |      +/- | machine limit (t/s)    | fraction\n");
-    printf("|---------|-----|--------|-----------|----------|------------------------|---------\n");
+    printf("| weights | KV  | test   |       t/s |      +/- | machine limit (t/s)    | fraction | paired\n");
+    printf("|---------|-----|--------|-----------|----------|------------------------|----------|-------\n");
     const char *names[] = {"pp128", "pp512", "tg64"};
     /* F32; BF16 weights; F32 weights with an F16 KV cache; Q8_0 weights; K-quants */
     enum { NC = 5 };
@@ -168,11 +184,16 @@ int main(int argc, char **argv) {
     for (int b = 0; b < NC; b++) {
         have[b] = strstr(weights, cfg_name[b]) != NULL;
         if (!have[b]) continue;
-        if (run(dir, threads, reps, cfg_w[b], cfg_kv16[b], gbps, gflops, &rr[b])) return 1;
-        for (int t = 0; t < 3; t++)
-            printf("| %-7s | %-3s | %-6s | %9.1f | %8.1f | %6.0f (%-9s)      | %.2f\n", wname[b],
-                   cfg_kv16[b] ? "F16" : "F32", names[t], rr[b].tps[t], rr[b].sd[t], rr[b].limit[t],
-                   t == 2 ? "bandwidth" : "sgemm", rr[b].tps[t] / rr[b].limit[t]);
+        if (run(dir, threads, reps, cfg_w[b], cfg_kv16[b], gbps, gflops, only, probe, &rr[b])) return 1;
+        rr[b].rss -= (double)(probe_mib << 20); /* not the model's */
+        for (int t = 0; t < 3; t++) {
+            char pv[16] = "";
+            if (t == 2) snprintf(pv, sizeof pv, "%.2f", rr[b].paired);
+            if (!only || strstr(only, names[t]))
+                printf("| %-7s | %-3s | %-6s | %9.1f | %8.1f | %6.0f (%-9s)      | %8.2f | %s\n", wname[b],
+                       cfg_kv16[b] ? "F16" : "F32", names[t], rr[b].tps[t], rr[b].sd[t], rr[b].limit[t],
+                       t == 2 ? "bandwidth" : "sgemm", rr[b].tps[t] / rr[b].limit[t], pv);
+        }
     }
     printf("\n");
     const char *label[NC] = {"F32", "BF16 weights", "F16 KV", "Q8_0 weights", "K-quant weights"};
@@ -191,5 +212,6 @@ int main(int argc, char **argv) {
             printf("%s / F32: decode %.2fx, pp512 %.2fx; perplexity %+.4f%% (%+.6f nats/token)\n", label[b],
                    rr[b].tps[2] / rr[0].tps[2], rr[b].tps[1] / rr[0].tps[1], 100 * (rr[b].ppl / rr[0].ppl - 1),
                    log(rr[b].ppl) - log(rr[0].ppl));
+    eng_probe_free(probe);
     return 0;
 }

@@ -452,6 +452,13 @@ double eng_measure_sgemm_gflops(int n, int n_threads);
 /* Best-of-several read bandwidth, GB/s, summing a buffer of `mbytes` MiB with
  * n_threads threads (the pattern of streaming weights once per token). */
 double eng_measure_read_gbps(size_t mbytes, int n_threads);
+/* The same probe keeping its buffer and threads, to be read again between
+ * runs: a shared machine's bandwidth moves with its neighbours' load, so a
+ * run is best compared with the probe read just before and after it. */
+typedef struct eng_probe eng_probe;
+eng_probe *eng_probe_new(size_t mbytes, int n_threads);
+double eng_probe_read_gbps(eng_probe *p, int passes); /* the best of `passes` */
+void eng_probe_free(eng_probe *p);
 
 /* ---- chat templates ----------------------------------------------------- */
 /* A model's chat template (tokenizer_config.json's "chat_template", Jinja),

@@ -132,6 +132,7 @@ typedef struct {
     int kq;     /* K-quant panels (matmul_k.c): panel i's format ktype[i] (GGML_Q4_K or GGML_Q6_K), at p + koff[i] */
     uint8_t *ktype;
     size_t *koff;
+    int out, in; /* its shape, once loaded (0 for a scratch matrix) */
 } eng__mat;
 void eng__mat_free(eng__mat *m);
 static inline float *eng__f32(const eng__mat *m) { return (float *)m->p; } /* while loading: always F32 */
@@ -140,6 +141,29 @@ size_t eng__mat_elems(int out, int in);
 /* Pack a row-major F32 matrix (allocated with eng__mat_elems elements, the
  * first out * in set) into panels, in place. */
 int eng__mat_pack(eng__mat *m, int out, int in);
+/* Decode products (up to this many rows: bound by reading the weights)
+ * share their panels out between the threads (eng__share) rather than as
+ * tasks of the pool (matmul.c). */
+#define DECODE_ROWS 4
+/* Where panel p (0 .. panels) of a loaded matrix starts in m->p, bytes. */
+size_t eng__mat_panel_off(const eng__mat *m, int p);
+/* Thread t of T's share of a decode product: panels [*p0, *p1), about
+ * 1/T of the bytes. */
+void eng__mat_share(const eng__mat *m, int t, int T, int *p0, int *p1);
+/* The panels of a decode product shared out between the threads: each
+ * starts on its own share (eng__mat_share) and takes its panels one at a
+ * time; one that runs out takes half of what another has left, from the
+ * end. Which thread computes a panel changes nothing in it. */
+#define SHARE_MAX 64
+typedef struct {
+    struct {
+        _Alignas(64) uint64_t c; /* next panel | end << 32, a line per thread */
+    } cell[SHARE_MAX];
+    int T;
+} eng__share;
+void eng__share_init(eng__share *s, const eng__mat *m, int T);
+/* Panels [*a, *b) for thread t to compute next; 0 when none is left. */
+int eng__share_next(eng__share *s, int t, int *a, int *b);
 
 typedef struct {
     float *attn_norm;  /* [H] */
@@ -281,6 +305,10 @@ double eng__pool_wait(const eng__pool *p);
 /* Run fn(ctx, task, thread) for task in [0, n_tasks) on all threads; thread
  * is in [0, eng__pool_threads). Returns when all are done. One job at a time. */
 void eng__pool_run(eng__pool *p, int n_tasks, void (*fn)(void *ctx, int task, int thread), void *ctx);
+/* Run fn(ctx, t, t) once on each thread t in [0, eng__pool_threads): a
+ * static split (thread t always takes the same share, so it can fetch its
+ * share of what comes next ahead of time). Returns when all are done. */
+void eng__pool_each(eng__pool *p, void (*fn)(void *ctx, int task, int thread), void *ctx);
 
 /* ---- forward pass ------------------------------------------------------ */
 /* A batch of tokens from one or more sequences. Token i is at position pos[i]

@@ -77,6 +77,71 @@ void eng__mat_free(eng__mat *m) {
     memset(m, 0, sizeof *m);
 }
 
+size_t eng__mat_panel_off(const eng__mat *m, int p) {
+    if (m->kq) return m->koff[p];
+    if (m->q8) return eng__q8_bytes(PANEL, m->in) * (size_t)p;
+    return (size_t)p * PANEL * (size_t)m->in * (m->bf16 ? 2 : 4);
+}
+
+/* The first panel whose start is at least t/T of the bytes. */
+static int share_start(const eng__mat *m, int t, int T) {
+    int P = (m->out + PANEL - 1) / PANEL;
+    if (t <= 0) return 0;
+    if (t >= T) return P;
+    size_t goal = (size_t)((double)eng__mat_panel_off(m, P) * t / T);
+    int lo = 0, hi = P; /* the first p with off(p) >= goal */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (eng__mat_panel_off(m, mid) < goal) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+void eng__mat_share(const eng__mat *m, int t, int T, int *p0, int *p1) {
+    *p0 = share_start(m, t, T);
+    *p1 = share_start(m, t + 1, T);
+}
+
+void eng__share_init(eng__share *s, const eng__mat *m, int T) {
+    s->T = T < 1 ? 1 : T > SHARE_MAX ? SHARE_MAX : T;
+    for (int t = 0; t < s->T; t++) {
+        int p0, p1;
+        eng__mat_share(m, t, s->T, &p0, &p1);
+        s->cell[t].c = (uint64_t)p0 | (uint64_t)p1 << 32;
+    }
+}
+
+int eng__share_next(eng__share *s, int t, int *a, int *b) {
+    uint64_t c = __atomic_load_n(&s->cell[t].c, __ATOMIC_ACQUIRE);
+    while ((uint32_t)c < (uint32_t)(c >> 32)) /* its own share: the next panel */
+        if (__atomic_compare_exchange_n(&s->cell[t].c, &c, c + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *a = (int)(uint32_t)c;
+            *b = *a + 1;
+            return 1;
+        }
+    for (;;) { /* its own is done: half of the largest rest, from its end */
+        int v = -1;
+        uint32_t most = 1; /* a lone panel is left to its owner, who is on it next */
+        for (int u = 0; u < s->T; u++) {
+            uint64_t cu = __atomic_load_n(&s->cell[u].c, __ATOMIC_ACQUIRE);
+            uint32_t left = (uint32_t)(cu >> 32) > (uint32_t)cu ? (uint32_t)(cu >> 32) - (uint32_t)cu : 0;
+            if (u != t && left > most) most = left, v = u;
+        }
+        if (v < 0) return 0;
+        uint64_t cv = __atomic_load_n(&s->cell[v].c, __ATOMIC_ACQUIRE);
+        uint32_t f = (uint32_t)cv, e = (uint32_t)(cv >> 32);
+        if (e <= f + 1) continue;
+        uint32_t k = (e - f) / 2;
+        if (__atomic_compare_exchange_n(&s->cell[v].c, &cv, (uint64_t)f | (uint64_t)(e - k) << 32, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+            *a = (int)(e - k);
+            *b = (int)e;
+            return 1;
+        }
+    }
+}
+
 void eng__mat_row(const eng__mat *W, size_t r, int in, float *dst) {
     if (W->q8) {
         eng__q8_row(W, r, in, dst);
@@ -320,7 +385,10 @@ typedef struct {
     const float *X;
     float *xt;
     const void *W;
+    const eng__mat *M;                   /* W's matrix */
     int bf16, isa, n, G, in, out, chunk; /* G: rows per group; chunk: panels per task */
+    int T;                               /* threads (mm_share) */
+    eng__share *share;                   /* mm_share's panels */
     int pairs;                           /* two panels per tile (AVX-512, several groups) */
 } mm_job;
 
@@ -342,6 +410,23 @@ static void pack_task(void *ctx, int g, int thread) {
     float *t = j->xt + (size_t)r0 * j->in;
     for (int r = 0; r < R; r++)
         for (int k = 0; k < j->in; k++) t[(size_t)k * R + r] = x[(size_t)r * j->in + k];
+}
+
+/* A decode product (a few rows, bound by reading the weights): thread t
+ * streams its share of the panels (eng__share). The same kernel per panel
+ * as mm_task. */
+static void mm_share(void *ctx, int t, int thread) {
+    (void)thread;
+    const mm_job *j = ctx;
+    int p0, p1;
+    size_t pbytes = (size_t)PANEL * j->in * (j->bf16 ? 2 : 4);
+    while (eng__share_next(j->share, t, &p0, &p1))
+        for (int p = p0; p < p1; p++) {
+            const char *w = (const char *)j->W + (size_t)p * pbytes;
+            int valid = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
+            kernel_for(j->isa, j->n)(j->Y + (size_t)p * PANEL, (size_t)j->out, w, j->bf16, j->xt, j->n, 0,
+                                     (size_t)j->in, 0, valid, w + PF_AHEAD);
+        }
 }
 
 /* Panels [task * chunk, +chunk) for every group of rows. One group (decode):
@@ -413,12 +498,19 @@ void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int
      * (decode); else the widest tile's */
     int one = isa == ENG__ISA_AVX2 ? 6 : 16;
     int G = n <= one ? n : isa == ENG__ISA_AVX512 ? G512P : one;
-    mm_job j = {Y, X, xt, W->p, W->bf16, isa, n, G, in, out, 0, 0};
+    mm_job j = {Y, X, xt, W->p, W, W->bf16, isa, n, G, in, out, 0, eng__pool_threads(pool), NULL, 0};
 #ifdef HAVE_X86
     j.pairs = n > one && isa == ENG__ISA_AVX512;
 #endif
     int groups = (n + G - 1) / G;
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, groups, pack_task, &j);
+    if (n <= DECODE_ROWS && W->out == out && W->in == in) { /* a loaded matrix (shares by its shape) */
+        eng__share sh;
+        eng__share_init(&sh, W, j.T);
+        j.share = &sh;
+        eng__pool_each(pool, mm_share, &j);
+        return;
+    }
     /* a few tasks per thread: long streams of panels for the prefetchers
      * (decode is bound by reading them), yet some slack for a thread that
      * falls behind (bench: 2 per thread for one group of rows, 4 for more);

@@ -287,6 +287,8 @@ typedef struct {
     const int16_t *xs;  /* [n][in / 16]: sums of xq per 16 */
     const eng__mat *W;
     int n, in, out, chunk, isa;
+    int T;             /* threads (k_share) */
+    eng__share *share; /* k_share's panels */
 } k_job;
 
 /* The definition of the order (and the portable path): outputs [0, valid) of
@@ -648,11 +650,8 @@ static void quant_rows(void *ctx, int r, int thread) {
     }
 }
 
-static void k_task(void *ctx, int task, int thread) {
-    (void)thread;
-    const k_job *j = ctx;
-    int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
-    for (int p = task * j->chunk; p < p1; p++) {
+static void k_panels(const k_job *j, int p0, int p1) {
+    for (int p = p0; p < p1; p++) {
         int valid = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
         for (int r0 = 0; r0 < j->n; r0 += 8) { /* a panel's super-blocks stay in L1 while a group passes */
             int R = j->n - r0 < 8 ? j->n - r0 : 8;
@@ -667,14 +666,37 @@ static void k_task(void *ctx, int task, int thread) {
     }
 }
 
+static void k_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const k_job *j = ctx;
+    int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
+    k_panels(j, task * j->chunk, p1);
+}
+
+/* A decode product: thread t's panels from eng__share (matmul.c, mm_share;
+ * the shares are by bytes: the panels of a Q4_K_M matrix differ in size). */
+static void k_share(void *ctx, int t, int thread) {
+    (void)thread;
+    const k_job *j = ctx;
+    int p0, p1;
+    while (eng__share_next(j->share, t, &p0, &p1)) k_panels(j, p0, p1);
+}
+
 void eng__matmul_k(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
                    int isa) {
     /* the workspace (n * in floats): n * in values, n * in / 256 scales, n * in / 16 sums */
     int8_t *xq = (int8_t *)xt;
     float *dx = xt + ((size_t)n * in + 3) / 4;
     int16_t *xs = (int16_t *)(void *)(dx + (size_t)n * (in / SB));
-    k_job j = {Y, X, xq, dx, xs, W, n, in, out, 0, isa};
+    k_job j = {Y, X, xq, dx, xs, W, n, in, out, 0, isa, eng__pool_threads(pool), NULL};
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, n, quant_rows, &j);
+    if (n <= DECODE_ROWS && W->out == out && W->in == in) {
+        eng__share sh;
+        eng__share_init(&sh, W, j.T);
+        j.share = &sh;
+        eng__pool_each(pool, k_share, &j);
+        return;
+    }
     int P = (out + PANEL - 1) / PANEL, tasks = eng__pool_threads(pool) * (n <= 8 ? 2 : 4);
     j.chunk = (P + tasks - 1) / tasks;
     eng__pool_run(pool, (P + j.chunk - 1) / j.chunk, k_task, &j);

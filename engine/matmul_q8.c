@@ -6,12 +6,15 @@
  * Layout. Panels of 16 rows, as the F32 matrices (matmul.c). A panel is a
  * sequence of k-blocks of 32 columns, each 576 bytes: the 16 rows' scales
  * (float), then the 16 × 32 weights as eight groups of 4 columns, each group
- * 16 rows × 4 bytes: the 16 outputs of 4 columns are one 64-byte line.
+ * 16 rows × 4 bytes: the 16 outputs of 4 columns are one 64-byte line. A
+ * weight w is stored as the byte w + 128 (w ^ 0x80: an unsigned 1 .. 255).
  *
  * Products. Each row of X is quantized the same way per block of 32 (its
  * scale kept in float), and a block's product is an exact integer sum of 32
  * byte products: on AVX2 _mm256_maddubs_epi16 of |x| by w with x's sign
- * (at most 2 · 127 · 127 per pair: no saturation). Every stored weight is in
+ * (at most 2 · 127 · 127 per pair: no saturation); with VNNI vpdpbusd of the
+ * stored bytes w + 128 by x, less 128 · Σx (x's block sum, kept with its
+ * scale) — one instruction per 64 weight bytes. Every stored weight is in
  * [-127, 127]: they all come from quant_block, which clips (a GGUF file's
  * Q8_0 values are requantized from their exact F32 values, which gives them
  * back as they were, ggml's quantizer never writing -128).
@@ -74,7 +77,7 @@ void eng__q8_panel(uint8_t *dst, const float *panel, int in) {
             for (int k = 0; k < QB; k++) row[k] = panel[((size_t)b * QB + (size_t)k) * PANEL + (size_t)r];
             float d = quant_block(row, qs, 1);
             memcpy(blk + 4 * r, &d, 4);
-            for (int k = 0; k < QB; k++) blk[PANEL * 4 + (k / 4) * 64 + r * 4 + k % 4] = (uint8_t)qs[k];
+            for (int k = 0; k < QB; k++) blk[PANEL * 4 + (k / 4) * 64 + r * 4 + k % 4] = (uint8_t)qs[k] ^ 0x80u;
         }
 }
 
@@ -105,7 +108,7 @@ void eng__q8_row(const eng__mat *W, size_t r, int in, float *dst) {
         const uint8_t *blk = (const uint8_t *)W->p + (p * nb + b) * QBLOCK;
         float d;
         memcpy(&d, blk + 4 * j, 4);
-        for (int k = 0; k < QB; k++) dst[b * QB + k] = d * (float)(int8_t)blk[PANEL * 4 + (k / 4) * 64 + j * 4 + k % 4];
+        for (int k = 0; k < QB; k++) dst[b * QB + k] = d * (float)(int8_t)(blk[PANEL * 4 + (k / 4) * 64 + j * 4 + k % 4] ^ 0x80u);
     }
 }
 
@@ -115,8 +118,12 @@ typedef struct {
     const float *X;
     const int8_t *xq;       /* [n][in] */
     const float *dx;        /* [n][nb] */
+    const int32_t *sx;      /* [n][nb]: 128 times the sum of a block of xq */
     const uint8_t *W;
     int n, in, out, chunk, isa;
+    const eng__mat *M; /* W's matrix */
+    int T;             /* threads (q8_share) */
+    eng__share *share; /* q8_share's panels */
 } q8_job;
 
 /* The definition of the order (and the portable path). */
@@ -132,7 +139,7 @@ static void panel_scalar(const q8_job *j, size_t p, int r0, int R, int valid) {
             for (int o = 0; o < PANEL; o++) {
                 int32_t s = 0;
                 for (int k = 0; k < QB; k++) {
-                    s += (int8_t)blk[PANEL * 4 + (k / 4) * 64 + o * 4 + k % 4] * x[b * QB + (size_t)k];
+                    s += (int8_t)(blk[PANEL * 4 + (k / 4) * 64 + o * 4 + k % 4] ^ 0x80u) * x[b * QB + (size_t)k];
                 }
                 float dw;
                 memcpy(&dw, blk + 4 * o, 4);
@@ -152,15 +159,15 @@ static void panel_scalar(const q8_job *j, size_t p, int r0, int R, int valid) {
  * where it is inlined, so a lone row does no work for a second one). */
 AVX2 static inline __attribute__((always_inline)) void rows_avx2(const q8_job *j, const uint8_t *wp, size_t nb, int r,
                                                                   int TWO, float *out0, float *out1) {
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8((char)0x80);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
     const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wp + b * QBLOCK;
         __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0;
         for (int g = 0; g < 8; g++) {
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64));
-            __m256i w1 = _mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64));
+            __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64)), bias);
+            __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64)), bias);
             int32_t xv;
             memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
             __m256i xb = _mm256_set1_epi32(xv), ax = _mm256_abs_epi8(xb);
@@ -202,29 +209,27 @@ AVX2 static void rows2_avx2(const q8_job *j, const uint8_t *wp, size_t nb, int r
 
 
 /* AVX512-VNNI: a group of 4 columns of the panel's 16 rows is one vector,
- * and vpdpbusd adds each row's 4 products (|x| times w with x's sign) into
- * its 32-bit lane: the same integer sums, so the same result to the bit. */
+ * and vpdpbusd adds each row's 4 products (w + 128 times x) into its 32-bit
+ * lane; less 128 · Σx, the same integer sums, so the same result to the bit. */
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 
 VNNI static inline __attribute__((always_inline)) void rows_vnni(const q8_job *j, const uint8_t *wp, size_t nb, int r,
                                                                   int TWO, float *out0, float *out1) {
     __m512 a = _mm512_setzero_ps(), c = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
     const int8_t *x = j->xq + (size_t)r * j->in, *x2 = x + j->in;
+    const int32_t *sx = j->sx + (size_t)r * nb;
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wp + b * QBLOCK;
-        __m512i s = zero, t = zero;
+        __m512i s = _mm512_set1_epi32(-sx[b]), t = TWO == 2 ? _mm512_set1_epi32(-sx[nb + b]) : s;
         for (int g = 0; g < 8; g++) {
             __m512i w = _mm512_loadu_si512((const void *)(blk + 64 + g * 64));
             int32_t xv;
             memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
-            __m512i xb = _mm512_set1_epi32(xv);
-            s = _mm512_dpbusd_epi32(s, _mm512_abs_epi8(xb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(xb), zero, w));
+            s = _mm512_dpbusd_epi32(s, w, _mm512_set1_epi32(xv));
             if (TWO == 2) {
                 int32_t xv2;
                 memcpy(&xv2, x2 + b * QB + (size_t)g * 4, 4);
-                __m512i yb = _mm512_set1_epi32(xv2);
-                t = _mm512_dpbusd_epi32(t, _mm512_abs_epi8(yb), _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(yb), zero, w));
+                t = _mm512_dpbusd_epi32(t, w, _mm512_set1_epi32(xv2));
             }
         }
         __m512 dw = _mm512_loadu_ps((const float *)blk);
@@ -272,18 +277,19 @@ static void quant_rows(void *ctx, int r, int thread) {
     const q8_job *j = ctx;
     const float *X = j->X;
     size_t nb = (size_t)(j->in / QB);
-    for (size_t b = 0; b < nb; b++)
-        ((float *)j->dx)[(size_t)r * nb + b] =
-            quant_block(X + (size_t)r * j->in + b * QB, (int8_t *)j->xq + (size_t)r * j->in + b * QB, 0);
+    for (size_t b = 0; b < nb; b++) {
+        int8_t *q = (int8_t *)j->xq + (size_t)r * j->in + b * QB;
+        ((float *)j->dx)[(size_t)r * nb + b] = quant_block(X + (size_t)r * j->in + b * QB, q, 0);
+        int32_t sum = 0;
+        for (int k = 0; k < QB; k++) sum += q[k];
+        ((int32_t *)j->sx)[(size_t)r * nb + b] = 128 * sum;
+    }
 }
 
 /* Panels [task * chunk, +chunk), every row; rows in groups of 8 per panel so a
  * panel's blocks stay in L1 while the group passes. */
-static void q8_task(void *ctx, int task, int thread) {
-    (void)thread;
-    const q8_job *j = ctx;
-    int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
-    for (int p = task * j->chunk; p < p1; p++) {
+static void q8_panels(const q8_job *j, int p0, int p1) {
+    for (int p = p0; p < p1; p++) {
         int valid = j->out - p * PANEL < PANEL ? j->out - p * PANEL : PANEL;
         for (int r0 = 0; r0 < j->n; r0 += 8) {
             int R = j->n - r0 < 8 ? j->n - r0 : 8;
@@ -298,13 +304,37 @@ static void q8_task(void *ctx, int task, int thread) {
     }
 }
 
+static void q8_task(void *ctx, int task, int thread) {
+    (void)thread;
+    const q8_job *j = ctx;
+    int P = (j->out + PANEL - 1) / PANEL, p1 = (task + 1) * j->chunk < P ? (task + 1) * j->chunk : P;
+    q8_panels(j, task * j->chunk, p1);
+}
+
+/* A decode product: thread t's panels from eng__share (matmul.c, mm_share). */
+static void q8_share(void *ctx, int t, int thread) {
+    (void)thread;
+    const q8_job *j = ctx;
+    int p0, p1;
+    while (eng__share_next(j->share, t, &p0, &p1)) q8_panels(j, p0, p1);
+}
+
 void eng__matmul_q8(float *Y, const float *X, const eng__mat *W, int n, int in, int out, float *xt, eng__pool *pool,
                     int isa) {
-    /* the quantized rows in the workspace: n * in bytes, then n * nb scales */
+    /* the quantized rows in the workspace: n * in bytes, then n * nb scales
+     * and n * nb sums (n * in * 1.25 bytes of its n * in floats) */
     int8_t *xq = (int8_t *)xt;
     float *dx = (float *)(void *)(xt + ((size_t)n * in + 3) / 4);
-    q8_job j = {Y, X, xq, dx, W->p, n, in, out, 0, isa};
+    int32_t *sx = (int32_t *)(void *)(dx + (size_t)n * (size_t)(in / QB));
+    q8_job j = {Y, X, xq, dx, sx, W->p, n, in, out, 0, isa, W, eng__pool_threads(pool), NULL};
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, n, quant_rows, &j);
+    if (n <= DECODE_ROWS && W->out == out && W->in == in) {
+        eng__share sh;
+        eng__share_init(&sh, W, j.T);
+        j.share = &sh;
+        eng__pool_each(pool, q8_share, &j);
+        return;
+    }
     int P = (out + PANEL - 1) / PANEL, tasks = eng__pool_threads(pool) * (n <= 8 ? 2 : 4);
     j.chunk = (P + tasks - 1) / tasks;
     eng__pool_run(pool, (P + j.chunk - 1) / j.chunk, q8_task, &j);

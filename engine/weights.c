@@ -394,6 +394,8 @@ static int load_matrix(wset *s, eng__weights *w, eng__mat *m, const char *const 
     free(slab);
     free(q4);
     if (rc) return rc;
+    m->out = (int)out;
+    m->in = (int)in;
     fp_end(s, elems);
     for (int i = 0; i < np; i++) done_tensor(s, &t[i]);
     return ENG_OK;

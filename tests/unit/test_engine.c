@@ -449,6 +449,96 @@ static void test_sampler_filters(void) {
     CHECK(cnt[3] == 1000);
 }
 
+/* A decode product of a loaded matrix (its shape known: the panels shared
+ * out between the threads, eng__share, with stealing) gives the bits of the
+ * same product as the pool's tasks, on 2 and 3 threads. */
+static int same_shared_out(const eng__mat *m, int n, int in, int out, const float *X, const float *Y, float *xt,
+                           eng__pool *pool) {
+    if (n > DECODE_ROWS) return 1;
+    eng__mat l = *m;
+    l.out = out;
+    l.in = in;
+    float *Ys = malloc((size_t)n * out * sizeof *Ys);
+    eng__pool *p3 = eng__pool_new(3);
+    int same = Ys != NULL;
+    for (int k = 0; k < 2 && Ys; k++) {
+        eng__matmul(Ys, X, &l, n, in, out, xt, k ? p3 : pool);
+        same &= !memcmp(Ys, Y, (size_t)n * out * sizeof *Ys);
+    }
+    eng__pool_free(p3);
+    free(Ys);
+    return same;
+}
+
+/* Each task of a job runs once, whatever the number of tasks, and with
+ * workers both polling and asleep (after a pause longer than their
+ * polling); eng__pool_each runs once on every thread; eng__share hands out
+ * every panel exactly once among threads that take and steal at once. */
+static int task_runs[4096];
+static void count_task(void *ctx, int task, int thread) {
+    (void)ctx;
+    (void)thread;
+    __atomic_add_fetch(&task_runs[task], 1, __ATOMIC_RELAXED);
+}
+
+typedef struct {
+    eng__share sh;
+    int *taken;
+} share_probe;
+
+static void take_panels(void *ctx, int t, int thread) {
+    (void)thread;
+    share_probe *sp = ctx;
+    int a, b;
+    while (eng__share_next(&sp->sh, t, &a, &b))
+        for (int p = a; p < b; p++) __atomic_add_fetch(&sp->taken[p], 1, __ATOMIC_RELAXED);
+}
+
+static void test_pool_and_shares(void) {
+    for (int threads = 1; threads <= 4; threads++) {
+        eng__pool *pool = eng__pool_new(threads);
+        CHECK(pool && eng__pool_threads(pool) == threads);
+        int bad = 0;
+        for (int job = 0; job < 300; job++) {
+            int n = job % 7 == 0 ? 4096 : 1 + job % 37;
+            memset(task_runs, 0, sizeof task_runs);
+            if (job % 50 == 49) /* the workers go to sleep */
+                for (double t0 = eng__now(); eng__now() - t0 < 2e-3;) {}
+            if (job % 3 == 0) {
+                eng__pool_each(pool, count_task, NULL);
+                n = threads;
+            } else {
+                eng__pool_run(pool, n, count_task, NULL);
+            }
+            for (int t = 0; t < 4096; t++) bad += task_runs[t] != (t < n);
+        }
+        CHECK_MSG(bad == 0, "%d threads: %d tasks ran other than once", threads, bad);
+        const int shapes[][2] = {{1, 64}, {17, 64}, {100, 32}, {2000, 32}}; /* panels, columns */
+        for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
+            eng__mat m = {.out = shapes[k][0] * 16 - 3, .in = shapes[k][1]};
+            int P = shapes[k][0];
+            share_probe *sp = malloc(sizeof *sp);
+            sp->taken = calloc((size_t)P, sizeof *sp->taken);
+            eng__share_init(&sp->sh, &m, threads);
+            int lo = 0;
+            for (int t = 0; t < threads; t++) { /* the shares tile the panels */
+                int p0, p1;
+                eng__mat_share(&m, t, threads, &p0, &p1);
+                CHECK(p0 == lo && p1 >= p0);
+                lo = p1;
+            }
+            CHECK(lo == P);
+            eng__pool_each(pool, take_panels, sp);
+            int wrong = 0;
+            for (int p = 0; p < P; p++) wrong += sp->taken[p] != 1;
+            CHECK_MSG(wrong == 0, "%d threads, %d panels: %d not taken exactly once", threads, P, wrong);
+            free(sp->taken);
+            free(sp);
+        }
+        eng__pool_free(pool);
+    }
+}
+
 /* The matmul kernel against a float64 product, for F32 and BF16 weights,
  * shapes with tails (in and out not multiples of 16), batches of 1 to 40
  * rows (several groups of rows), on every instruction set this CPU has.
@@ -509,6 +599,8 @@ static void test_matmul_kernel(void) {
                     }
                     CHECK_MSG(same, "in %d out %d n %d %s ISA %d: a row differs from the same row alone", in, out, n,
                               bf ? "BF16" : "F32", isas[ii]);
+                    CHECK_MSG(same_shared_out(&m, n, in, out, X, Y, xt, pool), "in %d out %d n %d %s ISA %d: shared out differs",
+                              in, out, n, bf ? "BF16" : "F32", isas[ii]);
                 }
                 double worst = 0;
                 for (int i = 0; i < n; i++)
@@ -577,6 +669,8 @@ static void test_matmul_q8(void) {
                     same &= !memcmp(Y1, Y + (size_t)i * out, (size_t)out * sizeof *Y1);
                 }
                 CHECK_MSG(same, "Q8_0 in %d out %d n %d ISA %d: a row differs from the same row alone", in, out, n, isas[ii]);
+                CHECK_MSG(same_shared_out(&m, n, in, out, X, Y, xt, pool), "Q8_0 in %d out %d n %d ISA %d: shared out differs",
+                          in, out, n, isas[ii]);
             }
             double worst = 0;
             for (int i = 0; i < n; i++) {
@@ -696,6 +790,8 @@ static void test_matmul_k(void) {
                     same &= !memcmp(Y1, Y + (size_t)i * out, (size_t)out * sizeof *Y1);
                 }
                 CHECK_MSG(same, "K in %d out %d n %d ISA %d: a row differs from the same row alone", in, out, n, isas[ii]);
+                CHECK_MSG(same_shared_out(&m, n, in, out, X, Y, xt, pool), "K in %d out %d n %d ISA %d: shared out differs",
+                          in, out, n, isas[ii]);
             }
             double worst = 0;
             for (int i = 0; i < n; i++) {
@@ -750,6 +846,7 @@ int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: test_engine MODELS_DIR\n"); return 2; }
     static const test_case tests[] = {
         {"weights_f32_bf16_f16_sharded_untied", test_weight_formats},
+        {"pool_tasks_once_and_shares_stolen_once", test_pool_and_shares},
         {"matmul_kernel_tails_and_batch_invariance", test_matmul_kernel},
         {"matmul_q8_isa_and_batch_invariance", test_matmul_q8},
         {"matmul_k_isa_and_batch_invariance", test_matmul_k},
