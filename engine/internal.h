@@ -210,6 +210,7 @@ size_t eng__k_panel_bytes(int type, int in);
 /* n values to 8-bit: returns d = max|x| / 127, q = round(x / d) in [-127, 127] (the
  * activations of the quantized products; Q8_0's values with d kept in float). */
 float eng__quant8(const float *x, int n, int8_t *q);
+float eng__quant8_ref(const float *x, int n, int8_t *q); /* the scalar definition (tests) */
 /* One panel's F32 values as packed ([in][16]) to its Q8_0 bytes (eng__q8_bytes(16, in)). */
 void eng__q8_panel(uint8_t *dst, const float *panel, int in);
 /* 256 values to one GGUF Q4_K block (144 bytes), with our quantizer. */

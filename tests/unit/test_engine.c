@@ -631,6 +631,26 @@ static void test_matmul_kernel(void) {
  * the float64 sum over blocks of dw * dx * (sum of q_w * q_x), with x
  * quantized here as the engine quantizes it. */
 static void test_matmul_q8(void) {
+    { /* the vector quantizers are the scalar definition, bit for bit: ties to even, zeros, the clip */
+        uint64_t r = 4242;
+        int bad = 0;
+        const int ns[] = {32, 256, 48, 40, 13, 1024};
+        for (int it = 0; it < 400; it++) {
+            int n = ns[it % 6];
+            float x[1024];
+            int8_t q1[1024], q2[1024];
+            for (int i = 0; i < n; i++) {
+                r ^= r << 13; r ^= r >> 7; r ^= r << 17;
+                x[i] = it % 4 == 0 ? (float)((int)(r % 255) - 127) * 0.5f /* halves: ties */
+                                   : (float)((double)(r % 20001) / 10000.0 - 1.0) * (float)(1 << (it % 9));
+                if (r % 17 == 0) x[i] = it % 2 ? -0.0f : 0.0f;
+            }
+            if (it % 50 == 1) memset(x, 0, sizeof x); /* all zeros: d = 0 */
+            float d1 = eng__quant8(x, n, q1), d2 = eng__quant8_ref(x, n, q2);
+            bad += memcmp(&d1, &d2, sizeof d1) != 0 || memcmp(q1, q2, (size_t)n) != 0;
+        }
+        CHECK_MSG(bad == 0, "eng__quant8: %d of 400 blocks differ from the scalar definition", bad);
+    }
     eng__pool *pool = eng__pool_new(2);
     const int shapes[][2] = {{32, 13}, {64, 64}, {96, 17}, {256, 40}, {160, 1}};
     int isas[3], n_isa = 0;
