@@ -293,14 +293,35 @@ VNNI static inline __attribute__((always_inline)) void rows_vnni(const q8_job *j
     if (TWO == 2) _mm512_storeu_ps(out1, c);
 }
 
-VNNI static void rows1_vnni(const q8_job *j, const uint8_t *wp, size_t nb, int r, float *o0) {
-    rows_vnni(j, wp, nb, r, 1, o0, NULL);
-}
-
 VNNI static void rows2_vnni(const q8_job *j, const uint8_t *wp, size_t nb, int r, float *o0, float *o1) {
     rows_vnni(j, wp, nb, r, 2, o0, o1);
 }
 
+/* A lone row (decode) with 256-bit vectors (AVX512-VL): rows 0-7 and 8-15
+ * of each group of 4 columns in two halves, the same integer sums. On Zen 5
+ * 256-bit loads stream from memory faster than 512-bit ones (the read probe
+ * too): single-stream decode 4% faster in paired runs (SmolLM2-135M's shape). */
+VNNI static void rows1_vnni256(const q8_job *j, const uint8_t *wp, size_t nb, int r, float *o0) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const int8_t *x = j->xq + (size_t)r * j->in;
+    const int32_t *sx = j->sx + (size_t)r * nb;
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wp + b * QBLOCK;
+        __m256i s0 = _mm256_set1_epi32(-sx[b]), s1 = s0;
+        for (int g = 0; g < 8; g++) {
+            int32_t xv;
+            memcpy(&xv, x + b * QB + (size_t)g * 4, 4);
+            __m256i xb = _mm256_set1_epi32(xv);
+            s0 = _mm256_dpbusd_epi32(s0, _mm256_loadu_si256((const __m256i *)(blk + 64 + g * 64)), xb);
+            s1 = _mm256_dpbusd_epi32(s1, _mm256_loadu_si256((const __m256i *)(blk + 96 + g * 64)), xb);
+        }
+        __m256 dx = _mm256_set1_ps(j->dx[(size_t)r * nb + b]);
+        a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps((const float *)blk), dx), _mm256_cvtepi32_ps(s0), a0);
+        a1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps((const float *)blk + 8), dx), _mm256_cvtepi32_ps(s1), a1);
+    }
+    _mm256_storeu_ps(o0, a0);
+    _mm256_storeu_ps(o0 + 8, a1);
+}
 static void panel_x86(const q8_job *j, size_t p, int r0, int R, int valid, int vnni) {
     size_t nb = (size_t)(j->in / QB);
     const uint8_t *wp = j->W + p * nb * QBLOCK;
@@ -309,7 +330,7 @@ static void panel_x86(const q8_job *j, size_t p, int r0, int R, int valid, int v
         float t[2][16];
         if (vnni) {
             if (two) rows2_vnni(j, wp, nb, r, t[0], t[1]);
-            else rows1_vnni(j, wp, nb, r, t[0]);
+            else rows1_vnni256(j, wp, nb, r, t[0]);
         } else {
             if (two) rows2_avx2(j, wp, nb, r, t[0], t[1]);
             else rows1_avx2(j, wp, nb, r, t[0]);
