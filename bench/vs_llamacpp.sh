@@ -7,7 +7,10 @@
 #                KVSERVE_WEIGHTS / KVSERVE_BATCH_WEIGHTS (override the weight format
 #                chosen from the file: bench_engine's f32|bf16|q8|q4k, bench_batch's
 #                f32|bf16|q8_0|q4_k),
-#                LLAMACPP_ARGS (more llamacpp_bench.mjs options, e.g. "--kv f32 --fa off")
+#                LLAMACPP_ARGS (more llamacpp_bench.mjs options, e.g. "--kv f32 --fa off"),
+#                LLAMACPP_THREADS (the thread counts llama.cpp runs with in each round, "1 THREADS"
+#                by default; each figure takes llama.cpp's best of them: on a 2-vCPU VM its
+#                one-thread decode was faster than its two-thread one)
 #
 # kvserve's weight format follows the file's matrices: F32 -> f32, BF16 and F16 -> bf16
 # (2 bytes a weight, as llama.cpp keeps F16), Q8_0 (and Q4_0) -> q8, any Q4_K or Q6_K ->
@@ -37,6 +40,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 model=${1:?usage: bash bench/vs_llamacpp.sh MODEL.gguf [BUILD_DIR]}
 build=${2:-$here/../build}
 threads=${THREADS:-2} reps=${REPS:-5} rounds=${ROUNDS:-2}
+lthreads=${LLAMACPP_THREADS:-$( (echo 1; echo "$threads") | sort -un | tr '\n' ' ')}
+lthreads=${lthreads% }
 [[ -f $model ]] || { echo "vs_llamacpp: no such file: $model" >&2; exit 2; }
 for b in bench_engine bench_batch; do
   [[ -x $build/bench/$b ]] || { echo "vs_llamacpp: $build/bench/$b is missing (build kvserve first)" >&2; exit 2; }
@@ -81,10 +86,13 @@ for ((r = 1; r <= rounds; r++)); do
   "$build/bench/bench_batch" --model "$model" --threads "$threads" --reps "$reps" --batches 16 --pp 128 --tg 64 \
     --weights "$bw" --resume-history 16 --resume-new 1 --resume-reps 1 --full-reps 1 >"$out/b$r" 2>&1 ||
     { cat "$out/b$r" >&2; exit 1; }
-  echo "== round $r: llama.cpp" >&2
-  # shellcheck disable=SC2086  # LLAMACPP_ARGS: words on purpose
-  node "$js/llamacpp_bench.mjs" --model "$model" --threads "$threads" --reps "$reps" \
-    --tests pp128,pp512,tg64,b16 ${LLAMACPP_ARGS:-} >"$out/l$r" 2>&1 || { cat "$out/l$r" >&2; exit 1; }
+  for lt in $lthreads; do
+    echo "== round $r: llama.cpp, $lt threads" >&2
+    # shellcheck disable=SC2086  # LLAMACPP_ARGS: words on purpose
+    node "$js/llamacpp_bench.mjs" --model "$model" --threads "$lt" --reps "$reps" \
+      --tests pp128,pp512,tg64,b16 ${LLAMACPP_ARGS:-} >"$out/l$r-$lt" 2>&1 || { cat "$out/l$r-$lt" >&2; exit 1; }
+  done
+  cp "$out/l$r-${lthreads%% *}" "$out/l$r"
 done
 
 # ---- per-round figures ----
@@ -92,15 +100,26 @@ done
 # S_PP | T_TG | S_TG | ..."; llamacpp_bench: "| pp512 | mean | sd | best | runs |".
 eng() { awk -F'|' -v t="$2" '{g=$4; gsub(/ /,"",g)} g==t {v=$5; gsub(/ /,"",v); print v; exit}' "$1"; }
 bat() { awk -F'|' '{b=$4; gsub(/ /,"",b)} b=="16" && NF > 10 {v=$9; gsub(/ /,"",v); print v; exit}' "$1"; }
-lcp() { awk -F'|' -v t="$2" '{g=$2; gsub(/ /,"",g)} g==t {v=$3; gsub(/ /,"",v); print v; exit}' "$1"; }
+lcp1() { awk -F'|' -v t="$2" '{g=$2; gsub(/ /,"",g)} g==t {v=$3; gsub(/ /,"",v); print v; exit}' "$1"; }
+# llama.cpp's figure in round $1: its best over the thread counts (and which, in W)
+declare -A W
+lcp() {
+  local best=0 bt="" v lt
+  for lt in $lthreads; do
+    v=$(lcp1 "$out/l$1-$lt" "$2")
+    if awk -v a="$v" -v b="$best" 'BEGIN {exit !(a > b)}'; then best=$v bt=$lt; fi
+  done
+  W[$2]+=" $bt"
+  echo "$best"
+}
 bw() { sed -nE 's/^machine: read bandwidth ([0-9.]+) GB\/s.*/\1/p' "$1"; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 
 declare -A K L
 probe=""
 for ((r = 1; r <= rounds; r++)); do
-  for t in pp128 pp512 tg64; do K[$t]+=" $(eng "$out/e$r" "$t")"; L[$t]+=" $(lcp "$out/l$r" "$t")"; done
-  K[b16]+=" $(bat "$out/b$r")"; L[b16]+=" $(lcp "$out/l$r" b16)"
+  for t in pp128 pp512 tg64; do K[$t]+=" $(eng "$out/e$r" "$t")"; lcp "$r" "$t" >"$out/v"; L[$t]+=" $(cat "$out/v")"; done
+  K[b16]+=" $(bat "$out/b$r")"; lcp "$r" b16 >"$out/v"; L[b16]+=" $(cat "$out/v")"
   probe+=" $(bw "$out/e$r")"
 done
 
@@ -114,12 +133,12 @@ for ((r = 1; r <= rounds; r++)); do grep -E '^(pp[0-9]+|tg64|b16): ' "$out/l$r" 
 echo
 echo "### Per round (each a mean of $reps timed runs)"
 echo
-echo "| figure | kvserve, rounds | llama.cpp, rounds |"
-echo "|---|---|---|"
-for t in pp128 pp512 tg64 b16; do echo "| $t |${K[$t]} |${L[$t]} |"; done
-echo "| read-bandwidth probe (bench_engine, GB/s) |$probe | |"
+echo "| figure | kvserve, rounds | llama.cpp, rounds | llama.cpp's best thread count, rounds |"
+echo "|---|---|---|---|"
+for t in pp128 pp512 tg64 b16; do echo "| $t |${K[$t]} |${L[$t]} |${W[$t]} |"; done
+echo "| read-bandwidth probe (bench_engine, GB/s) |$probe | | |"
 echo
-echo "### kvserve against llama.cpp: medians over $rounds rounds ($threads threads, $(basename "$model"))"
+echo "### kvserve against llama.cpp: medians over $rounds rounds (kvserve $threads threads, llama.cpp the best of $lthreads; $(basename "$model"))"
 echo
 echo "| figure | kvserve | llama.cpp | ratio |"
 echo "|---|---|---|---|"
