@@ -145,6 +145,11 @@ int eng__mat_pack(eng__mat *m, int out, int in);
  * share their panels out between the threads (eng__share) rather than as
  * tasks of the pool (matmul.c). */
 #define DECODE_ROWS 4
+/* Whether a product of n rows of W (out x in) takes the shared-out path: a
+ * decode product of a loaded matrix, whose shape the shares are cut by. */
+static inline int eng__decode_shared(const eng__mat *W, int n, int in, int out) {
+    return n <= DECODE_ROWS && W->out == out && W->in == in;
+}
 /* Where panel p (0 .. panels) of a loaded matrix starts in m->p, bytes. */
 size_t eng__mat_panel_off(const eng__mat *m, int p);
 /* Thread t of T's share of a decode product: panels [*p0, *p1), about

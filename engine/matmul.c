@@ -504,7 +504,7 @@ void eng__matmul(float *Y, const float *X, const eng__mat *W, int n, int in, int
 #endif
     int groups = (n + G - 1) / G;
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, groups, pack_task, &j);
-    if (n <= DECODE_ROWS && W->out == out && W->in == in) { /* a loaded matrix (shares by its shape) */
+    if (eng__decode_shared(W, n, in, out)) {
         eng__share sh;
         eng__share_init(&sh, W, j.T);
         j.share = &sh;

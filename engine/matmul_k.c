@@ -690,7 +690,7 @@ void eng__matmul_k(float *Y, const float *X, const eng__mat *W, int n, int in, i
     int16_t *xs = (int16_t *)(void *)(dx + (size_t)n * (in / SB));
     k_job j = {Y, X, xq, dx, xs, W, n, in, out, 0, isa, eng__pool_threads(pool), NULL};
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, n, quant_rows, &j);
-    if (n <= DECODE_ROWS && W->out == out && W->in == in) {
+    if (eng__decode_shared(W, n, in, out)) {
         eng__share sh;
         eng__share_init(&sh, W, j.T);
         j.share = &sh;

@@ -401,7 +401,7 @@ void eng__matmul_q8(float *Y, const float *X, const eng__mat *W, int n, int in, 
     int32_t *sx = (int32_t *)(void *)(dx + (size_t)n * (size_t)(in / QB));
     q8_job j = {Y, X, xq, dx, sx, W->p, n, in, out, 0, isa, W, eng__pool_threads(pool), NULL};
     eng__pool_run((size_t)n * in >= 65536 ? pool : NULL, n, quant_rows, &j);
-    if (n <= DECODE_ROWS && W->out == out && W->in == in) {
+    if (eng__decode_shared(W, n, in, out)) {
         eng__share sh;
         eng__share_init(&sh, W, j.T);
         j.share = &sh;
